@@ -1,0 +1,3 @@
+"""vLLM Model Router: one OpenAI-compatible endpoint in front of many model servers."""
+
+__version__ = "0.1.0"

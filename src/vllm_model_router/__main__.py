@@ -1,0 +1,3 @@
+from vllm_model_router.cli import main
+
+raise SystemExit(main())
