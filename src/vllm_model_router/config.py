@@ -1,0 +1,351 @@
+"""Typed, frozen router configuration: YAML file + environment overrides.
+
+Every validation problem is collected with its location (``models.qwen.memory_gb``) so that
+``check-config`` can print all of them at once and ``serve`` refuses to start with a clear message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_PORT = 8010
+DEFAULT_MAX_RESIDENT = 2
+DEFAULT_LOAD_TIMEOUT = 20 * 60.0
+DEFAULT_STOP_TIMEOUT = 30.0
+DEFAULT_MAX_WAIT = 30.0
+DEFAULT_MAX_BODY_MB = 16.0
+PLACEHOLDERS = ("${PORT}", "${MODEL}")
+
+
+class ConfigError(Exception):
+    """One or more configuration problems, each prefixed with the field it concerns."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    cmd: tuple[str, ...]
+    memory_gb: float = 0.0
+    aliases: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    health_path: str = "/health"
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
+
+    def argv(self, port: int) -> list[str]:
+        """The command with ``${PORT}`` and ``${MODEL}`` substituted, ready for exec (no shell)."""
+        return [a.replace("${PORT}", str(port)).replace("${MODEL}", self.name) for a in self.cmd]
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    models: Mapping[str, ModelConfig]
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    max_resident: int = DEFAULT_MAX_RESIDENT
+    memory_gb: float | None = None
+    load_timeout: float = DEFAULT_LOAD_TIMEOUT
+    max_wait: float = DEFAULT_MAX_WAIT
+    max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1024 * 1024)
+    source: str = "<defaults>"
+
+    def resolve(self, name: str) -> ModelConfig | None:
+        """A configured model by its name or one of its aliases."""
+        model = self.models.get(name)
+        if model is not None:
+            return model
+        for m in self.models.values():
+            if name in m.aliases:
+                return m
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "listen": {"host": self.host, "port": self.port},
+            "capacity": {"max_resident": self.max_resident, "memory_gb": self.memory_gb},
+            "load_timeout": self.load_timeout,
+            "max_wait": self.max_wait,
+            "limits": {"max_body_mb": self.max_body_bytes / (1024 * 1024)},
+            "models": {
+                m.name: {
+                    "cmd": " ".join(shlex.quote(a) for a in m.cmd),
+                    "memory_gb": m.memory_gb,
+                    "aliases": list(m.aliases),
+                    "env": dict(m.env),
+                    "health_path": m.health_path,
+                    "stop_timeout": m.stop_timeout,
+                }
+                for m in self.models.values()
+            },
+        }
+
+
+_DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*)+$")
+_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``90``, ``1.5``, ``"30s"``, ``"20m"``, ``"1h"``, ``"1h30m"`` or ``"250ms"``."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration, got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"duration must not be negative, got {value!r}")
+        return float(value)
+    if not isinstance(value, str) or not value.strip() or not _DURATION_RE.match(value):
+        raise ValueError(f"expected a duration like 30, 30s, 20m or 1h, got {value!r}")
+    return sum(float(n) * _UNITS[u or None] for n, u in _PART_RE.findall(value))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys instead of silently keeping the last one."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+_TOP_KEYS = {"listen", "capacity", "load_timeout", "max_wait", "limits", "models"}
+_LISTEN_KEYS = {"host", "port"}
+_CAPACITY_KEYS = {"max_resident", "memory_gb"}
+_LIMIT_KEYS = {"max_body_mb"}
+_MODEL_KEYS = {"cmd", "memory_gb", "aliases", "env", "health_path", "stop_timeout"}
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def mapping(self, value: object, where: str, allowed: set[str]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.problems.append(f"{where}: expected a mapping, got {type(value).__name__}")
+            return {}
+        for key in value:
+            if not isinstance(key, str):
+                self.problems.append(f"{where}: keys must be strings, got {key!r}")
+            elif key not in allowed:
+                self.problems.append(f"{where}.{key}: unknown key (allowed: {', '.join(sorted(allowed))})")
+        return {k: v for k, v in value.items() if isinstance(k, str)}
+
+    def duration(self, raw: Mapping[str, Any], key: str, where: str, default: float) -> float:
+        if key not in raw:
+            return default
+        try:
+            return parse_duration(raw[key])
+        except ValueError as e:
+            self.problems.append(f"{where}: {e}")
+            return default
+
+    def number(self, raw: Mapping[str, Any], key: str, where: str, *, minimum: float) -> float | None:
+        value = raw.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.problems.append(f"{where}: expected a number, got {value!r}")
+            return None
+        if value < minimum:
+            self.problems.append(f"{where}: must be >= {minimum:g}, got {value!r}")
+            return None
+        return float(value)
+
+    def integer(self, value: object, where: str, *, minimum: int, maximum: int | None = None) -> int | None:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value.strip())
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problems.append(f"{where}: expected an integer, got {value!r}")
+            return None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            self.problems.append(f"{where}: must be {bound}, got {value}")
+            return None
+        return value
+
+
+def _parse_model(c: _Checker, name: object, raw_value: object) -> ModelConfig | None:
+    where = f"models.{name}"
+    if not isinstance(name, str) or not name.strip():
+        c.problems.append(f"models: model names must be non-empty strings, got {name!r}")
+        return None
+    raw = c.mapping(raw_value, where, _MODEL_KEYS)
+    if raw_value is not None and not isinstance(raw_value, dict):
+        return None
+    cmd_raw = raw.get("cmd")
+    cmd: tuple[str, ...] = ()
+    if cmd_raw is None:
+        c.problems.append(f"{where}.cmd: required (the command that starts the model's server)")
+    elif isinstance(cmd_raw, str):
+        try:
+            cmd = tuple(shlex.split(cmd_raw))
+        except ValueError as e:
+            c.problems.append(f"{where}.cmd: cannot be split shell-style: {e}")
+    elif isinstance(cmd_raw, list) and all(isinstance(a, str | int | float) for a in cmd_raw):
+        cmd = tuple(str(a) for a in cmd_raw)
+    else:
+        c.problems.append(f"{where}.cmd: expected a string or a list of strings")
+    if cmd_raw is not None and cmd == () and not any(p.startswith(f"{where}.cmd") for p in c.problems):
+        c.problems.append(f"{where}.cmd: must not be empty")
+    if cmd and not any("${PORT}" in a for a in cmd):
+        c.problems.append(f"{where}.cmd: must contain ${{PORT}} (the router picks the port the server listens on)")
+    memory = c.number(raw, "memory_gb", f"{where}.memory_gb", minimum=0) or 0.0
+    aliases_raw = raw.get("aliases", [])
+    aliases: list[str] = []
+    if isinstance(aliases_raw, str):
+        aliases_raw = [aliases_raw]
+    if not isinstance(aliases_raw, list):
+        c.problems.append(f"{where}.aliases: expected a list of names")
+    else:
+        for i, a in enumerate(aliases_raw):
+            if not isinstance(a, str) or not a.strip():
+                c.problems.append(f"{where}.aliases[{i}]: expected a non-empty string, got {a!r}")
+            elif a in aliases:
+                c.problems.append(f"{where}.aliases[{i}]: duplicate alias {a!r}")
+            else:
+                aliases.append(a)
+    env_raw = raw.get("env", {})
+    env: dict[str, str] = {}
+    if not isinstance(env_raw, dict):
+        c.problems.append(f"{where}.env: expected a mapping of variable names to values")
+    else:
+        for k, v in env_raw.items():
+            if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+                c.problems.append(f"{where}.env: invalid variable name {k!r}")
+            elif isinstance(v, dict | list) or v is None:
+                c.problems.append(f"{where}.env.{k}: expected a string, number or boolean")
+            else:
+                env[k] = str(v).lower() if isinstance(v, bool) else str(v)
+    health = raw.get("health_path", "/health")
+    if not isinstance(health, str) or not health.startswith("/"):
+        c.problems.append(f"{where}.health_path: expected a path starting with '/', got {health!r}")
+        health = "/health"
+    stop_timeout = c.duration(raw, "stop_timeout", f"{where}.stop_timeout", DEFAULT_STOP_TIMEOUT)
+    return ModelConfig(
+        name=name,
+        cmd=cmd,
+        memory_gb=memory,
+        aliases=tuple(aliases),
+        env=env,
+        health_path=health,
+        stop_timeout=stop_timeout,
+    )
+
+
+def build_config(data: object, env: Mapping[str, str] | None = None, source: str = "<dict>") -> RouterConfig:
+    """Validate parsed YAML (a dict) plus environment overrides into a RouterConfig, or raise ConfigError."""
+    env = os.environ if env is None else env
+    c = _Checker()
+    top = c.mapping(data, "config", _TOP_KEYS) if data is not None else {}
+    listen = c.mapping(top.get("listen"), "listen", _LISTEN_KEYS)
+    capacity = c.mapping(top.get("capacity"), "capacity", _CAPACITY_KEYS)
+    limits = c.mapping(top.get("limits"), "limits", _LIMIT_KEYS)
+
+    host = listen.get("host", "0.0.0.0")
+    if not isinstance(host, str) or not host:
+        c.problems.append(f"listen.host: expected a host name or address, got {host!r}")
+        host = "0.0.0.0"
+    port: int | None = DEFAULT_PORT
+    if "port" in listen:
+        port = c.integer(listen["port"], "listen.port", minimum=0, maximum=65535)
+    for var in ("ROUTER_PORT", "PORT"):
+        if env.get(var):
+            port = c.integer(env[var], f"environment {var}", minimum=0, maximum=65535)
+            break
+    max_resident: int | None = DEFAULT_MAX_RESIDENT
+    if "max_resident" in capacity:
+        max_resident = c.integer(capacity["max_resident"], "capacity.max_resident", minimum=1)
+    if env.get("MAX_RESIDENT"):
+        max_resident = c.integer(env["MAX_RESIDENT"], "environment MAX_RESIDENT", minimum=1)
+    memory_budget = c.number(capacity, "memory_gb", "capacity.memory_gb", minimum=0)
+    load_timeout = c.duration(top, "load_timeout", "load_timeout", DEFAULT_LOAD_TIMEOUT)
+    if env.get("LOAD_TIMEOUT"):
+        try:
+            load_timeout = parse_duration(env["LOAD_TIMEOUT"])
+        except ValueError as e:
+            c.problems.append(f"environment LOAD_TIMEOUT: {e}")
+    if load_timeout <= 0:
+        c.problems.append("load_timeout: must be greater than 0")
+    max_wait = c.duration(top, "max_wait", "max_wait", DEFAULT_MAX_WAIT)
+    body_mb = c.number(limits, "max_body_mb", "limits.max_body_mb", minimum=0.001) or DEFAULT_MAX_BODY_MB
+
+    models_raw = top.get("models")
+    models: dict[str, ModelConfig] = {}
+    if models_raw is None or models_raw == {}:
+        c.problems.append("models: at least one model is required")
+    elif not isinstance(models_raw, dict):
+        c.problems.append("models: expected a mapping of model names to settings")
+    else:
+        for name, raw_model in models_raw.items():
+            model = _parse_model(c, name, raw_model)
+            if model is not None:
+                models[model.name] = model
+    owner: dict[str, str] = {name: name for name in models}
+    for m in models.values():
+        for i, alias in enumerate(m.aliases):
+            if alias in owner:
+                other = owner[alias]
+                what = "a model name" if alias == other else f"an alias of {other!r}"
+                c.problems.append(f"models.{m.name}.aliases[{i}]: {alias!r} is already {what}")
+            else:
+                owner[alias] = m.name
+    if memory_budget is not None:
+        for m in models.values():
+            if m.memory_gb > memory_budget:
+                c.problems.append(
+                    f"models.{m.name}.memory_gb: {m.memory_gb:g} GB can never fit in "
+                    f"capacity.memory_gb ({memory_budget:g} GB)"
+                )
+    if c.problems:
+        raise ConfigError(c.problems)
+    assert port is not None and max_resident is not None
+    return RouterConfig(
+        models=models,
+        host=host,
+        port=port,
+        max_resident=max_resident,
+        memory_gb=memory_budget,
+        load_timeout=load_timeout,
+        max_wait=max_wait,
+        max_body_bytes=int(body_mb * 1024 * 1024),
+        source=source,
+    )
+
+
+def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> RouterConfig:
+    """Read and validate a YAML config file (``None``: defaults plus environment only)."""
+    if path is None:
+        return build_config({}, env, source="<no config file>")
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"{p}: cannot read: {e.strerror or e}"]) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{p}: not UTF-8 text: {e}"]) from e
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{p}: invalid YAML: {e}"]) from e
+    return build_config(data, env, source=str(p))

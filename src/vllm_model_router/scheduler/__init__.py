@@ -1,0 +1,37 @@
+"""The pure scheduler: events in, effects out. No asyncio, no I/O, no clock reads (see DESIGN.md)."""
+
+from vllm_model_router.scheduler.core import ModelView, Scheduler, SchedulerConfig, State
+from vllm_model_router.scheduler.effects import Effect, Grant, Reject, StartLoad, StopModel, WakeAt
+from vllm_model_router.scheduler.events import (
+    AdminUnload,
+    Event,
+    LoadDone,
+    ModelExited,
+    RequestArrived,
+    RequestCancelled,
+    RequestFinished,
+    StopDone,
+    Tick,
+)
+
+__all__ = [
+    "AdminUnload",
+    "Effect",
+    "Event",
+    "Grant",
+    "LoadDone",
+    "ModelExited",
+    "ModelView",
+    "Reject",
+    "RequestArrived",
+    "RequestCancelled",
+    "RequestFinished",
+    "Scheduler",
+    "SchedulerConfig",
+    "StartLoad",
+    "State",
+    "StopDone",
+    "StopModel",
+    "Tick",
+    "WakeAt",
+]

@@ -1,0 +1,53 @@
+"""Effects the scheduler asks the shell to carry out. Slow ones come back later as events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class StartLoad:
+    """Make the model resident; answer with LoadDone."""
+
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class StopModel:
+    """Stop the model's process group (SIGTERM, then SIGKILL after stop_timeout); answer with StopDone.
+
+    ``force`` means in-flight requests may be cut off (operator's choice); the scheduler never sets it
+    on its own for a model with requests in flight.
+    """
+
+    model: str
+    reason: str
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """The request may go to the model's server now; it is counted in flight until RequestFinished."""
+
+    req_id: int
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """The request ends with an error: ``status`` 503 (load failed) or 504 (waited past load_timeout)."""
+
+    req_id: int
+    model: str
+    status: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class WakeAt:
+    """Deliver a Tick at this time (the earliest pending deadline)."""
+
+    when: float
+
+
+Effect = StartLoad | StopModel | Grant | Reject | WakeAt

@@ -1,0 +1,226 @@
+"""Scheduler scenarios, event by event, with a fake clock. Read as transcripts: event in, effects out."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_model_router.scheduler import (
+    AdminUnload,
+    Effect,
+    Event,
+    Grant,
+    LoadDone,
+    ModelExited,
+    Reject,
+    RequestArrived,
+    RequestCancelled,
+    RequestFinished,
+    Scheduler,
+    SchedulerConfig,
+    StartLoad,
+    State,
+    StopDone,
+    StopModel,
+    Tick,
+    WakeAt,
+)
+
+
+class Run:
+    """A scheduler plus a fake clock; ``step`` returns the effects without WakeAt noise."""
+
+    def __init__(self, models: dict[str, float] | None = None, *, max_resident: int = 1,
+                 memory_gb: float | None = None, load_timeout: float = 600.0, max_wait: float = 30.0) -> None:
+        self.now = 0.0
+        self.s = Scheduler(SchedulerConfig(models or {"a": 0.0, "b": 0.0, "c": 0.0}, max_resident, memory_gb,
+                                           load_timeout, max_wait))
+        self.wakes: list[float] = []
+
+    def step(self, event: Event, at: float | None = None) -> list[Effect]:
+        if at is not None:
+            self.now = at
+        out = self.s.handle(event, self.now)
+        self.wakes += [e.when for e in out if isinstance(e, WakeAt)]
+        return [e for e in out if not isinstance(e, WakeAt)]
+
+    def loaded(self, model: str, req: int) -> None:
+        """Bring ``model`` to loaded through request ``req`` (which stays in flight)."""
+        assert self.step(RequestArrived(req, model)) == [StartLoad(model)]
+        assert self.step(LoadDone(model, True)) == [Grant(req, model)]
+
+
+def test_1_loaded_model_is_granted_at_once_and_becomes_most_recent() -> None:
+    r = Run(max_resident=2)
+    r.loaded("a", 1)
+    r.step(RequestFinished(1), at=1)
+    assert r.step(RequestArrived(2, "a"), at=5) == [Grant(2, "a")]
+    assert r.s.view()[0].last_used == 5
+
+
+def test_2_single_flight_concurrent_requests_share_one_load() -> None:
+    r = Run()
+    assert r.step(RequestArrived(1, "a")) == [StartLoad("a")]
+    assert r.step(RequestArrived(2, "a")) == []
+    assert r.step(RequestArrived(3, "a")) == []
+    assert r.step(LoadDone("a", True), at=3) == [Grant(1, "a"), Grant(2, "a"), Grant(3, "a")]
+
+
+def test_2_cancelled_waiter_does_not_cancel_the_load_for_others() -> None:
+    r = Run()
+    r.step(RequestArrived(1, "a"))
+    r.step(RequestArrived(2, "a"))
+    assert r.step(RequestCancelled(1)) == []
+    assert r.s.state_of("a") is State.LOADING
+    assert r.step(LoadDone("a", True)) == [Grant(2, "a")]
+
+
+def test_3_evicts_least_recently_used_idle_model() -> None:
+    r = Run(max_resident=2)
+    r.loaded("a", 1)
+    r.step(RequestFinished(1), at=1)
+    r.loaded("b", 2)
+    r.step(RequestFinished(2), at=2)
+    r.step(RequestArrived(3, "a"), at=3)  # a is now more recent than b
+    r.step(RequestFinished(3), at=4)
+    assert r.step(RequestArrived(4, "c"), at=5) == [StopModel("b", "evicted to make room for c")]
+    assert r.s.state_of("b") is State.UNLOADING
+
+
+def test_3_memory_budget_evicts_as_many_as_needed() -> None:
+    r = Run({"a": 30, "b": 30, "big": 70}, max_resident=3, memory_gb=80)
+    r.loaded("a", 1)
+    r.step(RequestFinished(1), at=1)
+    r.loaded("b", 2)
+    r.step(RequestFinished(2), at=2)
+    assert r.step(RequestArrived(3, "big"), at=3) == [
+        StopModel("a", "evicted to make room for big"), StopModel("b", "evicted to make room for big")]
+    assert r.step(StopDone("a")) == []  # b still holds memory: no start yet
+    assert r.step(StopDone("b")) == [StartLoad("big")]
+
+
+def test_3_busy_model_is_never_stopped_and_resident_requests_keep_flowing() -> None:
+    r = Run(max_resident=1, max_wait=30)
+    r.loaded("a", 1)  # request 1 in flight
+    assert r.step(RequestArrived(2, "b"), at=1) == []
+    assert r.step(RequestArrived(3, "a"), at=2) == [Grant(3, "a")]  # a keeps serving
+    assert r.step(RequestFinished(1), at=3) == []  # 3 still in flight
+    assert r.step(RequestFinished(3), at=4) == [StopModel("a", "evicted to make room for b")]
+
+
+def test_3_waiting_load_does_not_starve_behind_a_stream_of_requests() -> None:
+    r = Run(max_resident=1, max_wait=10)
+    r.loaded("a", 1)
+    r.step(RequestArrived(2, "b"), at=1)
+    assert 11 in r.wakes  # the scheduler asks to be woken at the fairness bound
+    # a steady stream of overlapping requests for a keeps it busy
+    req = 100
+    for t in range(2, 11):
+        assert r.step(RequestArrived(req, "a"), at=t) == [Grant(req, "a")]
+        r.step(RequestFinished(req - 1 if req > 100 else 1), at=t + 0.5)
+        req += 1
+    # past the bound: new requests for a wait, so a drains and b gets its turn
+    assert r.step(Tick(), at=11) == []
+    assert r.step(RequestArrived(500, "a"), at=11.5) == []
+    assert r.s.view()[0].draining
+    assert r.step(RequestFinished(req - 1), at=12) == [StopModel("a", "evicted to make room for b")]
+    assert r.step(StopDone("a"), at=13) == [StartLoad("b")]
+    assert r.step(LoadDone("b", True), at=14) == [Grant(2, "b")]
+    # the request for a that waited during the drain is served next
+    assert r.step(RequestFinished(2), at=15) == [StopModel("b", "evicted to make room for a")]
+
+
+def test_4_load_waits_for_the_evicted_model_to_finish_stopping() -> None:
+    r = Run()
+    r.loaded("a", 1)
+    r.step(RequestFinished(1))
+    assert r.step(RequestArrived(2, "b")) == [StopModel("a", "evicted to make room for b")]
+    assert r.step(RequestArrived(3, "b")) == []
+    assert r.step(Tick(), at=100) == []
+    assert r.step(StopDone("a"), at=101) == [StartLoad("b")]
+
+
+def test_5_failed_load_rejects_waiters_with_503_and_next_request_retries() -> None:
+    r = Run()
+    r.step(RequestArrived(1, "a"))
+    r.step(RequestArrived(2, "a"))
+    out = r.step(LoadDone("a", False, "process exited with code 1. Last log lines:\nboom"))
+    assert [type(e) for e in out] == [Reject, Reject]
+    assert all(isinstance(e, Reject) and e.status == 503 and "boom" in e.message for e in out)
+    assert r.s.state_of("a") is State.FAILED
+    assert r.s.view()[0].last_error is not None
+    assert r.step(RequestArrived(3, "a")) == [StartLoad("a")]
+
+
+def test_failed_model_does_not_hold_capacity() -> None:
+    r = Run()
+    r.step(RequestArrived(1, "a"))
+    r.step(LoadDone("a", False, "bad"))
+    assert r.step(RequestArrived(2, "b")) == [StartLoad("b")]
+
+
+def test_waiter_past_load_timeout_gets_504_and_slow_load_is_stopped() -> None:
+    r = Run(load_timeout=60)
+    r.step(RequestArrived(1, "a"), at=0)
+    r.step(RequestArrived(2, "a"), at=30)
+    assert r.wakes[-1] == 60
+    out = r.step(Tick(), at=60)
+    assert StopModel("a", "Timed out waiting for model to load", force=True) in out
+    rejected = sorted(e.req_id for e in out if isinstance(e, Reject))
+    assert rejected == [1, 2]
+    assert all(e.status == 504 for e in out if isinstance(e, Reject))
+    r.step(StopDone("a"), at=61)
+    assert r.s.state_of("a") is State.FAILED
+
+
+def test_waiter_behind_busy_model_times_out_with_504() -> None:
+    r = Run(load_timeout=60, max_wait=1000)
+    r.loaded("a", 1)
+    r.step(RequestArrived(2, "b"), at=10)
+    out = r.step(Tick(), at=70)
+    assert out == [Reject(2, "b", 504, "Timed out waiting for model to load b after 60s")]
+    assert r.s.state_of("b") is State.UNLOADED
+
+
+def test_model_exit_marks_failed_and_next_request_reloads() -> None:
+    r = Run(max_resident=1)
+    r.loaded("a", 1)
+    assert r.step(ModelExited("a", "process exited with code -9")) == []
+    assert r.s.state_of("a") is State.FAILED
+    r.step(RequestFinished(1))  # its in-flight request fails upstream and finishes
+    assert r.step(RequestArrived(2, "a")) == [StartLoad("a")]
+
+
+def test_admin_unload_waits_for_in_flight_and_force_does_not() -> None:
+    r = Run(max_resident=2)
+    r.loaded("a", 1)
+    assert r.step(AdminUnload("a")) == []
+    assert r.s.view()[0].draining
+    assert r.step(RequestArrived(2, "a")) == []  # held back while draining
+    assert r.step(RequestFinished(1)) == [StopModel("a", "unloaded by operator")]
+    assert r.step(StopDone("a")) == [StartLoad("a")]  # the held request brings it back
+    r.loaded("b", 3)
+    assert r.step(AdminUnload("b", force=True)) == [StopModel("b", "unloaded by operator (forced)", force=True)]
+
+
+def test_admin_unload_of_loading_model_cancels_the_load() -> None:
+    r = Run()
+    r.step(RequestArrived(1, "a"))
+    assert r.step(AdminUnload("a")) == [StopModel("a", "unloaded by operator")]
+    assert r.step(LoadDone("a", True)) == []  # the cancelled load's late answer is ignored
+    assert r.s.state_of("a") is State.UNLOADING
+
+
+def test_loads_do_not_overtake_a_blocked_one() -> None:
+    r = Run({"a": 50, "b": 50, "small": 10}, max_resident=3, memory_gb=80, max_wait=100)
+    r.loaded("a", 1)  # busy
+    assert r.step(RequestArrived(2, "b")) == []  # needs a to drain
+    assert r.step(RequestArrived(3, "small")) == []  # would fit, but b came first
+
+
+def test_unknown_model_and_duplicate_ids_are_programming_errors() -> None:
+    r = Run()
+    with pytest.raises(KeyError):
+        r.step(RequestArrived(1, "nope"))
+    r.step(RequestArrived(1, "a"))
+    with pytest.raises(ValueError):
+        r.step(RequestArrived(1, "a"))

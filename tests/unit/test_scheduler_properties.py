@@ -1,0 +1,180 @@
+"""Invariants of the scheduler under random event sequences (hypothesis).
+
+A small simulated world carries out the effects the way the runtime does: loads and stops complete
+later (or fail), clients finish or vanish, engines crash, operators unload, time passes. After every
+step: capacity and memory are never over budget, a model with requests in flight is never stopped
+(except by a forced operator unload), never two processes of one model, grants only go to loaded
+models. At the end, once the world settles, every request was answered exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_model_router.scheduler import (
+    AdminUnload,
+    Event,
+    Grant,
+    LoadDone,
+    ModelExited,
+    Reject,
+    RequestArrived,
+    RequestCancelled,
+    RequestFinished,
+    Scheduler,
+    SchedulerConfig,
+    StartLoad,
+    State,
+    StopDone,
+    StopModel,
+    Tick,
+    WakeAt,
+)
+
+MODELS = {"a": 10.0, "b": 20.0, "c": 30.0, "d": 40.0, "e": 5.0}
+
+
+@dataclass
+class World:
+    s: Scheduler
+    budget_count: int
+    budget_mem: float | None
+    now: float = 0.0
+    next_id: int = 1
+    running: set[str] = field(default_factory=set)  # models with a process (loading, up or stopping)
+    loading: set[str] = field(default_factory=set)
+    stopping: set[str] = field(default_factory=set)
+    up: set[str] = field(default_factory=set)
+    in_flight: dict[int, str] = field(default_factory=dict)
+    waiting: set[int] = field(default_factory=set)
+    answers: dict[int, int] = field(default_factory=dict)
+    cancelled: set[int] = field(default_factory=set)
+    wake: float | None = None
+
+    def feed(self, event: Event) -> None:
+        for e in self.s.handle(event, self.now):
+            match e:
+                case StartLoad(m):
+                    assert m not in self.running, f"second process of {m}"
+                    self.running.add(m)
+                    self.loading.add(m)
+                case StopModel(m, _, force):
+                    assert m in self.running
+                    busy = [r for r, mm in self.in_flight.items() if mm == m]
+                    assert force or not busy, f"stopped busy model {m}"
+                    self.loading.discard(m)
+                    self.up.discard(m)
+                    self.stopping.add(m)
+                case Grant(r, m):
+                    assert m in self.up and m not in self.stopping, f"granted {r} on {m} not up"
+                    assert r in self.waiting
+                    self.waiting.discard(r)
+                    self.answers[r] = self.answers.get(r, 0) + 1
+                    self.in_flight[r] = m
+                case Reject(r, _, status, _):
+                    assert status in (503, 504)
+                    assert r in self.waiting
+                    self.waiting.discard(r)
+                    self.answers[r] = self.answers.get(r, 0) + 1
+                case WakeAt(when):
+                    assert when >= self.now - 1e-9
+                    self.wake = when
+        self.check()
+
+    def check(self) -> None:
+        holding = [v for v in self.s.view() if v.state in (State.LOADING, State.LOADED, State.UNLOADING)]
+        assert len(holding) <= self.budget_count
+        if self.budget_mem is not None:
+            assert sum(v.memory_gb for v in holding) <= self.budget_mem + 1e-9
+        assert {v.name for v in holding} == self.running
+
+    def step(self, op: int, pick: int, dt: float) -> None:
+        self.now += dt
+        if self.wake is not None and self.now >= self.wake:
+            self.wake = None
+            self.feed(Tick())
+        if op == 0:
+            r = self.next_id
+            self.next_id += 1
+            self.waiting.add(r)
+            self.feed(RequestArrived(r, sorted(MODELS)[pick % len(MODELS)]))
+        elif op == 1 and self.in_flight:
+            r = sorted(self.in_flight)[pick % len(self.in_flight)]
+            del self.in_flight[r]
+            self.feed(RequestFinished(r))
+        elif op == 2 and self.waiting:
+            r = sorted(self.waiting)[pick % len(self.waiting)]
+            self.waiting.discard(r)
+            self.cancelled.add(r)
+            self.feed(RequestCancelled(r))
+        elif op in (3, 4) and self.loading:
+            m = sorted(self.loading)[pick % len(self.loading)]
+            self.loading.discard(m)
+            if op == 3:
+                self.up.add(m)
+                self.feed(LoadDone(m, True))
+            else:
+                self.running.discard(m)
+                self.feed(LoadDone(m, False, "boom"))
+        elif op == 5 and self.stopping:
+            m = sorted(self.stopping)[pick % len(self.stopping)]
+            self.stopping.discard(m)
+            self.running.discard(m)
+            self.feed(StopDone(m))
+        elif op == 6 and self.up:
+            m = sorted(self.up)[pick % len(self.up)]
+            self.up.discard(m)
+            self.running.discard(m)
+            self.feed(ModelExited(m, "crash"))
+        elif op == 7:
+            self.feed(AdminUnload(sorted(MODELS)[pick % len(MODELS)], force=pick % 3 == 0))
+
+    def settle(self) -> None:
+        """Let every pending thing complete until nothing is waiting."""
+        for _ in range(1000):
+            if self.in_flight:
+                self.feed(RequestFinished(self.in_flight.popitem()[0]))
+            elif self.stopping:
+                m = self.stopping.pop()
+                self.running.discard(m)
+                self.feed(StopDone(m))
+            elif self.loading:
+                m = self.loading.pop()
+                self.up.add(m)
+                self.feed(LoadDone(m, True))
+            elif self.waiting:
+                self.now = max(self.now + 1, self.wake or 0)
+                self.feed(Tick())
+            else:
+                return
+        raise AssertionError("the world did not settle")
+
+
+ops = st.lists(st.tuples(st.integers(0, 7), st.integers(0, 100), st.floats(0, 20)), max_size=120)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=ops, max_resident=st.integers(1, 3), memory=st.sampled_from([None, 40.0, 60.0, 100.0]),
+       max_wait=st.sampled_from([0.0, 5.0, 30.0]))
+def test_invariants_hold_and_every_request_is_answered_once(
+    ops: list[tuple[int, int, float]], max_resident: int, memory: float | None, max_wait: float
+) -> None:
+    models = {m: g for m, g in MODELS.items() if memory is None or g <= memory}
+    cfg = SchedulerConfig(models, max_resident, memory, load_timeout=300.0, max_wait=max_wait)
+    w = World(Scheduler(cfg), max_resident, memory)
+    for op, pick, dt in ops:
+        if op == 0 or op == 7:
+            pick = pick % len(models)
+            name = sorted(models)[pick]
+            pick = sorted(MODELS).index(name)
+        w.step(op, pick, dt)
+    w.settle()
+    assert not w.waiting
+    for r in range(1, w.next_id):
+        if r in w.cancelled:
+            assert w.answers.get(r, 0) <= 1
+        else:
+            assert w.answers.get(r) == 1, f"request {r} answered {w.answers.get(r, 0)} times"
