@@ -1,0 +1,117 @@
+"""Command line: ``serve``, ``check-config`` and the ``fake-engine`` test/demo server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import yaml
+from aiohttp import web
+
+from vllm_model_router import __version__
+from vllm_model_router.config import ConfigError, RouterConfig, load_config
+
+log = logging.getLogger("vllm_model_router")
+SHUTDOWN_GRACE = 5.0
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _config_path(arg: str | None) -> str | None:
+    return arg or os.environ.get("ROUTER_CONFIG") or None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as e:
+        print(f"{args.file}: invalid configuration", file=sys.stderr)
+        for p in e.problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    print(f"# {args.file}: valid ({len(cfg.models)} models)")
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+async def _serve(cfg: RouterConfig) -> None:
+    from vllm_model_router.app import build_app
+
+    app = build_app(cfg)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(runner, cfg.host, cfg.port, backlog=1024)
+        await site.start()
+        names = ", ".join(f"{m.name}" + (f" (aliases: {', '.join(m.aliases)})" if m.aliases else "")
+                          for m in cfg.models.values())
+        log.info("vllm-model-router %s listening on http://%s:%d (config %s; max_resident=%d, memory_gb=%s)",
+                 __version__, cfg.host, cfg.port, cfg.source, cfg.max_resident, cfg.memory_gb)
+        log.info("models: %s", names)
+        await stop.wait()
+        log.info("shutting down: stopping every model the router started")
+    finally:
+        await runner.cleanup()
+        log.info("shutdown complete")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    path = _config_path(args.config)
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        log.error("%s: %s", path or "configuration", e)
+        return 1
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(_serve(cfg))
+    else:
+        uvloop.run(_serve(cfg))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vllm-model-router",
+        description="One OpenAI-compatible endpoint in front of many model servers, made resident on demand.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the router")
+    s.add_argument("--config", "-c", help="YAML config file (default: env ROUTER_CONFIG)")
+    s.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
+    s.set_defaults(func=cmd_serve)
+    c = sub.add_parser("check-config", help="validate a config file and print it resolved")
+    c.add_argument("file")
+    c.set_defaults(func=cmd_check_config)
+    sub.add_parser("fake-engine", add_help=False, help="a fake vLLM-compatible server, for tests and demos only")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fake-engine"]:
+        from vllm_model_router.fake_engine import main as fake_main
+
+        rc_fake: int = fake_main(argv[1:])
+        return rc_fake
+    args = build_parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc

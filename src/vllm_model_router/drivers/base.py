@@ -1,0 +1,45 @@
+"""The one protocol every way of making a model resident implements.
+
+The process driver (this issue) spawns a server per model; later drivers (runtime LoRA adapters on a
+running vLLM, sleep/wake through vLLM's sleep mode) implement the same calls. The runtime never knows
+which one it talks to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+
+class LoadError(Exception):
+    """A load failed; the message says why and carries the last lines the server printed."""
+
+
+# Called by a driver when a loaded model's server dies on its own (after the driver reaped it).
+ExitCallback = Callable[[str, str], None]
+
+
+class Driver(Protocol):
+    def set_exit_callback(self, callback: ExitCallback) -> None: ...
+
+    async def start(self, model: str) -> None:
+        """Make the model servable; return when it answers its health check, raise LoadError otherwise.
+
+        On failure nothing of the model may be left running. Cancellation (a stop during a load)
+        must also leave nothing behind once ``stop`` returns.
+        """
+
+    async def stop(self, model: str, force: bool = False) -> None:
+        """Return only when every process (or resource) of the model is gone."""
+
+    def endpoint(self, model: str) -> str | None:
+        """Base URL (``http://host:port``) to forward requests to, or None when not running."""
+
+    def info(self, model: str) -> dict[str, Any]:
+        """Driver details for the admin view (pid, port, ...)."""
+
+    def logs(self, model: str, lines: int) -> list[str]:
+        """The last lines the model's server printed."""
+
+    async def close(self) -> None:
+        """Stop everything this driver started."""

@@ -1,0 +1,218 @@
+"""Process driver: each model is a server process (vLLM, or anything OpenAI-compatible) the router spawns.
+
+- The command is exec'd without a shell, in its own session/process group, with ``${PORT}`` and
+  ``${MODEL}`` substituted; nothing from a client request ever reaches it.
+- Its stdout/stderr go to a per-model ring buffer and to the router log, prefixed with the model name.
+- Ready = ``health_path`` answers 200; polled every 50 ms at first, backing off to 500 ms. If the process
+  exits while loading, the load fails at once with its last log lines.
+- Stop = SIGTERM to the group, SIGKILL after ``stop_timeout``; it returns only when no process of the
+  group or session is left (vLLM's EngineCore survives a kill of the API server alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from vllm_model_router import procs
+from vllm_model_router.config import ModelConfig
+from vllm_model_router.drivers.base import ExitCallback, LoadError
+
+log = logging.getLogger("vllm_model_router.process")
+LOG_LINES = 2000
+ERROR_TAIL = 20
+
+
+@dataclass
+class _Instance:
+    model: str
+    port: int
+    proc: asyncio.subprocess.Process
+    started: float
+    logs: deque[str]
+    reader: asyncio.Task[None] | None = None
+    watcher: asyncio.Task[None] | None = None
+    ready: bool = False
+    stopping: bool = False
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class ProcessDriver:
+    def __init__(self, models: Mapping[str, ModelConfig], host: str = "127.0.0.1") -> None:
+        self._models = models
+        self._host = host
+        self._instances: dict[str, _Instance] = {}
+        self._logs: dict[str, deque[str]] = {name: deque(maxlen=LOG_LINES) for name in models}
+        self._on_exit: ExitCallback = lambda model, reason: None
+        self._session: aiohttp.ClientSession | None = None
+
+    def set_exit_callback(self, callback: ExitCallback) -> None:
+        self._on_exit = callback
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=2.0), connector=aiohttp.TCPConnector(force_close=True)
+            )
+        return self._session
+
+    # ------------------------------------------------------------------ start
+    async def start(self, model: str) -> None:
+        cfg = self._models[model]
+        if model in self._instances:
+            raise LoadError(f"{model} is already running (pid {self._instances[model].pid})")
+        port = procs.free_port(self._host)
+        argv = cfg.argv(port)
+        env = {**os.environ, **cfg.env}
+        buf = self._logs[model]
+        buf.append(f"--- starting: {' '.join(argv)}")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise LoadError(f"cannot start {argv[0]!r}: {e.strerror or e}") from e
+        inst = _Instance(model, port, proc, time.monotonic(), buf)
+        self._instances[model] = inst
+        inst.reader = asyncio.create_task(self._read_output(inst), name=f"logs:{model}")
+        try:
+            await self._wait_ready(inst, cfg)
+        except BaseException:
+            # failed or cancelled (a stop during the load): leave nothing running
+            await self._reap(inst, cfg.stop_timeout)
+            raise
+        inst.ready = True
+        inst.watcher = asyncio.create_task(self._watch(inst, cfg), name=f"watch:{model}")
+        log.info("Model %s ready on port %d (pid %d) after %.2fs", model, port, inst.pid,
+                 time.monotonic() - inst.started)
+
+    async def _wait_ready(self, inst: _Instance, cfg: ModelConfig) -> None:
+        url = f"http://{self._host}:{inst.port}{cfg.health_path}"
+        exited = asyncio.ensure_future(inst.proc.wait())
+        started = time.monotonic()
+        try:
+            while True:
+                if inst.proc.returncode is not None or exited.done():
+                    await self._drain_reader(inst)
+                    raise LoadError(
+                        f"process exited with code {inst.proc.returncode} while loading. "
+                        f"Last log lines:\n{self._tail(inst.model)}"
+                    )
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    async with self._http().get(url) as resp:
+                        if resp.status == 200:
+                            return
+                # quick at first (the engine's own start time is what the client waits for), then gentler
+                elapsed = time.monotonic() - started
+                await asyncio.wait({exited}, timeout=0.05 if elapsed < 10 else 0.1 if elapsed < 120 else 0.25)
+        finally:
+            if not exited.done():
+                exited.cancel()
+
+    async def _read_output(self, inst: _Instance) -> None:
+        stream = inst.proc.stdout
+        assert stream is not None
+        mlog = logging.getLogger(f"vllm_model_router.model.{inst.model}")
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line longer than the stream limit: take what is there
+                raw = await stream.read(65536)
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            inst.logs.append(line)
+            mlog.info("[%s] %s", inst.model, line)
+
+    async def _drain_reader(self, inst: _Instance) -> None:
+        if inst.reader is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(inst.reader), timeout=1.0)
+
+    def _tail(self, model: str, n: int = ERROR_TAIL) -> str:
+        lines = [ln for ln in self._logs[model] if not ln.startswith("--- starting:")]
+        return "\n".join(lines[-n:]) or "(no output)"
+
+    async def _watch(self, inst: _Instance, cfg: ModelConfig) -> None:
+        code = await inst.proc.wait()
+        if inst.stopping:
+            return
+        # died on its own: reap what it left behind before anyone may reuse its memory
+        await self._drain_reader(inst)
+        await self._reap(inst, 0.0)
+        reason = f"process exited with code {code}. Last log lines:\n{self._tail(inst.model)}"
+        log.error("Model %s exited unexpectedly: %s", inst.model, reason)
+        self._on_exit(inst.model, reason)
+
+    async def _reap(self, inst: _Instance, stop_timeout: float) -> None:
+        inst.stopping = True
+        if stop_timeout > 0:
+            killed = await procs.terminate_group(inst.pid, stop_timeout)
+            if killed:
+                log.warning("Model %s: pids %s ignored SIGTERM for %.0fs and were killed",
+                            inst.model, killed, stop_timeout)
+        if not await procs.kill_group(inst.pid):
+            log.error("Model %s: processes %s survive SIGKILL", inst.model, procs.group_members(inst.pid))
+        with contextlib.suppress(ProcessLookupError):
+            await inst.proc.wait()
+        await self._drain_reader(inst)
+        if inst.reader is not None and not inst.reader.done():
+            inst.reader.cancel()
+        if self._instances.get(inst.model) is inst:
+            del self._instances[inst.model]
+
+    # ------------------------------------------------------------------- stop
+    async def stop(self, model: str, force: bool = False) -> None:
+        inst = self._instances.get(model)
+        if inst is None:
+            return
+        inst.stopping = True
+        if inst.watcher is not None and not inst.watcher.done():
+            inst.watcher.cancel()
+        await self._reap(inst, self._models[model].stop_timeout)
+        inst.logs.append("--- stopped")
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.stop(m) for m in list(self._instances)), return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    # ------------------------------------------------------------------ views
+    def endpoint(self, model: str) -> str | None:
+        inst = self._instances.get(model)
+        if inst is None or not inst.ready:
+            return None
+        return f"http://{self._host}:{inst.port}"
+
+    def info(self, model: str) -> dict[str, Any]:
+        inst = self._instances.get(model)
+        if inst is None:
+            return {"pid": None, "port": None}
+        return {"pid": inst.pid, "port": inst.port}
+
+    def logs(self, model: str, lines: int) -> list[str]:
+        buf = self._logs.get(model)
+        if buf is None:
+            return []
+        return list(buf)[-lines:] if lines > 0 else []
+
+    def running_pids(self) -> list[int]:
+        return [inst.pid for inst in self._instances.values()]

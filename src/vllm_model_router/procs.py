@@ -1,0 +1,89 @@
+"""Process-group bookkeeping: find every live process of a group or session, and make them go away.
+
+vLLM's API server forks ``VLLM::EngineCore`` and worker processes; a SIGKILL of the API server alone
+leaves them holding GPU memory. Each model is therefore started in its own session (so its process
+group and session id equal the leader's pid) and stopped by signalling the whole group, and "stopped"
+means no live (non-zombie) process of that group or session remains in the process table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+_PROC = Path("/proc")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes whose process group or session is ``pgid`` (zombies excluded)."""
+    if not _PROC.is_dir():  # not Linux: fall back to asking the kernel about the group
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return []
+        return [pgid]
+    found: list[int] = []
+    for entry in _PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp session ...; comm may contain spaces and parentheses
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) < 4 or fields[0] in ("Z", "X"):
+            continue
+        if int(fields[2]) == pgid or int(fields[3]) == pgid:
+            found.append(int(entry.name))
+    return found
+
+
+def signal_group(pgid: int, sig: signal.Signals) -> None:
+    """Send ``sig`` to the process group and to any session member that left the group."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in group_members(pgid):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+async def wait_group_gone(pgid: int, timeout: float, interval: float = 0.05) -> bool:
+    """True once no live member of the group/session remains; False if ``timeout`` passed first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not group_members(pgid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)
+
+
+async def terminate_group(pgid: int, stop_timeout: float) -> list[int]:
+    """SIGTERM the group, SIGKILL whatever is left after ``stop_timeout``; return the pids that needed
+    SIGKILL (empty when the group exited on SIGTERM)."""
+    signal_group(pgid, signal.SIGTERM)
+    if await wait_group_gone(pgid, stop_timeout):
+        return []
+    stragglers = group_members(pgid)
+    await kill_group(pgid)
+    return stragglers
+
+
+async def kill_group(pgid: int, timeout: float = 10.0) -> bool:
+    signal_group(pgid, signal.SIGKILL)
+    return await wait_group_gone(pgid, timeout)

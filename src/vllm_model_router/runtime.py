@@ -1,0 +1,231 @@
+"""The async shell around the pure scheduler: the only place that owns it and carries out its effects.
+
+Everything runs on one event loop thread, and ``_submit`` feeds an event to the scheduler and executes
+the resulting effects without awaiting in between, so no decision is ever taken from a stale snapshot.
+Effects that need time (a load, a stop) run as tasks and report back with events. Events raised while
+effects are being executed (a task finishing synchronously, a cancelled waiter) are queued and handled
+after the current batch, in order: the scheduler never sees re-entrant calls.
+
+A request is a lease: ``acquire`` waits for the scheduler's Grant, ``release`` (always called in a
+``finally``) returns the in-flight slot, so a client that disconnects can never pin a model forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from vllm_model_router.config import RouterConfig
+from vllm_model_router.drivers.base import Driver, LoadError
+from vllm_model_router.errors import GatewayTimeout, ModelUnavailable, RouterError
+from vllm_model_router.scheduler import (
+    AdminUnload,
+    Effect,
+    Event,
+    Grant,
+    LoadDone,
+    ModelExited,
+    ModelView,
+    Reject,
+    RequestArrived,
+    RequestCancelled,
+    RequestFinished,
+    Scheduler,
+    SchedulerConfig,
+    StartLoad,
+    State,
+    StopDone,
+    StopModel,
+    Tick,
+    WakeAt,
+)
+
+log = logging.getLogger("vllm_model_router.runtime")
+
+
+class Runtime:
+    def __init__(self, config: RouterConfig, driver: Driver) -> None:
+        self.config = config
+        self.driver = driver
+        self._loop = asyncio.get_running_loop()
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                models={name: m.memory_gb for name, m in config.models.items()},
+                max_resident=config.max_resident,
+                memory_gb=config.memory_gb,
+                load_timeout=config.load_timeout,
+                max_wait=config.max_wait,
+            ),
+            now=self._loop.time(),
+        )
+        self._ids = itertools.count(1)
+        self._futures: dict[int, asyncio.Future[str]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._pending: deque[Event] = deque()
+        self._busy = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self._watchers: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._closing = False
+        self.started_wall = time.time()
+        driver.set_exit_callback(lambda model, reason: self._submit(ModelExited(model, reason)))
+
+    # ------------------------------------------------------------ requests
+    async def acquire(self, model: str) -> int:
+        """Wait until ``model`` is resident and this request holds an in-flight slot on it."""
+        if self._closing:
+            raise ModelUnavailable("the router is shutting down")
+        req_id = next(self._ids)
+        fut: asyncio.Future[str] = self._loop.create_future()
+        self._futures[req_id] = fut
+        self._submit(RequestArrived(req_id, model))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            # the client went away while waiting (or was granted in the same instant): give it back
+            self._futures.pop(req_id, None)
+            self._submit(RequestCancelled(req_id))
+            raise
+        except BaseException:
+            self._futures.pop(req_id, None)
+            raise
+        return req_id
+
+    def release(self, req_id: int) -> None:
+        self._futures.pop(req_id, None)
+        self._submit(RequestFinished(req_id))
+
+    async def load(self, model: str) -> None:
+        """Make a model resident (operator's request) without sending it anything."""
+        self.release(await self.acquire(model))
+
+    async def unload(self, model: str, force: bool = False) -> None:
+        """Unload a model; gracefully waits for its in-flight requests unless ``force``."""
+        self._submit(AdminUnload(model, force))
+        await self.wait_for(lambda: self.scheduler.state_of(model) not in (State.LOADED, State.UNLOADING))
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        if predicate():
+            return
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._watchers.append((predicate, fut))
+        try:
+            await fut
+        finally:
+            self._watchers = [(p, f) for p, f in self._watchers if f is not fut]
+
+    def views(self) -> list[ModelView]:
+        return self.scheduler.view()
+
+    # -------------------------------------------------------- event pump
+    def _submit(self, event: Event) -> None:
+        self._pending.append(event)
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            while self._pending:
+                ev = self._pending.popleft()
+                now = self._loop.time()
+                if isinstance(ev, Tick):
+                    now = max(now, self._timer_when)
+                for effect in self.scheduler.handle(ev, now):
+                    self._execute(effect)
+            for predicate, fut in list(self._watchers):
+                if not fut.done() and predicate():
+                    fut.set_result(None)
+        finally:
+            self._busy = False
+
+    def _execute(self, effect: Effect) -> None:
+        match effect:
+            case Grant(req_id, model):
+                fut = self._futures.get(req_id)
+                if fut is None or fut.done():
+                    self._pending.append(RequestFinished(req_id))  # its client is gone already
+                else:
+                    fut.set_result(model)
+            case Reject(req_id, model, status, message):
+                fut = self._futures.pop(req_id, None)
+                if status == 504:
+                    log.warning("Timed out waiting for model to load: %s (request %d)", model, req_id)
+                if fut is not None and not fut.done():
+                    err: RouterError = GatewayTimeout(message) if status == 504 else ModelUnavailable(message)
+                    fut.set_exception(err)
+            case StartLoad(model):
+                log.info("Loading model %s as served name %s", model, model)
+                self._spawn(model, self._load(model))
+            case StopModel(model, reason, force):
+                log.info("Unloading model %s (%s)", model, reason)
+                previous = self._tasks.get(model)
+                self._spawn(model, self._stop(model, force, previous))
+            case WakeAt(when):
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer_when = when
+                self._timer = self._loop.call_at(when, self._submit, Tick())
+            case _:
+                raise TypeError(f"unknown effect {effect!r}")
+
+    def _spawn(self, model: str, coro: Any) -> None:
+        task: asyncio.Task[None] = self._loop.create_task(coro, name=f"{model}")
+        self._tasks[model] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._tasks.get(model) is t:
+                del self._tasks[model]
+            if not t.cancelled() and t.exception() is not None:
+                log.error("internal error in %s task: %r", model, t.exception())
+
+        task.add_done_callback(done)
+
+    async def _load(self, model: str) -> None:
+        started = time.monotonic()
+        try:
+            await self.driver.start(model)
+        except LoadError as e:
+            log.error("Failed to load model %s: %s", model, e)
+            self._submit(LoadDone(model, False, str(e)))
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a driver bug must still answer the waiters
+            log.exception("Failed to load model %s", model)
+            self._submit(LoadDone(model, False, f"internal error: {e!r}"))
+            return
+        log.info("Model %s loaded in %.2fs", model, time.monotonic() - started)
+        self._submit(LoadDone(model, True))
+
+    async def _stop(self, model: str, force: bool, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None and not previous.done():
+            previous.cancel()  # a load in progress: its cleanup reaps the process
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await previous
+        try:
+            await self.driver.stop(model, force)
+        except Exception:
+            log.exception("error while stopping %s", model)
+        log.info("Model %s unloaded", model)
+        self._submit(StopDone(model))
+
+    # ----------------------------------------------------------- shutdown
+    async def close(self) -> None:
+        """Answer every waiter, stop every model, leave no child process behind."""
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for req_id, fut in list(self._futures.items()):
+            if not fut.done():
+                fut.set_exception(ModelUnavailable("the router is shutting down"))
+            self._futures.pop(req_id, None)
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.driver.close()
