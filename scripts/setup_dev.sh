@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's virtual environment in .venv with the router and its test tools.
+# Reinstalls only when pyproject.toml changed. Usage: scripts/setup_dev.sh [--no-test-deps]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+extras="[test]"
+[[ "${1:-}" == "--no-test-deps" ]] && extras=""
+if [[ ! -x .venv/bin/python ]]; then
+  echo "==> creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)${extras}"
+if [[ ! -f "$stamp" ]]; then
+  echo "==> installing vllm-model-router${extras} into .venv"
+  .venv/bin/python -m pip install -q -e ".${extras}"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Sets up everything the tests need and runs them: lint and types, the fast suite (unit + integration
+# against fake-engine subprocesses), then the end-to-end suite against a real vLLM (CPU build) and a
+# real LiteLLM proxy. `--fast` skips the end-to-end suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+scripts/setup_dev.sh
+echo "==> ruff + mypy"
+.venv/bin/ruff check src tests bench
+.venv/bin/mypy src
+echo "==> fast suite"
+.venv/bin/python -m pytest -q
+echo "==> fast suite done in $(( $(date +%s) - start ))s"
+if [[ "${1:-}" != "--fast" ]]; then
+  PYTHON="$PWD/.venv/bin/python" scripts/run_e2e.sh
+fi
+echo "==> all tests passed in $(( $(date +%s) - start ))s"
