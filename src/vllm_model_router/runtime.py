@@ -24,6 +24,7 @@ from typing import Any
 from vllm_model_router.config import RouterConfig
 from vllm_model_router.drivers.base import Driver, LoadError
 from vllm_model_router.errors import GatewayTimeout, ModelUnavailable, RouterError
+from vllm_model_router.lifecycle import EventLog
 from vllm_model_router.scheduler import (
     AdminUnload,
     Effect,
@@ -74,7 +75,12 @@ class Runtime:
         self._watchers: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._closing = False
         self.started_wall = time.time()
-        driver.set_exit_callback(lambda model, reason: self._submit(ModelExited(model, reason)))
+        self.events = EventLog()
+        driver.set_exit_callback(self._model_exited)
+
+    def _model_exited(self, model: str, reason: str) -> None:
+        self.events.emit("exited", model, reason)
+        self._submit(ModelExited(model, reason))
 
     # ------------------------------------------------------------ requests
     async def acquire(self, model: str) -> int:
@@ -155,14 +161,17 @@ class Runtime:
                 fut = self._futures.pop(req_id, None)
                 if status == 504:
                     log.warning("Timed out waiting for model to load: %s (request %d)", model, req_id)
+                self.events.emit("rejected", model, message, status=status)
                 if fut is not None and not fut.done():
                     err: RouterError = GatewayTimeout(message) if status == 504 else ModelUnavailable(message)
                     fut.set_exception(err)
             case StartLoad(model):
                 log.info("Loading model %s as served name %s", model, model)
+                self.events.emit("load_started", model, "requested")
                 self._spawn(model, self._load(model))
             case StopModel(model, reason, force):
                 log.info("Unloading model %s (%s)", model, reason)
+                self.events.emit("unloading", model, reason, force=force)
                 previous = self._tasks.get(model)
                 self._spawn(model, self._stop(model, force, previous))
             case WakeAt(when):
@@ -191,15 +200,19 @@ class Runtime:
             await self.driver.start(model)
         except LoadError as e:
             log.error("Failed to load model %s: %s", model, e)
+            self.events.emit("load_failed", model, str(e), seconds=time.monotonic() - started)
             self._submit(LoadDone(model, False, str(e)))
             return
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a driver bug must still answer the waiters
             log.exception("Failed to load model %s", model)
+            self.events.emit("load_failed", model, f"internal error: {e!r}", seconds=time.monotonic() - started)
             self._submit(LoadDone(model, False, f"internal error: {e!r}"))
             return
-        log.info("Model %s loaded in %.2fs", model, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        log.info("Model %s loaded in %.2fs", model, seconds)
+        self.events.emit("loaded", model, "ready", seconds=seconds)
         self._submit(LoadDone(model, True))
 
     async def _stop(self, model: str, force: bool, previous: asyncio.Task[None] | None) -> None:
@@ -212,6 +225,7 @@ class Runtime:
         except Exception:
             log.exception("error while stopping %s", model)
         log.info("Model %s unloaded", model)
+        self.events.emit("unloaded", model, "process group gone")
         self._submit(StopDone(model))
 
     # ----------------------------------------------------------- shutdown
