@@ -68,6 +68,7 @@ def model_admin_view(runtime: Runtime, v: ModelView) -> dict[str, Any]:
         "in_flight": v.in_flight,
         "waiting": v.waiting,
         "draining": v.draining,
+        "pinned": v.pinned,
         "memory_gb": v.memory_gb,
         "loads": v.loads,
         "failures": v.failures,

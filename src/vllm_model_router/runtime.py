@@ -39,6 +39,7 @@ from vllm_model_router.scheduler import (
     RequestFinished,
     Scheduler,
     SchedulerConfig,
+    SetPinned,
     StartLoad,
     State,
     StopDone,
@@ -115,6 +116,11 @@ class Runtime:
         """Unload a model; gracefully waits for its in-flight requests unless ``force``."""
         self._submit(AdminUnload(model, force))
         await self.wait_for(lambda: self.scheduler.state_of(model) not in (State.LOADED, State.UNLOADING))
+
+    def set_pinned(self, model: str, pinned: bool) -> None:
+        """A pinned model is never evicted (an operator may still unload it); it counts against capacity."""
+        self.events.emit("pinned" if pinned else "unpinned", model, "operator")
+        self._submit(SetPinned(model, pinned))
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
         if predicate():

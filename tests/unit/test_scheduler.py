@@ -17,6 +17,7 @@ from vllm_model_router.scheduler import (
     RequestFinished,
     Scheduler,
     SchedulerConfig,
+    SetPinned,
     StartLoad,
     State,
     StopDone,
@@ -224,3 +225,22 @@ def test_unknown_model_and_duplicate_ids_are_programming_errors() -> None:
     r.step(RequestArrived(1, "a"))
     with pytest.raises(ValueError):
         r.step(RequestArrived(1, "a"))
+
+
+def test_pinned_model_is_never_evicted_but_counts_against_capacity() -> None:
+    r = Run(max_resident=2)
+    r.loaded("a", 1)
+    r.step(RequestFinished(1), at=1)
+    r.step(SetPinned("a", True))
+    r.loaded("b", 2)
+    r.step(RequestFinished(2), at=2)
+    assert r.step(RequestArrived(3, "c"), at=3) == [StopModel("b", "evicted to make room for c")]
+    r.step(StopDone("b"))
+    r.step(LoadDone("c", True))
+    r.step(RequestFinished(3), at=4)
+    assert r.step(RequestArrived(4, "b"), at=5) == [StopModel("c", "evicted to make room for b")]
+    assert r.step(SetPinned("a", False)) == []  # c's stop makes room already: nothing more is evicted
+    r.step(StopDone("c"))
+    r.step(LoadDone("b", True))
+    r.step(RequestFinished(4), at=6)
+    assert r.step(RequestArrived(5, "c"), at=7) == [StopModel("a", "evicted to make room for c")]

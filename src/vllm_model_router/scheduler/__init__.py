@@ -10,6 +10,7 @@ from vllm_model_router.scheduler.events import (
     RequestArrived,
     RequestCancelled,
     RequestFinished,
+    SetPinned,
     StopDone,
     Tick,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "RequestFinished",
     "Scheduler",
     "SchedulerConfig",
+    "SetPinned",
     "StartLoad",
     "State",
     "StopDone",

@@ -38,10 +38,11 @@ from vllm_model_router.scheduler.events import (
     RequestArrived,
     RequestCancelled,
     RequestFinished,
+    SetPinned,
     StopDone,
     Tick,
 )
-from vllm_model_router.scheduler.eviction import Budget, Occupant, plan_eviction
+from vllm_model_router.scheduler.eviction import Budget, Occupant, fits, plan_eviction
 
 
 class State(StrEnum):
@@ -81,6 +82,7 @@ class _Model:
     draining: bool = False
     unload_requested: bool = False
     stop_reason: str | None = None
+    pinned: bool = False
 
 
 @dataclass(slots=True)
@@ -105,6 +107,7 @@ class ModelView:
     failures: int
     last_error: str | None
     draining: bool
+    pinned: bool
 
 
 class Scheduler:
@@ -148,6 +151,8 @@ class Scheduler:
                     self._set_state(m, State.FAILED, now)
             case AdminUnload(model, force):
                 self._admin_unload(self._models[model], force, now, out)
+            case SetPinned(model, pinned):
+                self._models[model].pinned = pinned
             case Tick():
                 self._wake = None  # always re-arm: a timer may fire a hair before its deadline
             case _:
@@ -172,6 +177,7 @@ class Scheduler:
                 failures=m.failures,
                 last_error=m.last_error,
                 draining=m.draining,
+                pinned=m.pinned,
             )
             for m in self._models.values()
         ]
@@ -274,16 +280,20 @@ class Scheduler:
             if target.state not in (State.UNLOADED, State.FAILED):
                 continue
             occupied = self._occupants()
-            loaded = [m for m in self._models.values() if m.state is State.LOADED]
-            idle = self._lru(m for m in loaded if not m.in_flight)
-            victims = plan_eviction(
-                target.memory_gb, occupied, [Occupant(m.name, m.memory_gb) for m in idle], self.budget
-            )
-            if victims == []:  # (a)
+            if fits(occupied, target.memory_gb, self.budget):  # (a)
                 self._set_state(target, State.LOADING, now)
                 target.load_started = now
                 out.append(StartLoad(name))
                 continue
+            # what is already stopping will free its share: only evict more if that is not enough
+            staying = [o for o in occupied if self._models[o.name].state is not State.UNLOADING]
+            loaded = [m for m in self._models.values() if m.state is State.LOADED]
+            idle = self._lru(m for m in loaded if not m.in_flight and not m.pinned)
+            victims = plan_eviction(
+                target.memory_gb, staying, [Occupant(m.name, m.memory_gb) for m in idle], self.budget
+            )
+            if victims == []:  # room is on its way: start on the StopDone
+                break
             if victims:  # (b)
                 for v in victims:
                     self._stop(self._models[v], f"evicted to make room for {name}", now, out)
@@ -291,9 +301,9 @@ class Scheduler:
             # (c) wait for busy models to drain; after max_wait stop feeding the busy victims
             blocked_since = first
             if now - first >= cfg.max_wait:
-                everyone = self._lru(loaded)
+                everyone = self._lru(m for m in loaded if not m.pinned)
                 needed = plan_eviction(
-                    target.memory_gb, occupied, [Occupant(m.name, m.memory_gb) for m in everyone], self.budget
+                    target.memory_gb, staying, [Occupant(m.name, m.memory_gb) for m in everyone], self.budget
                 )
                 drain.update(needed or [])
             break

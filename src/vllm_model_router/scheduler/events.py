@@ -60,10 +60,19 @@ class AdminUnload:
 
 
 @dataclass(frozen=True, slots=True)
+class SetPinned:
+    """Operator pins (never evicted; still counts against capacity) or unpins a model."""
+
+    model: str
+    pinned: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Time passed (a WakeAt came due). Deadlines are checked on every event anyway."""
 
 
 Event = (
-    RequestArrived | RequestCancelled | RequestFinished | LoadDone | StopDone | ModelExited | AdminUnload | Tick
+    RequestArrived | RequestCancelled | RequestFinished | LoadDone | StopDone | ModelExited | AdminUnload | SetPinned
+    | Tick
 )
