@@ -1,0 +1,548 @@
+"""Integration tests of the fake vLLM engine, run as a real subprocess on a free port."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import itertools
+import json
+import math
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+MODULE = "vllm_model_router.fake_engine"
+CHAT = "/v1/chat/completions"
+
+
+@dataclass
+class Engine:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def spawn(log_dir: Path, args: list[str], env_extra: dict[str, str] | None = None) -> Engine:
+    port = free_port()
+    log_path = log_dir / f"engine-{port}.log"
+    env = dict(os.environ)
+    env.pop("VLLM_SERVER_DEV_MODE", None)
+    env.update(env_extra or {})
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", MODULE, "--port", str(port), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+    return Engine(proc, port, log_path)
+
+
+def kill_group(engine: Engine) -> None:
+    try:
+        os.killpg(engine.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    engine.proc.wait(timeout=5)
+
+
+def call(port: int, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Reply:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()
+
+
+def wait_listening(engine: Engine, timeout: float = 10.0) -> Reply:
+    """Poll GET /health until the engine answers (any status)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if engine.proc.poll() is not None:
+            pytest.fail(f"engine exited with {engine.proc.returncode}:\n{engine.log()}")
+        try:
+            return call(engine.port, "GET", "/health", timeout=1.0)
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"engine not listening after {timeout} s:\n{engine.log()}")
+            time.sleep(0.02)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("condition not reached in time")
+        time.sleep(0.02)
+
+
+@dataclass
+class Stream:
+    status: int
+    headers: dict[str, str]
+    events: list[tuple[float, bytes]]
+    broken: bool
+
+    def chunks(self) -> list[dict[str, Any]]:
+        return [json.loads(data) for _, data in self.events if data != b"[DONE]"]
+
+
+def stream(port: int, body: dict[str, Any], path: str = CHAT) -> Stream:
+    """POST a streaming request and record each SSE data line with its arrival time."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5.0)
+    events: list[tuple[float, bytes]] = []
+    broken = False
+    try:
+        conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        try:
+            while line := resp.readline():
+                if line.startswith(b"data: "):
+                    events.append((time.monotonic(), line[len(b"data: ") :].strip()))
+        except (http.client.HTTPException, OSError):
+            broken = True
+        finally:
+            resp.close()
+        # http.client ends readline() quietly when a chunked body is cut off: no [DONE] means broken.
+        broken = broken or not events or events[-1][1] != b"[DONE]"
+        return Stream(resp.status, headers, events, broken)
+    finally:
+        conn.close()
+
+
+def chat_body(model: str, text: str = "hello there", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}], **extra}
+
+
+def proc_state(pid: int) -> str | None:
+    """The one-letter state of a process from /proc, None when it does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Callable[..., Engine]]:
+    engines: list[Engine] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> Engine:
+        engine = spawn(tmp_path, list(args), env)
+        engines.append(engine)
+        if wait:
+            wait_listening(engine)
+        return engine
+
+    yield start
+    for engine in engines:
+        kill_group(engine)
+
+
+@pytest.fixture(scope="module")
+def basic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    engine = spawn(
+        tmp_path_factory.mktemp("basic"),
+        [
+            "--served-model-name",
+            "alpha",
+            "beta",
+            "--model",
+            "/models/alpha",
+            "--chunks",
+            "4",
+            "--enable-lora",
+            "--enable-sleep-mode",  # without VLLM_SERVER_DEV_MODE=1: sleep routes stay hidden
+        ],
+    )
+    try:
+        wait_listening(engine)
+        yield engine
+    finally:
+        kill_group(engine)
+
+
+# ----------------------------------------------------------------- startup
+
+
+def test_port_refused_during_startup_delay_then_healthy(launch: Callable[..., Engine]) -> None:
+    started = time.monotonic()
+    engine = launch("--served-model-name", "slow", "--startup-delay", "1.0", wait=False)
+    wait_for(lambda: "loading model" in engine.log())
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", engine.port), timeout=1):
+        pass
+    reply = wait_listening(engine)
+    assert reply.status == 200 and reply.body == b""
+    assert time.monotonic() - started >= 0.95
+    log = engine.log()
+    assert "Application startup complete." in log
+    assert f"Uvicorn running on http://127.0.0.1:{engine.port}" in log
+
+
+def test_exit_during_startup(launch: Callable[..., Engine]) -> None:
+    engine = launch("--served-model-name", "broken", "--startup-delay", "0.4", "--exit-during-startup", wait=False)
+    assert engine.proc.wait(timeout=10) == 1
+    log = engine.log()
+    assert "ERROR fake-engine: failed to load model:" in log
+    assert "Uvicorn running" not in log
+
+
+# ---------------------------------------------------------------- inference
+
+
+def test_models_lists_served_names(basic: Engine) -> None:
+    reply = call(basic.port, "GET", "/v1/models")
+    assert reply.status == 200
+    payload = reply.json()
+    assert payload["object"] == "list"
+    cards = {card["id"]: card for card in payload["data"]}
+    assert set(cards) == {"alpha", "beta"}
+    for card in cards.values():
+        assert card["object"] == "model"
+        assert card["owned_by"] == "vllm"
+        assert card["root"] == "/models/alpha"
+        assert card["parent"] is None
+        assert card["max_model_len"] == 2048
+
+
+def test_chat_non_stream(basic: Engine) -> None:
+    reply = call(basic.port, "POST", CHAT, chat_body("beta", "what is the answer"))
+    assert reply.status == 200
+    assert reply.headers["x-fake-engine"] == "alpha"
+    assert reply.headers["x-fake-engine-pid"] == str(basic.proc.pid)
+    payload = reply.json()
+    assert payload["object"] == "chat.completion"
+    assert payload["model"] == "beta"
+    choice = payload["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"] == "fake reply from beta to: what is the answer"
+    assert choice["finish_reason"] == "stop"
+    usage = payload["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    # deterministic
+    again = call(basic.port, "POST", CHAT, chat_body("beta", "what is the answer")).json()
+    assert again["choices"][0]["message"]["content"] == choice["message"]["content"]
+
+    limited = call(basic.port, "POST", CHAT, chat_body("alpha", "what is the answer", max_tokens=3)).json()
+    assert limited["choices"][0]["message"]["content"] == "fake reply from"
+    assert limited["choices"][0]["finish_reason"] == "length"
+    assert limited["usage"]["completion_tokens"] == 3
+
+
+def test_completions_non_stream_and_stream(basic: Engine) -> None:
+    reply = call(basic.port, "POST", "/v1/completions", {"model": "alpha", "prompt": "once upon"})
+    assert reply.status == 200
+    payload = reply.json()
+    assert payload["object"] == "text_completion"
+    assert payload["choices"][0]["text"] == "fake reply from alpha to: once upon"
+    result = stream(basic.port, {"model": "alpha", "prompt": "once upon", "stream": True}, "/v1/completions")
+    chunks = result.chunks()
+    assert len(chunks) == 4
+    assert "".join(c["choices"][0]["text"] for c in chunks) == payload["choices"][0]["text"]
+
+
+def test_chat_stream_chunks_arrive_separately(basic: Engine) -> None:
+    body = chat_body(
+        "alpha",
+        "tell me a story",
+        stream=True,
+        stream_options={"include_usage": True},
+        fake={"chunks": 4, "chunk_delay": 0.15},
+    )
+    result = stream(basic.port, body)
+    assert result.status == 200
+    assert result.headers["content-type"].startswith("text/event-stream")
+    assert not result.broken
+    assert result.events[-1][1] == b"[DONE]"
+    chunks = result.chunks()
+    content_chunks, usage_chunk = chunks[:-1], chunks[-1]
+    assert len(content_chunks) == 4
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert content_chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert content_chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    text = "".join(c["choices"][0]["delta"]["content"] for c in content_chunks)
+    assert text == "fake reply from alpha to: tell me a story"
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"]["completion_tokens"] == len(text.split())
+    times = [t for t, _ in result.events[:4]]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(gap >= 0.1 for gap in gaps), gaps
+
+
+def test_request_delay_is_in_flight(basic: Engine) -> None:
+    body = json.dumps(chat_body("alpha", fake={"delay": 0.6})).encode()
+    request = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection(("127.0.0.1", basic.port), timeout=5) as sock:
+        sock.sendall(request)
+        wait_for(lambda: call(basic.port, "GET", "/fake/state").json()["in_flight"] == 1)
+        metrics = call(basic.port, "GET", "/metrics").body.decode()
+        assert 'vllm:num_requests_running{engine="0",model_name="alpha"} 1.0' in metrics
+        response = b""
+        while data := sock.recv(65536):
+            response += data
+    assert response.startswith(b"HTTP/1.1 200")
+    assert call(basic.port, "GET", "/fake/state").json()["in_flight"] == 0
+
+
+def test_errors(basic: Engine) -> None:
+    reply = call(basic.port, "POST", CHAT, chat_body("nope"))
+    assert reply.status == 404
+    assert reply.json() == {
+        "error": {
+            "message": "The model `nope` does not exist.",
+            "type": "NotFoundError",
+            "param": "model",
+            "code": 404,
+        }
+    }
+    for path in ("/v1/completions", "/v1/embeddings"):
+        assert call(basic.port, "POST", path, {"model": "nope", "prompt": "x", "input": "x"}).status == 404
+    bad = call(basic.port, "POST", CHAT, b"{not json")
+    assert bad.status == 400
+    error = bad.json()["error"]
+    assert error["type"] == "BadRequestError" and error["code"] == 400 and error["param"] is None
+    assert call(basic.port, "POST", CHAT, {"model": "alpha"}).status == 400
+    missing = call(basic.port, "GET", "/no/such/route")
+    assert missing.status == 404 and missing.json() == {"detail": "Not Found"}
+    # sleep routes need VLLM_SERVER_DEV_MODE=1 as well as --enable-sleep-mode
+    assert call(basic.port, "POST", "/sleep?level=1").json() == {"detail": "Not Found"}
+    assert call(basic.port, "GET", "/is_sleeping").status == 404
+
+
+def test_embeddings(basic: Engine) -> None:
+    reply = call(basic.port, "POST", "/v1/embeddings", {"model": "alpha", "input": ["hello", "world"]})
+    assert reply.status == 200
+    payload = reply.json()
+    assert payload["object"] == "list" and payload["model"] == "alpha"
+    assert [d["index"] for d in payload["data"]] == [0, 1]
+    first, second = (d["embedding"] for d in payload["data"])
+    assert len(first) == 8 and first != second
+    assert math.isclose(math.sqrt(sum(v * v for v in first)), 1.0, abs_tol=1e-4)
+    assert payload["usage"]["prompt_tokens"] == payload["usage"]["total_tokens"] == 2
+    single = call(basic.port, "POST", "/v1/embeddings", {"model": "alpha", "input": "hello"}).json()
+    assert single["data"][0]["embedding"] == first
+    encoded = call(
+        basic.port, "POST", "/v1/embeddings", {"model": "alpha", "input": "hello", "encoding_format": "base64"}
+    ).json()
+    decoded = struct.unpack("<8f", base64.b64decode(encoded["data"][0]["embedding"]))
+    assert all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(decoded, first, strict=True))
+
+
+def test_lora_load_unload(basic: Engine, tmp_path: Path) -> None:
+    adapter = tmp_path / "sql-adapter"
+    adapter.mkdir()
+    load = {"lora_name": "sql", "lora_path": str(adapter)}
+    reply = call(basic.port, "POST", "/v1/load_lora_adapter", load)
+    assert reply.status == 200
+    assert reply.headers["content-type"].startswith("text/plain")
+    assert reply.body == b"Success: LoRA adapter 'sql' added successfully."
+    try:
+        duplicate = call(basic.port, "POST", "/v1/load_lora_adapter", load)
+        assert duplicate.status == 400
+        assert duplicate.json()["error"] == {
+            "message": "The lora adapter 'sql' has already been loaded.",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+        inplace = call(basic.port, "POST", "/v1/load_lora_adapter", {**load, "load_inplace": True})
+        assert inplace.status == 200
+        missing_path = str(tmp_path / "absent")
+        bad = call(basic.port, "POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": missing_path})
+        assert bad.status == 404
+        assert bad.json()["error"]["message"] == f"Loading lora x failed: No adapter found for {missing_path}"
+        assert bad.json()["error"]["type"] == "NotFoundError"
+
+        cards = {c["id"]: c for c in call(basic.port, "GET", "/v1/models").json()["data"]}
+        assert cards["sql"]["parent"] == "alpha"
+        assert cards["sql"]["root"] == str(adapter)
+        answer = call(basic.port, "POST", CHAT, chat_body("sql"))
+        assert answer.status == 200 and answer.json()["model"] == "sql"
+        assert call(basic.port, "GET", "/fake/state").json()["adapters"] == ["sql"]
+    finally:
+        unload = call(basic.port, "POST", "/v1/unload_lora_adapter", {"lora_name": "sql"})
+    assert unload.status == 200
+    assert unload.body == b"Success: LoRA adapter 'sql' removed successfully."
+    again = call(basic.port, "POST", "/v1/unload_lora_adapter", {"lora_name": "sql"})
+    assert again.status == 404
+    assert again.json()["error"]["message"] == "The lora adapter 'sql' cannot be found."
+    assert call(basic.port, "POST", CHAT, chat_body("sql")).status == 404
+
+
+# --------------------------------------------------------------- sleep mode
+
+
+def test_sleep_and_wake(launch: Callable[..., Engine]) -> None:
+    engine = launch(
+        "--served-model-name",
+        "sleepy",
+        "--enable-sleep-mode",
+        "--memory-gb",
+        "6",
+        "--sleeping-memory-gb",
+        "0.5",
+        "--no-embeddings",
+        env={"VLLM_SERVER_DEV_MODE": "1"},
+    )
+    port = engine.port
+
+    def state() -> dict[str, Any]:
+        result: dict[str, Any] = call(port, "GET", "/fake/state").json()
+        return result
+
+    assert call(port, "GET", "/is_sleeping").json() == {"is_sleeping": False}
+    assert state()["memory_gb"] == 6
+    assert call(port, "POST", "/sleep?level=1").status == 200
+    assert call(port, "GET", "/is_sleeping").json() == {"is_sleeping": True}
+    current = state()
+    assert current["sleeping"] and current["sleep_level"] == 1 and current["memory_gb"] == 0.5
+    assert 'sleep_state="weights_offloaded"} 1.0' in call(port, "GET", "/metrics").body.decode()
+
+    refused = call(port, "POST", CHAT, chat_body("sleepy"))
+    assert refused.status == 503
+    assert refused.json()["error"]["message"] == "engine is sleeping"
+    assert call(port, "POST", "/v1/completions", {"model": "sleepy", "prompt": "x"}).status == 503
+    assert state()["requests_while_sleeping"] == 2
+
+    assert call(port, "POST", "/wake_up").status == 200
+    assert call(port, "GET", "/is_sleeping").json() == {"is_sleeping": False}
+    assert state()["memory_gb"] == 6
+    woke = call(port, "POST", CHAT, chat_body("sleepy"))
+    assert woke.status == 200 and woke.json()["choices"][0]["message"]["content"].startswith("fake reply")
+
+    # level 2: weights dropped; wake weights, reload them, then wake the KV cache
+    assert call(port, "POST", "/sleep?level=2").status == 200
+    assert state()["sleep_level"] == 2
+    assert call(port, "POST", "/collective_rpc", {"method": "reload_weights"}).status == 500
+    assert call(port, "POST", "/wake_up?tags=weights").status == 200
+    assert call(port, "GET", "/is_sleeping").json() == {"is_sleeping": True}
+    rpc = call(port, "POST", "/collective_rpc", {"method": "reload_weights"})
+    assert rpc.status == 200 and rpc.json() == {"results": [None]}
+    assert call(port, "POST", "/wake_up?tags=kv_cache").status == 200
+    assert call(port, "GET", "/is_sleeping").json() == {"is_sleeping": False}
+    content = call(port, "POST", CHAT, chat_body("sleepy")).json()["choices"][0]["message"]["content"]
+    assert content.startswith("fake reply")
+    assert state()["requests_while_sleeping"] == 2
+
+    # level 2 woken without reloading the weights answers garbage, as vLLM would
+    assert call(port, "POST", "/sleep?level=2").status == 200
+    assert call(port, "POST", "/wake_up").status == 200
+    content = call(port, "POST", CHAT, chat_body("sleepy")).json()["choices"][0]["message"]["content"]
+    assert content.startswith("GARBAGE")
+
+    assert call(port, "POST", "/sleep?level=3").status == 400
+    assert call(port, "POST", "/v1/embeddings", {"input": "x"}).json() == {"detail": "Not Found"}
+    assert call(port, "POST", "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "/"}).status == 404
+
+
+def test_fail_wake(launch: Callable[..., Engine]) -> None:
+    engine = launch("--served-model-name", "m", "--enable-sleep-mode", "--fail-wake", env={"VLLM_SERVER_DEV_MODE": "1"})
+    assert call(engine.port, "POST", "/sleep?level=1").status == 200
+    assert call(engine.port, "POST", "/wake_up").status == 500
+    assert call(engine.port, "GET", "/is_sleeping").json() == {"is_sleeping": True}
+
+
+# ------------------------------------------------------------ failure modes
+
+
+def test_exit_mid_stream(launch: Callable[..., Engine]) -> None:
+    engine = launch("--served-model-name", "crashy", "--chunks", "5", "--exit-mid-stream", "2")
+    assert call(engine.port, "POST", CHAT, chat_body("crashy")).status == 200
+    result = stream(engine.port, chat_body("crashy", stream=True))
+    assert result.status == 200
+    assert result.broken
+    assert len(result.events) == 2 and b"[DONE]" not in [data for _, data in result.events]
+    assert engine.proc.wait(timeout=5) == 1
+
+
+def test_fail_after_requests_and_health_status(launch: Callable[..., Engine]) -> None:
+    engine = launch("--served-model-name", "m", "--health-status", "503", "--fail-after-requests", "2")
+    assert call(engine.port, "GET", "/health").status == 503
+    assert call(engine.port, "POST", CHAT, chat_body("m")).status == 200
+    assert call(engine.port, "POST", CHAT, chat_body("m")).status == 200
+    assert engine.proc.wait(timeout=5) == 1
+    assert "--fail-after-requests" in engine.log()
+
+
+def test_ignore_sigterm_needs_sigkill(launch: Callable[..., Engine]) -> None:
+    engine = launch("--served-model-name", "stubborn", "--ignore-sigterm")
+    engine.proc.send_signal(signal.SIGTERM)
+    engine.proc.send_signal(signal.SIGINT)
+    time.sleep(0.4)
+    assert engine.proc.poll() is None
+    assert call(engine.port, "GET", "/health").status == 200
+    engine.proc.kill()
+    assert engine.proc.wait(timeout=5) == -signal.SIGKILL
+
+
+def test_sigterm_stops_server_and_child_quickly(launch: Callable[..., Engine]) -> None:
+    engine = launch("--served-model-name", "parent", "--spawn-child")
+    child_pid = call(engine.port, "GET", "/fake/state").json()["child_pid"]
+    assert proc_state(child_pid) not in (None, "Z")
+    # keep a request in flight: shutdown must not wait for it long
+    body = json.dumps(chat_body("parent", fake={"delay": 10})).encode()
+    request = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection(("127.0.0.1", engine.port), timeout=5) as sock:
+        sock.sendall(request)
+        wait_for(lambda: call(engine.port, "GET", "/fake/state").json()["in_flight"] == 1)
+        started = time.monotonic()
+        engine.proc.send_signal(signal.SIGTERM)
+        assert engine.proc.wait(timeout=5) == 0
+        assert time.monotonic() - started < 1.5
+    assert proc_state(child_pid) is None  # terminated and reaped by the parent
+    assert "Shutting down" in engine.log()
+
+
+def test_spawned_child_survives_sigkill_of_parent(launch: Callable[..., Engine]) -> None:
+    engine = launch("--served-model-name", "parent", "--spawn-child")
+    child_pid = call(engine.port, "GET", "/fake/state").json()["child_pid"]
+    cmdline = Path(f"/proc/{child_pid}/cmdline").read_bytes().split(b"\0")
+    assert b"fake-engine-worker" in cmdline and str(engine.port).encode() in cmdline
+    assert os.getpgid(child_pid) == engine.proc.pid
+    engine.proc.kill()
+    assert engine.proc.wait(timeout=5) == -signal.SIGKILL
+    time.sleep(0.2)
+    assert proc_state(child_pid) not in (None, "Z", "X")
+    assert os.getpgid(child_pid) == engine.proc.pid  # the launch fixture's killpg removes it
