@@ -11,6 +11,8 @@ from vllm_model_router.scheduler import (
     Grant,
     LoadDone,
     ModelExited,
+    ModelFound,
+    ModelSpec,
     Reject,
     RequestArrived,
     RequestCancelled,
@@ -244,3 +246,107 @@ def test_pinned_model_is_never_evicted_but_counts_against_capacity() -> None:
     r.step(LoadDone("b", True))
     r.step(RequestFinished(4), at=6)
     assert r.step(RequestArrived(5, "c"), at=7) == [StopModel("a", "evicted to make room for c")]
+
+
+# ---------------------------------------------------------------- adapters
+def adapters_run(max_adapters: int = 2, **kw: object) -> Run:
+    models = {
+        "base": ModelSpec(10, max_adapters=max_adapters),
+        "other": ModelSpec(10),
+        "x": ModelSpec(base="base"),
+        "y": ModelSpec(base="base"),
+        "z": ModelSpec(base="base"),
+    }
+    return Run(models, **kw)  # type: ignore[arg-type]
+
+
+def test_adapter_loads_its_base_first_then_itself() -> None:
+    r = adapters_run()
+    assert r.step(RequestArrived(1, "x")) == [StartLoad("base")]
+    assert r.step(RequestArrived(2, "x")) == []
+    assert r.step(LoadDone("base", True)) == [StartLoad("x")]
+    assert r.step(LoadDone("x", True)) == [Grant(1, "x"), Grant(2, "x")]
+    views = {v.name: v for v in r.s.view()}
+    assert views["base"].in_flight == 2  # a request on an adapter keeps its base busy
+
+
+def test_adapters_count_against_their_base_not_the_global_budget() -> None:
+    r = adapters_run(max_adapters=2)
+    for i, name in enumerate(["x", "y"], start=1):
+        r.step(RequestArrived(i, name), at=i)
+        r.step(LoadDone("base", True))
+        r.step(LoadDone(name, True))
+        r.step(RequestFinished(i), at=i + 0.5)
+    assert r.step(RequestArrived(3, "z"), at=5) == [StopModel("x", "evicted to make room for z")]
+    assert r.s.state_of("base") is State.LOADED
+    assert r.step(StopDone("x")) == [StartLoad("z")]
+
+
+def test_base_with_adapter_in_flight_is_never_evicted() -> None:
+    r = adapters_run()
+    r.step(RequestArrived(1, "x"))
+    r.step(LoadDone("base", True))
+    r.step(LoadDone("x", True))  # request 1 in flight on x
+    assert r.step(RequestArrived(2, "other")) == []
+    assert r.step(RequestFinished(1)) == [StopModel("base", "evicted to make room for other")]
+
+
+def test_evicting_a_base_drops_its_adapters_without_separate_stops() -> None:
+    r = adapters_run()
+    r.step(RequestArrived(1, "x"))
+    r.step(LoadDone("base", True))
+    r.step(LoadDone("x", True))
+    r.step(RequestFinished(1))
+    assert r.step(RequestArrived(2, "other")) == [StopModel("base", "evicted to make room for other")]
+    assert r.s.state_of("x") is State.UNLOADED
+    r.step(StopDone("base"))
+    r.step(LoadDone("other", True))
+    r.step(RequestFinished(2), at=1)
+    # the adapter comes back with its base
+    assert r.step(RequestArrived(3, "x"), at=2) == [StopModel("other", "evicted to make room for base")]
+
+
+def test_failed_base_fails_its_adapter_waiters() -> None:
+    r = adapters_run()
+    r.step(RequestArrived(1, "x"))
+    out = r.step(LoadDone("base", False, "no such model"))
+    assert len(out) == 1 and isinstance(out[0], Reject) and out[0].status == 503
+    assert "base model base" in out[0].message
+
+
+def test_adapter_unloaded_out_of_band_is_noticed_and_reloaded() -> None:
+    r = adapters_run()
+    r.step(RequestArrived(1, "x"))
+    r.step(LoadDone("base", True))
+    r.step(LoadDone("x", True))
+    r.step(RequestFinished(1))
+    assert r.step(ModelExited("x", "unloaded outside the router", failed=False)) == []
+    v = {v.name: v for v in r.s.view()}["x"]
+    assert (v.state, v.out_of_band, v.failures) == (State.UNLOADED, 1, 0)
+    assert r.step(RequestArrived(2, "x")) == [StartLoad("x")]
+
+
+def test_adapters_loaded_out_of_band_are_counted_and_trimmed_to_budget() -> None:
+    r = adapters_run(max_adapters=2)
+    r.step(RequestArrived(1, "x"), at=1)
+    r.step(LoadDone("base", True))
+    r.step(LoadDone("x", True))
+    r.step(RequestFinished(1), at=2)
+    assert r.step(ModelFound("y"), at=3) == []
+    # never used through the router, y is the least recently used
+    assert r.step(ModelFound("z"), at=4) == [StopModel("y", "over capacity (loaded outside the router)")]
+    assert {v.name: v.out_of_band for v in r.s.view()} == {"base": 0, "other": 0, "x": 0, "y": 1, "z": 1}
+
+
+def test_endpoint_mode_external_engine_is_never_managed() -> None:
+    models = {"@engine": ModelSpec(external=True, max_adapters=1), "x": ModelSpec(base="@engine"),
+              "y": ModelSpec(base="@engine")}
+    r = Run(models, max_resident=1)  # type: ignore[arg-type]
+    assert r.s.state_of("@engine") is State.LOADED
+    assert r.step(RequestArrived(1, "@engine")) == [Grant(1, "@engine")]
+    assert r.step(RequestArrived(2, "x")) == [StartLoad("x")]
+    assert r.step(LoadDone("x", True)) == [Grant(2, "x")]
+    r.step(RequestFinished(2))
+    assert r.step(RequestArrived(3, "y")) == [StopModel("x", "evicted to make room for y")]
+    assert r.step(AdminUnload("@engine")) == []
+    assert r.s.resident() == ["x"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from vllm_model_router.scheduler import (
@@ -20,6 +20,7 @@ from vllm_model_router.scheduler import (
     Grant,
     LoadDone,
     ModelExited,
+    ModelSpec,
     Reject,
     RequestArrived,
     RequestCancelled,
@@ -35,6 +36,13 @@ from vllm_model_router.scheduler import (
 )
 
 MODELS = {"a": 10.0, "b": 20.0, "c": 30.0, "d": 40.0, "e": 5.0}
+ADAPTERS = {"a1": "a", "a2": "a", "a3": "a", "b1": "b"}  # adapter -> base
+MAX_ADAPTERS = 2
+ALL = sorted([*MODELS, *ADAPTERS])
+
+
+def children(base: str) -> set[str]:
+    return {a for a, b in ADAPTERS.items() if b == base}
 
 
 @dataclass
@@ -54,22 +62,32 @@ class World:
     cancelled: set[int] = field(default_factory=set)
     wake: float | None = None
 
+    def drop_children(self, base: str) -> None:
+        for c in children(base):
+            for group in (self.running, self.loading, self.up, self.stopping):
+                group.discard(c)
+
     def feed(self, event: Event) -> None:
         for e in self.s.handle(event, self.now):
             match e:
                 case StartLoad(m):
                     assert m not in self.running, f"second process of {m}"
+                    if m in ADAPTERS:
+                        assert ADAPTERS[m] in self.up, f"adapter {m} loaded on a base that is not up"
                     self.running.add(m)
                     self.loading.add(m)
                 case StopModel(m, _, force):
                     assert m in self.running
-                    busy = [r for r, mm in self.in_flight.items() if mm == m]
+                    busy = [r for r, mm in self.in_flight.items() if m in (mm, ADAPTERS.get(mm))]
                     assert force or not busy, f"stopped busy model {m}"
                     self.loading.discard(m)
                     self.up.discard(m)
                     self.stopping.add(m)
+                    self.drop_children(m)
                 case Grant(r, m):
                     assert m in self.up and m not in self.stopping, f"granted {r} on {m} not up"
+                    if m in ADAPTERS:
+                        assert ADAPTERS[m] in self.up, f"granted {r} on adapter {m} whose base is not up"
                     assert r in self.waiting
                     self.waiting.discard(r)
                     self.answers[r] = self.answers.get(r, 0) + 1
@@ -86,9 +104,15 @@ class World:
 
     def check(self) -> None:
         holding = [v for v in self.s.view() if v.state in (State.LOADING, State.LOADED, State.UNLOADING)]
-        assert len(holding) <= self.budget_count
+        top = [v for v in holding if v.base is None]
+        assert len(top) <= self.budget_count
         if self.budget_mem is not None:
-            assert sum(v.memory_gb for v in holding) <= self.budget_mem + 1e-9
+            assert sum(v.memory_gb for v in top) <= self.budget_mem + 1e-9
+        states = {v.name: v.state for v in self.s.view()}
+        for base in MODELS:
+            held = [v for v in holding if v.base == base]
+            assert len(held) <= MAX_ADAPTERS
+            assert not held or states[base] is State.LOADED, f"adapters of {base} held while it is {states[base]}"
         assert {v.name for v in holding} == self.running
 
     def step(self, op: int, pick: int, dt: float) -> None:
@@ -100,7 +124,7 @@ class World:
             r = self.next_id
             self.next_id += 1
             self.waiting.add(r)
-            self.feed(RequestArrived(r, sorted(MODELS)[pick % len(MODELS)]))
+            self.feed(RequestArrived(r, ALL[pick % len(ALL)]))
         elif op == 1 and self.in_flight:
             r = sorted(self.in_flight)[pick % len(self.in_flight)]
             del self.in_flight[r]
@@ -118,6 +142,7 @@ class World:
                 self.feed(LoadDone(m, True))
             else:
                 self.running.discard(m)
+                self.drop_children(m)
                 self.feed(LoadDone(m, False, "boom"))
         elif op == 5 and self.stopping:
             m = sorted(self.stopping)[pick % len(self.stopping)]
@@ -128,9 +153,10 @@ class World:
             m = sorted(self.up)[pick % len(self.up)]
             self.up.discard(m)
             self.running.discard(m)
-            self.feed(ModelExited(m, "crash"))
+            self.drop_children(m)
+            self.feed(ModelExited(m, "crash", failed=m not in ADAPTERS))
         elif op == 7:
-            self.feed(AdminUnload(sorted(MODELS)[pick % len(MODELS)], force=pick % 3 == 0))
+            self.feed(AdminUnload(ALL[pick % len(ALL)], force=pick % 3 == 0))
 
     def settle(self) -> None:
         """Let every pending thing complete until nothing is waiting."""
@@ -156,20 +182,21 @@ class World:
 ops = st.lists(st.tuples(st.integers(0, 7), st.integers(0, 100), st.floats(0, 20)), max_size=120)
 
 
-@settings(max_examples=300, deadline=None)
 @given(ops=ops, max_resident=st.integers(1, 3), memory=st.sampled_from([None, 40.0, 60.0, 100.0]),
        max_wait=st.sampled_from([0.0, 5.0, 30.0]))
 def test_invariants_hold_and_every_request_is_answered_once(
     ops: list[tuple[int, int, float]], max_resident: int, memory: float | None, max_wait: float
 ) -> None:
-    models = {m: g for m, g in MODELS.items() if memory is None or g <= memory}
-    cfg = SchedulerConfig(models, max_resident, memory, load_timeout=300.0, max_wait=max_wait)
+    specs: dict[str, ModelSpec | float] = {
+        m: ModelSpec(g, max_adapters=MAX_ADAPTERS) for m, g in MODELS.items() if memory is None or g <= memory
+    }
+    specs.update({a: ModelSpec(base=b) for a, b in ADAPTERS.items() if b in specs})
+    cfg = SchedulerConfig(specs, max_resident, memory, load_timeout=300.0, max_wait=max_wait)
     w = World(Scheduler(cfg), max_resident, memory)
+    usable = sorted(specs)
     for op, pick, dt in ops:
         if op == 0 or op == 7:
-            pick = pick % len(models)
-            name = sorted(models)[pick]
-            pick = sorted(MODELS).index(name)
+            pick = ALL.index(usable[pick % len(usable)])
         w.step(op, pick, dt)
     w.settle()
     assert not w.waiting

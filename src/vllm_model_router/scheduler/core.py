@@ -4,13 +4,20 @@
 never touches a process or socket: it returns effects for the shell to carry out, and slow effects
 (loads, stops) come back later as events. See docs/DESIGN.md for the reasoning.
 
+Models live in capacity *domains*: top-level models share the global budget (``max_resident`` and
+``memory_gb``); adapters share their base's ``max_adapters``. An adapter is servable only while its base
+is loaded, a request on an adapter keeps its base busy too, and a base that goes away drops its
+adapters. An *external* model (the engine in endpoint mode) is always loaded and never managed.
+
 The decision on every event (``_pump``), numbered as in the tests:
 
   (1) expire: a waiter older than ``load_timeout`` gets 504; a load older than ``load_timeout`` is
       stopped and its waiters get 504.
   (2) grant every waiter whose model is loaded and not draining (before planning, so that a model
       with waiters is busy and never picked as a victim).
-  (3) plan loads, for models with waiters in the order of their oldest waiter:
+  (3) over budget (something was loaded behind the router's back) → stop idle ones, LRU first.
+  (4) plan loads, for models with waiters in the order of their oldest waiter (an adapter whose base
+      is not loaded plans its base first):
       (a) it fits next to everything that holds capacity (loading, loaded, still stopping) → start;
       (b) evicting idle loaded models, least recently used first, makes it fit → stop those and start
           the load when their StopDone arrives (never while a victim is still stopping);
@@ -18,8 +25,8 @@ The decision on every event (``_pump``), numbered as in the tests:
           its oldest waiter has waited ``max_wait`` the busy victims stop taking new requests, so the
           load cannot starve. Later loads wait behind a blocked one (no overtaking).
       An operator's unload waits for in-flight requests (the model drains), then stops.
-  (4) grant again: planning may have lifted a drain.
-  (5) ask to be woken at the earliest deadline.
+  (5) grant again: planning may have lifted a drain.
+  (6) ask to be woken at the earliest deadline.
 """
 
 from __future__ import annotations
@@ -34,7 +41,10 @@ from vllm_model_router.scheduler.events import (
     AdminUnload,
     Event,
     LoadDone,
+    ModelAdded,
     ModelExited,
+    ModelFound,
+    ModelSpec,
     RequestArrived,
     RequestCancelled,
     RequestFinished,
@@ -54,12 +64,13 @@ class State(StrEnum):
 
 
 HOLDS_CAPACITY = frozenset({State.LOADING, State.LOADED, State.UNLOADING})
+LOADABLE = frozenset({State.UNLOADED, State.FAILED})
 TIMED_OUT = "Timed out waiting for model to load"
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    models: Mapping[str, float]  # name -> memory_gb, in configuration order
+    models: Mapping[str, ModelSpec | float]  # name -> spec (or just memory_gb), in configuration order
     max_resident: int
     memory_gb: float | None
     load_timeout: float
@@ -69,7 +80,7 @@ class SchedulerConfig:
 @dataclass(slots=True)
 class _Model:
     name: str
-    memory_gb: float
+    spec: ModelSpec
     order: int
     state: State = State.UNLOADED
     since: float = 0.0
@@ -77,12 +88,28 @@ class _Model:
     in_flight: set[int] = field(default_factory=set)
     loads: int = 0
     failures: int = 0
+    out_of_band: int = 0
     last_error: str | None = None
     load_started: float | None = None
-    draining: bool = False
+    drain_seq: int | None = None  # while set, waiters that arrived after this one are held back
     unload_requested: bool = False
     stop_reason: str | None = None
     pinned: bool = False
+
+    @property
+    def memory_gb(self) -> float:
+        return self.spec.memory_gb
+
+    @property
+    def base(self) -> str | None:
+        return self.spec.base
+
+    @property
+    def draining(self) -> bool:
+        return self.drain_seq is not None
+
+    def admits(self, seq: int) -> bool:
+        return self.state is State.LOADED and (self.drain_seq is None or seq <= self.drain_seq)
 
 
 @dataclass(slots=True)
@@ -90,6 +117,7 @@ class _Waiter:
     req_id: int
     model: str
     arrived: float
+    seq: int  # arrival order
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,17 +136,21 @@ class ModelView:
     last_error: str | None
     draining: bool
     pinned: bool
+    base: str | None = None
+    external: bool = False
+    out_of_band: int = 0
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, now: float = 0.0) -> None:
         self.config = config
         self.budget = Budget(config.max_resident, config.memory_gb)
-        self._models = {
-            name: _Model(name, mem, i, since=now) for i, (name, mem) in enumerate(config.models.items())
-        }
+        self._models: dict[str, _Model] = {}
+        for name, spec in config.models.items():
+            self._add(name, spec if isinstance(spec, ModelSpec) else ModelSpec(memory_gb=spec), now)
         self._waiting: dict[int, _Waiter] = {}  # insertion order = arrival order
         self._granted: dict[int, str] = {}
+        self._seq = 0
         self._wake: float | None = None
 
     # ------------------------------------------------------------------ public
@@ -130,11 +162,12 @@ class Scheduler:
                     raise KeyError(f"unknown model {model!r}")
                 if req_id in self._waiting or req_id in self._granted:
                     raise ValueError(f"duplicate request id {req_id}")
-                self._waiting[req_id] = _Waiter(req_id, model, now)
+                self._seq += 1
+                self._waiting[req_id] = _Waiter(req_id, model, now, self._seq)
             case RequestCancelled(req_id) | RequestFinished(req_id):
                 self._release(req_id, now)
-            case LoadDone(model, ok, error):
-                self._load_done(self._models[model], ok, error, now, out)
+            case LoadDone(model, ok, error, status):
+                self._load_done(self._models[model], ok, error, status, now, out)
             case StopDone(model):
                 m = self._models[model]
                 if m.state is State.UNLOADING:
@@ -142,13 +175,25 @@ class Scheduler:
                     self._set_state(m, State.FAILED if failed else State.UNLOADED, now)
                     m.unload_requested = False
                     m.stop_reason = None
-            case ModelExited(model, reason):
+            case ModelExited(model, reason, failed):
                 m = self._models[model]
-                if m.state in (State.LOADED, State.LOADING):
-                    m.failures += 1
+                if m.state in (State.LOADED, State.LOADING) and not m.spec.external:
                     m.last_error = reason
                     m.unload_requested = False
-                    self._set_state(m, State.FAILED, now)
+                    if failed:
+                        m.failures += 1
+                    else:
+                        m.out_of_band += 1
+                    self._set_state(m, State.FAILED if failed else State.UNLOADED, now)
+            case ModelFound(model):
+                m = self._models[model]
+                base = self._models[m.base] if m.base else None
+                if m.state in LOADABLE and (base is None or base.state is State.LOADED):
+                    m.out_of_band += 1
+                    self._set_state(m, State.LOADED, now)
+            case ModelAdded(model, spec):
+                if model not in self._models:
+                    self._add(model, spec, now)
             case AdminUnload(model, force):
                 self._admin_unload(self._models[model], force, now, out)
             case SetPinned(model, pinned):
@@ -178,6 +223,9 @@ class Scheduler:
                 last_error=m.last_error,
                 draining=m.draining,
                 pinned=m.pinned,
+                base=m.base,
+                external=m.spec.external,
+                out_of_band=m.out_of_band,
             )
             for m in self._models.values()
         ]
@@ -185,18 +233,40 @@ class Scheduler:
     def state_of(self, model: str) -> State:
         return self._models[model].state
 
+    def knows(self, model: str) -> bool:
+        return model in self._models
+
     def is_waiting(self, req_id: int) -> bool:
         return req_id in self._waiting
 
     def resident(self) -> list[str]:
-        return [m.name for m in self._models.values() if m.state in HOLDS_CAPACITY]
+        return [m.name for m in self._models.values() if m.state in HOLDS_CAPACITY and not m.spec.external]
 
     # ----------------------------------------------------------------- private
+    def _add(self, name: str, spec: ModelSpec, now: float) -> None:
+        if spec.base is not None and spec.base not in self._models:
+            raise KeyError(f"model {name!r}: unknown base {spec.base!r}")
+        m = _Model(name, spec, len(self._models), since=now)
+        if spec.external:
+            m.state = State.LOADED
+        self._models[name] = m
+
+    def _children(self, base: _Model) -> list[_Model]:
+        return [m for m in self._models.values() if m.base == base.name]
+
     def _set_state(self, m: _Model, state: State, now: float) -> None:
         m.state = state
         m.since = now
         if state is not State.LOADING:
             m.load_started = None
+        if state is not State.LOADED:
+            m.drain_seq = None
+            # a base that is no longer loaded takes its adapters with it
+            for child in self._children(m):
+                if child.state in HOLDS_CAPACITY:
+                    child.last_error = f"base {m.name} is {state.value}"
+                    child.unload_requested = False
+                    self._set_state(child, State.UNLOADED, now)
 
     def _release(self, req_id: int, now: float) -> None:
         if self._waiting.pop(req_id, None) is not None:
@@ -206,8 +276,17 @@ class Scheduler:
             m = self._models[model]
             m.in_flight.discard(req_id)
             m.last_used = now
+            if m.base is not None:
+                base = self._models[m.base]
+                base.in_flight.discard(req_id)
+                base.last_used = now
 
-    def _load_done(self, m: _Model, ok: bool, error: str, now: float, out: list[Effect]) -> None:
+    def _reject_waiters(self, m: _Model, status: int, message: str, out: list[Effect]) -> None:
+        for w in [w for w in self._waiting.values() if w.model == m.name]:
+            del self._waiting[w.req_id]
+            out.append(Reject(w.req_id, m.name, status, message))
+
+    def _load_done(self, m: _Model, ok: bool, error: str, status: int, now: float, out: list[Effect]) -> None:
         if m.state is not State.LOADING:
             return  # a load that was cancelled by a stop; StopDone settles the state
         if ok:
@@ -218,38 +297,63 @@ class Scheduler:
         m.failures += 1
         m.last_error = error or "model failed to load"
         self._set_state(m, State.FAILED, now)
-        message = f"Failed to load model {m.name}: {m.last_error}"
-        for w in [w for w in self._waiting.values() if w.model == m.name]:
-            del self._waiting[w.req_id]
-            out.append(Reject(w.req_id, m.name, 503, message))
+        self._reject_waiters(m, status, f"Failed to load model {m.name}: {m.last_error}", out)
+        # an adapter's waiters wait on its base too: a failed base fails them as well
+        for child in self._children(m):
+            self._reject_waiters(child, status, f"Failed to load base model {m.name} of {child.name}: "
+                                                f"{m.last_error}", out)
 
     def _admin_unload(self, m: _Model, force: bool, now: float, out: list[Effect]) -> None:
-        if m.state is State.LOADING or (m.state is State.LOADED and (force or not m.in_flight)):
+        if m.spec.external:
+            return
+        if m.state is State.LOADING or (m.state is State.LOADED and (force or not self._busy(m))):
             self._stop(m, "unloaded by operator" + (" (forced)" if force else ""), now, out, force=force)
         elif m.state is State.LOADED:
-            m.unload_requested = True  # stop once the in-flight requests finish; step (3)
+            m.unload_requested = True  # stop once the in-flight requests finish
 
     def _stop(self, m: _Model, reason: str, now: float, out: list[Effect], force: bool = False) -> None:
         m.stop_reason = reason
-        m.draining = False
         self._set_state(m, State.UNLOADING, now)
         out.append(StopModel(m.name, reason, force=force))
 
-    def _occupants(self) -> list[Occupant]:
-        return [Occupant(m.name, m.memory_gb) for m in self._models.values() if m.state in HOLDS_CAPACITY]
+    def _busy(self, m: _Model) -> bool:
+        """In flight, or (for a base) an adapter of it is being loaded or unloaded."""
+        if m.in_flight:
+            return True
+        return any(c.state in (State.LOADING, State.UNLOADING) for c in self._children(m))
+
+    def _domain(self, base: str | None) -> tuple[list[_Model], Budget]:
+        members = [
+            m for m in self._models.values()
+            if m.base == base and not m.spec.external and m.state in HOLDS_CAPACITY
+        ]
+        if base is None:
+            return members, self.budget
+        return members, Budget(self._models[base].spec.max_adapters, None)
 
     def _lru(self, models: Iterable[_Model]) -> list[_Model]:
         return sorted(models, key=lambda m: (m.last_used, m.since, m.order))
 
+    def _servable(self, m: _Model, seq: int) -> bool:
+        return m.admits(seq) and (m.base is None or self._models[m.base].admits(seq))
+
     def _grant(self, now: float, out: list[Effect]) -> None:
         for w in list(self._waiting.values()):
             m = self._models[w.model]
-            if m.state is State.LOADED and not m.draining:
+            if self._servable(m, w.seq):
                 del self._waiting[w.req_id]
                 self._granted[w.req_id] = m.name
                 m.in_flight.add(w.req_id)
                 m.last_used = now
+                if m.base is not None:
+                    base = self._models[m.base]
+                    base.in_flight.add(w.req_id)
+                    base.last_used = now
                 out.append(Grant(w.req_id, m.name))
+
+    @staticmethod
+    def _occ(models: Iterable[_Model]) -> list[Occupant]:
+        return [Occupant(m.name, m.memory_gb) for m in models]
 
     def _pump(self, now: float, out: list[Effect]) -> None:
         cfg = self.config
@@ -257,71 +361,90 @@ class Scheduler:
         for w in [w for w in self._waiting.values() if now - w.arrived >= cfg.load_timeout]:
             del self._waiting[w.req_id]
             out.append(Reject(w.req_id, w.model, 504, f"{TIMED_OUT} {w.model} after {cfg.load_timeout:g}s"))
-        for m in self._models.values():
+        for m in list(self._models.values()):
             if m.state is State.LOADING and m.load_started is not None:
                 if now - m.load_started >= cfg.load_timeout:
                     m.failures += 1
                     m.last_error = f"{TIMED_OUT}: not ready after {cfg.load_timeout:g}s"
                     self._stop(m, TIMED_OUT, now, out, force=True)
-                    for w in [w for w in self._waiting.values() if w.model == m.name]:
-                        del self._waiting[w.req_id]
-                        out.append(Reject(w.req_id, m.name, 504, f"{TIMED_OUT} {m.name}: {m.last_error}"))
+                    self._reject_waiters(m, 504, f"{TIMED_OUT} {m.name}: {m.last_error}", out)
 
         # (2) serve what can be served first, so a model about to be used is never chosen as a victim
         self._grant(now, out)
-        # (3) plan loads in the order of each model's oldest waiter
-        drain: set[str] = set()
-        oldest: dict[str, float] = {}
+
+        # (3) over budget (loaded behind our back): stop idle ones until it fits again
+        for domain in [None, *(m.name for m in self._models.values() if m.state is State.LOADED)]:
+            members, budget = self._domain(domain)
+            members = [m for m in members if m.state is not State.UNLOADING]  # those are on their way out
+            over = len(members) - budget.max_resident
+            if budget.memory_gb is not None:
+                over = max(over, 1 if sum(m.memory_gb for m in members) > budget.memory_gb + 1e-9 else 0)
+            if over > 0:
+                idle = self._lru(m for m in members if m.state is State.LOADED and not m.pinned and not self._busy(m))
+                for victim in idle[:over]:
+                    self._stop(victim, "over capacity (loaded outside the router)", now, out)
+
+        # (4) plan loads in the order of each model's oldest waiter
+        # A drain holds back only the requests that arrived after the starved one: older requests for a
+        # draining model are still served (otherwise a base drained for a newer request could be reloaded
+        # for an older adapter request, and so on for ever).
+        drain: dict[str, int] = {}
+        oldest: dict[str, _Waiter] = {}
         for w in self._waiting.values():
-            oldest.setdefault(w.model, w.arrived)
+            oldest.setdefault(w.model, w)
         blocked_since: float | None = None
-        for name, first in oldest.items():
+        for name, first_waiter in oldest.items():
+            first = first_waiter.arrived
             target = self._models[name]
-            if target.state not in (State.UNLOADED, State.FAILED):
+            if target.state not in LOADABLE:
                 continue
-            occupied = self._occupants()
-            if fits(occupied, target.memory_gb, self.budget):  # (a)
+            if target.base is not None:
+                base = self._models[target.base]
+                if base.state in LOADABLE:
+                    target = base  # the adapter needs its base first
+                elif not base.admits(first_waiter.seq):
+                    continue  # the base is on its way in or out: its adapters wait for it
+            if target.state is State.LOADING:
+                continue  # already started in this pass
+            members, budget = self._domain(target.base)
+            if fits(self._occ(members), target.memory_gb, budget):  # (a)
                 self._set_state(target, State.LOADING, now)
                 target.load_started = now
-                out.append(StartLoad(name))
+                out.append(StartLoad(target.name))
                 continue
             # what is already stopping will free its share: only evict more if that is not enough
-            staying = [o for o in occupied if self._models[o.name].state is not State.UNLOADING]
-            loaded = [m for m in self._models.values() if m.state is State.LOADED]
-            idle = self._lru(m for m in loaded if not m.in_flight and not m.pinned)
-            victims = plan_eviction(
-                target.memory_gb, staying, [Occupant(m.name, m.memory_gb) for m in idle], self.budget
-            )
+            staying = [m for m in members if m.state is not State.UNLOADING]
+            loaded = [m for m in members if m.state is State.LOADED and not m.pinned]
+            idle = self._lru(m for m in loaded if not self._busy(m))
+            victims = plan_eviction(target.memory_gb, self._occ(staying), self._occ(idle), budget)
             if victims == []:  # room is on its way: start on the StopDone
                 break
             if victims:  # (b)
                 for v in victims:
-                    self._stop(self._models[v], f"evicted to make room for {name}", now, out)
+                    self._stop(self._models[v], f"evicted to make room for {target.name}", now, out)
                 break
             # (c) wait for busy models to drain; after max_wait stop feeding the busy victims
             blocked_since = first
             if now - first >= cfg.max_wait:
-                everyone = self._lru(m for m in loaded if not m.pinned)
-                needed = plan_eviction(
-                    target.memory_gb, staying, [Occupant(m.name, m.memory_gb) for m in everyone], self.budget
-                )
-                drain.update(needed or [])
+                needed = plan_eviction(target.memory_gb, self._occ(staying), self._occ(self._lru(loaded)), budget)
+                for v in needed or []:
+                    drain[v] = min(drain.get(v, first_waiter.seq), first_waiter.seq)
             break
 
-        # (3b) operator unloads that were waiting for in-flight requests
+        # operator unloads that were waiting for in-flight requests
         for m in self._models.values():
             if m.state is State.LOADED and m.unload_requested:
-                if m.in_flight:
-                    drain.add(m.name)
+                if self._busy(m):
+                    drain[m.name] = -1  # hold back every new request
                 else:
                     self._stop(m, "unloaded by operator", now, out)
         for m in self._models.values():
-            m.draining = m.state is State.LOADED and m.name in drain
+            m.drain_seq = drain.get(m.name) if m.state is State.LOADED else None
 
-        # (4) grant every waiter whose model is ready (again: a drain may just have been lifted)
+        # (5) grant every waiter whose model is ready (again: a drain may just have been lifted)
         self._grant(now, out)
 
-        # (5) the earliest deadline: a waiter's or a load's timeout, or the fairness bound
+        # (6) the earliest deadline: a waiter's or a load's timeout, or the fairness bound
         deadlines = [w.arrived + cfg.load_timeout for w in self._waiting.values()]
         deadlines += [
             m.load_started + cfg.load_timeout

@@ -6,6 +6,16 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """What the scheduler needs to know about a model."""
+
+    memory_gb: float = 0.0
+    base: str | None = None  # adapters: the model they are loaded on; they count against its max_adapters
+    max_adapters: int = 4  # bases: adapters loaded at once
+    external: bool = False  # always resident and never managed (the engine in endpoint mode)
+
+
+@dataclass(frozen=True, slots=True)
 class RequestArrived:
     """A request (or an admin load) for a configured model; the shell resolved aliases already."""
 
@@ -29,11 +39,16 @@ class RequestFinished:
 
 @dataclass(frozen=True, slots=True)
 class LoadDone:
-    """A StartLoad finished. On failure the driver has already reaped every process of the model."""
+    """A StartLoad finished. On failure the driver has already reaped every process of the model.
+
+    ``status`` is what the waiting clients get on failure: 503 (the model could not be loaded) or 502
+    (the engine it is loaded on could not be reached).
+    """
 
     model: str
     ok: bool
     error: str = ""
+    status: int = 503
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +60,27 @@ class StopDone:
 
 @dataclass(frozen=True, slots=True)
 class ModelExited:
-    """A loaded model's server died by itself; the driver has already reaped its process group."""
+    """A loaded model went away by itself: its server died (the driver already reaped its process group;
+    ``failed``), or an adapter was unloaded behind the router's back (not ``failed``)."""
 
     model: str
     reason: str
+    failed: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFound:
+    """A model the router thought unloaded turned out to be loaded (an adapter loaded out of band)."""
+
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAdded:
+    """A model discovered at run time (an adapter directory, an adapter found on the engine)."""
+
+    model: str
+    spec: ModelSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +105,6 @@ class Tick:
 
 
 Event = (
-    RequestArrived | RequestCancelled | RequestFinished | LoadDone | StopDone | ModelExited | AdminUnload | SetPinned
-    | Tick
+    RequestArrived | RequestCancelled | RequestFinished | LoadDone | StopDone | ModelExited | ModelFound | ModelAdded
+    | AdminUnload | SetPinned | Tick
 )
