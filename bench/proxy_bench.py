@@ -127,7 +127,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 c_lat = cpu_seconds(router.pid) - c0
                 d_n, _ = await throughput(s, direct, args.concurrency, args.seconds)
                 c0 = cpu_seconds(router.pid)
-                r_n, r_chunks = await throughput(s, routed, args.concurrency, args.seconds)
+                r_n, _ = await throughput(s, routed, args.concurrency, args.seconds)
                 c_tp = cpu_seconds(router.pid) - c0
                 row = {
                     "direct_p50_ms": statistics.median(d_lat) * 1e3,

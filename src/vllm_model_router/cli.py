@@ -1,4 +1,5 @@
-"""Command line: ``serve``, ``check-config`` and the ``fake-engine`` test/demo server."""
+"""Command line: ``serve``, ``check-config``, the admin client commands (admin_cli.py) and the
+``fake-engine`` test/demo server."""
 
 from __future__ import annotations
 
@@ -13,19 +14,16 @@ import yaml
 from aiohttp import web
 
 from vllm_model_router import __version__
+from vllm_model_router.admin_cli import register_admin_commands
 from vllm_model_router.config import ConfigError, RouterConfig, load_config
+from vllm_model_router.log_format import FORMATS, configure_logging
 
 log = logging.getLogger("vllm_model_router")
 SHUTDOWN_GRACE = 5.0
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+def setup_logging(level: str, fmt: str = "text") -> None:
+    configure_logging(level, fmt)
 
 
 def _config_path(arg: str | None) -> str | None:
@@ -71,7 +69,7 @@ async def _serve(cfg: RouterConfig) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     path = _config_path(args.config)
     try:
         cfg = load_config(path)
@@ -97,10 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the router")
     s.add_argument("--config", "-c", help="YAML config file (default: env ROUTER_CONFIG)")
     s.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
+    s.add_argument("--log-format", choices=FORMATS, default=os.environ.get("LOG_FORMAT", "text").lower(),
+                   help="text (default) or json: one JSON object per line (env LOG_FORMAT)")
     s.set_defaults(func=cmd_serve)
     c = sub.add_parser("check-config", help="validate a config file and print it resolved")
     c.add_argument("file")
     c.set_defaults(func=cmd_check_config)
+    register_admin_commands(sub)
     sub.add_parser("fake-engine", add_help=False, help="a fake vLLM-compatible server, for tests and demos only")
     return p
 

@@ -56,6 +56,7 @@ class ProcessDriver:
         self._host = host
         self._instances: dict[str, _Instance] = {}
         self._logs: dict[str, deque[str]] = {name: deque(maxlen=LOG_LINES) for name in models}
+        self._log_followers: dict[str, list[asyncio.Queue[str]]] = {}
         self._on_exit: ExitCallback = lambda model, reason: None
         self._session: aiohttp.ClientSession | None = None
 
@@ -79,6 +80,7 @@ class ProcessDriver:
         env = {**os.environ, **cfg.env}
         buf = self._logs[model]
         buf.append(f"--- starting: {' '.join(argv)}")
+        self._publish(model, buf[-1])
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -140,6 +142,7 @@ class ProcessDriver:
                 return
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             inst.logs.append(line)
+            self._publish(inst.model, line)
             mlog.info("[%s] %s", inst.model, line)
 
     async def _drain_reader(self, inst: _Instance) -> None:
@@ -189,6 +192,7 @@ class ProcessDriver:
             inst.watcher.cancel()
         await self._reap(inst, self._models[model].stop_timeout)
         inst.logs.append("--- stopped")
+        self._publish(model, "--- stopped")
 
     async def close(self) -> None:
         await asyncio.gather(*(self.stop(m) for m in list(self._instances)), return_exceptions=True)
@@ -213,6 +217,22 @@ class ProcessDriver:
         if buf is None:
             return []
         return list(buf)[-lines:] if lines > 0 else []
+
+    def subscribe_logs(self, model: str, maxsize: int = 10000) -> asyncio.Queue[str]:
+        """Every line the model prints from now on (a follower too slow to keep up loses lines)."""
+        q: asyncio.Queue[str] = asyncio.Queue(maxsize=maxsize)
+        self._log_followers.setdefault(model, []).append(q)
+        return q
+
+    def unsubscribe_logs(self, model: str, q: asyncio.Queue[str]) -> None:
+        followers = self._log_followers.get(model, [])
+        if q in followers:
+            followers.remove(q)
+
+    def _publish(self, model: str, line: str) -> None:
+        for q in self._log_followers.get(model, ()):
+            with contextlib.suppress(asyncio.QueueFull):
+                q.put_nowait(line)
 
     def running_pids(self) -> list[int]:
         return [inst.pid for inst in self._instances.values()]

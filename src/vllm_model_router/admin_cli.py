@@ -1,0 +1,208 @@
+"""Command-line client for a running router: ``status``, ``load``, ``unload``, ``logs``, ``pin``, ``unpin``.
+
+It talks to the admin API (``--url``, env ROUTER_URL, default http://localhost:8010) with the standard
+library only. An optional key (``--api-key``, env ROUTER_API_KEY) is sent as ``Authorization: Bearer``.
+Exit status: 0 on success, 1 when the router cannot be reached or answers an error (its message is
+printed as is), 2 on a usage error, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+DEFAULT_URL = "http://localhost:8010"
+CONNECT_TIMEOUT = 10.0
+
+
+class CliError(Exception):
+    """Printed on stderr as it is; exit status 1."""
+
+
+class Client:
+    def __init__(self, url: str, api_key: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.api_key = api_key or None
+
+    def _open(self, method: str, path: str, timeout: float | None) -> Any:
+        headers = {"Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url + path, method=method, headers=headers,
+                                     data=b"" if method == "POST" else None)
+        try:
+            return urllib.request.urlopen(req, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            raise CliError(_error_message(e)) from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = e.reason if isinstance(e, urllib.error.URLError) else e
+            raise CliError(f"cannot reach the router at {self.url}: {reason}") from None
+
+    def json(self, method: str, path: str, timeout: float | None = CONNECT_TIMEOUT) -> Any:
+        with self._open(method, path, timeout) as resp:
+            try:
+                return json.load(resp)
+            except ValueError as e:
+                raise CliError(f"the router at {self.url} answered something that is not JSON: {e}") from None
+
+    def lines(self, path: str) -> Iterator[str]:
+        """A streamed text answer, line by line, as it arrives."""
+        resp = self._open("GET", path, None)
+        with resp:
+            while True:
+                try:
+                    raw = resp.readline()
+                except (OSError, ValueError) as e:
+                    raise CliError(f"lost the connection to the router at {self.url}: {e}") from None
+                if not raw:
+                    return
+                yield raw.decode("utf-8", "replace").rstrip("\n")
+
+
+def _error_message(e: urllib.error.HTTPError) -> str:
+    """The OpenAI envelope's message, plainly; else the status line."""
+    try:
+        body = json.loads(e.read())
+        message = body["error"]["message"]
+        if isinstance(message, str):
+            return message
+    except (ValueError, KeyError, TypeError, OSError):
+        pass
+    return f"the router answered {e.code} {e.reason}"
+
+
+def _path(name: str, action: str) -> str:
+    return f"/admin/models/{urllib.parse.quote(name, safe='')}/{action}"
+
+
+def _ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "never"
+    s = max(0.0, now - ts)
+    if s < 60:
+        return f"{s:.0f}s ago"
+    if s < 3600:
+        return f"{s / 60:.0f}m ago"
+    if s < 86400:
+        return f"{s / 3600:.1f}h ago"
+    return f"{s / 86400:.1f}d ago"
+
+
+def _gb(x: float | None) -> str:
+    return "-" if not x else f"{x:g} GB"
+
+
+def status_table(data: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    header = ("MODEL", "STATE", "MEMORY", "IN FLIGHT", "WAITING", "LAST USED")
+    rows = [header]
+    for m in data.get("models", []):
+        state = str(m.get("state", "?"))
+        flags = [f for f in ("pinned", "draining") if m.get(f)]
+        if flags:
+            state += f" ({', '.join(flags)})"
+        rows.append((str(m.get("name")), state, _gb(m.get("memory_gb")), str(m.get("in_flight", 0)),
+                     str(m.get("waiting", 0)), _ago(m.get("last_used"), now)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    right = {2, 3, 4}
+    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             .rstrip() for r in rows]
+    cap = data.get("capacity", {})
+    summary = f"resident: {len(cap.get('resident', []))}/{cap.get('max_resident', '?')}"
+    if cap.get("memory_gb") is not None:
+        summary += f"   memory: {cap.get('resident_memory_gb', 0):g}/{cap['memory_gb']:g} GB"
+    return "\n".join([*lines, "", summary])
+
+
+def _describe(m: dict[str, Any]) -> str:
+    details = [f"{k} {m[k]}" for k in ("pid", "port") if m.get(k) is not None]
+    if m.get("pinned"):
+        details.append("pinned")
+    return f"{m.get('name')}: {m.get('state')}" + (f" ({', '.join(details)})" if details else "")
+
+
+# ------------------------------------------------------------------- commands
+def cmd_status(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    data = client.json("GET", "/admin/models")
+    print(json.dumps(data, indent=2) if args.json else status_table(data), file=out)
+    return 0
+
+
+def cmd_load(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    # a load can take minutes (a big model): no read timeout
+    print(_describe(client.json("POST", _path(args.name, "load"), timeout=None)), file=out)
+    return 0
+
+
+def cmd_unload(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    path = _path(args.name, "unload") + ("?force=true" if args.force else "")
+    print(_describe(client.json("POST", path, timeout=None)), file=out)
+    return 0
+
+
+def cmd_pin(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    print(_describe(client.json("POST", _path(args.name, args.action))), file=out)
+    return 0
+
+
+def cmd_logs(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    path = _path(args.name, "logs") + f"?lines={args.lines}"
+    if not args.follow:
+        for line in client.json("GET", path).get("lines", []):
+            print(line, file=out)
+        return 0
+    for line in client.lines(path + "&follow=true"):
+        print(line, file=out, flush=True)
+    print("the router closed the log stream", file=sys.stderr)
+    return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    client = Client(args.url, args.api_key)
+    try:
+        rc: int = args.admin_func(client, args, sys.stdout)
+        return rc
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `... | head`
+        return 0
+
+
+def register_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the client commands to the main parser's subcommands."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("ROUTER_URL") or DEFAULT_URL,
+                        help=f"the router's base URL (env ROUTER_URL; default {DEFAULT_URL})")
+    common.add_argument("--api-key", default=os.environ.get("ROUTER_API_KEY"),
+                        help="sent as 'Authorization: Bearer KEY' (env ROUTER_API_KEY)")
+
+    def add(name: str, func: Any, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        p.set_defaults(func=run, admin_func=func)
+        return p
+
+    s = add("status", cmd_status, "show every model of a running router: state, memory, load, last use")
+    s.add_argument("--json", action="store_true", help="print the admin API's JSON instead of a table")
+    add("load", cmd_load, "load a model and wait until it is ready").add_argument("name")
+    u = add("unload", cmd_unload, "unload a model once its in-flight requests finish")
+    u.add_argument("name")
+    u.add_argument("--force", action="store_true", help="stop it at once, failing requests in flight")
+    lg = add("logs", cmd_logs, "print the last lines a model's server printed")
+    lg.add_argument("name")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines as they come")
+    lg.add_argument("-n", "--lines", type=int, default=100, help="how many of the last lines (default 100)")
+    for action, text in (("pin", "pin a model: it is never evicted"), ("unpin", "unpin a model")):
+        p = add(action, cmd_pin, text)
+        p.add_argument("name")
+        p.set_defaults(action=action)

@@ -1,0 +1,171 @@
+"""Prometheus metrics at ``GET /metrics``, one registry per router application.
+
+Three sources, each used for what it knows best:
+
+- the lifecycle event log (a listener): loads, load durations, evictions, unexpected exits;
+- the proxy (``RequestObserver``): per request its model, endpoint, status, time to first byte and
+  the time it waited for a load;
+- the scheduler's view, read at scrape time by a custom collector: state, in flight, waiting,
+  residency and memory. Gauges are never stored, so they can never drift from the truth.
+
+The registry is per application (not prometheus_client's global one), so several routers can live in
+one process (tests) without clashing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from vllm_model_router.lifecycle import LifecycleEvent
+from vllm_model_router.runtime import Runtime
+from vllm_model_router.scheduler import State
+
+# Time to first byte, wait and load times span milliseconds (a loaded model) to many minutes (a cold
+# 70B model), so the buckets do too.
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
+WAIT_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
+LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
+
+# Endpoints that keep their own label even when the request failed before reaching a model; any other
+# path is labelled ``other`` unless a model served it, so clients cannot create label values at will.
+KNOWN_ENDPOINTS = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/audio/transcriptions",
+    "/v1/audio/translations", "/v1/rerank", "/v1/score", "/v1/classify", "/v1/pooling", "/v1/tokenize",
+    "/v1/detokenize",
+})
+HOLDS_CAPACITY = frozenset({State.LOADING, State.LOADED, State.UNLOADING})
+
+
+def endpoint_label(path: str, served: bool) -> str:
+    """The ``endpoint`` label: the /v1 path when it is a known endpoint or a model answered it, else ``other``."""
+    return path if path in KNOWN_ENDPOINTS or served else "other"
+
+
+def eviction_reason(reason: str) -> str:
+    """A stop's free-text reason → a short, bounded label value."""
+    r = reason.lower()
+    if r.startswith("evicted"):
+        return "lru"
+    if "operator" in r:
+        return "operator_forced" if "forced" in r else "operator"
+    if r.startswith("timed out"):
+        return "load_timeout"
+    if r.startswith("over capacity"):
+        return "over_capacity"
+    return "other"
+
+
+class _SchedulerCollector(Collector):
+    """Gauges read from the scheduler's view at scrape time."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterable[Metric]:
+        views = self.runtime.views()
+        cfg = self.runtime.config
+        state = GaugeMetricFamily("router_model_state", "1 for the model's current state, 0 for the others",
+                                  labels=["model", "state"])
+        in_flight = GaugeMetricFamily("router_in_flight", "Requests being served by the model",
+                                      labels=["model"])
+        waiting = GaugeMetricFamily("router_waiting", "Requests waiting for the model to be loaded",
+                                    labels=["model"])
+        pinned = GaugeMetricFamily("router_model_pinned", "1 when the model is pinned (never evicted)",
+                                   labels=["model"])
+        for v in views:
+            for s in State:
+                state.add_metric([v.name, s.value], 1.0 if v.state is s else 0.0)
+            in_flight.add_metric([v.name], v.in_flight)
+            waiting.add_metric([v.name], v.waiting)
+            pinned.add_metric([v.name], 1.0 if v.pinned else 0.0)
+        resident = [v for v in views if v.state in HOLDS_CAPACITY and not v.external]
+        yield state
+        yield in_flight
+        yield waiting
+        yield pinned
+        yield GaugeMetricFamily("router_models_resident",
+                                "Models holding capacity (loading, loaded or still stopping)", value=len(resident))
+        yield GaugeMetricFamily("router_max_resident", "Configured capacity.max_resident", value=cfg.max_resident)
+        yield GaugeMetricFamily("router_memory_reserved_gb", "Declared memory_gb of the resident models",
+                                value=math.fsum(v.memory_gb for v in resident))
+        if cfg.memory_gb is not None:
+            yield GaugeMetricFamily("router_memory_budget_gb", "Configured capacity.memory_gb",
+                                    value=cfg.memory_gb)
+
+
+class RouterMetrics:
+    """Every metric of one router; also its ``RequestObserver`` (see proxy.py)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("router_requests", "Requests proxied under /v1, by final status",
+                                ["model", "endpoint", "status"], registry=r)
+        self.request_seconds = Histogram(
+            "router_request_seconds", "Time to first byte through the router (load wait included)",
+            ["model", "endpoint"], buckets=REQUEST_BUCKETS, registry=r)
+        self.wait_seconds = Histogram("router_wait_seconds", "Time a request waited for its model to be servable",
+                                      ["model"], buckets=WAIT_BUCKETS, registry=r)
+        self.loads = Counter("router_model_loads", "Model loads by result (success or failure)",
+                             ["model", "result"], registry=r)
+        self.load_seconds = Histogram("router_model_load_seconds", "Duration of successful model loads",
+                                      ["model"], buckets=LOAD_BUCKETS, registry=r)
+        self.evictions = Counter("router_model_evictions", "Models stopped by the router, by reason",
+                                 ["model", "reason"], registry=r)
+        self.exits = Counter("router_model_exits", "Loaded models whose server exited by itself",
+                             ["model"], registry=r)
+        r.register(_SchedulerCollector(runtime))
+        runtime.events.add_listener(self.on_event)
+
+    # ------------------------------------------------------------ lifecycle events
+    def on_event(self, event: LifecycleEvent) -> None:
+        model = event.model or ""
+        if event.kind == "loaded":
+            self.loads.labels(model, "success").inc()
+            seconds = event.data.get("seconds")
+            if isinstance(seconds, int | float):
+                self.load_seconds.labels(model).observe(seconds)
+        elif event.kind == "load_failed":
+            self.loads.labels(model, "failure").inc()
+        elif event.kind == "unloading":
+            self.evictions.labels(model, eviction_reason(event.reason)).inc()
+        elif event.kind == "exited":
+            self.exits.labels(model).inc()
+
+    # ------------------------------------------------------------ RequestObserver
+    def waited(self, model: str, seconds: float) -> None:
+        self.wait_seconds.labels(model).observe(seconds)
+
+    def request_done(self, model: str, path: str, status: int, first_byte_seconds: float) -> None:
+        endpoint = endpoint_label(path, served=bool(model) and status != 404)
+        self.requests.labels(model, endpoint, str(status)).inc()
+        self.request_seconds.labels(model, endpoint).observe(first_byte_seconds)
+
+    # ------------------------------------------------------------ exposition
+    def render(self, accept: str) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+METRICS: web.AppKey[RouterMetrics] = web.AppKey("metrics", RouterMetrics)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].render(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def families(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
+    """(sample name, labels, value) of a text exposition; a small helper for tests and tools."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            yield s.name, dict(s.labels), s.value

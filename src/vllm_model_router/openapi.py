@@ -1,0 +1,213 @@
+"""The router's OpenAPI 3 description, served at ``GET /openapi.json``. Every route is described here;
+tests/integration/test_admin_api.py checks that no registered route is missing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+MODEL_STATES = ["unloaded", "loading", "loaded", "unloading", "failed"]
+ERROR_STATUSES = {
+    "400": "The body is not JSON, not an object, or `model` is missing or not a string",
+    "404": "Unknown model (the message lists the available names), unknown route, or an endpoint the model does "
+           "not serve",
+    "413": "The body is larger than `limits.max_body_mb`",
+    "502": "The connection to the model's server was lost",
+    "503": "The model failed to load: the reason and the last lines of its log",
+    "504": "Waited longer than `load_timeout` for the model to load",
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {c: {"$ref": f"#/components/responses/E{c}"} for c in codes}
+
+
+NAME = {"name": "name", "in": "path", "required": True, "description": "A model's name or one of its aliases",
+        "schema": {"type": "string"}}
+
+
+def _admin_action(summary: str, description: str, op_id: str, params: list[dict[str, Any]] | None = None
+                  ) -> dict[str, Any]:
+    return {"post": {
+        "tags": ["admin"], "summary": summary, "description": description, "operationId": op_id,
+        "parameters": [NAME, *(params or [])],
+        "responses": {"200": _json(_ref("AdminModel"), "The model's state afterwards"), **_errors("404", "503", "504")},
+    }}
+
+
+def _inference(summary: str, op_id: str, request_schema: str, params: list[dict[str, Any]] | None = None
+               ) -> dict[str, Any]:
+    return {"post": {
+        "tags": ["openai"], "summary": summary, "operationId": op_id, **({"parameters": params} if params else {}),
+        "description": "Makes the model resident (loading it, evicting the least recently used idle models if "
+                       "needed), then forwards the body unchanged (an alias is rewritten to the model's name) "
+                       "and returns the upstream status, headers and body. With `\"stream\": true` the answer "
+                       "is a server-sent event stream forwarded chunk by chunk.",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request_schema)}}},
+        "responses": {
+            "200": {"description": "The model server's answer",
+                    "content": {"application/json": {"schema": {"type": "object"}},
+                                "text/event-stream": {"schema": {"type": "string"}}}},
+            **_errors(*ERROR_STATUSES),
+        },
+    }}
+
+
+def openapi_spec(version: str) -> dict[str, Any]:
+    paths: dict[str, Any] = {
+        "/health": {"get": {
+            "tags": ["operations"], "summary": "Liveness", "operationId": "health",
+            "responses": {"200": {"description": "`OK` while the router is up",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}}},
+        }},
+        "/metrics": {"get": {
+            "tags": ["operations"], "summary": "Prometheus metrics", "operationId": "metrics",
+            "description": "Prometheus text exposition (OpenMetrics when the `Accept` header asks for it). "
+                           "The metrics are listed in the README's Metrics section.",
+            "responses": {"200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+        }},
+        "/openapi.json": {"get": {
+            "tags": ["operations"], "summary": "This description", "operationId": "openapi",
+            "responses": {"200": _json({"type": "object"}, "OpenAPI 3 document")},
+        }},
+        "/ui": {"get": {
+            "tags": ["operations"], "summary": "Dashboard", "operationId": "dashboard",
+            "description": "A live dashboard: models, memory, the event feed, load and unload buttons. "
+                           "`/ui/` redirects here.",
+            "responses": {"200": {"description": "HTML page",
+                                  "content": {"text/html": {"schema": {"type": "string"}}}}},
+        }},
+        "/ui/{asset}": {"get": {
+            "tags": ["operations"], "summary": "Dashboard assets", "operationId": "dashboardAsset",
+            "parameters": [{"name": "asset", "in": "path", "required": True,
+                            "schema": {"type": "string", "enum": ["index.html", "app.js", "style.css"]}}],
+            "responses": {"200": {"description": "The file"}, **_errors("404")},
+        }},
+        "/v1/models": {"get": {
+            "tags": ["openai"], "summary": "Every model (and alias) the router can serve", "operationId": "listModels",
+            "responses": {"200": _json(_ref("ModelList"), "The models with their status")},
+        }},
+        "/v1/chat/completions": _inference("Chat completion", "createChatCompletion", "ChatCompletionRequest"),
+        "/v1/completions": _inference("Completion", "createCompletion", "InferenceRequest"),
+        "/v1/embeddings": _inference("Embeddings", "createEmbedding", "InferenceRequest"),
+        "/v1/{endpoint}": _inference(
+            "Any other OpenAI-style endpoint (`/v1/responses`, `/v1/audio/transcriptions`, `/v1/rerank`, ...)",
+            "forward", "InferenceRequest",
+            [{"name": "endpoint", "in": "path", "required": True, "schema": {"type": "string"},
+              "description": "The rest of the path (it may contain `/`), forwarded as is"}]),
+        "/admin/models": {"get": {
+            "tags": ["admin"], "summary": "Every model's state and the capacity in use", "operationId": "adminModels",
+            "responses": {"200": _json(_ref("AdminModels"), "Models and capacity")},
+        }},
+        "/admin/models/{name}/load": _admin_action(
+            "Load a model", "Makes the model resident; answers once it is loaded (or failed).", "loadModel"),
+        "/admin/models/{name}/unload": _admin_action(
+            "Unload a model", "Waits for the model's in-flight requests, then stops it and answers once its "
+            "processes are gone. `?force=true` stops it at once.", "unloadModel",
+            [{"name": "force", "in": "query", "required": False, "schema": {"type": "boolean", "default": False},
+              "description": "Stop at once, failing the requests in flight"}]),
+        "/admin/models/{name}/pin": _admin_action(
+            "Pin a model", "A pinned model is never evicted (it still counts against capacity and may still be "
+            "unloaded by an operator).", "pinModel"),
+        "/admin/models/{name}/unpin": _admin_action(
+            "Unpin a model", "The model may be evicted again.", "unpinModel"),
+        "/admin/models/{name}/logs": {"get": {
+            "tags": ["admin"], "summary": "The model process's output", "operationId": "modelLogs",
+            "parameters": [
+                NAME,
+                {"name": "lines", "in": "query", "required": False, "description": "How many of the last lines",
+                 "schema": {"type": "integer", "minimum": 0, "maximum": 10000, "default": 200}},
+                {"name": "follow", "in": "query", "required": False, "schema": {"type": "boolean", "default": False},
+                 "description": "Stream: the last `lines` lines, then each new line as the process prints it "
+                                "(chunked text/plain), until the client disconnects"},
+            ],
+            "responses": {
+                "200": {"description": "The lines (JSON), or a text stream with `follow=true`", "content": {
+                    "application/json": {"schema": _ref("ModelLogs")},
+                    "text/plain": {"schema": {"type": "string"}},
+                }},
+                **_errors("400", "404"),
+            },
+        }},
+        "/admin/events": {"get": {
+            "tags": ["admin"], "summary": "Lifecycle events (server-sent events)", "operationId": "events",
+            "description": "The recent history first, then every event as it happens. Each message is "
+                           "`id: <seq>`, `event: <kind>` and `data: <LifecycleEvent as JSON>`; comments are sent "
+                           "as keep-alives. Kinds: load_started, loaded, load_failed, unloading, unloaded, exited, "
+                           "rejected, pinned, unpinned.",
+            "parameters": [
+                {"name": "history", "in": "query", "required": False, "description": "How many past events first",
+                 "schema": {"type": "integer", "minimum": 0, "default": 50}},
+                {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "integer"},
+                 "description": "Resume: send the events after this one instead of `history`"},
+            ],
+            "responses": {"200": {"description": "Event stream",
+                                  "content": {"text/event-stream": {"schema": _ref("LifecycleEvent")}}},
+                          **_errors("400")},
+        }},
+    }
+    schemas: dict[str, Any] = {
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["message", "type"],
+            "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                           "param": {"type": "string", "nullable": True},
+                           "code": {"oneOf": [{"type": "string"}, {"type": "integer"}], "nullable": True}}}}},
+        "InferenceRequest": {"type": "object", "required": ["model"], "additionalProperties": True,
+                             "properties": {"model": {"type": "string", "description": "A model name or alias"},
+                                            "stream": {"type": "boolean"}}},
+        "ChatCompletionRequest": {"type": "object", "required": ["model", "messages"], "additionalProperties": True,
+                                  "properties": {"model": {"type": "string"},
+                                                 "messages": {"type": "array", "items": {"type": "object"}},
+                                                 "stream": {"type": "boolean"}}},
+        "ModelCard": {"type": "object", "properties": {
+            "id": {"type": "string"}, "object": {"type": "string", "enum": ["model"]}, "created": {"type": "integer"},
+            "owned_by": {"type": "string"}, "status": {"type": "string", "enum": MODEL_STATES},
+            "root": {"type": "string", "description": "For an alias: the model it names"}}},
+        "ModelList": {"type": "object", "properties": {"object": {"type": "string", "enum": ["list"]},
+                                                       "data": {"type": "array", "items": _ref("ModelCard")}}},
+        "AdminModel": {"type": "object", "properties": {
+            "name": {"type": "string"}, "aliases": {"type": "array", "items": {"type": "string"}},
+            "state": {"type": "string", "enum": MODEL_STATES},
+            "since": {"type": "number", "description": "Unix time of the last state change"},
+            "last_used": {"type": "number", "nullable": True, "description": "Unix time a request last finished"},
+            "in_flight": {"type": "integer"}, "waiting": {"type": "integer"}, "draining": {"type": "boolean"},
+            "pinned": {"type": "boolean"}, "memory_gb": {"type": "number"}, "loads": {"type": "integer"},
+            "failures": {"type": "integer"}, "last_error": {"type": "string", "nullable": True},
+            "pid": {"type": "integer", "nullable": True}, "port": {"type": "integer", "nullable": True}},
+            "additionalProperties": True},
+        "AdminModels": {"type": "object", "properties": {
+            "models": {"type": "array", "items": _ref("AdminModel")},
+            "capacity": {"type": "object", "properties": {
+                "max_resident": {"type": "integer"}, "memory_gb": {"type": "number", "nullable": True},
+                "resident": {"type": "array", "items": {"type": "string"}},
+                "resident_memory_gb": {"type": "number"}}}}},
+        "ModelLogs": {"type": "object", "properties": {"model": {"type": "string"},
+                                                       "lines": {"type": "array", "items": {"type": "string"}}}},
+        "LifecycleEvent": {"type": "object", "properties": {
+            "seq": {"type": "integer"}, "time": {"type": "number", "description": "Unix time"},
+            "kind": {"type": "string"}, "model": {"type": "string", "nullable": True},
+            "reason": {"type": "string"},
+            "data": {"type": "object", "description": "Details, e.g. `seconds` of a load, `status` of a rejection"}}},
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "vLLM Model Router", "version": version,
+                 "description": "One OpenAI-compatible endpoint in front of many model servers, made resident on "
+                                "demand. Errors use the OpenAI envelope `{\"error\": {message, type, param, "
+                                "code}}`."},
+        "tags": [{"name": "openai", "description": "OpenAI-compatible API"},
+                 {"name": "admin", "description": "Operating the models"},
+                 {"name": "operations", "description": "Health, metrics, this description, the dashboard"}],
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "responses": {f"E{code}": _json(_ref("Error"), text) for code, text in ERROR_STATUSES.items()},
+        },
+    }

@@ -1,0 +1,230 @@
+// Dashboard of the vLLM Model Router: plain JS, no build step.
+// Live: an EventSource on /admin/events; every event re-fetches /admin/models. A slow poll covers a
+// broken stream. Load/unload/pin call the admin API with the admin key (if any) as a Bearer token.
+"use strict";
+
+const KEY_STORAGE = "vllm-model-router.admin-key";
+const POLL_MS = 5000;
+const MAX_EVENTS = 200;
+const KINDS = ["load_started", "loaded", "load_failed", "unloading", "unloaded", "exited", "rejected",
+               "pinned", "unpinned"];
+const RESIDENT = new Set(["loading", "loaded", "unloading"]);
+
+const $ = (sel) => document.querySelector(sel);
+let latest = null;           // the last /admin/models answer
+let refreshTimer = null;
+const busy = new Set();      // "model:action" in progress
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === "text") node.textContent = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children) node.append(c);
+  return node;
+}
+
+function adminKey() { return localStorage.getItem(KEY_STORAGE) || ""; }
+
+function headers() {
+  const h = { "Accept": "application/json" };
+  const key = adminKey();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+function showError(text) {
+  $("#error-text").textContent = text;
+  $("#error").hidden = false;
+}
+
+function clearError() { $("#error").hidden = true; }
+
+async function describeFailure(resp) {
+  let message = resp.statusText;
+  try {
+    const body = await resp.json();
+    if (body && body.error && body.error.message) message = body.error.message;
+  } catch (_) { /* not JSON */ }
+  if (resp.status === 401 || resp.status === 403) {
+    const what = resp.status === 401 ? "401 Unauthorized" : "403 Forbidden";
+    return `${what}: ${message} — enter a valid admin key above.`;
+  }
+  return `${resp.status}: ${message}`;
+}
+
+function ago(unixSeconds) {
+  if (unixSeconds === null || unixSeconds === undefined) return "never";
+  const s = Math.max(0, Date.now() / 1000 - unixSeconds);
+  if (s < 5) return "just now";
+  if (s < 60) return `${Math.floor(s)}s ago`;
+  if (s < 3600) return `${Math.floor(s / 60)}m ago`;
+  if (s < 86400) return `${Math.floor(s / 3600)}h ago`;
+  return `${Math.floor(s / 86400)}d ago`;
+}
+
+function gb(x) { return `${Number(x).toLocaleString(undefined, { maximumFractionDigits: 1 })} GB`; }
+
+// ------------------------------------------------------------------ rendering
+function renderCapacity(data) {
+  const cap = data.capacity;
+  const resident = data.models.filter((m) => RESIDENT.has(m.state));
+  const memBar = $("#memory-bar");
+  memBar.replaceChildren();
+  const reserved = resident.reduce((sum, m) => sum + (m.memory_gb || 0), 0);
+  if (cap.memory_gb) {
+    for (const m of resident) {
+      if (!m.memory_gb) continue;
+      memBar.append(el("div", { class: "seg", "data-state": m.state, title: `${m.name}: ${gb(m.memory_gb)} (${m.state})`,
+                                style: `width: ${Math.min(100, (100 * m.memory_gb) / cap.memory_gb)}%` }));
+    }
+    $("#memory-text").textContent = `${gb(reserved)} / ${gb(cap.memory_gb)}`;
+  } else {
+    $("#memory-text").textContent = reserved ? `${gb(reserved)} (no budget)` : "no budget set";
+  }
+  const countBar = $("#count-bar");
+  countBar.replaceChildren();
+  for (const m of resident) {
+    countBar.append(el("div", { class: "seg", "data-state": m.state, title: `${m.name} (${m.state})`,
+                                style: `width: ${100 / Math.max(cap.max_resident, resident.length)}%` }));
+  }
+  $("#count-text").textContent = `${resident.length} / ${cap.max_resident} resident`;
+}
+
+function actionButton(model, action, label, enabled) {
+  const id = `${model}:${action}`;
+  return el("button", {
+    type: "button", class: "action", "data-action": action, disabled: !enabled || busy.has(id),
+    onclick: () => act(model, action),
+  }, label);
+}
+
+function renderModels(data) {
+  const rows = data.models.map((m) => {
+    const canLoad = m.state === "unloaded" || m.state === "failed";
+    const canUnload = m.state === "loaded" || m.state === "loading";
+    const nameCell = el("td", {}, el("span", { class: "name", text: m.name }));
+    if (m.pinned) nameCell.append(el("span", { class: "pin", title: "pinned: never evicted", text: "pinned" }));
+    if (m.aliases && m.aliases.length) nameCell.append(el("div", { class: "aliases", text: m.aliases.join(", ") }));
+    const stateCell = el("td", {}, el("span", { class: "state", "data-state": m.state, text: m.state }));
+    if (m.draining) stateCell.append(el("span", { class: "detail", text: "draining" }));
+    if (m.last_error && m.state === "failed") {
+      stateCell.append(el("span", { class: "detail", title: m.last_error, text: m.last_error.split("\n")[0] }));
+    }
+    return el("tr", { "data-model": m.name },
+      nameCell,
+      stateCell,
+      el("td", { class: "num", text: m.memory_gb ? gb(m.memory_gb) : "–" }),
+      el("td", { class: "num in-flight", text: String(m.in_flight) }),
+      el("td", { class: "num waiting", text: String(m.waiting) }),
+      el("td", { class: "last-used", "data-ts": m.last_used ?? "",
+                 title: m.last_used ? new Date(m.last_used * 1000).toLocaleString() : "", text: ago(m.last_used) }),
+      el("td", { class: "actions" },
+        actionButton(m.name, "load", "Load", canLoad),
+        actionButton(m.name, "unload", "Unload", canUnload),
+        actionButton(m.name, m.pinned ? "unpin" : "pin", m.pinned ? "Unpin" : "Pin", true)),
+    );
+  });
+  $("#models tbody").replaceChildren(...rows);
+}
+
+function render() {
+  if (!latest) return;
+  renderCapacity(latest);
+  renderModels(latest);
+}
+
+function tickTimes() {
+  for (const td of document.querySelectorAll("td.last-used")) {
+    const ts = td.dataset.ts;
+    td.textContent = ago(ts === "" ? null : Number(ts));
+  }
+}
+
+// ------------------------------------------------------------------ data
+async function refresh() {
+  try {
+    const resp = await fetch("/admin/models", { headers: headers(), cache: "no-store" });
+    if (!resp.ok) {
+      showError(await describeFailure(resp));
+      return;
+    }
+    latest = await resp.json();
+    render();
+  } catch (e) {
+    setLive("reconnecting", "router unreachable");
+  }
+}
+
+function refreshSoon() {
+  if (refreshTimer !== null) return;
+  refreshTimer = setTimeout(() => { refreshTimer = null; refresh(); }, 50);
+}
+
+async function act(model, action) {
+  const id = `${model}:${action}`;
+  busy.add(id);
+  render();
+  clearError();
+  try {
+    const resp = await fetch(`/admin/models/${encodeURIComponent(model)}/${action}`,
+                             { method: "POST", headers: headers() });
+    if (!resp.ok) showError(`${action} ${model}: ${await describeFailure(resp)}`);
+  } catch (e) {
+    showError(`${action} ${model}: the router did not answer (${e})`);
+  } finally {
+    busy.delete(id);
+    refresh();
+  }
+}
+
+function addEvent(ev) {
+  const list = $("#events");
+  const time = new Date(ev.time * 1000);
+  list.prepend(el("li", { "data-kind": ev.kind, "data-model": ev.model ?? "" },
+    el("time", { datetime: time.toISOString(), title: time.toLocaleString(), text: time.toLocaleTimeString() }),
+    el("span", { class: "kind", "data-kind": ev.kind, text: ev.kind }),
+    el("span", { class: "model", text: ev.model ?? "–" }),
+    el("span", { class: "reason", title: ev.reason, text: ev.reason.split("\n")[0] })));
+  while (list.children.length > MAX_EVENTS) list.lastElementChild.remove();
+  $("#events-empty").hidden = true;
+}
+
+function setLive(status, text) {
+  const live = $("#live");
+  live.dataset.status = status;
+  live.textContent = text;
+}
+
+function connectEvents() {
+  const source = new EventSource("/admin/events?history=50");
+  const onEvent = (msg) => {  // on a reconnect the router sends only what came after Last-Event-ID
+    try { addEvent(JSON.parse(msg.data)); } catch (_) { /* ignore malformed */ }
+    refreshSoon();
+  };
+  for (const kind of KINDS) source.addEventListener(kind, onEvent);
+  source.onmessage = onEvent;
+  source.onopen = () => { setLive("live", "live"); refreshSoon(); };
+  source.onerror = () => { setLive("reconnecting", "reconnecting…"); };
+}
+
+function init() {
+  const keyInput = $("#admin-key");
+  keyInput.value = adminKey();
+  keyInput.addEventListener("change", () => {
+    if (keyInput.value) localStorage.setItem(KEY_STORAGE, keyInput.value);
+    else localStorage.removeItem(KEY_STORAGE);
+    clearError();
+    refresh();
+  });
+  $("#error-close").addEventListener("click", clearError);
+  refresh();
+  connectEvents();
+  setInterval(refresh, POLL_MS);
+  setInterval(tickTimes, 1000);
+}
+
+document.addEventListener("DOMContentLoaded", init);
