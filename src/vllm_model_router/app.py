@@ -10,9 +10,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from vllm_model_router.config import RouterConfig
+from vllm_model_router.config import ENGINE, RouterConfig
 from vllm_model_router.drivers.base import Driver
-from vllm_model_router.drivers.process import ProcessDriver
 from vllm_model_router.errors import (
     BadRequest,
     MethodNotAllowed,
@@ -58,10 +57,13 @@ def _wall(runtime: Runtime, loop_time: float | None) -> float | None:
 
 
 def model_admin_view(runtime: Runtime, v: ModelView) -> dict[str, Any]:
-    cfg = runtime.config.models[v.name]
+    cfg = runtime.config.models.get(v.name)
     return {
         "name": v.name,
-        "aliases": list(cfg.aliases),
+        "aliases": list(cfg.aliases) if cfg else [],
+        "kind": "engine" if v.external else "adapter" if v.base else "process",
+        "base": None if v.base == ENGINE else v.base,
+        "out_of_band": v.out_of_band,
         "state": v.state.value,
         "since": _wall(runtime, v.since),
         "last_used": _wall(runtime, v.last_used),
@@ -84,13 +86,31 @@ async def health(request: web.Request) -> web.Response:
 async def list_models(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     created = int(runtime.started_wall)
-    data = []
-    for v in runtime.views():
-        data.append({"id": v.name, "object": "model", "created": created, "owned_by": "vllm-model-router",
-                     "status": v.state.value})
-        for alias in runtime.config.models[v.name].aliases:
-            data.append({"id": alias, "object": "model", "created": created, "owned_by": "vllm-model-router",
-                         "status": v.state.value, "parent": None, "root": v.name})
+    data: list[dict[str, Any]] = []
+
+    def card(name: str, status: str, parent: str | None = None, root: str | None = None) -> None:
+        data.append({"id": name, "object": "model", "created": created, "owned_by": "vllm-model-router",
+                     "status": status, "parent": parent, "root": root or name})
+
+    views = runtime.views()
+    engine = runtime.endpoint_driver
+    if engine is not None:  # endpoint mode: the engine's own models, as it reported them last
+        status = "loaded" if engine.reachable else "unavailable"
+        for name in runtime.catalog.engine_models:
+            card(name, status)
+    for v in views:
+        if v.external:
+            continue
+        parent = None if v.base is None else runtime.catalog.engine_models[0] if (
+            v.base == ENGINE and runtime.catalog.engine_models) else v.base
+        card(v.name, v.state.value, parent)
+        cfg = runtime.config.models.get(v.name)
+        for alias in cfg.aliases if cfg else ():
+            card(alias, v.state.value, parent, root=v.name)
+    known = {v.name for v in views}
+    for name in runtime.catalog.adapter_dir_names():  # adapters on disk, not loaded yet
+        if name not in known:
+            card(name, "unloaded", runtime.catalog.engine_models[0] if runtime.catalog.engine_models else None)
     return web.json_response({"object": "list", "data": data})
 
 
@@ -116,10 +136,12 @@ async def admin_models(request: web.Request) -> web.Response:
 def _model_name(request: web.Request) -> str:
     runtime = request.app[RUNTIME]
     name = request.match_info["name"]
-    model = runtime.config.resolve(name)
-    if model is None:
-        raise ModelNotFound(name, sorted(runtime.config.models))
-    return model.name
+    target = runtime.catalog.lookup(name)
+    if target is None or target.model == ENGINE:
+        raise ModelNotFound(name, runtime.catalog.available())
+    if not runtime.scheduler.knows(target.model):
+        runtime.add_adapter(target.model, runtime.catalog.adapter_path(target.model), ENGINE)
+    return target.model
 
 
 def _view(runtime: Runtime, name: str) -> dict[str, Any]:
@@ -141,7 +163,7 @@ async def admin_unload(request: web.Request) -> web.Response:
     return web.json_response(_view(runtime, name))
 
 
-async def admin_logs(request: web.Request) -> web.Response:
+async def admin_logs(request: web.Request) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
     name = _model_name(request)
     try:
@@ -149,6 +171,10 @@ async def admin_logs(request: web.Request) -> web.Response:
     except ValueError as e:
         raise BadRequest("'lines' must be an integer", param="lines") from e
     lines = max(0, min(lines, 10000))
+    if request.query.get("follow", "").lower() in ("1", "true", "yes"):
+        from vllm_model_router.admin_api import follow_logs
+
+        return await follow_logs(request, name, lines)
     return web.json_response({"model": name, "lines": runtime.driver.logs(name, lines)})
 
 
@@ -163,9 +189,10 @@ def build_app(config: RouterConfig, driver: Driver | None = None) -> web.Applica
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
-        runtime = Runtime(config, driver or ProcessDriver(config.models))
+        runtime = Runtime(config, driver)
         app[RUNTIME] = runtime
         app[PROXY] = Proxy(runtime, session)
+        await runtime.start()
         yield
         await runtime.close()
         await session.close()
@@ -178,4 +205,7 @@ def build_app(config: RouterConfig, driver: Driver | None = None) -> web.Applica
     app.router.add_post("/admin/models/{name}/load", admin_load)
     app.router.add_post("/admin/models/{name}/unload", admin_unload)
     app.router.add_get("/admin/models/{name}/logs", admin_logs)
+    from vllm_model_router.admin_api import install_operations  # metrics, events, pin, OpenAPI, dashboard
+
+    install_operations(app)
     return app

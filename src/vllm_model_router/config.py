@@ -10,7 +10,7 @@ import os
 import re
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,10 @@ DEFAULT_LOAD_TIMEOUT = 20 * 60.0
 DEFAULT_STOP_TIMEOUT = 30.0
 DEFAULT_MAX_WAIT = 30.0
 DEFAULT_MAX_BODY_MB = 16.0
+DEFAULT_ENDPOINT = "http://vllm:8000"
+DEFAULT_SYNC_INTERVAL = 10.0
+DEFAULT_MAX_ADAPTERS = 4
+ENGINE = "@engine"  # the scheduler's name for the one running vLLM in endpoint mode
 PLACEHOLDERS = ("${PORT}", "${MODEL}")
 
 
@@ -42,6 +46,13 @@ class ModelConfig:
     env: Mapping[str, str] = field(default_factory=dict)
     health_path: str = "/health"
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
+    adapter: str | None = None  # a LoRA adapter (path) instead of a server command
+    base: str | None = None  # for an adapter in process mode: the model it is loaded on
+    max_adapters: int = DEFAULT_MAX_ADAPTERS  # for a base: adapters loaded at once
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.adapter is not None
 
     def argv(self, port: int) -> list[str]:
         """The command with ``${PORT}`` and ``${MODEL}`` substituted, ready for exec (no shell)."""
@@ -58,7 +69,14 @@ class RouterConfig:
     load_timeout: float = DEFAULT_LOAD_TIMEOUT
     max_wait: float = DEFAULT_MAX_WAIT
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1024 * 1024)
+    endpoint: str | None = None  # endpoint mode: the one running vLLM (no model has a cmd)
+    adapter_dir: str | None = None  # endpoint mode: <adapter_dir>/<name> adapters load on demand
+    sync_interval: float = DEFAULT_SYNC_INTERVAL
     source: str = "<defaults>"
+
+    @property
+    def endpoint_mode(self) -> bool:
+        return self.endpoint is not None
 
     def resolve(self, name: str) -> ModelConfig | None:
         """A configured model by its name or one of its aliases."""
@@ -77,18 +95,31 @@ class RouterConfig:
             "load_timeout": self.load_timeout,
             "max_wait": self.max_wait,
             "limits": {"max_body_mb": self.max_body_bytes / (1024 * 1024)},
-            "models": {
-                m.name: {
-                    "cmd": " ".join(shlex.quote(a) for a in m.cmd),
-                    "memory_gb": m.memory_gb,
-                    "aliases": list(m.aliases),
-                    "env": dict(m.env),
-                    "health_path": m.health_path,
-                    "stop_timeout": m.stop_timeout,
-                }
-                for m in self.models.values()
-            },
+            **(
+                {"endpoint": {"url": self.endpoint, "adapter_dir": self.adapter_dir,
+                              "sync_interval": self.sync_interval}}
+                if self.endpoint_mode else {}
+            ),
+            "models": {m.name: _model_dict(m) for m in self.models.values()},
         }
+
+
+def _model_dict(m: ModelConfig) -> dict[str, Any]:
+    if m.adapter is not None:
+        d: dict[str, Any] = {"adapter": m.adapter}
+        if m.base is not None:
+            d["base"] = m.base
+        d["aliases"] = list(m.aliases)
+        return d
+    return {
+        "cmd": " ".join(shlex.quote(a) for a in m.cmd),
+        "memory_gb": m.memory_gb,
+        "aliases": list(m.aliases),
+        "env": dict(m.env),
+        "health_path": m.health_path,
+        "stop_timeout": m.stop_timeout,
+        "max_adapters": m.max_adapters,
+    }
 
 
 _DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*)+$")
@@ -127,11 +158,13 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
-_TOP_KEYS = {"listen", "capacity", "load_timeout", "max_wait", "limits", "models"}
+_TOP_KEYS = {"listen", "capacity", "load_timeout", "max_wait", "limits", "endpoint", "models"}
+_ENDPOINT_KEYS = {"url", "adapter_dir", "sync_interval"}
 _LISTEN_KEYS = {"host", "port"}
 _CAPACITY_KEYS = {"max_resident", "memory_gb"}
 _LIMIT_KEYS = {"max_body_mb"}
-_MODEL_KEYS = {"cmd", "memory_gb", "aliases", "env", "health_path", "stop_timeout"}
+_MODEL_KEYS = {"cmd", "memory_gb", "aliases", "env", "health_path", "stop_timeout", "adapter", "base", "max_adapters"}
+_MAX_LORAS_RE = re.compile(r"^--max-loras(?:=(\d+))?$")
 
 
 class _Checker:
@@ -190,13 +223,18 @@ def _parse_model(c: _Checker, name: object, raw_value: object) -> ModelConfig | 
     if not isinstance(name, str) or not name.strip():
         c.problems.append(f"models: model names must be non-empty strings, got {name!r}")
         return None
+    if name.startswith("@"):
+        c.problems.append(f"{where}: model names must not start with '@' (reserved)")
     raw = c.mapping(raw_value, where, _MODEL_KEYS)
     if raw_value is not None and not isinstance(raw_value, dict):
         return None
+    adapter = raw.get("adapter")
+    if adapter is not None:
+        return _parse_adapter(c, name, raw, where)
     cmd_raw = raw.get("cmd")
     cmd: tuple[str, ...] = ()
     if cmd_raw is None:
-        c.problems.append(f"{where}.cmd: required (the command that starts the model's server)")
+        c.problems.append(f"{where}.cmd: required (the command that starts the model's server), or adapter:")
     elif isinstance(cmd_raw, str):
         try:
             cmd = tuple(shlex.split(cmd_raw))
@@ -211,20 +249,6 @@ def _parse_model(c: _Checker, name: object, raw_value: object) -> ModelConfig | 
     if cmd and not any("${PORT}" in a for a in cmd):
         c.problems.append(f"{where}.cmd: must contain ${{PORT}} (the router picks the port the server listens on)")
     memory = c.number(raw, "memory_gb", f"{where}.memory_gb", minimum=0) or 0.0
-    aliases_raw = raw.get("aliases", [])
-    aliases: list[str] = []
-    if isinstance(aliases_raw, str):
-        aliases_raw = [aliases_raw]
-    if not isinstance(aliases_raw, list):
-        c.problems.append(f"{where}.aliases: expected a list of names")
-    else:
-        for i, a in enumerate(aliases_raw):
-            if not isinstance(a, str) or not a.strip():
-                c.problems.append(f"{where}.aliases[{i}]: expected a non-empty string, got {a!r}")
-            elif a in aliases:
-                c.problems.append(f"{where}.aliases[{i}]: duplicate alias {a!r}")
-            else:
-                aliases.append(a)
     env_raw = raw.get("env", {})
     env: dict[str, str] = {}
     if not isinstance(env_raw, dict):
@@ -242,15 +266,64 @@ def _parse_model(c: _Checker, name: object, raw_value: object) -> ModelConfig | 
         c.problems.append(f"{where}.health_path: expected a path starting with '/', got {health!r}")
         health = "/health"
     stop_timeout = c.duration(raw, "stop_timeout", f"{where}.stop_timeout", DEFAULT_STOP_TIMEOUT)
+    for key in ("base",):
+        if key in raw:
+            c.problems.append(f"{where}.{key}: only adapters (models with adapter:) have a base")
+    max_adapters = _max_loras(cmd) or DEFAULT_MAX_ADAPTERS
+    if "max_adapters" in raw:
+        max_adapters = c.integer(raw["max_adapters"], f"{where}.max_adapters", minimum=1) or max_adapters
     return ModelConfig(
         name=name,
         cmd=cmd,
         memory_gb=memory,
-        aliases=tuple(aliases),
+        aliases=_aliases(c, raw, where),
         env=env,
         health_path=health,
         stop_timeout=stop_timeout,
+        max_adapters=max_adapters,
     )
+
+
+def _max_loras(cmd: tuple[str, ...]) -> int | None:
+    for i, arg in enumerate(cmd):
+        m = _MAX_LORAS_RE.match(arg)
+        if m:
+            value = m.group(1) or (cmd[i + 1] if i + 1 < len(cmd) else "")
+            return int(value) if value.isdigit() and int(value) > 0 else None
+    return None
+
+
+def _aliases(c: _Checker, raw: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    aliases_raw = raw.get("aliases", [])
+    aliases: list[str] = []
+    if isinstance(aliases_raw, str):
+        aliases_raw = [aliases_raw]
+    if not isinstance(aliases_raw, list):
+        c.problems.append(f"{where}.aliases: expected a list of names")
+        return ()
+    for i, a in enumerate(aliases_raw):
+        if not isinstance(a, str) or not a.strip():
+            c.problems.append(f"{where}.aliases[{i}]: expected a non-empty string, got {a!r}")
+        elif a in aliases:
+            c.problems.append(f"{where}.aliases[{i}]: duplicate alias {a!r}")
+        else:
+            aliases.append(a)
+    return tuple(aliases)
+
+
+def _parse_adapter(c: _Checker, name: str, raw: Mapping[str, Any], where: str) -> ModelConfig | None:
+    path = raw["adapter"]
+    if not isinstance(path, str) or not path.strip():
+        c.problems.append(f"{where}.adapter: expected the adapter's path, got {path!r}")
+        return None
+    for key in ("cmd", "memory_gb", "env", "health_path", "stop_timeout", "max_adapters"):
+        if key in raw:
+            c.problems.append(f"{where}.{key}: not allowed on an adapter (it is loaded into its base's server)")
+    base = raw.get("base")
+    if base is not None and (not isinstance(base, str) or not base):
+        c.problems.append(f"{where}.base: expected a model name, got {base!r}")
+        base = None
+    return ModelConfig(name=name, cmd=(), aliases=_aliases(c, raw, where), adapter=path, base=base)
 
 
 def build_config(data: object, env: Mapping[str, str] | None = None, source: str = "<dict>") -> RouterConfig:
@@ -261,6 +334,7 @@ def build_config(data: object, env: Mapping[str, str] | None = None, source: str
     listen = c.mapping(top.get("listen"), "listen", _LISTEN_KEYS)
     capacity = c.mapping(top.get("capacity"), "capacity", _CAPACITY_KEYS)
     limits = c.mapping(top.get("limits"), "limits", _LIMIT_KEYS)
+    endpoint_raw = c.mapping(top.get("endpoint"), "endpoint", _ENDPOINT_KEYS)
 
     host = listen.get("host", "0.0.0.0")
     if not isinstance(host, str) or not host:
@@ -293,7 +367,7 @@ def build_config(data: object, env: Mapping[str, str] | None = None, source: str
     models_raw = top.get("models")
     models: dict[str, ModelConfig] = {}
     if models_raw is None or models_raw == {}:
-        c.problems.append("models: at least one model is required")
+        pass  # endpoint mode: front the running vLLM at VLLM_BASE_URL
     elif not isinstance(models_raw, dict):
         c.problems.append("models: expected a mapping of model names to settings")
     else:
@@ -310,6 +384,29 @@ def build_config(data: object, env: Mapping[str, str] | None = None, source: str
                 c.problems.append(f"models.{m.name}.aliases[{i}]: {alias!r} is already {what}")
             else:
                 owner[alias] = m.name
+    endpoint, adapter_dir, sync_interval = _endpoint_settings(c, endpoint_raw, env, models)
+    for m in models.values():
+        if not m.is_adapter:
+            continue
+        if endpoint is not None and m.base is not None:
+            c.problems.append(f"models.{m.name}.base: endpoint mode (no model has a cmd) has no managed bases; "
+                              f"adapters load on the engine at {endpoint}")
+        elif endpoint is None and m.base is None:
+            c.problems.append(f"models.{m.name}.base: required (the model this adapter is loaded on)")
+        elif endpoint is None and m.base is not None:
+            base = models.get(m.base)
+            if base is None:
+                c.problems.append(f"models.{m.name}.base: unknown model {m.base!r}")
+            elif base.is_adapter:
+                c.problems.append(f"models.{m.name}.base: {m.base!r} is an adapter, not a base model")
+            elif not any(a == "--enable-lora" or a.startswith("--enable-lora=") for a in base.cmd):
+                c.problems.append(f"models.{m.base}.cmd: must include --enable-lora (adapter {m.name!r} is "
+                                  f"loaded on it at run time)")
+    bases = {m.base for m in models.values() if m.base is not None}
+    for name in bases & set(models):
+        base = models[name]
+        if not base.is_adapter and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in base.env:
+            models[name] = replace(base, env={**base.env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"})
     if memory_budget is not None:
         for m in models.values():
             if m.memory_gb > memory_budget:
@@ -329,8 +426,37 @@ def build_config(data: object, env: Mapping[str, str] | None = None, source: str
         load_timeout=load_timeout,
         max_wait=max_wait,
         max_body_bytes=int(body_mb * 1024 * 1024),
+        endpoint=endpoint,
+        adapter_dir=adapter_dir,
+        sync_interval=sync_interval,
         source=source,
     )
+
+
+def _endpoint_settings(
+    c: _Checker, raw: Mapping[str, Any], env: Mapping[str, str], models: Mapping[str, ModelConfig]
+) -> tuple[str | None, str | None, float]:
+    """Endpoint mode when no model has a command: the URL of the running vLLM, the adapter folder."""
+    sync_interval = c.duration(raw, "sync_interval", "endpoint.sync_interval", DEFAULT_SYNC_INTERVAL)
+    if sync_interval <= 0:
+        c.problems.append("endpoint.sync_interval: must be greater than 0")
+    if any(not m.is_adapter for m in models.values()):
+        if raw.get("url") is not None:
+            c.problems.append("endpoint.url: models with a cmd are started by the router; endpoint mode is for a "
+                              "config without them")
+        return None, None, sync_interval
+    url = env.get("VLLM_BASE_URL") or raw.get("url") or DEFAULT_ENDPOINT
+    if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url):
+        c.problems.append(f"endpoint.url: expected an http(s) URL like http://vllm:8000, got {url!r}")
+        url = DEFAULT_ENDPOINT
+    url = url.rstrip("/")
+    if url.endswith("/v1"):
+        url = url[:-3]
+    adapter_dir = env.get("ADAPTER_DIR") or raw.get("adapter_dir")
+    if adapter_dir is not None and (not isinstance(adapter_dir, str) or not adapter_dir):
+        c.problems.append(f"endpoint.adapter_dir: expected a directory path, got {adapter_dir!r}")
+        adapter_dir = None
+    return url, adapter_dir, sync_interval
 
 
 def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> RouterConfig:

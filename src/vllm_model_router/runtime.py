@@ -21,9 +21,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from vllm_model_router.config import RouterConfig
+import aiohttp
+
+from vllm_model_router.catalog import Catalog, Target
+from vllm_model_router.config import ENGINE, RouterConfig
+from vllm_model_router.drivers.adapters import LoraDriver, fetch_models
 from vllm_model_router.drivers.base import Driver, LoadError
-from vllm_model_router.errors import GatewayTimeout, ModelUnavailable, RouterError
+from vllm_model_router.drivers.endpoint import EndpointDriver
+from vllm_model_router.drivers.multi import MultiDriver
+from vllm_model_router.drivers.process import ProcessDriver
+from vllm_model_router.errors import BadGateway, GatewayTimeout, ModelNotFound, ModelUnavailable, RouterError
 from vllm_model_router.lifecycle import EventLog
 from vllm_model_router.scheduler import (
     AdminUnload,
@@ -31,7 +38,10 @@ from vllm_model_router.scheduler import (
     Event,
     Grant,
     LoadDone,
+    ModelAdded,
     ModelExited,
+    ModelFound,
+    ModelSpec,
     ModelView,
     Reject,
     RequestArrived,
@@ -51,14 +61,33 @@ from vllm_model_router.scheduler import (
 log = logging.getLogger("vllm_model_router.runtime")
 
 
+def scheduler_specs(config: RouterConfig) -> dict[str, ModelSpec | float]:
+    """The scheduler's view of the configured models (endpoint mode: the engine plus its adapters)."""
+    specs: dict[str, ModelSpec | float] = {}
+    if config.endpoint_mode:
+        specs[ENGINE] = ModelSpec(external=True, max_adapters=config.max_resident)
+    for name, m in config.models.items():
+        if m.is_adapter:
+            specs[name] = ModelSpec(base=m.base or ENGINE)
+        else:
+            specs[name] = ModelSpec(memory_gb=m.memory_gb, max_adapters=m.max_adapters)
+    # bases before their adapters, whatever the config order
+    return dict(sorted(specs.items(), key=lambda kv: isinstance(kv[1], ModelSpec) and kv[1].base is not None))
+
+
 class Runtime:
-    def __init__(self, config: RouterConfig, driver: Driver) -> None:
+    def __init__(self, config: RouterConfig, driver: Driver | None = None) -> None:
         self.config = config
-        self.driver = driver
+        self.catalog = Catalog(config)
+        self._control: aiohttp.ClientSession | None = None  # load/unload/sync calls to engines
+        self.endpoint_driver: EndpointDriver | None = None
+        self._lora: LoraDriver | None = None
+        self.driver: Driver = driver if driver is not None else self._default_driver()
         self._loop = asyncio.get_running_loop()
+        self._sync_task: asyncio.Task[None] | None = None
         self.scheduler = Scheduler(
             SchedulerConfig(
-                models={name: m.memory_gb for name, m in config.models.items()},
+                models=scheduler_specs(config),
                 max_resident=config.max_resident,
                 memory_gb=config.memory_gb,
                 load_timeout=config.load_timeout,
@@ -77,7 +106,113 @@ class Runtime:
         self._closing = False
         self.started_wall = time.time()
         self.events = EventLog()
-        driver.set_exit_callback(self._model_exited)
+        self.driver.set_exit_callback(self._model_exited)
+
+    def _default_driver(self) -> MultiDriver:
+        multi = MultiDriver()
+        processes = {n: m for n, m in self.config.models.items() if not m.is_adapter}
+        if processes:
+            multi.add(ProcessDriver(processes), list(processes))
+        if self.config.endpoint is not None:
+            self.endpoint_driver = EndpointDriver(self.config.endpoint)
+            multi.add(self.endpoint_driver, [ENGINE])
+        self._lora = LoraDriver(self._http, self.catalog.base_of, multi.endpoint, self.catalog.adapter_path)
+        multi.add(self._lora, [n for n, m in self.config.models.items() if m.is_adapter])
+        self._multi = multi
+        return multi
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._control is None or self._control.closed:
+            self._control = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300, sock_connect=5))
+        return self._control
+
+    # ------------------------------------------------------- adapters, sync
+    async def start(self) -> None:
+        """Background work: reconcile the router's view of adapters with the engines', now and periodically."""
+        if self._adapter_bases() or self.config.endpoint_mode:
+            await self.sync()
+            self._sync_task = self._loop.create_task(self._sync_loop(), name="adapter-sync")
+
+    def _adapter_bases(self) -> list[str]:
+        return sorted({v.base for v in self.views() if v.base is not None})
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sync_interval)
+            try:
+                await self.sync()
+            except Exception:  # never let the loop die
+                log.exception("adapter sync failed")
+
+    async def sync(self) -> None:
+        """Compare each loaded base's GET /v1/models with the router's view and settle differences:
+        adapters loaded or unloaded behind the router's back are noticed (and counted)."""
+        views = {v.name: v for v in self.views()}
+        for base in self._adapter_bases() or ([ENGINE] if self.config.endpoint_mode else []):
+            url = self.driver.endpoint(base)
+            if url is None or views[base].state is not State.LOADED:
+                continue
+            started = self._loop.time()
+            try:
+                cards = await fetch_models(self._http(), url)
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
+                if base == ENGINE and self.endpoint_driver is not None:
+                    if self.endpoint_driver.reachable is not False:
+                        log.warning("vLLM engine at %s is unreachable: %r", url, e)
+                    self.endpoint_driver.reachable = False
+                    self.endpoint_driver.last_error = repr(e)
+                continue
+            if base == ENGINE and self.endpoint_driver is not None:
+                if self.endpoint_driver.reachable is False:
+                    log.info("vLLM engine at %s is reachable again", url)
+                self.endpoint_driver.reachable = True
+                self.endpoint_driver.last_error = None
+                self.catalog.engine_models = cards.bases
+            views = {v.name: v for v in self.views()}
+            for name, path in cards.adapters.items():
+                if name not in views:
+                    if self.config.resolve(name) is not None:
+                        continue  # the engine uses a configured model's name for something else
+                    self.add_adapter(name, path, base)
+                    views = {v.name: v for v in self.views()}
+                v = views[name]
+                if v.base == base and v.state in (State.UNLOADED, State.FAILED) and v.since < started:
+                    log.info("Adapter %s is loaded on %s outside the router: counting it as loaded", name, base)
+                    self.events.emit("found", name, "loaded outside the router")
+                    self._submit(ModelFound(name))
+            for v in self.views():
+                if v.base == base and v.state is State.LOADED and v.since < started and v.name not in cards.adapters:
+                    self.mark_gone(v.name, f"not in {base}'s /v1/models: unloaded outside the router")
+
+    def is_adapter(self, model: str) -> bool:
+        return any(v.name == model and v.base is not None for v in self.views())
+
+    def mark_gone(self, model: str, reason: str) -> None:
+        """An adapter the router thought loaded is not (the engine said so)."""
+        log.warning("Adapter %s is gone: %s", model, reason)
+        self.events.emit("gone", model, reason)
+        self._submit(ModelExited(model, reason, failed=False))
+
+    def add_adapter(self, name: str, path: str, base: str) -> None:
+        self.catalog.dynamic[name] = (path, base)
+        if isinstance(self.driver, MultiDriver) and self._lora is not None:
+            self.driver.add(self._lora, [name])
+        self._submit(ModelAdded(name, ModelSpec(base=base)))
+
+    async def resolve(self, name: str) -> Target:
+        """What a client's model name means; 404 with the available names when nothing."""
+        target = self.catalog.lookup(name)
+        if target is None and self.config.endpoint_mode:
+            await self.sync()  # the engine may serve it since the last look
+            target = self.catalog.lookup(name)
+        if target is None:
+            if self.config.endpoint_mode and self.endpoint_driver and self.endpoint_driver.reachable is False:
+                raise BadGateway(f"cannot reach the vLLM engine at {self.config.endpoint} to look up model "
+                                 f"`{name}`: {self.endpoint_driver.last_error}")
+            raise ModelNotFound(name, self.catalog.available())
+        if not self.scheduler.knows(target.model):
+            self.add_adapter(target.model, self.catalog.adapter_path(target.model), ENGINE)
+        return target
 
     def _model_exited(self, model: str, reason: str) -> None:
         self.events.emit("exited", model, reason)
@@ -169,10 +304,15 @@ class Runtime:
                     log.warning("Timed out waiting for model to load: %s (request %d)", model, req_id)
                 self.events.emit("rejected", model, message, status=status)
                 if fut is not None and not fut.done():
-                    err: RouterError = GatewayTimeout(message) if status == 504 else ModelUnavailable(message)
+                    err: RouterError = (
+                        GatewayTimeout(message) if status == 504
+                        else BadGateway(message) if status == 502
+                        else ModelUnavailable(message)
+                    )
                     fut.set_exception(err)
             case StartLoad(model):
-                log.info("Loading model %s as served name %s", model, model)
+                adapter = self.catalog.adapter_path(model) if self.is_adapter(model) else None
+                log.info("Loading model %s as served name %s", adapter or model, model)
                 self.events.emit("load_started", model, "requested")
                 self._spawn(model, self._load(model))
             case StopModel(model, reason, force):
@@ -207,7 +347,7 @@ class Runtime:
         except LoadError as e:
             log.error("Failed to load model %s: %s", model, e)
             self.events.emit("load_failed", model, str(e), seconds=time.monotonic() - started)
-            self._submit(LoadDone(model, False, str(e)))
+            self._submit(LoadDone(model, False, str(e), e.status))
             return
         except asyncio.CancelledError:
             raise
@@ -231,7 +371,7 @@ class Runtime:
         except Exception:
             log.exception("error while stopping %s", model)
         log.info("Model %s unloaded", model)
-        self.events.emit("unloaded", model, "process group gone")
+        self.events.emit("unloaded", model, "stopped")
         self._submit(StopDone(model))
 
     # ----------------------------------------------------------- shutdown
@@ -240,6 +380,8 @@ class Runtime:
         self._closing = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._sync_task is not None:
+            self._sync_task.cancel()
         for req_id, fut in list(self._futures.items()):
             if not fut.done():
                 fut.set_exception(ModelUnavailable("the router is shutting down"))
@@ -249,3 +391,5 @@ class Runtime:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.driver.close()
+        if self._control is not None:
+            await self._control.close()

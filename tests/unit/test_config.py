@@ -83,8 +83,37 @@ def test_alias_collisions() -> None:
     assert "models.b.aliases[0]: 'x' is already an alias of 'a'" in found
 
 
-def test_no_models_and_wrong_shapes() -> None:
-    assert problems({}) == ["models: at least one model is required"]
+def test_no_models_means_endpoint_mode() -> None:
+    cfg = build_config({}, {})
+    assert (cfg.endpoint, cfg.adapter_dir, cfg.endpoint_mode) == ("http://vllm:8000", None, True)
+    cfg = build_config(None, {"VLLM_BASE_URL": "http://gpu-box:9000/v1/", "ADAPTER_DIR": "/adapters"})
+    assert (cfg.endpoint, cfg.adapter_dir) == ("http://gpu-box:9000", "/adapters")
+    cfg = build_config({"models": {"sql": {"adapter": "/a/sql", "aliases": ["text2sql"]}}}, {})
+    assert cfg.endpoint_mode and cfg.models["sql"].is_adapter and cfg.resolve("text2sql") is cfg.models["sql"]
+    assert "endpoint.url: expected an http(s) URL like http://vllm:8000, got 'vllm:8000'" in problems(
+        {}, {"VLLM_BASE_URL": "vllm:8000"})
+
+
+def test_adapters_on_managed_bases() -> None:
+    base = {"cmd": "vllm serve m --port ${PORT} --enable-lora --max-loras 3"}
+    cfg = build_config({"models": {"base": base, "sql": {"adapter": "/a/sql", "base": "base"}}}, {})
+    assert not cfg.endpoint_mode
+    assert cfg.models["base"].max_adapters == 3
+    assert cfg.models["base"].env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1"
+    assert cfg.models["sql"].base == "base"
+    found = problems({"models": {
+        "plain": MODEL,
+        "nobase": {"adapter": "/a/x"},
+        "badbase": {"adapter": "/a/y", "base": "ghost"},
+        "onplain": {"adapter": "/a/z", "base": "plain", "cmd": "x ${PORT}"},
+    }})
+    assert "models.nobase.base: required (the model this adapter is loaded on)" in found
+    assert "models.badbase.base: unknown model 'ghost'" in found
+    assert any(p.startswith("models.plain.cmd: must include --enable-lora") for p in found)
+    assert any(p.startswith("models.onplain.cmd: not allowed on an adapter") for p in found)
+
+
+def test_wrong_shapes() -> None:
     assert "config: expected a mapping, got list" in problems([1, 2])
     assert "models.m.cmd: expected a string or a list of strings" in problems({"models": {"m": {"cmd": {"a": 1}}}})
 

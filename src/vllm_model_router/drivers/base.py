@@ -12,7 +12,15 @@ from typing import Any, Protocol
 
 
 class LoadError(Exception):
-    """A load failed; the message says why and carries the last lines the server printed."""
+    """A load failed; the message says why and carries the last lines the server printed.
+
+    ``status`` is what waiting clients get: 503 (the model could not be loaded) or 502 (the engine it
+    is loaded on could not be reached).
+    """
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 # Called by a driver when a loaded model's server dies on its own (after the driver reaped it).

@@ -1,0 +1,36 @@
+"""The one running vLLM of endpoint mode: always there as far as the router is concerned, never started
+or stopped by it. Whether it answers is found out per request (502) and by the reconciler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_model_router.drivers.base import ExitCallback
+
+
+class EndpointDriver:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.reachable: bool | None = None  # None: not checked yet
+        self.last_error: str | None = None
+
+    def set_exit_callback(self, callback: ExitCallback) -> None:
+        pass
+
+    async def start(self, model: str) -> None:
+        pass
+
+    async def stop(self, model: str, force: bool = False) -> None:
+        pass
+
+    def endpoint(self, model: str) -> str | None:
+        return self.url
+
+    def info(self, model: str) -> dict[str, Any]:
+        return {"url": self.url, "reachable": self.reachable, "pid": None, "port": None}
+
+    def logs(self, model: str, lines: int) -> list[str]:
+        return []
+
+    async def close(self) -> None:
+        pass
