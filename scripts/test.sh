@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 scripts/setup_dev.sh
-echo "==> ruff + mypy"
+echo "==> ruff + mypy + hadolint"
 .venv/bin/ruff check src tests bench
 .venv/bin/mypy src
+.venv/bin/hadolint --failure-threshold info Dockerfile
 echo "==> fast suite"
 .venv/bin/python -m pytest -q
 echo "==> fast suite done in $(( $(date +%s) - start ))s"
