@@ -350,3 +350,43 @@ def test_endpoint_mode_external_engine_is_never_managed() -> None:
     assert r.step(RequestArrived(3, "y")) == [StopModel("x", "evicted to make room for y")]
     assert r.step(AdminUnload("@engine")) == []
     assert r.s.resident() == ["x"]
+
+
+# ---------------------------------------------------------------- GPUs
+def gpu_run(**models: ModelSpec) -> Run:
+    r = Run(dict(models), max_resident=4)  # type: ignore[arg-type]
+    r.s = Scheduler(SchedulerConfig(dict(models), 4, None, 600.0, 30.0, gpu_memory_gb={0: 80.0, 1: 80.0}))
+    return r
+
+
+def test_placement_best_fit_without_evicting() -> None:
+    r = gpu_run(a=ModelSpec(50), b=ModelSpec(40), c=ModelSpec(30))
+    assert r.step(RequestArrived(1, "a")) == [StartLoad("a", (0,))]
+    assert r.step(RequestArrived(2, "b")) == [StartLoad("b", (1,))]  # does not fit next to a
+    # c fits on both; best fit is the GPU with the least left over (a's: 30 left after it, b's: 10)
+    assert r.step(RequestArrived(3, "c")) == [StartLoad("c", (0,))]
+    assert {v.name: v.gpus for v in r.s.view()} == {"a": (0,), "b": (1,), "c": (0,)}
+
+
+def test_fixed_gpus_need_memory_on_each() -> None:
+    r = gpu_run(tp=ModelSpec(50, gpus=(0, 1)), small=ModelSpec(40))
+    r.step(RequestArrived(1, "small"))
+    r.step(LoadDone("small", True))
+    r.step(RequestFinished(1), at=1)
+    # 50 on GPU 0 and on GPU 1: the small model (on GPU 0) must go
+    assert r.step(RequestArrived(2, "tp"), at=2) == [StopModel("small", "evicted to make room for tp")]
+    assert r.step(StopDone("small")) == [StartLoad("tp", (0, 1))]
+
+
+def test_eviction_only_on_the_gpu_that_frees_the_need() -> None:
+    r = gpu_run(x=ModelSpec(60), y=ModelSpec(60), z=ModelSpec(70), w=ModelSpec(10))
+    for i, name in enumerate(["x", "y"], start=1):
+        r.step(RequestArrived(i, name), at=i)
+        r.step(LoadDone(name, True))
+        r.step(RequestFinished(i), at=i + 0.5)
+    # y is busy again: z can only go where x is, and x alone is evicted (y is untouched)
+    r.step(RequestArrived(10, "y"), at=5)
+    assert r.step(RequestArrived(11, "z"), at=6) == [StopModel("x", "evicted to make room for z")]
+    assert r.step(StopDone("x")) == [StartLoad("z", (0,))]
+    # w (10 GB) fits next to z on GPU 0 or y on GPU 1 without evicting anything
+    assert r.step(RequestArrived(12, "w"), at=7) == [StartLoad("w", (0,))]

@@ -50,6 +50,7 @@ class World:
     s: Scheduler
     budget_count: int
     budget_mem: float | None
+    gpu_budgets: dict[int, float] | None = None
     now: float = 0.0
     next_id: int = 1
     running: set[str] = field(default_factory=set)  # models with a process (loading, up or stopping)
@@ -108,6 +109,10 @@ class World:
         assert len(top) <= self.budget_count
         if self.budget_mem is not None:
             assert sum(v.memory_gb for v in top) <= self.budget_mem + 1e-9
+        if self.gpu_budgets:
+            for g, cap in self.gpu_budgets.items():
+                assert sum(v.memory_gb for v in top if g in v.gpus) <= cap + 1e-9, f"GPU {g} over budget"
+            assert all(v.gpus for v in top), "a model holds memory on no GPU"
         states = {v.name: v.state for v in self.s.view()}
         for base in MODELS:
             held = [v for v in holding if v.base == base]
@@ -183,16 +188,21 @@ ops = st.lists(st.tuples(st.integers(0, 7), st.integers(0, 100), st.floats(0, 20
 
 
 @given(ops=ops, max_resident=st.integers(1, 3), memory=st.sampled_from([None, 40.0, 60.0, 100.0]),
-       max_wait=st.sampled_from([0.0, 5.0, 30.0]))
+       max_wait=st.sampled_from([0.0, 5.0, 30.0]), gpus=st.booleans())
 def test_invariants_hold_and_every_request_is_answered_once(
-    ops: list[tuple[int, int, float]], max_resident: int, memory: float | None, max_wait: float
+    ops: list[tuple[int, int, float]], max_resident: int, memory: float | None, max_wait: float, gpus: bool
 ) -> None:
+    # with GPUs: two of ``memory`` GB each (or 50), "d" pinned to both, the others placed by the router
+    gpu_budgets = {0: memory or 50.0, 1: memory or 50.0} if gpus else None
+    limit = memory if not gpus else (memory or 50.0)
     specs: dict[str, ModelSpec | float] = {
-        m: ModelSpec(g, max_adapters=MAX_ADAPTERS) for m, g in MODELS.items() if memory is None or g <= memory
+        m: ModelSpec(g, max_adapters=MAX_ADAPTERS, gpus=(0, 1) if gpus and m == "d" else None)
+        for m, g in MODELS.items() if limit is None or g <= limit
     }
     specs.update({a: ModelSpec(base=b) for a, b in ADAPTERS.items() if b in specs})
-    cfg = SchedulerConfig(specs, max_resident, memory, load_timeout=300.0, max_wait=max_wait)
-    w = World(Scheduler(cfg), max_resident, memory)
+    cfg = SchedulerConfig(specs, max_resident, None if gpus else memory, load_timeout=300.0, max_wait=max_wait,
+                          gpu_memory_gb=gpu_budgets)
+    w = World(Scheduler(cfg), max_resident, None if gpus else memory, gpu_budgets)
     usable = sorted(specs)
     for op, pick, dt in ops:
         if op == 0 or op == 7:

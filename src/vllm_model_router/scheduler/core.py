@@ -52,7 +52,7 @@ from vllm_model_router.scheduler.events import (
     StopDone,
     Tick,
 )
-from vllm_model_router.scheduler.eviction import Budget, Occupant, fits, plan_eviction
+from vllm_model_router.scheduler.eviction import Budget, Occupant, choose_placement
 
 
 class State(StrEnum):
@@ -75,6 +75,7 @@ class SchedulerConfig:
     memory_gb: float | None
     load_timeout: float
     max_wait: float
+    gpu_memory_gb: Mapping[int, float] | None = None  # per-GPU budgets when GPUs are known
 
 
 @dataclass(slots=True)
@@ -95,6 +96,7 @@ class _Model:
     unload_requested: bool = False
     stop_reason: str | None = None
     pinned: bool = False
+    placed: tuple[int, ...] = ()  # the GPUs it holds memory on while loading, loaded or stopping
 
     @property
     def memory_gb(self) -> float:
@@ -139,12 +141,13 @@ class ModelView:
     base: str | None = None
     external: bool = False
     out_of_band: int = 0
+    gpus: tuple[int, ...] = ()
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, now: float = 0.0) -> None:
         self.config = config
-        self.budget = Budget(config.max_resident, config.memory_gb)
+        self.budget = Budget(config.max_resident, config.memory_gb, dict(config.gpu_memory_gb or {}))
         self._models: dict[str, _Model] = {}
         for name, spec in config.models.items():
             self._add(name, spec if isinstance(spec, ModelSpec) else ModelSpec(memory_gb=spec), now)
@@ -226,6 +229,7 @@ class Scheduler:
                 base=m.base,
                 external=m.spec.external,
                 out_of_band=m.out_of_band,
+                gpus=m.placed,
             )
             for m in self._models.values()
         ]
@@ -259,6 +263,8 @@ class Scheduler:
         m.since = now
         if state is not State.LOADING:
             m.load_started = None
+        if state in LOADABLE:
+            m.placed = ()
         if state is not State.LOADED:
             m.drain_seq = None
             # a base that is no longer loaded takes its adapters with it
@@ -353,7 +359,16 @@ class Scheduler:
 
     @staticmethod
     def _occ(models: Iterable[_Model]) -> list[Occupant]:
-        return [Occupant(m.name, m.memory_gb) for m in models]
+        return [Occupant(m.name, m.memory_gb, m.placed) for m in models]
+
+    def _options(self, m: _Model) -> list[tuple[int, ...]]:
+        """Where ``m`` may go: its fixed GPUs, any one GPU, or (no GPUs known, or an adapter) nowhere in
+        particular."""
+        if m.base is not None or not self.budget.gpu_memory_gb:
+            return [()]
+        if m.spec.gpus:
+            return [m.spec.gpus]
+        return [(g,) for g in sorted(self.budget.gpu_memory_gb)]
 
     def _pump(self, now: float, out: list[Effect]) -> None:
         cfg = self.config
@@ -407,16 +422,20 @@ class Scheduler:
             if target.state is State.LOADING:
                 continue  # already started in this pass
             members, budget = self._domain(target.base)
-            if fits(self._occ(members), target.memory_gb, budget):  # (a)
+            options = self._options(target)
+            need = target.memory_gb
+            placement, victims = choose_placement(need, self._occ(members), [], budget, options)
+            if victims == []:  # (a)
                 self._set_state(target, State.LOADING, now)
                 target.load_started = now
-                out.append(StartLoad(target.name))
+                target.placed = placement
+                out.append(StartLoad(target.name, placement))
                 continue
             # what is already stopping will free its share: only evict more if that is not enough
             staying = [m for m in members if m.state is not State.UNLOADING]
             loaded = [m for m in members if m.state is State.LOADED and not m.pinned]
             idle = self._lru(m for m in loaded if not self._busy(m))
-            victims = plan_eviction(target.memory_gb, self._occ(staying), self._occ(idle), budget)
+            placement, victims = choose_placement(need, self._occ(staying), self._occ(idle), budget, options)
             if victims == []:  # room is on its way: start on the StopDone
                 break
             if victims:  # (b)
@@ -426,7 +445,7 @@ class Scheduler:
             # (c) wait for busy models to drain; after max_wait stop feeding the busy victims
             blocked_since = first
             if now - first >= cfg.max_wait:
-                needed = plan_eviction(target.memory_gb, self._occ(staying), self._occ(self._lru(loaded)), budget)
+                _, needed = choose_placement(need, self._occ(staying), self._occ(self._lru(loaded)), budget, options)
                 for v in needed or []:
                     drain[v] = min(drain.get(v, first_waiter.seq), first_waiter.seq)
             break

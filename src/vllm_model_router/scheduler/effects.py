@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class StartLoad:
-    """Make the model resident; answer with LoadDone."""
+    """Make the model resident (on these GPUs, when GPUs are known); answer with LoadDone."""
 
     model: str
+    gpus: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ class ModelSpec:
     base: str | None = None  # adapters: the model they are loaded on; they count against its max_adapters
     max_adapters: int = 4  # bases: adapters loaded at once
     external: bool = False  # always resident and never managed (the engine in endpoint mode)
+    gpus: tuple[int, ...] | None = None  # fixed GPUs (memory_gb needed on each); None: the router places it
 
 
 @dataclass(frozen=True, slots=True)
