@@ -20,8 +20,9 @@ from vllm_model_router.errors import (
     PayloadTooLarge,
     RouterError,
 )
+from vllm_model_router.gpu import GpuProbe
 from vllm_model_router.proxy import Proxy, error_response
-from vllm_model_router.runtime import Runtime
+from vllm_model_router.runtime import AUTO, Runtime
 from vllm_model_router.scheduler import ModelView
 
 log = logging.getLogger("vllm_model_router.app")
@@ -72,6 +73,8 @@ def model_admin_view(runtime: Runtime, v: ModelView) -> dict[str, Any]:
         "draining": v.draining,
         "pinned": v.pinned,
         "memory_gb": v.memory_gb,
+        "memory_source": runtime.needs[v.name].source if v.name in runtime.needs else None,
+        "gpus": list(v.gpus),
         "loads": v.loads,
         "failures": v.failures,
         "last_error": v.last_error,
@@ -129,7 +132,9 @@ async def admin_models(request: web.Request) -> web.Response:
             "resident": runtime.scheduler.resident(),
             "resident_memory_gb": sum(v.memory_gb for v in runtime.views() if v.state.value in
                                       ("loading", "loaded", "unloading")),
+            "memory_accounting": "measured per GPU (NVML)" if runtime.probe is not None else "declarations only",
         },
+        "gpus": runtime.gpu_view(),
     })
 
 
@@ -178,7 +183,9 @@ async def admin_logs(request: web.Request) -> web.StreamResponse:
     return web.json_response({"model": name, "lines": runtime.driver.logs(name, lines)})
 
 
-def build_app(config: RouterConfig, driver: Driver | None = None) -> web.Application:
+def build_app(
+    config: RouterConfig, driver: Driver | None = None, probe: GpuProbe | str | None = AUTO
+) -> web.Application:
     """The router as an aiohttp application; startup/cleanup create and stop the runtime."""
     app = web.Application(middlewares=[openai_errors], client_max_size=config.max_body_bytes)
 
@@ -189,7 +196,7 @@ def build_app(config: RouterConfig, driver: Driver | None = None) -> web.Applica
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
-        runtime = Runtime(config, driver)
+        runtime = Runtime(config, driver, probe)
         app[RUNTIME] = runtime
         app[PROXY] = Proxy(runtime, session)
         await runtime.start()

@@ -38,8 +38,28 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for p in e.problems:
             print(f"  - {p}", file=sys.stderr)
         return 1
+    from vllm_model_router.gpu import NvmlProbe
+    from vllm_model_router.memory import check_fit, gpu_budgets, resolve_needs
+
+    probe = NvmlProbe.create()
+    devices = probe.devices() if probe is not None else []
+    needs = resolve_needs(cfg, devices)
+    problems = check_fit(cfg, devices, needs)
+    if problems:
+        print(f"{args.file}: does not fit the GPUs of this machine", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
     print(f"# {args.file}: valid ({len(cfg.models)} models)")
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    budgets = gpu_budgets(cfg, devices)
+    print("# memory per model (per GPU it is placed on):")
+    for name, need in needs.items():
+        print(f"#   {name}: {need.gb:.1f} GB from {need.source}")
+    if budgets:
+        print("# GPU budgets: " + ", ".join(f"GPU {g} {gb:.1f} GB" for g, gb in budgets.items()))
+    else:
+        print("# no NVIDIA GPU detected: memory is accounted from declarations only")
     return 0
 
 

@@ -49,6 +49,8 @@ class ModelConfig:
     adapter: str | None = None  # a LoRA adapter (path) instead of a server command
     base: str | None = None  # for an adapter in process mode: the model it is loaded on
     max_adapters: int = DEFAULT_MAX_ADAPTERS  # for a base: adapters loaded at once
+    gpus: tuple[int, ...] | None = None  # fixed GPUs (CUDA_VISIBLE_DEVICES); None: the router places it
+    gpu_memory_utilization: float | None = None  # from --gpu-memory-utilization in cmd
 
     @property
     def is_adapter(self) -> bool:
@@ -72,6 +74,8 @@ class RouterConfig:
     endpoint: str | None = None  # endpoint mode: the one running vLLM (no model has a cmd)
     adapter_dir: str | None = None  # endpoint mode: <adapter_dir>/<name> adapters load on demand
     sync_interval: float = DEFAULT_SYNC_INTERVAL
+    memory_fraction: float = 0.95  # per-GPU budget = total x this, when GPUs are detected
+    release_timeout: float = 30.0  # how long a stopped model's GPU memory may take to come back
     source: str = "<defaults>"
 
     @property
@@ -91,7 +95,8 @@ class RouterConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "listen": {"host": self.host, "port": self.port},
-            "capacity": {"max_resident": self.max_resident, "memory_gb": self.memory_gb},
+            "capacity": {"max_resident": self.max_resident, "memory_gb": self.memory_gb,
+                         "memory_fraction": self.memory_fraction, "release_timeout": self.release_timeout},
             "load_timeout": self.load_timeout,
             "max_wait": self.max_wait,
             "limits": {"max_body_mb": self.max_body_bytes / (1024 * 1024)},
@@ -119,6 +124,7 @@ def _model_dict(m: ModelConfig) -> dict[str, Any]:
         "health_path": m.health_path,
         "stop_timeout": m.stop_timeout,
         "max_adapters": m.max_adapters,
+        "gpus": list(m.gpus) if m.gpus is not None else "auto",
     }
 
 
@@ -161,9 +167,12 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 _TOP_KEYS = {"listen", "capacity", "load_timeout", "max_wait", "limits", "endpoint", "models"}
 _ENDPOINT_KEYS = {"url", "adapter_dir", "sync_interval"}
 _LISTEN_KEYS = {"host", "port"}
-_CAPACITY_KEYS = {"max_resident", "memory_gb"}
+_CAPACITY_KEYS = {"max_resident", "memory_gb", "memory_fraction", "release_timeout"}
 _LIMIT_KEYS = {"max_body_mb"}
-_MODEL_KEYS = {"cmd", "memory_gb", "aliases", "env", "health_path", "stop_timeout", "adapter", "base", "max_adapters"}
+_MODEL_KEYS = {
+    "cmd", "memory_gb", "aliases", "env", "health_path", "stop_timeout", "adapter", "base", "max_adapters", "gpus",
+}
+_GPU_UTIL_RE = re.compile(r"^--gpu-memory-utilization(?:=(.+))?$")
 _MAX_LORAS_RE = re.compile(r"^--max-loras(?:=(\d+))?$")
 
 
@@ -272,6 +281,22 @@ def _parse_model(c: _Checker, name: object, raw_value: object) -> ModelConfig | 
     max_adapters = _max_loras(cmd) or DEFAULT_MAX_ADAPTERS
     if "max_adapters" in raw:
         max_adapters = c.integer(raw["max_adapters"], f"{where}.max_adapters", minimum=1) or max_adapters
+    gpus: tuple[int, ...] | None = None
+    gpus_raw = raw.get("gpus")
+    if gpus_raw is not None and gpus_raw != "auto":
+        if isinstance(gpus_raw, int) and not isinstance(gpus_raw, bool):
+            gpus_raw = [gpus_raw]
+        if (not isinstance(gpus_raw, list) or not gpus_raw
+                or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus_raw)):
+            c.problems.append(f"{where}.gpus: expected a list of GPU indexes like [0] or [0, 1], or auto")
+        elif len(set(gpus_raw)) != len(gpus_raw):
+            c.problems.append(f"{where}.gpus: duplicate GPU index in {gpus_raw}")
+        else:
+            gpus = tuple(gpus_raw)
+    util = _gpu_util(cmd)
+    if util is not None and not 0 < util <= 1:
+        c.problems.append(f"{where}.cmd: --gpu-memory-utilization must be in (0, 1], got {util:g}")
+        util = None
     return ModelConfig(
         name=name,
         cmd=cmd,
@@ -281,7 +306,21 @@ def _parse_model(c: _Checker, name: object, raw_value: object) -> ModelConfig | 
         health_path=health,
         stop_timeout=stop_timeout,
         max_adapters=max_adapters,
+        gpus=gpus,
+        gpu_memory_utilization=util,
     )
+
+
+def _gpu_util(cmd: tuple[str, ...]) -> float | None:
+    for i, arg in enumerate(cmd):
+        m = _GPU_UTIL_RE.match(arg)
+        if m:
+            value = m.group(1) or (cmd[i + 1] if i + 1 < len(cmd) else "")
+            try:
+                return float(value)
+            except ValueError:
+                return -1.0  # reported as out of range
+    return None
 
 
 def _max_loras(cmd: tuple[str, ...]) -> int | None:
@@ -353,6 +392,11 @@ def build_config(data: object, env: Mapping[str, str] | None = None, source: str
     if env.get("MAX_RESIDENT"):
         max_resident = c.integer(env["MAX_RESIDENT"], "environment MAX_RESIDENT", minimum=1)
     memory_budget = c.number(capacity, "memory_gb", "capacity.memory_gb", minimum=0)
+    fraction = c.number(capacity, "memory_fraction", "capacity.memory_fraction", minimum=0.01)
+    if fraction is not None and fraction > 1:
+        c.problems.append(f"capacity.memory_fraction: must be <= 1, got {fraction:g}")
+        fraction = None
+    release_timeout = c.duration(capacity, "release_timeout", "capacity.release_timeout", 30.0)
     load_timeout = c.duration(top, "load_timeout", "load_timeout", DEFAULT_LOAD_TIMEOUT)
     if env.get("LOAD_TIMEOUT"):
         try:
@@ -429,6 +473,8 @@ def build_config(data: object, env: Mapping[str, str] | None = None, source: str
         endpoint=endpoint,
         adapter_dir=adapter_dir,
         sync_interval=sync_interval,
+        memory_fraction=fraction or 0.95,
+        release_timeout=release_timeout,
         source=source,
     )
 

@@ -24,14 +24,17 @@ from typing import Any
 import aiohttp
 
 from vllm_model_router.catalog import Catalog, Target
-from vllm_model_router.config import ENGINE, RouterConfig
+from vllm_model_router.config import ENGINE, ConfigError, RouterConfig
 from vllm_model_router.drivers.adapters import LoraDriver, fetch_models
 from vllm_model_router.drivers.base import Driver, LoadError
 from vllm_model_router.drivers.endpoint import EndpointDriver
 from vllm_model_router.drivers.multi import MultiDriver
 from vllm_model_router.drivers.process import ProcessDriver
 from vllm_model_router.errors import BadGateway, GatewayTimeout, ModelNotFound, ModelUnavailable, RouterError
+from vllm_model_router.gpu import GpuProbe, NvmlProbe
+from vllm_model_router.gpuwatch import GpuWatch
 from vllm_model_router.lifecycle import EventLog
+from vllm_model_router.memory import MemoryNeed, check_fit, gpu_budgets, resolve_needs
 from vllm_model_router.scheduler import (
     AdminUnload,
     Effect,
@@ -61,7 +64,10 @@ from vllm_model_router.scheduler import (
 log = logging.getLogger("vllm_model_router.runtime")
 
 
-def scheduler_specs(config: RouterConfig) -> dict[str, ModelSpec | float]:
+AUTO = "auto"
+
+
+def scheduler_specs(config: RouterConfig, needs: dict[str, MemoryNeed]) -> dict[str, ModelSpec | float]:
     """The scheduler's view of the configured models (endpoint mode: the engine plus its adapters)."""
     specs: dict[str, ModelSpec | float] = {}
     if config.endpoint_mode:
@@ -70,14 +76,26 @@ def scheduler_specs(config: RouterConfig) -> dict[str, ModelSpec | float]:
         if m.is_adapter:
             specs[name] = ModelSpec(base=m.base or ENGINE)
         else:
-            specs[name] = ModelSpec(memory_gb=m.memory_gb, max_adapters=m.max_adapters)
+            specs[name] = ModelSpec(memory_gb=needs[name].gb, max_adapters=m.max_adapters, gpus=m.gpus)
     # bases before their adapters, whatever the config order
     return dict(sorted(specs.items(), key=lambda kv: isinstance(kv[1], ModelSpec) and kv[1].base is not None))
 
 
 class Runtime:
-    def __init__(self, config: RouterConfig, driver: Driver | None = None) -> None:
+    def __init__(self, config: RouterConfig, driver: Driver | None = None,
+                 probe: GpuProbe | str | None = AUTO) -> None:
         self.config = config
+        self.probe: GpuProbe | None = NvmlProbe.create() if probe == AUTO else probe  # type: ignore[assignment]
+        devices = self.probe.devices() if self.probe is not None else []
+        if self.probe is None:
+            log.info("No NVIDIA GPU found (NVML unavailable): accounting memory from declarations only")
+        else:
+            log.info("GPUs: %s", ", ".join(f"{d.index}: {d.name} {d.total_gb:.1f} GB" for d in devices))
+        self.needs = resolve_needs(config, devices)
+        self.gpu_budgets = gpu_budgets(config, devices)
+        problems = check_fit(config, devices, self.needs)
+        if problems:
+            raise ConfigError(problems)
         self.catalog = Catalog(config)
         self._control: aiohttp.ClientSession | None = None  # load/unload/sync calls to engines
         self.endpoint_driver: EndpointDriver | None = None
@@ -85,9 +103,13 @@ class Runtime:
         self.driver: Driver = driver if driver is not None else self._default_driver()
         self._loop = asyncio.get_running_loop()
         self._sync_task: asyncio.Task[None] | None = None
+        self.gpuwatch = (
+            GpuWatch(self.probe, config.release_timeout, self._our_pids) if self.probe is not None else None
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
-                models=scheduler_specs(config),
+                models=scheduler_specs(config, self.needs),
+                gpu_memory_gb=self.gpu_budgets,
                 max_resident=config.max_resident,
                 memory_gb=config.memory_gb,
                 load_timeout=config.load_timeout,
@@ -310,11 +332,11 @@ class Runtime:
                         else ModelUnavailable(message)
                     )
                     fut.set_exception(err)
-            case StartLoad(model):
+            case StartLoad(model, gpus):
                 adapter = self.catalog.adapter_path(model) if self.is_adapter(model) else None
                 log.info("Loading model %s as served name %s", adapter or model, model)
                 self.events.emit("load_started", model, "requested")
-                self._spawn(model, self._load(model))
+                self._spawn(model, self._load(model, gpus))
             case StopModel(model, reason, force):
                 log.info("Unloading model %s (%s)", model, reason)
                 self.events.emit("unloading", model, reason, force=force)
@@ -340,10 +362,12 @@ class Runtime:
 
         task.add_done_callback(done)
 
-    async def _load(self, model: str) -> None:
+    async def _load(self, model: str, gpus: tuple[int, ...] = ()) -> None:
         started = time.monotonic()
         try:
-            await self.driver.start(model)
+            if self.gpuwatch is not None and model in self.needs:
+                await self.gpuwatch.ensure_free(model, gpus, self.needs[model].gb)
+            await self.driver.start(model, gpus)
         except LoadError as e:
             log.error("Failed to load model %s: %s", model, e)
             self.events.emit("load_failed", model, str(e), seconds=time.monotonic() - started)
@@ -362,6 +386,10 @@ class Runtime:
         self._submit(LoadDone(model, True))
 
     async def _stop(self, model: str, force: bool, previous: asyncio.Task[None] | None) -> None:
+        pids = set(self.driver.pids(model))
+        gpus = next((v.gpus for v in self.views() if v.name == model), ())
+        watch = self.gpuwatch if gpus and model in self.needs else None
+        free_before = watch.free_gb(gpus) if watch is not None else {}
         if previous is not None and not previous.done():
             previous.cancel()  # a load in progress: its cleanup reaps the process
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -370,9 +398,29 @@ class Runtime:
             await self.driver.stop(model, force)
         except Exception:
             log.exception("error while stopping %s", model)
+        pids |= set(self.driver.pids(model))  # (none, normally: the driver waited for the group to go)
+        if watch is not None:
+            report = await watch.wait_released(model, gpus, pids, self.needs[model].gb, free_before)
+            if report is not None:
+                self.events.emit("memory_not_released", model, report)
         log.info("Model %s unloaded", model)
         self.events.emit("unloaded", model, "stopped")
         self._submit(StopDone(model))
+
+    def _our_pids(self) -> set[int]:
+        """Every live process of every model the router started."""
+        return {pid for v in self.views() if not v.external for pid in self.driver.pids(v.name)}
+
+    def gpu_view(self) -> list[dict[str, Any]]:
+        """Per GPU: total, budget, reserved by resident models, used by others, free (empty without GPUs)."""
+        if self.gpuwatch is None or self.gpu_budgets is None:
+            return []
+        reserved: dict[int, float] = {g: 0.0 for g in self.gpu_budgets}
+        for v in self.views():
+            if v.state in (State.LOADING, State.LOADED, State.UNLOADING):
+                for g in v.gpus:
+                    reserved[g] = reserved.get(g, 0.0) + v.memory_gb
+        return self.gpuwatch.view(self.gpu_budgets, reserved)
 
     # ----------------------------------------------------------- shutdown
     async def close(self) -> None:

@@ -98,7 +98,10 @@ def alive(pid: int) -> bool:
 async def assert_no_processes_left(marker: str, grace: float = 2.0) -> None:
     """Fail (after killing them) if processes of this test are still alive after ``grace`` seconds."""
     deadline = time.monotonic() + grace
-    while (left := marked_processes(marker)) and time.monotonic() < deadline:
+    while True:
+        left = marked_processes(marker)
+        if not left or time.monotonic() >= deadline:
+            break
         await asyncio.sleep(0.05)
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
@@ -242,12 +245,12 @@ def _client_session() -> aiohttp.ClientSession:
 
 @contextlib.asynccontextmanager
 async def in_process_router(
-    models: Mapping[str, Mapping[str, Any]], marker: str, **settings: Any
+    models: Mapping[str, Mapping[str, Any]], marker: str, probe: Any = None, **settings: Any
 ) -> AsyncIterator[Router]:
     """The router application in this event loop on a free port; on exit it is shut down (stopping every
-    model) and no process of ``marker`` may be left."""
+    model) and no process of ``marker`` may be left. ``probe``: a fake GPU probe (default: no GPU)."""
     config = build_config(router_data(models, marker, **settings), env={}, source="<test>")
-    app = build_app(config)
+    app = build_app(config, probe=probe)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
@@ -263,7 +266,7 @@ async def in_process_router(
 
 @dataclass
 class RouterProcess:
-    proc: subprocess.Popen[bytes]
+    proc: asyncio.subprocess.Process
     router: Router
     log_path: Path
 
@@ -286,8 +289,8 @@ async def router_process(
     log_path = workdir / "router.log"
     env = {**os.environ, "PORT": str(port), "LOG_LEVEL": "info"}
     with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm_model_router", "serve", "--config", str(config_path)],
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "vllm_model_router", "serve", "--config", str(config_path),
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
     handle: RouterProcess | None = None
@@ -296,7 +299,7 @@ async def router_process(
             handle = RouterProcess(proc, Router(f"http://127.0.0.1:{port}", session, marker), log_path)
             deadline = time.monotonic() + 15
             while True:
-                if proc.poll() is not None:
+                if proc.returncode is not None:
                     pytest.fail(f"router exited with {proc.returncode}:\n{handle.log()}")
                 with contextlib.suppress(aiohttp.ClientError, OSError):
                     if (await handle.router.get("/health", timeout=1)).status == 200:
@@ -306,12 +309,12 @@ async def router_process(
                 await asyncio.sleep(0.05)
             yield handle
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(asyncio.to_thread(proc.wait), 15)
+                await asyncio.wait_for(proc.wait(), 15)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                await proc.wait()
         await assert_no_processes_left(marker)

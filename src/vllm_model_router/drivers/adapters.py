@@ -88,7 +88,7 @@ class LoraDriver:
             raise LoadError(f"base model {base} of adapter {model} is not running")
         return url
 
-    async def start(self, model: str) -> None:
+    async def start(self, model: str, gpus: tuple[int, ...] = ()) -> None:
         url = self._url(model)
         path = self._path_of(model)
         self._note(model, f"loading {path} on {url}")
@@ -141,6 +141,9 @@ class LoraDriver:
 
     def logs(self, model: str, lines: int) -> list[str]:
         return list(self._logs.get(model, ()))[-lines:] if lines > 0 else []
+
+    def pids(self, model: str) -> list[int]:
+        return []
 
     async def close(self) -> None:
         pass  # adapters live and die with their engine

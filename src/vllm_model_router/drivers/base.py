@@ -30,8 +30,9 @@ ExitCallback = Callable[[str, str], None]
 class Driver(Protocol):
     def set_exit_callback(self, callback: ExitCallback) -> None: ...
 
-    async def start(self, model: str) -> None:
-        """Make the model servable; return when it answers its health check, raise LoadError otherwise.
+    async def start(self, model: str, gpus: tuple[int, ...] = ()) -> None:
+        """Make the model servable (on ``gpus`` when the router placed it); return when it answers its
+        health check, raise LoadError otherwise.
 
         On failure nothing of the model may be left running. Cancellation (a stop during a load)
         must also leave nothing behind once ``stop`` returns.
@@ -48,6 +49,9 @@ class Driver(Protocol):
 
     def logs(self, model: str, lines: int) -> list[str]:
         """The last lines the model's server printed."""
+
+    def pids(self, model: str) -> list[int]:
+        """Every live process of the model (empty for models without processes of their own)."""
 
     async def close(self) -> None:
         """Stop everything this driver started."""

@@ -17,7 +17,7 @@ class EndpointDriver:
     def set_exit_callback(self, callback: ExitCallback) -> None:
         pass
 
-    async def start(self, model: str) -> None:
+    async def start(self, model: str, gpus: tuple[int, ...] = ()) -> None:
         pass
 
     async def stop(self, model: str, force: bool = False) -> None:
@@ -30,6 +30,9 @@ class EndpointDriver:
         return {"url": self.url, "reachable": self.reachable, "pid": None, "port": None}
 
     def logs(self, model: str, lines: int) -> list[str]:
+        return []
+
+    def pids(self, model: str) -> list[int]:
         return []
 
     async def close(self) -> None:

@@ -26,8 +26,8 @@ class MultiDriver:
         for d in self._drivers:
             d.set_exit_callback(callback)
 
-    async def start(self, model: str) -> None:
-        await self._by_model[model].start(model)
+    async def start(self, model: str, gpus: tuple[int, ...] = ()) -> None:
+        await self._by_model[model].start(model, gpus)
 
     async def stop(self, model: str, force: bool = False) -> None:
         await self._by_model[model].stop(model, force)
@@ -43,6 +43,10 @@ class MultiDriver:
     def logs(self, model: str, lines: int) -> list[str]:
         d = self._by_model.get(model)
         return d.logs(model, lines) if d is not None else []
+
+    def pids(self, model: str) -> list[int]:
+        d = self._by_model.get(model)
+        return d.pids(model) if d is not None else []
 
     async def close(self) -> None:
         await asyncio.gather(*(d.close() for d in self._drivers), return_exceptions=True)

@@ -71,13 +71,15 @@ class ProcessDriver:
         return self._session
 
     # ------------------------------------------------------------------ start
-    async def start(self, model: str) -> None:
+    async def start(self, model: str, gpus: tuple[int, ...] = ()) -> None:
         cfg = self._models[model]
         if model in self._instances:
             raise LoadError(f"{model} is already running (pid {self._instances[model].pid})")
         port = procs.free_port(self._host)
         argv = cfg.argv(port)
         env = {**os.environ, **cfg.env}
+        if gpus:  # where the router placed it (or its fixed gpus)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
         buf = self._logs[model]
         buf.append(f"--- starting: {' '.join(argv)}")
         self._publish(model, buf[-1])
@@ -233,6 +235,10 @@ class ProcessDriver:
         for q in self._log_followers.get(model, ()):
             with contextlib.suppress(asyncio.QueueFull):
                 q.put_nowait(line)
+
+    def pids(self, model: str) -> list[int]:
+        inst = self._instances.get(model)
+        return procs.group_members(inst.pid) if inst is not None else []
 
     def running_pids(self) -> list[int]:
         return [inst.pid for inst in self._instances.values()]

@@ -1,0 +1,75 @@
+"""How much memory each model needs, per GPU, and where that figure came from.
+
+Sources, in order: ``memory_gb`` as declared; ``--gpu-memory-utilization U`` in the model's command x
+the total memory of the GPU it runs on (vLLM reserves exactly that); with no GPU detected, U x
+``capacity.memory_gb``; otherwise nothing is counted. ``check-config`` and ``/admin/models`` show the
+source next to the figure, because a wrong figure is the usual reason for an OOM or a needless eviction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm_model_router.config import ModelConfig, RouterConfig
+from vllm_model_router.gpu import GpuMemory
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryNeed:
+    gb: float  # per GPU the model is placed on (or in the single pool when no GPU is known)
+    source: str
+
+
+def model_need(m: ModelConfig, config: RouterConfig, devices: list[GpuMemory]) -> MemoryNeed:
+    if m.is_adapter:
+        return MemoryNeed(0.0, f"adapter: shares the memory of {m.base or 'the engine'}")
+    if m.memory_gb > 0:
+        return MemoryNeed(m.memory_gb, "memory_gb (declared)")
+    util = m.gpu_memory_utilization
+    if util is not None:
+        candidates = [d for d in devices if m.gpus is None or d.index in m.gpus]
+        if candidates:
+            gpu = max(candidates, key=lambda d: d.total_gb)
+            return MemoryNeed(util * gpu.total_gb,
+                              f"--gpu-memory-utilization {util:g} x {gpu.total_gb:.1f} GB (GPU {gpu.index})")
+        if config.memory_gb is not None:
+            return MemoryNeed(util * config.memory_gb,
+                              f"--gpu-memory-utilization {util:g} x capacity.memory_gb {config.memory_gb:g} GB "
+                              f"(no GPU detected)")
+        return MemoryNeed(0.0, f"--gpu-memory-utilization {util:g}: not counted (no GPU detected and no "
+                               f"capacity.memory_gb)")
+    return MemoryNeed(0.0, "not declared: not counted (set memory_gb or --gpu-memory-utilization)")
+
+
+def resolve_needs(config: RouterConfig, devices: list[GpuMemory]) -> dict[str, MemoryNeed]:
+    return {name: model_need(m, config, devices) for name, m in config.models.items()}
+
+
+def gpu_budgets(config: RouterConfig, devices: list[GpuMemory]) -> dict[int, float] | None:
+    """Per-GPU budgets when GPUs are detected: capacity.memory_gb (per GPU) or total x memory_fraction."""
+    if not devices:
+        return None
+    return {d.index: config.memory_gb if config.memory_gb is not None else d.total_gb * config.memory_fraction
+            for d in devices}
+
+
+def check_fit(config: RouterConfig, devices: list[GpuMemory], needs: dict[str, MemoryNeed]) -> list[str]:
+    """Problems that make a model impossible to place on the detected GPUs."""
+    problems: list[str] = []
+    budgets = gpu_budgets(config, devices)
+    if budgets is None:
+        return problems
+    for name, m in config.models.items():
+        if m.is_adapter:
+            continue
+        if m.gpus is not None:
+            missing = [g for g in m.gpus if g not in budgets]
+            if missing:
+                problems.append(f"models.{name}.gpus: no GPU {missing} (detected: {sorted(budgets)})")
+                continue
+        where = m.gpus if m.gpus is not None else tuple(budgets)
+        best = max(budgets[g] for g in where) if m.gpus is None else min(budgets[g] for g in where)
+        if needs[name].gb > best + 1e-9:
+            problems.append(f"models.{name}: needs {needs[name].gb:.1f} GB per GPU ({needs[name].source}), more "
+                            f"than the budget of its GPUs ({best:.1f} GB)")
+    return problems

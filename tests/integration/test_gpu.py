@@ -1,0 +1,197 @@
+"""GPU memory accounting with a fake NVML probe whose memory follows the real model processes.
+
+Each fake-engine process "holds" ``SIM_NEED_GB`` on every GPU of its ``CUDA_VISIBLE_DEVICES`` (read
+from the process table) while it lives, and for ``linger`` seconds after it died (or for ever), the
+way a stopped vLLM can hold its memory. Processes of the test's marker that set ``SIM_FOREIGN_GB`` play
+someone else's job on the GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vllm_model_router.gpu import GpuMemory, GpuProcess
+
+from .conftest import StartRouter
+from .support import MARKER_VAR, engine
+
+TOTAL = 80.0
+
+
+class SimProbe:
+    def __init__(self, marker: str, gpus: int = 2, linger: float = 0.0) -> None:
+        self.marker = marker
+        self.count = gpus
+        self.linger = linger  # seconds a dead process's memory stays in use (inf: for ever)
+        self._last_seen: dict[int, tuple[float, tuple[int, ...], float]] = {}
+
+    def _live(self) -> dict[int, tuple[tuple[int, ...], float]]:
+        found: dict[int, tuple[tuple[int, ...], float]] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                env = dict(kv.split(b"=", 1) for kv in (entry / "environ").read_bytes().split(b"\0") if b"=" in kv)
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if env.get(MARKER_VAR.encode()) != self.marker.encode() or stat[stat.rfind(")") + 2] in "ZX":
+                continue
+            if b"SIM_FOREIGN_GB" in env:
+                found[int(entry.name)] = ((0,), float(env[b"SIM_FOREIGN_GB"]))
+            elif b"SIM_NEED_GB" in env and b"CUDA_VISIBLE_DEVICES" in env:
+                gpus = tuple(int(g) for g in env[b"CUDA_VISIBLE_DEVICES"].split(b","))
+                found[int(entry.name)] = (gpus, float(env[b"SIM_NEED_GB"]))
+        return found
+
+    def _holders(self) -> dict[int, tuple[tuple[int, ...], float]]:
+        now = time.monotonic()
+        live = self._live()
+        for pid, (gpus, gb) in live.items():
+            self._last_seen[pid] = (now, gpus, gb)
+        held = dict(live)
+        for pid, (seen, gpus, gb) in self._last_seen.items():
+            if pid not in live and now - seen < self.linger:
+                held[pid] = (gpus, gb)
+        return held
+
+    def devices(self) -> list[GpuMemory]:
+        held = self._holders()
+        out = []
+        for i in range(self.count):
+            used = sum(gb for gpus, gb in held.values() if i in gpus)
+            out.append(GpuMemory(i, f"Sim GPU {i}", TOTAL, used, max(0.0, TOTAL - used)))
+        return out
+
+    def processes(self, index: int) -> list[GpuProcess]:
+        return [GpuProcess(pid, gb) for pid, (gpus, gb) in sorted(self._holders().items()) if index in gpus]
+
+
+def gpu_model(need: float, *args: str, **settings: object) -> dict[str, object]:
+    m = engine(*args, **settings)
+    m["memory_gb"] = need
+    m["env"] = {"SIM_NEED_GB": str(need)}
+    return m
+
+
+def environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(kv.decode().split("=", 1) for kv in raw if b"=" in kv)
+
+
+async def test_models_are_placed_per_gpu_and_started_there(start_router: StartRouter, marker: str) -> None:
+    probe = SimProbe(marker)
+    r = await start_router({"a": gpu_model(50), "b": gpu_model(50), "c": gpu_model(25),
+                            "tp": gpu_model(20, gpus=[0, 1])}, probe=probe, capacity={"max_resident": 4})
+    for name in ("a", "b", "c"):
+        assert (await r.chat(name)).status == 200
+    views = await r.models()
+    assert views["a"]["gpus"] == [0] and views["b"]["gpus"] == [1]
+    assert views["c"]["gpus"] == [0]  # best fit: 30 GB left on both, the first wins
+    assert environ(views["b"]["pid"])["CUDA_VISIBLE_DEVICES"] == "1"
+    assert views["a"]["memory_source"] == "memory_gb (declared)"
+    gpus = {g["index"]: g for g in (await r.get("/admin/models")).json()["gpus"]}
+    assert gpus[0]["reserved_gb"] == 75 and gpus[1]["reserved_gb"] == 50
+    assert gpus[0]["budget_gb"] == pytest.approx(TOTAL * 0.95) and gpus[0]["used_by_others_gb"] == 0
+    assert gpus[0]["free_gb"] == TOTAL - 75
+    # a model on two GPUs needs 20 GB on both: GPU 1 has room, GPU 0 (a + c = 75 of 76) does not; a is
+    # the least recently used model there, and only it goes (b, on GPU 1, would free nothing useful)
+    assert (await r.chat("tp")).status == 200
+    views = await r.models()
+    assert views["tp"]["gpus"] == [0, 1] and environ(views["tp"]["pid"])["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert {n for n, v in views.items() if v["state"] == "loaded"} == {"b", "c", "tp"}
+    gpus = {g["index"]: g for g in (await r.get("/admin/models")).json()["gpus"]}
+    assert gpus[0]["reserved_gb"] == 45 and gpus[1]["reserved_gb"] == 70
+
+
+async def test_memory_held_by_others_is_named_instead_of_crashing_the_engine(
+    start_router: StartRouter, marker: str
+) -> None:
+    probe = SimProbe(marker, gpus=1)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             env={**os.environ, MARKER_VAR: marker, "SIM_FOREIGN_GB": "60"})
+    try:
+        r = await start_router({"m": gpu_model(36)}, probe=probe)
+        reply = await r.chat("m")
+        assert reply.status == 503
+        message = reply.error["message"]
+        assert "GPU 0 has 20.0 GB free" in message and "needs 36.0 GB" in message
+        assert f"pid {other.pid}" in message and "60.0 GB" in message
+        view = (await r.get("/admin/models")).json()
+        assert view["gpus"][0]["used_by_others_gb"] == 60
+        assert view["gpus"][0]["others"][0]["pid"] == other.pid
+        assert (await r.model("m"))["state"] == "failed"
+        other.kill()
+        other.wait()
+        assert (await r.chat("m")).status == 200  # the next request tries again, and now it fits
+    finally:
+        other.kill()
+        other.wait()
+
+
+async def test_next_start_waits_until_the_stopped_models_memory_is_back(
+    start_router: StartRouter, marker: str
+) -> None:
+    probe = SimProbe(marker, gpus=1, linger=1.0)
+    r = await start_router({"a": gpu_model(60), "b": gpu_model(60)}, probe=probe,
+                           capacity={"max_resident": 2, "release_timeout": 10})
+    assert (await r.chat("a")).status == 200
+    stopped = time.monotonic()
+    reply = await r.chat("b")
+    assert reply.status == 200, reply.body
+    assert time.monotonic() - stopped >= 1.0  # a's memory lingered for a second: b waited for it
+    events = [e.kind for e in r.runtime.events.recent() if e.model in ("a", "b")]
+    assert "memory_not_released" not in events
+    assert events.index("unloaded") < events.index("load_started", events.index("unloading"))
+
+
+async def test_memory_never_released_is_reported_and_stragglers_killed(
+    start_router: StartRouter, marker: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vllm_model_router")
+    probe = SimProbe(marker, gpus=1, linger=float("inf"))
+    r = await start_router({"a": gpu_model(60), "b": gpu_model(10)}, probe=probe,
+                           capacity={"max_resident": 1, "release_timeout": 0.5})
+    assert (await r.chat("a")).status == 200
+    reply = await r.chat("b")  # a is evicted; its memory never comes back, yet b fits in what is left
+    assert reply.status == 200, reply.body
+    reports = [e for e in r.runtime.events.recent() if e.kind == "memory_not_released"]
+    assert len(reports) == 1 and reports[0].model == "a" and "GPU memory not released" in reports[0].reason
+    assert "GPU memory not released" in caplog.text
+
+
+def test_check_config_says_where_each_figure_came_from(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "capacity: {memory_gb: 80}\n"
+        "models:\n"
+        "  a: {cmd: 'vllm serve a --port ${PORT} --gpu-memory-utilization 0.45'}\n"
+        "  b: {cmd: 'vllm serve b --port ${PORT}', memory_gb: 20}\n"
+        "  c: {cmd: 'vllm serve c --port ${PORT}'}\n"
+    )
+    out = subprocess.run([sys.executable, "-m", "vllm_model_router", "check-config", str(cfg)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "a: 36.0 GB from --gpu-memory-utilization 0.45 x capacity.memory_gb 80 GB (no GPU detected)" in out
+    assert "b: 20.0 GB from memory_gb (declared)" in out
+    assert "c: 0.0 GB from not declared" in out
+
+
+async def test_without_a_gpu_the_router_says_so_once_and_works(
+    start_router: StartRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vllm_model_router")
+    from vllm_model_router.runtime import AUTO
+
+    r = await start_router({"m": engine()}, probe=AUTO)
+    assert (await r.chat("m")).status == 200
+    assert caplog.text.count("accounting memory from declarations only") == 1
+    assert (await r.get("/admin/models")).json()["gpus"] == []
+    await asyncio.sleep(0)
