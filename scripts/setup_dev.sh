@@ -11,6 +11,14 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
 fi
+if [[ -n "$extras" && ! -x /usr/bin/chromium ]]; then
+  # the dashboard's browser tests drive Debian's chromium through Playwright (no browser download)
+  echo "==> installing chromium (browser tests)"
+  sudo=""
+  if [[ $(id -u) -ne 0 ]]; then sudo="sudo"; fi
+  $sudo apt-get update -q
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+fi
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)${extras}"
 if [[ ! -f "$stamp" ]]; then
   echo "==> installing vllm-model-router${extras} into .venv"

@@ -100,15 +100,18 @@ async def admin_unpin(request: web.Request) -> web.Response:
     return web.json_response(_view(runtime, name))
 
 
-def _sse(event: LifecycleEvent) -> bytes:
-    return f"id: {event.seq}\nevent: {event.kind}\ndata: {json.dumps(event.to_dict())}\n\n".encode()
+def _sse(event: LifecycleEvent, named: bool = True) -> bytes:
+    kind = f"event: {event.kind}\n" if named else ""
+    return f"id: {event.seq}\n{kind}data: {json.dumps(event.to_dict())}\n\n".encode()
 
 
 async def admin_events(request: web.Request) -> web.StreamResponse:
     """Server-sent lifecycle events: the recent history first (``?history=N``, or after ``Last-Event-ID``),
-    then each event as it happens."""
+    then each event as it happens. ``?named=false`` leaves out the ``event:`` line, so that a browser's
+    EventSource gets every kind, present and future, through ``onmessage``."""
     runtime = request.app[RUNTIME]
     history = _int_param(request, "history", EVENT_HISTORY_DEFAULT, 10000)
+    named = request.query.get("named", "true").lower() not in ("0", "false", "no")
     last_id: int | None = None
     with contextlib.suppress(ValueError):
         last_id = int(request.headers.get("Last-Event-ID", ""))
@@ -120,7 +123,7 @@ async def admin_events(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
-        await resp.write(b"retry: 2000\n\n" + b"".join(_sse(e) for e in backlog))
+        await resp.write(b"retry: 2000\n\n" + b"".join(_sse(e, named) for e in backlog))
         sent = backlog[-1].seq if backlog else 0
         closing = request.app[CLOSING]
         while True:
@@ -130,7 +133,7 @@ async def admin_events(request: web.Request) -> web.StreamResponse:
             fresh = [e for e in batch if e.seq > sent]
             if fresh:
                 sent = fresh[-1].seq
-            await resp.write(b"".join(_sse(e) for e in fresh) if fresh else b": keepalive\n\n")
+            await resp.write(b"".join(_sse(e, named) for e in fresh) if fresh else b": keepalive\n\n")
         return resp
     finally:
         runtime.events.unsubscribe(q)

@@ -46,12 +46,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, fmt: str = "text") -> None:
-    if fmt not in FORMATS:
-        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if fmt not in FORMATS:  # only possible through LOG_FORMAT: the command line checks its choices
+        logging.getLogger("vllm_model_router").warning("unknown log format %r (expected %s): using text",
+                                                       fmt, " or ".join(FORMATS))
 
 
 def _value(v: Any) -> str:

@@ -122,6 +122,9 @@ class RouterMetrics:
         self.exits = Counter("router_model_exits", "Loaded models whose server exited by itself",
                              ["model"], registry=r)
         r.register(_SchedulerCollector(runtime))
+        # labelled children, looked up once (``labels()`` validates and locks on every call)
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._wait_children: dict[str, Histogram] = {}
         runtime.events.add_listener(self.on_event)
 
     # ------------------------------------------------------------ lifecycle events
@@ -141,12 +144,20 @@ class RouterMetrics:
 
     # ------------------------------------------------------------ RequestObserver
     def waited(self, model: str, seconds: float) -> None:
-        self.wait_seconds.labels(model).observe(seconds)
+        child = self._wait_children.get(model)
+        if child is None:
+            child = self._wait_children[model] = self.wait_seconds.labels(model)
+        child.observe(seconds)
 
     def request_done(self, model: str, path: str, status: int, first_byte_seconds: float) -> None:
         endpoint = endpoint_label(path, served=bool(model) and status != 404)
-        self.requests.labels(model, endpoint, str(status)).inc()
-        self.request_seconds.labels(model, endpoint).observe(first_byte_seconds)
+        key = (model, endpoint, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (self.requests.labels(model, endpoint, str(status)),
+                                                       self.request_seconds.labels(model, endpoint))
+        children[0].inc()
+        children[1].observe(first_byte_seconds)
 
     # ------------------------------------------------------------ exposition
     def render(self, accept: str) -> tuple[bytes, str]:

@@ -140,13 +140,16 @@ def openapi_spec(version: str) -> dict[str, Any]:
             "tags": ["admin"], "summary": "Lifecycle events (server-sent events)", "operationId": "events",
             "description": "The recent history first, then every event as it happens. Each message is "
                            "`id: <seq>`, `event: <kind>` and `data: <LifecycleEvent as JSON>`; comments are sent "
-                           "as keep-alives. Kinds: load_started, loaded, load_failed, unloading, unloaded, exited, "
-                           "rejected, pinned, unpinned.",
+                           "as keep-alives. Kinds include load_started, loaded, load_failed, unloading, unloaded, "
+                           "exited, rejected, pinned, unpinned, found, gone, memory_not_released.",
             "parameters": [
                 {"name": "history", "in": "query", "required": False, "description": "How many past events first",
                  "schema": {"type": "integer", "minimum": 0, "default": 50}},
                 {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "integer"},
                  "description": "Resume: send the events after this one instead of `history`"},
+                {"name": "named", "in": "query", "required": False, "schema": {"type": "boolean", "default": True},
+                 "description": "false: no `event:` line, so a browser EventSource receives every kind through "
+                                "`onmessage`"},
             ],
             "responses": {"200": {"description": "Event stream",
                                   "content": {"text/event-stream": {"schema": _ref("LifecycleEvent")}}},

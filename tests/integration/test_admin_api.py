@@ -98,6 +98,11 @@ async def test_event_stream_sends_history_then_live_events_and_resumes_after_las
             assert missed[0]["data"]["reason"] == "unloaded by operator"
             assert int(missed[0]["id"]) == int(last_seen) + 1
 
+        # for a browser's EventSource: no event names, every kind arrives as a plain message
+        async with s.get(r.url + "/admin/events?history=1&named=false") as resp:
+            last = await SSEReader(resp).next()
+            assert "event" not in last and last["data"]["kind"] == "unloaded"
+
         async with s.get(r.url + "/admin/events?history=x") as resp:
             assert resp.status == 400
 

@@ -60,7 +60,8 @@ def assert_incremental(times: list[float], chunks: int, chunk_delay: float) -> N
     span = times[chunks - 1] - times[0]
     assert span >= (chunks - 1) * chunk_delay * 0.75, times
     gaps = [b - a for a, b in itertools.pairwise(times[:chunks])]
-    assert all(g >= chunk_delay * 0.5 for g in gaps), gaps
+    # buffering would deliver them together; allow one gap squeezed by a scheduling hiccup
+    assert sum(g >= chunk_delay * 0.5 for g in gaps) >= len(gaps) - 1, gaps
 
 
 # --------------------------------------------------------------------------------------- basics

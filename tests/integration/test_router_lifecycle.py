@@ -20,7 +20,7 @@ import pytest
 from vllm_model_router import procs
 
 from .conftest import StartRouter, StartRouterProcess
-from .support import Router, alive, chat_body, engine, marked_processes
+from .support import Router, alive, chat_body, engine, marked_processes, wait_until
 
 LOG = "vllm_model_router"
 
@@ -166,6 +166,7 @@ async def test_load_never_starts_while_the_evicted_model_is_still_stopping(
     )
     pid_s = pid_of(await r.chat("stubborn"))
     task = asyncio.create_task(r.chat("next"))
+    more: list[asyncio.Task[Any]] = []  # clients that keep arriving while stubborn is stopping
     seen: set[tuple[str, str]] = set()
     overlaps: list[tuple[list[int], int]] = []
     while not task.done():
@@ -175,16 +176,21 @@ async def test_load_never_starts_while_the_evicted_model_is_still_stopping(
         next_pid = (await r.model("next"))["pid"]
         if left and next_pid is not None:
             overlaps.append((left, next_pid))
-        await asyncio.sleep(0.02)
+        if statuses["stubborn"] == "unloading" and len(more) < 5:
+            more.append(asyncio.create_task(r.chat("next")))
+        await asyncio.sleep(0.05)
     reply = await task
     assert reply.status == 200
+    assert more and {x.status for x in await asyncio.gather(*more)} == {200}
     assert not overlaps, "next started while stubborn's process group was still alive"
     # stubborn ignored SIGTERM: it was SIGKILLed after its stop_timeout, and only then did next load
     assert reply.elapsed >= 1.0
     assert ("unloading", "unloaded") in seen
     assert ("unloaded", "loading") in seen
     assert not procs.group_members(pid_s)
-    assert events(r, "unloaded", "stubborn")[0].seq < events(r, "load_started", "next")[0].seq
+    unloading, unloaded = events(r, "unloading", "stubborn")[0], events(r, "unloaded", "stubborn")[0]
+    assert 0.9 <= unloaded.time - unloading.time < 3.0  # SIGKILL came right after stop_timeout (1 s)
+    assert unloaded.seq < events(r, "load_started", "next")[0].seq
     assert any("ignored SIGTERM" in m and "were killed" in m for m in caplog.messages)
 
 
@@ -376,8 +382,9 @@ async def test_router_process_sigterm_stops_every_model(start_router_process: St
         {
             "spawner": engine("--spawn-child", aliases=["sp"]),
             "stubborn": engine("--ignore-sigterm", "--spawn-child"),  # stop_timeout 1 s
+            "slow": engine("--startup-delay", "5", "--spawn-child"),  # still loading at shutdown
         },
-        capacity={"max_resident": 2},
+        capacity={"max_resident": 3},
     )
     r = rp.router
     reply = await r.chat("sp")
@@ -387,15 +394,23 @@ async def test_router_process_sigterm_stops_every_model(start_router_process: St
     view = await r.model("spawner")
     assert (await r.engine_state("spawner"))["port"] == view["port"]  # ${PORT} is where it listens
     assert (await r.post("/admin/models/stubborn/load")).status == 200
-    running = marked_processes(r.marker)
-    assert len(running) == 4, running  # two servers, two workers
+
+    leaving = asyncio.create_task(r.chat("slow"))  # starts the load; its client then goes away
+    await r.wait_model("slow", lambda v: v["state"] == "loading" and v["pid"] is not None, what="slow loading")
+    await wait_until(lambda: len(marked_processes(r.marker)) == 6, what="six processes")  # 3 servers, 3 workers
+    leaving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await leaving
+    await r.wait_model("slow", lambda v: v["waiting"] == 0, what="the client gone")
+    assert (await r.model("slow"))["state"] == "loading"
 
     started = time.monotonic()
     rp.proc.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(asyncio.to_thread(rp.proc.wait), 15) == 0
-    assert time.monotonic() - started >= 1.0  # stubborn needed its SIGKILL after stop_timeout
+    assert await asyncio.wait_for(rp.proc.wait(), 15) == 0
+    assert 1.0 <= time.monotonic() - started < 5  # stubborn needed its SIGKILL after stop_timeout
     assert marked_processes(r.marker) == {}
     log = rp.log()
     assert "Loading model spawner as served name spawner" in log
     assert "Loading model stubborn as served name stubborn" in log
+    assert "Loading model slow as served name slow" in log
     assert "shutdown complete" in log

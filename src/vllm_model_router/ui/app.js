@@ -6,8 +6,6 @@
 const KEY_STORAGE = "vllm-model-router.admin-key";
 const POLL_MS = 5000;
 const MAX_EVENTS = 200;
-const KINDS = ["load_started", "loaded", "load_failed", "unloading", "unloaded", "exited", "rejected",
-               "pinned", "unpinned"];
 const RESIDENT = new Set(["loading", "loaded", "unloading"]);
 
 const $ = (sel) => document.querySelector(sel);
@@ -108,7 +106,10 @@ function renderModels(data) {
     const canUnload = m.state === "loaded" || m.state === "loading";
     const nameCell = el("td", {}, el("span", { class: "name", text: m.name }));
     if (m.pinned) nameCell.append(el("span", { class: "pin", title: "pinned: never evicted", text: "pinned" }));
-    if (m.aliases && m.aliases.length) nameCell.append(el("div", { class: "aliases", text: m.aliases.join(", ") }));
+    if (m.aliases && m.aliases.length) {
+      const label = m.aliases.length === 1 ? "alias" : "aliases";
+      nameCell.append(el("div", { class: "aliases", text: `${label}: ${m.aliases.join(", ")}` }));
+    }
     const stateCell = el("td", {}, el("span", { class: "state", "data-state": m.state, text: m.state }));
     if (m.draining) stateCell.append(el("span", { class: "detail", text: "draining" }));
     if (m.last_error && m.state === "failed") {
@@ -200,12 +201,12 @@ function setLive(status, text) {
 }
 
 function connectEvents() {
-  const source = new EventSource("/admin/events?history=50");
+  // named=false: every event arrives as a plain message (its kind is in the data), whatever its kind
+  const source = new EventSource("/admin/events?history=50&named=false");
   const onEvent = (msg) => {  // on a reconnect the router sends only what came after Last-Event-ID
     try { addEvent(JSON.parse(msg.data)); } catch (_) { /* ignore malformed */ }
     refreshSoon();
   };
-  for (const kind of KINDS) source.addEventListener(kind, onEvent);
   source.onmessage = onEvent;
   source.onopen = () => { setLive("live", "live"); refreshSoon(); };
   source.onerror = () => { setLive("reconnecting", "reconnecting…"); };

@@ -1,0 +1,112 @@
+"""The dashboard (/ui) end to end in headless Chromium, against a router with fake-engine models.
+
+The router's aiohttp app runs on its own event loop in a background thread; the browser tests are
+synchronous (Playwright's sync API cannot run inside an asyncio loop).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.ops_support import CHAT, LocalRouter, chat, fake_model, threaded_router
+
+try:
+    from playwright.sync_api import expect
+except ImportError:  # the browser fixture skips, or fails under CI
+    expect = None
+
+
+@pytest.fixture(scope="module")
+def router() -> Iterator[LocalRouter]:
+    models = {"alpha": fake_model(memory_gb=10, aliases=["a"]), "beta": fake_model(memory_gb=20)}
+    with threaded_router(models, capacity={"max_resident": 2, "memory_gb": 40}) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def base_url(router: LocalRouter) -> str:
+    return router.url
+
+
+def http(router: LocalRouter, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    req = urllib.request.Request(router.url + path, method=method, data=json.dumps(body).encode() if body else b"",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.load(resp)
+
+
+def state(router: LocalRouter, model: str) -> str:
+    models = http(router, "GET", "/admin/models")["models"]
+    return str(next(m["state"] for m in models if m["name"] == model))
+
+
+def test_a_request_through_the_api_shows_up_live_and_unload_unloads(page: Any, router: LocalRouter,
+                                                                    tmp_path: Path) -> None:
+    page.goto("/ui")
+    alpha = page.locator('#models tr[data-model="alpha"]')
+    expect(page.locator("#models tbody tr")).to_have_count(2)
+    expect(alpha.locator(".state")).to_have_text("unloaded")
+    expect(page.locator("#live")).to_have_text("live")
+    page.evaluate("window.__notReloaded = true")
+
+    # a request through the OpenAI API (by alias) loads the model: the page follows without a reload
+    answer = http(router, "POST", CHAT, chat("a"))
+    assert answer["choices"][0]["message"]["content"]
+    expect(alpha.locator(".state")).to_have_text("loaded", timeout=15000)
+    expect(alpha.locator(".last-used")).not_to_have_text("never")
+    expect(page.locator("#memory-text")).to_have_text("10 GB / 40 GB")
+    expect(page.locator("#count-text")).to_have_text("1 / 2 resident")
+    expect(page.locator('#events li[data-kind="loaded"][data-model="alpha"]')).to_have_count(1)
+    expect(page.locator('#events li[data-kind="load_started"][data-model="alpha"]')).to_have_count(1)
+    page.screenshot(path=tmp_path / "dashboard-loaded.png")
+
+    # clicking Unload unloads it (graceful: it has nothing in flight)
+    alpha.locator('button[data-action="unload"]').click()
+    expect(alpha.locator(".state")).to_have_text("unloaded", timeout=15000)
+    assert state(router, "alpha") == "unloaded"
+    expect(page.locator('#events li[data-kind="unloaded"][data-model="alpha"]')).to_have_count(1)
+    expect(page.locator("#memory-text")).to_have_text("0 GB / 40 GB")
+    expect(page.locator("#error")).to_be_hidden()
+    assert page.evaluate("window.__notReloaded") is True
+
+
+def test_load_button_sends_the_admin_key_and_shows_an_auth_error(page: Any, router: LocalRouter) -> None:
+    page.goto("/ui")
+    beta = page.locator('#models tr[data-model="beta"]')
+    expect(beta.locator(".state")).to_have_text("unloaded")
+    page.fill("#admin-key", "k-123")
+    page.press("#admin-key", "Enter")
+    page.locator("#admin-key").blur()
+    assert page.evaluate("localStorage.getItem('vllm-model-router.admin-key')") == "k-123"
+
+    # the router has no auth yet: stand in for one that refuses the key
+    seen: list[str | None] = []
+
+    def refuse(route: Any) -> None:
+        seen.append(route.request.headers.get("authorization"))
+        route.fulfill(status=401, content_type="application/json", body=json.dumps(
+            {"error": {"message": "invalid admin key", "type": "authentication_error", "param": None, "code": 401}}))
+
+    page.route(re.compile(r".*/admin/models/beta/load$"), refuse)
+    beta.locator('button[data-action="load"]').click()
+    expect(page.locator("#error")).to_be_visible()
+    expect(page.locator("#error-text")).to_contain_text("401 Unauthorized: invalid admin key")
+    assert seen == ["Bearer k-123"]
+    assert state(router, "beta") == "unloaded"
+
+    # the real admin API: Load loads it, and the page shows it loaded
+    page.unroute(re.compile(r".*/admin/models/beta/load$"))
+    page.click("#error-close")
+    beta.locator('button[data-action="load"]').click()
+    expect(beta.locator(".state")).to_have_text("loaded", timeout=15000)
+    expect(page.locator("#error")).to_be_hidden()
+    assert state(router, "beta") == "loaded"
+    http(router, "POST", "/admin/models/beta/unload")
+    expect(beta.locator(".state")).to_have_text("unloaded", timeout=15000)
