@@ -98,6 +98,23 @@ class _SchedulerCollector(Collector):
         if cfg.memory_gb is not None:
             yield GaugeMetricFamily("router_memory_budget_gb", "Configured capacity.memory_gb",
                                     value=cfg.memory_gb)
+        gpus = self.runtime.gpu_view()
+        if gpus:
+            families = {
+                key: GaugeMetricFamily(f"router_gpu_{key}", doc, labels=["gpu", "name"])
+                for key, doc in (
+                    ("total_gb", "GPU memory in total (NVML)"),
+                    ("budget_gb", "GPU memory the resident models may reserve"),
+                    ("reserved_gb", "GPU memory reserved by the models the router holds resident"),
+                    ("used_by_router_gb", "GPU memory used by processes the router started (NVML)"),
+                    ("used_by_others_gb", "GPU memory used by processes the router did not start (NVML)"),
+                    ("free_gb", "GPU memory free (NVML)"),
+                )
+            }
+            for g in gpus:
+                for key, family in families.items():
+                    family.add_metric([str(g["index"]), g["name"]], g[key])
+            yield from families.values()
 
 
 class RouterMetrics:
