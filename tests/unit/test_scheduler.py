@@ -20,12 +20,16 @@ from vllm_model_router.scheduler import (
     Scheduler,
     SchedulerConfig,
     SetPinned,
+    SleepDone,
+    SleepModel,
     StartLoad,
     State,
     StopDone,
     StopModel,
     Tick,
     WakeAt,
+    WakeDone,
+    WakeModel,
 )
 
 
@@ -390,3 +394,92 @@ def test_eviction_only_on_the_gpu_that_frees_the_need() -> None:
     assert r.step(StopDone("x")) == [StartLoad("z", (0,))]
     # w (10 GB) fits next to z on GPU 0 or y on GPU 1 without evicting anything
     assert r.step(RequestArrived(12, "w"), at=7) == [StartLoad("w", (0,))]
+
+
+# ---------------------------------------------------------------- sleep mode
+def sleep_run(host: float | None = None, overflow: str = "stop", **models: ModelSpec) -> Run:
+    r = Run(dict(models), max_resident=1)  # type: ignore[arg-type]
+    r.s = Scheduler(SchedulerConfig(dict(models), 1, 40.0, 600.0, 30.0, host_memory_gb=host, host_overflow=overflow))
+    return r
+
+
+def test_alternating_requests_sleep_and_wake_instead_of_stop_and_start() -> None:
+    r = sleep_run(a=ModelSpec(30, sleep_level=1, weights_gb=8), b=ModelSpec(30, sleep_level=1, weights_gb=8))
+    r.loaded("a", 1)
+    r.step(RequestFinished(1), at=1)
+    assert r.step(RequestArrived(2, "b"), at=2) == [SleepModel("a", 1, "evicted to make room for b")]
+    assert r.s.state_of("a") is State.FALLING_ASLEEP
+    assert r.step(SleepDone("a", True)) == [StartLoad("b")]  # a keeps only its 1 GB residue: b fits
+    r.step(LoadDone("b", True))
+    r.step(RequestFinished(2), at=3)
+    # back to a: b goes to sleep, then a wakes; no process is stopped or started
+    assert r.step(RequestArrived(3, "a"), at=4) == [SleepModel("b", 1, "evicted to make room for a")]
+    assert r.step(RequestArrived(4, "a"), at=4) == []  # never granted while a sleeps
+    assert r.step(SleepDone("b", True)) == [WakeModel("a", 1)]
+    assert r.s.state_of("a") is State.WAKING
+    assert r.step(WakeDone("a", True)) == [Grant(3, "a"), Grant(4, "a")]
+    v = {v.name: v for v in r.s.view()}
+    assert (v["a"].loads, v["a"].wakes, v["b"].sleeps, v["b"].state) == (1, 1, 1, State.SLEEPING)
+
+
+def test_host_budget_pushes_out_the_oldest_sleeper() -> None:
+    specs = {n: ModelSpec(30, sleep_level=1, weights_gb=8) for n in ("a", "b", "c")}
+    r = sleep_run(host=10, **specs)
+    r.loaded("a", 1)
+    r.step(RequestFinished(1), at=1)
+    r.step(RequestArrived(2, "b"), at=2)
+    r.step(SleepDone("a", True))
+    r.step(LoadDone("b", True))
+    r.step(RequestFinished(2), at=3)
+    # c: b falls asleep (8 GB of weights) next to a (8 GB): over the 10 GB host budget, a (older) goes
+    out = r.step(RequestArrived(3, "c"), at=4)
+    assert out == [SleepModel("b", 1, "evicted to make room for c"),
+                   StopModel("a", "host memory budget for sleeping models exceeded")]
+    assert r.s.host_usage() == 8
+
+
+def test_host_overflow_level2_drops_weights_instead() -> None:
+    specs = {n: ModelSpec(30, sleep_level=1, weights_gb=8) for n in ("a", "b", "c")}
+    r = sleep_run(host=10, overflow="level2", **specs)
+    r.loaded("a", 1)
+    r.step(RequestFinished(1), at=1)
+    r.step(RequestArrived(2, "b"), at=2)
+    r.step(SleepDone("a", True))
+    r.step(LoadDone("b", True))
+    r.step(RequestFinished(2), at=3)
+    assert r.step(RequestArrived(3, "c"), at=4) == [SleepModel("b", 2, "evicted to make room for c")]
+    r.step(SleepDone("b", True))
+    r.step(LoadDone("c", True))
+    r.step(RequestFinished(3), at=5)
+    assert r.step(RequestArrived(4, "b"), at=6)[0] == SleepModel("c", 2, "evicted to make room for b")
+
+
+def test_failed_wake_falls_back_to_stop_and_cold_start() -> None:
+    r = sleep_run(a=ModelSpec(30, sleep_level=1), b=ModelSpec(30, sleep_level=1))
+    r.loaded("a", 1)
+    r.step(RequestFinished(1), at=1)
+    r.step(RequestArrived(2, "b"), at=2)
+    r.step(SleepDone("a", True))
+    r.step(LoadDone("b", True))
+    r.step(RequestFinished(2), at=3)
+    r.step(RequestArrived(3, "a"), at=4)
+    assert r.step(SleepDone("b", True)) == [WakeModel("a", 1)]
+    assert r.step(WakeDone("a", False, "500 from /wake_up")) == [StopModel("a", "wake failed", force=True)]
+    assert r.step(StopDone("a")) == [StartLoad("a")]
+    assert r.step(LoadDone("a", True)) == [Grant(3, "a")]
+
+
+@pytest.mark.parametrize(("big", "expected"), [
+    (38.5, [SleepModel("b", 1, "evicted to make room for big"), StopModel("a", "evicted to make room for big")]),
+    (39.5, [StopModel("b", "evicted to make room for big"), StopModel("a", "evicted to make room for big")]),
+])
+def test_sleepers_are_stopped_only_when_their_residue_is_in_the_way(big: float, expected: list[object]) -> None:
+    r = sleep_run(a=ModelSpec(20, sleep_level=1), b=ModelSpec(20, sleep_level=1), big=ModelSpec(big))
+    r.loaded("a", 1)
+    r.step(RequestFinished(1), at=1)
+    r.step(RequestArrived(2, "b"), at=2)
+    r.step(SleepDone("a", True))
+    r.step(LoadDone("b", True))
+    r.step(RequestFinished(2), at=3)
+    # 38.5 of 40 GB: b sleeps (1 GB residue) and a's residue must go too; 39.5: even b's residue is too much
+    assert r.step(RequestArrived(3, "big"), at=4) == expected

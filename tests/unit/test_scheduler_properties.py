@@ -21,24 +21,35 @@ from vllm_model_router.scheduler import (
     LoadDone,
     ModelExited,
     ModelSpec,
+    ModelView,
     Reject,
     RequestArrived,
     RequestCancelled,
     RequestFinished,
     Scheduler,
     SchedulerConfig,
+    SleepDone,
+    SleepModel,
     StartLoad,
     State,
     StopDone,
     StopModel,
     Tick,
     WakeAt,
+    WakeDone,
+    WakeModel,
 )
+from vllm_model_router.scheduler.core import HOLDS_CAPACITY
 
 MODELS = {"a": 10.0, "b": 20.0, "c": 30.0, "d": 40.0, "e": 5.0}
 ADAPTERS = {"a1": "a", "a2": "a", "a3": "a", "b1": "b"}  # adapter -> base
 MAX_ADAPTERS = 2
 ALL = sorted([*MODELS, *ADAPTERS])
+
+
+def held_gb(v: ModelView) -> float:
+    """Memory a model holds: a sleeper only its residue (1 GB here)."""
+    return 1.0 if v.state is State.SLEEPING else v.memory_gb
 
 
 def children(base: str) -> set[str]:
@@ -57,6 +68,10 @@ class World:
     loading: set[str] = field(default_factory=set)
     stopping: set[str] = field(default_factory=set)
     up: set[str] = field(default_factory=set)
+    falling: set[str] = field(default_factory=set)  # being put to sleep
+    asleep: set[str] = field(default_factory=set)
+    waking: set[str] = field(default_factory=set)
+    host_budget: float | None = None
     in_flight: dict[int, str] = field(default_factory=dict)
     waiting: set[int] = field(default_factory=set)
     answers: dict[int, int] = field(default_factory=dict)
@@ -67,6 +82,10 @@ class World:
         for c in children(base):
             for group in (self.running, self.loading, self.up, self.stopping):
                 group.discard(c)
+
+    def gone(self, m: str) -> None:
+        for group in (self.loading, self.up, self.falling, self.asleep, self.waking):
+            group.discard(m)
 
     def feed(self, event: Event) -> None:
         for e in self.s.handle(event, self.now):
@@ -81,10 +100,20 @@ class World:
                     assert m in self.running
                     busy = [r for r, mm in self.in_flight.items() if m in (mm, ADAPTERS.get(mm))]
                     assert force or not busy, f"stopped busy model {m}"
-                    self.loading.discard(m)
-                    self.up.discard(m)
+                    self.gone(m)
                     self.stopping.add(m)
                     self.drop_children(m)
+                case SleepModel(m, level, _):
+                    assert m in self.up and level in (1, 2), f"sleep of {m} which is not up"
+                    busy = [r for r, mm in self.in_flight.items() if m in (mm, ADAPTERS.get(mm))]
+                    assert not busy, f"put busy model {m} to sleep"
+                    self.up.discard(m)
+                    self.falling.add(m)
+                    self.drop_children(m)
+                case WakeModel(m, _):
+                    assert m in self.asleep, f"wake of {m} which is not asleep"
+                    self.asleep.discard(m)
+                    self.waking.add(m)
                 case Grant(r, m):
                     assert m in self.up and m not in self.stopping, f"granted {r} on {m} not up"
                     if m in ADAPTERS:
@@ -104,14 +133,16 @@ class World:
         self.check()
 
     def check(self) -> None:
-        holding = [v for v in self.s.view() if v.state in (State.LOADING, State.LOADED, State.UNLOADING)]
+        holding = [v for v in self.s.view() if v.state in HOLDS_CAPACITY]
         top = [v for v in holding if v.base is None]
-        assert len(top) <= self.budget_count
+        assert len([v for v in top if v.state is not State.SLEEPING]) <= self.budget_count
         if self.budget_mem is not None:
-            assert sum(v.memory_gb for v in top) <= self.budget_mem + 1e-9
+            assert sum(held_gb(v) for v in top) <= self.budget_mem + 1e-9
+        if self.host_budget is not None:
+            assert self.s.host_usage() <= self.host_budget + 1e-9, "host budget exceeded"
         if self.gpu_budgets:
             for g, cap in self.gpu_budgets.items():
-                assert sum(v.memory_gb for v in top if g in v.gpus) <= cap + 1e-9, f"GPU {g} over budget"
+                assert sum(held_gb(v) for v in top if g in v.gpus) <= cap + 1e-9, f"GPU {g} over budget"
             assert all(v.gpus for v in top), "a model holds memory on no GPU"
         states = {v.name: v.state for v in self.s.view()}
         for base in MODELS:
@@ -162,6 +193,18 @@ class World:
             self.feed(ModelExited(m, "crash", failed=m not in ADAPTERS))
         elif op == 7:
             self.feed(AdminUnload(ALL[pick % len(ALL)], force=pick % 3 == 0))
+        elif op == 8 and self.falling:
+            m = sorted(self.falling)[pick % len(self.falling)]
+            self.falling.discard(m)
+            if pick % 5:
+                self.asleep.add(m)
+            self.feed(SleepDone(m, pick % 5 != 0, "boom"))
+        elif op == 9 and self.waking:
+            m = sorted(self.waking)[pick % len(self.waking)]
+            self.waking.discard(m)
+            if pick % 5:
+                self.up.add(m)
+            self.feed(WakeDone(m, pick % 5 != 0, "boom"))
 
     def settle(self) -> None:
         """Let every pending thing complete until nothing is waiting."""
@@ -172,6 +215,14 @@ class World:
                 m = self.stopping.pop()
                 self.running.discard(m)
                 self.feed(StopDone(m))
+            elif self.falling:
+                m = self.falling.pop()
+                self.asleep.add(m)
+                self.feed(SleepDone(m, True))
+            elif self.waking:
+                m = self.waking.pop()
+                self.up.add(m)
+                self.feed(WakeDone(m, True))
             elif self.loading:
                 m = self.loading.pop()
                 self.up.add(m)
@@ -184,25 +235,28 @@ class World:
         raise AssertionError("the world did not settle")
 
 
-ops = st.lists(st.tuples(st.integers(0, 7), st.integers(0, 100), st.floats(0, 20)), max_size=120)
+ops = st.lists(st.tuples(st.integers(0, 9), st.integers(0, 100), st.floats(0, 20)), max_size=120)
 
 
 @given(ops=ops, max_resident=st.integers(1, 3), memory=st.sampled_from([None, 40.0, 60.0, 100.0]),
-       max_wait=st.sampled_from([0.0, 5.0, 30.0]), gpus=st.booleans())
+       max_wait=st.sampled_from([0.0, 5.0, 30.0]), gpus=st.booleans(), sleep=st.sampled_from([0, 1, 2]),
+       host=st.sampled_from([None, 6.0, 20.0]))
 def test_invariants_hold_and_every_request_is_answered_once(
-    ops: list[tuple[int, int, float]], max_resident: int, memory: float | None, max_wait: float, gpus: bool
+    ops: list[tuple[int, int, float]], max_resident: int, memory: float | None, max_wait: float, gpus: bool,
+    sleep: int, host: float | None,
 ) -> None:
     # with GPUs: two of ``memory`` GB each (or 50), "d" pinned to both, the others placed by the router
     gpu_budgets = {0: memory or 50.0, 1: memory or 50.0} if gpus else None
     limit = memory if not gpus else (memory or 50.0)
     specs: dict[str, ModelSpec | float] = {
-        m: ModelSpec(g, max_adapters=MAX_ADAPTERS, gpus=(0, 1) if gpus and m == "d" else None)
+        m: ModelSpec(g, max_adapters=MAX_ADAPTERS, gpus=(0, 1) if gpus and m == "d" else None,
+                     sleep_level=sleep if m in ("a", "b", "c") else 0, weights_gb=g / 2, sleeping_gb=1.0)
         for m, g in MODELS.items() if limit is None or g <= limit
     }
     specs.update({a: ModelSpec(base=b) for a, b in ADAPTERS.items() if b in specs})
     cfg = SchedulerConfig(specs, max_resident, None if gpus else memory, load_timeout=300.0, max_wait=max_wait,
-                          gpu_memory_gb=gpu_budgets)
-    w = World(Scheduler(cfg), max_resident, None if gpus else memory, gpu_budgets)
+                          gpu_memory_gb=gpu_budgets, host_memory_gb=host)
+    w = World(Scheduler(cfg), max_resident, None if gpus else memory, gpu_budgets, host_budget=host)
     usable = sorted(specs)
     for op, pick, dt in ops:
         if op == 0 or op == 7:

@@ -1,7 +1,16 @@
 """The pure scheduler: events in, effects out. No asyncio, no I/O, no clock reads (see DESIGN.md)."""
 
 from vllm_model_router.scheduler.core import ModelView, Scheduler, SchedulerConfig, State
-from vllm_model_router.scheduler.effects import Effect, Grant, Reject, StartLoad, StopModel, WakeAt
+from vllm_model_router.scheduler.effects import (
+    Effect,
+    Grant,
+    Reject,
+    SleepModel,
+    StartLoad,
+    StopModel,
+    WakeAt,
+    WakeModel,
+)
 from vllm_model_router.scheduler.events import (
     AdminUnload,
     Event,
@@ -14,8 +23,10 @@ from vllm_model_router.scheduler.events import (
     RequestCancelled,
     RequestFinished,
     SetPinned,
+    SleepDone,
     StopDone,
     Tick,
+    WakeDone,
 )
 
 __all__ = [
@@ -36,10 +47,14 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "SetPinned",
+    "SleepDone",
+    "SleepModel",
     "StartLoad",
     "State",
     "StopDone",
     "StopModel",
     "Tick",
     "WakeAt",
+    "WakeDone",
+    "WakeModel",
 ]

@@ -36,7 +36,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from vllm_model_router.scheduler.effects import Effect, Grant, Reject, StartLoad, StopModel, WakeAt
+from vllm_model_router.scheduler.effects import (
+    Effect,
+    Grant,
+    Reject,
+    SleepModel,
+    StartLoad,
+    StopModel,
+    WakeAt,
+    WakeModel,
+)
 from vllm_model_router.scheduler.events import (
     AdminUnload,
     Event,
@@ -49,10 +58,12 @@ from vllm_model_router.scheduler.events import (
     RequestCancelled,
     RequestFinished,
     SetPinned,
+    SleepDone,
     StopDone,
     Tick,
+    WakeDone,
 )
-from vllm_model_router.scheduler.eviction import Budget, Occupant, choose_placement
+from vllm_model_router.scheduler.eviction import Budget, Candidate, Occupant, choose_placement
 
 
 class State(StrEnum):
@@ -61,10 +72,17 @@ class State(StrEnum):
     LOADED = "loaded"
     UNLOADING = "unloading"
     FAILED = "failed"
+    FALLING_ASLEEP = "falling_asleep"
+    SLEEPING = "sleeping"
+    WAKING = "waking"
 
 
-HOLDS_CAPACITY = frozenset({State.LOADING, State.LOADED, State.UNLOADING})
-LOADABLE = frozenset({State.UNLOADED, State.FAILED})
+# holding memory (a sleeper only its residue); COUNTS: against max_resident (everything awake or on the way)
+HOLDS_CAPACITY = frozenset({State.LOADING, State.LOADED, State.UNLOADING, State.FALLING_ASLEEP, State.SLEEPING,
+                            State.WAKING})
+COUNTS = HOLDS_CAPACITY - {State.SLEEPING}
+LOADABLE = frozenset({State.UNLOADED, State.FAILED})  # cold: a load starts a process
+WANTS_IN = LOADABLE | {State.SLEEPING}  # what a request can bring in: a cold load or a wake
 TIMED_OUT = "Timed out waiting for model to load"
 
 
@@ -76,6 +94,8 @@ class SchedulerConfig:
     load_timeout: float
     max_wait: float
     gpu_memory_gb: Mapping[int, float] | None = None  # per-GPU budgets when GPUs are known
+    host_memory_gb: float | None = None  # what level-1 sleepers' weights may take in host RAM
+    host_overflow: str = "stop"  # host budget full: "stop" the oldest level-1 sleeper, or sleep at "level2"
 
 
 @dataclass(slots=True)
@@ -97,6 +117,9 @@ class _Model:
     stop_reason: str | None = None
     pinned: bool = False
     placed: tuple[int, ...] = ()  # the GPUs it holds memory on while loading, loaded or stopping
+    asleep_level: int = 0  # the level of the current sleep (falling asleep or sleeping)
+    wakes: int = 0
+    sleeps: int = 0
 
     @property
     def memory_gb(self) -> float:
@@ -142,6 +165,9 @@ class ModelView:
     external: bool = False
     out_of_band: int = 0
     gpus: tuple[int, ...] = ()
+    sleep_level: int = 0  # the level it sleeps at now (0: not asleep)
+    wakes: int = 0
+    sleeps: int = 0
 
 
 class Scheduler:
@@ -171,6 +197,27 @@ class Scheduler:
                 self._release(req_id, now)
             case LoadDone(model, ok, error, status):
                 self._load_done(self._models[model], ok, error, status, now, out)
+            case SleepDone(model, ok, error):
+                m = self._models[model]
+                if m.state is State.FALLING_ASLEEP:
+                    if ok:
+                        m.sleeps += 1
+                        self._set_state(m, State.SLEEPING, now)
+                    else:
+                        m.last_error = f"could not be put to sleep: {error}"
+                        self._stop(m, "sleep failed", now, out, force=True)
+            case WakeDone(model, ok, error):
+                m = self._models[model]
+                if m.state is State.WAKING:
+                    if ok:
+                        m.wakes += 1
+                        m.asleep_level = 0
+                        m.last_error = None
+                        self._set_state(m, State.LOADED, now)
+                    else:  # fall back to stop + cold start: the waiters stay and bring it back cold
+                        m.failures += 1
+                        m.last_error = f"wake failed: {error}"
+                        self._stop(m, "wake failed", now, out, force=True)
             case StopDone(model):
                 m = self._models[model]
                 if m.state is State.UNLOADING:
@@ -180,7 +227,8 @@ class Scheduler:
                     m.stop_reason = None
             case ModelExited(model, reason, failed):
                 m = self._models[model]
-                if m.state in (State.LOADED, State.LOADING) and not m.spec.external:
+                awake_or_asleep = (State.LOADED, State.LOADING, State.FALLING_ASLEEP, State.SLEEPING, State.WAKING)
+                if m.state in awake_or_asleep and not m.spec.external:
                     m.last_error = reason
                     m.unload_requested = False
                     if failed:
@@ -230,6 +278,9 @@ class Scheduler:
                 external=m.spec.external,
                 out_of_band=m.out_of_band,
                 gpus=m.placed,
+                sleep_level=m.asleep_level,
+                wakes=m.wakes,
+                sleeps=m.sleeps,
             )
             for m in self._models.values()
         ]
@@ -244,7 +295,13 @@ class Scheduler:
         return req_id in self._waiting
 
     def resident(self) -> list[str]:
-        return [m.name for m in self._models.values() if m.state in HOLDS_CAPACITY and not m.spec.external]
+        """Models holding a place against max_resident (sleepers excluded)."""
+        return [m.name for m in self._models.values() if m.state in COUNTS and not m.spec.external]
+
+    def host_usage(self) -> float:
+        """Host RAM the level-1 sleepers' weights take (those being stopped excluded: on their way out)."""
+        return sum(m.spec.weights_gb for m in self._models.values()
+                   if m.state in (State.SLEEPING, State.FALLING_ASLEEP) and m.asleep_level == 1)
 
     # ----------------------------------------------------------------- private
     def _add(self, name: str, spec: ModelSpec, now: float) -> None:
@@ -261,10 +318,11 @@ class Scheduler:
     def _set_state(self, m: _Model, state: State, now: float) -> None:
         m.state = state
         m.since = now
-        if state is not State.LOADING:
+        if state not in (State.LOADING, State.WAKING):
             m.load_started = None
         if state in LOADABLE:
             m.placed = ()
+            m.asleep_level = 0
         if state is not State.LOADED:
             m.drain_seq = None
             # a base that is no longer loaded takes its adapters with it
@@ -312,7 +370,8 @@ class Scheduler:
     def _admin_unload(self, m: _Model, force: bool, now: float, out: list[Effect]) -> None:
         if m.spec.external:
             return
-        if m.state is State.LOADING or (m.state is State.LOADED and (force or not self._busy(m))):
+        asleep = (State.LOADING, State.FALLING_ASLEEP, State.SLEEPING, State.WAKING)
+        if m.state in asleep or (m.state is State.LOADED and (force or not self._busy(m))):
             self._stop(m, "unloaded by operator" + (" (forced)" if force else ""), now, out, force=force)
         elif m.state is State.LOADED:
             m.unload_requested = True  # stop once the in-flight requests finish
@@ -358,8 +417,41 @@ class Scheduler:
                 out.append(Grant(w.req_id, m.name))
 
     @staticmethod
-    def _occ(models: Iterable[_Model]) -> list[Occupant]:
-        return [Occupant(m.name, m.memory_gb, m.placed) for m in models]
+    def _occ1(m: _Model) -> Occupant:
+        if m.state is State.SLEEPING:
+            return Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False)
+        return Occupant(m.name, m.memory_gb, m.placed)
+
+    def _occ(self, models: Iterable[_Model]) -> list[Occupant]:
+        return [self._occ1(m) for m in models]
+
+    def _candidates(self, loaded: Iterable[_Model], sleepers: Iterable[_Model], sleep: bool = True) -> list[Candidate]:
+        """Ways to make room, in order: idle awake models, least recently used first (put to sleep when
+        they can sleep and ``sleep``, else stopped), then sleepers, least recently used first (stopped)."""
+        out = []
+        for m in self._lru(loaded):
+            can_sleep = sleep and m.spec.sleep_level
+            asleep = Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False) if can_sleep else None
+            out.append(Candidate(self._occ1(m), asleep))
+        out += [Candidate(self._occ1(m)) for m in self._lru(sleepers)]
+        return out
+
+    def _evict(self, m: _Model, reason: str, now: float, out: list[Effect], sleep: bool = True) -> None:
+        """Make room with ``m``: a sleeper is stopped; an awake model sleeps if it can (and ``sleep``), else
+        it is stopped."""
+        if m.state is State.LOADED and m.spec.sleep_level and sleep:
+            level = m.spec.sleep_level
+            budget = self.config.host_memory_gb
+            if level == 1 and budget is not None and self.host_usage() + m.spec.weights_gb > budget + 1e-9:
+                if m.spec.weights_gb > budget + 1e-9 or self.config.host_overflow == "level2":
+                    level = 2  # its weights will not fit in host RAM: drop them instead of keeping them
+                # with "stop", the oldest level-1 sleepers make way (step 3c)
+            m.asleep_level = level
+            self._set_state(m, State.FALLING_ASLEEP, now)
+            m.stop_reason = reason
+            out.append(SleepModel(m.name, level, reason))
+        else:
+            self._stop(m, reason, now, out)
 
     def _options(self, m: _Model) -> list[tuple[int, ...]]:
         """Where ``m`` may go: its fixed GPUs, any one GPU, or (no GPUs known, or an adapter) nowhere in
@@ -377,7 +469,7 @@ class Scheduler:
             del self._waiting[w.req_id]
             out.append(Reject(w.req_id, w.model, 504, f"{TIMED_OUT} {w.model} after {cfg.load_timeout:g}s"))
         for m in list(self._models.values()):
-            if m.state is State.LOADING and m.load_started is not None:
+            if m.state in (State.LOADING, State.WAKING) and m.load_started is not None:
                 if now - m.load_started >= cfg.load_timeout:
                     m.failures += 1
                     m.last_error = f"{TIMED_OUT}: not ready after {cfg.load_timeout:g}s"
@@ -390,7 +482,7 @@ class Scheduler:
         # (3) over budget (loaded behind our back): stop idle ones until it fits again
         for domain in [None, *(m.name for m in self._models.values() if m.state is State.LOADED)]:
             members, budget = self._domain(domain)
-            members = [m for m in members if m.state is not State.UNLOADING]  # those are on their way out
+            members = [m for m in members if m.state in COUNTS and m.state is not State.UNLOADING]
             over = len(members) - budget.max_resident
             if budget.memory_gb is not None:
                 over = max(over, 1 if sum(m.memory_gb for m in members) > budget.memory_gb + 1e-9 else 0)
@@ -411,44 +503,68 @@ class Scheduler:
         for name, first_waiter in oldest.items():
             first = first_waiter.arrived
             target = self._models[name]
-            if target.state not in LOADABLE:
+            if target.state not in WANTS_IN:
                 continue
             if target.base is not None:
                 base = self._models[target.base]
-                if base.state in LOADABLE:
+                if base.state in WANTS_IN:
                     target = base  # the adapter needs its base first
                 elif not base.admits(first_waiter.seq):
                     continue  # the base is on its way in or out: its adapters wait for it
-            if target.state is State.LOADING:
+            if target.state not in WANTS_IN:
                 continue  # already started in this pass
+            waking = target.state is State.SLEEPING
             members, budget = self._domain(target.base)
-            options = self._options(target)
+            members = [m for m in members if m is not target]  # a sleeper's own residue becomes its need
+            options = [target.placed] if waking and target.placed else self._options(target)
             need = target.memory_gb
             placement, victims = choose_placement(need, self._occ(members), [], budget, options)
             if victims == []:  # (a)
-                self._set_state(target, State.LOADING, now)
+                if waking:
+                    self._set_state(target, State.WAKING, now)
+                    out.append(WakeModel(target.name, target.asleep_level))
+                else:
+                    self._set_state(target, State.LOADING, now)
+                    target.placed = placement
+                    out.append(StartLoad(target.name, placement))
                 target.load_started = now
-                target.placed = placement
-                out.append(StartLoad(target.name, placement))
                 continue
-            # what is already stopping will free its share: only evict more if that is not enough
-            staying = [m for m in members if m.state is not State.UNLOADING]
+            # what is already stopping (or falling asleep) will free its share: only evict more if that
+            # is not enough
+            staying = [
+                Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False) if m.state is State.FALLING_ASLEEP
+                else self._occ1(m)
+                for m in members if m.state is not State.UNLOADING
+            ]
             loaded = [m for m in members if m.state is State.LOADED and not m.pinned]
-            idle = self._lru(m for m in loaded if not self._busy(m))
-            placement, victims = choose_placement(need, self._occ(staying), self._occ(idle), budget, options)
-            if victims == []:  # room is on its way: start on the StopDone
+            idle = [m for m in loaded if not self._busy(m)]
+            sleepers = [m for m in members if m.state is State.SLEEPING and not m.pinned]
+            placement, victims = choose_placement(need, staying, self._candidates(idle, sleepers), budget, options)
+            sleep = True
+            if victims is None:  # residues in the way: stopping instead of sleeping may be enough
+                sleep = False
+                placement, victims = choose_placement(
+                    need, staying, self._candidates(idle, sleepers, sleep=False), budget, options)
+            if victims == []:  # room is on its way: start on the StopDone / SleepDone
                 break
             if victims:  # (b)
                 for v in victims:
-                    self._stop(self._models[v], f"evicted to make room for {target.name}", now, out)
+                    self._evict(self._models[v], f"evicted to make room for {target.name}", now, out, sleep)
                 break
             # (c) wait for busy models to drain; after max_wait stop feeding the busy victims
             blocked_since = first
             if now - first >= cfg.max_wait:
-                _, needed = choose_placement(need, self._occ(staying), self._occ(self._lru(loaded)), budget, options)
+                _, needed = choose_placement(need, staying, self._candidates(loaded, sleepers), budget, options)
                 for v in needed or []:
                     drain[v] = min(drain.get(v, first_waiter.seq), first_waiter.seq)
             break
+
+        # (3c) the host budget: level-1 sleepers' weights; the oldest make way when it is exceeded
+        if cfg.host_memory_gb is not None:
+            for m in self._lru(m for m in self._models.values() if m.state is State.SLEEPING and m.asleep_level == 1):
+                if self.host_usage() <= cfg.host_memory_gb + 1e-9:
+                    break
+                self._stop(m, "host memory budget for sleeping models exceeded", now, out)
 
         # operator unloads that were waiting for in-flight requests
         for m in self._models.values():
@@ -468,7 +584,7 @@ class Scheduler:
         deadlines += [
             m.load_started + cfg.load_timeout
             for m in self._models.values()
-            if m.state is State.LOADING and m.load_started is not None
+            if m.state in (State.LOADING, State.WAKING) and m.load_started is not None
         ]
         if blocked_since is not None and now - blocked_since < cfg.max_wait:
             deadlines.append(blocked_since + cfg.max_wait)

@@ -27,6 +27,23 @@ class StopModel:
 
 
 @dataclass(frozen=True, slots=True)
+class SleepModel:
+    """Put an idle model's engine to sleep (vLLM sleep mode) to free its GPU memory; answer with SleepDone."""
+
+    model: str
+    level: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class WakeModel:
+    """Wake a sleeping engine (and warm it up); answer with WakeDone."""
+
+    model: str
+    level: int
+
+
+@dataclass(frozen=True, slots=True)
 class Grant:
     """The request may go to the model's server now; it is counted in flight until RequestFinished."""
 
@@ -51,4 +68,4 @@ class WakeAt:
     when: float
 
 
-Effect = StartLoad | StopModel | Grant | Reject | WakeAt
+Effect = StartLoad | StopModel | SleepModel | WakeModel | Grant | Reject | WakeAt

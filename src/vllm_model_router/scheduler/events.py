@@ -14,6 +14,9 @@ class ModelSpec:
     max_adapters: int = 4  # bases: adapters loaded at once
     external: bool = False  # always resident and never managed (the engine in endpoint mode)
     gpus: tuple[int, ...] | None = None  # fixed GPUs (memory_gb needed on each); None: the router places it
+    sleep_level: int = 0  # 0: stopped to make room; 1 or 2: put to sleep (vLLM sleep mode) instead
+    sleeping_gb: float = 1.0  # what a sleeping model still holds on each of its GPUs
+    weights_gb: float = 0.0  # host memory a level-1 sleeper holds (its weights, moved to host RAM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,24 @@ class LoadDone:
     ok: bool
     error: str = ""
     status: int = 503
+
+
+@dataclass(frozen=True, slots=True)
+class SleepDone:
+    """A SleepModel finished: the engine is asleep (``ok``), or could not be put to sleep."""
+
+    model: str
+    ok: bool
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WakeDone:
+    """A WakeModel finished: the engine is awake and warmed up (``ok``), or the wake failed."""
+
+    model: str
+    ok: bool
+    error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +127,6 @@ class Tick:
 
 
 Event = (
-    RequestArrived | RequestCancelled | RequestFinished | LoadDone | StopDone | ModelExited | ModelFound | ModelAdded
-    | AdminUnload | SetPinned | Tick
+    RequestArrived | RequestCancelled | RequestFinished | LoadDone | StopDone | SleepDone | WakeDone | ModelExited
+    | ModelFound | ModelAdded | AdminUnload | SetPinned | Tick
 )

@@ -18,12 +18,26 @@ class Occupant:
     name: str
     memory_gb: float  # per GPU it is placed on (or in the single pool)
     gpus: tuple[int, ...] = ()
+    counts: bool = True  # against max_resident (a sleeping model does not: only its memory residue counts)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A way to make room: stop ``occupant`` (``after`` is None) or put it to sleep (``after`` is what it
+    still holds asleep)."""
+
+    occupant: Occupant
+    after: Occupant | None = None
+
+    @property
+    def name(self) -> str:
+        return self.occupant.name
 
 
 def _over(occupied: Sequence[Occupant], need_gb: float, budget: Budget, placement: tuple[int, ...]) -> set[str]:
     """What is over budget if the target came in: "count", and "pool" or each GPU ("gpu:N")."""
     over: set[str] = set()
-    if len(occupied) + 1 > budget.max_resident:
+    if sum(1 for o in occupied if o.counts) + 1 > budget.max_resident:
         over.add("count")
     if budget.gpu_memory_gb and placement:
         for g in placement:
@@ -41,14 +55,25 @@ def fits(occupied: Sequence[Occupant], need_gb: float, budget: Budget, placement
     return not _over(occupied, need_gb, budget, placement)
 
 
-def _helps(c: Occupant, over: set[str]) -> bool:
-    return "count" in over or "pool" in over or any(f"gpu:{g}" in over for g in c.gpus)
+def _helps(c: Candidate, over: set[str]) -> bool:
+    o, after = c.occupant, c.after
+    frees_slot = o.counts and (after is None or not after.counts)
+    frees_memory = o.memory_gb > (after.memory_gb if after is not None else 0.0)
+    if "count" in over and frees_slot:
+        return True
+    if not frees_memory:
+        return False
+    return "pool" in over or any(f"gpu:{g}" in over for g in o.gpus)
+
+
+def _candidate(c: Occupant | Candidate) -> Candidate:
+    return c if isinstance(c, Candidate) else Candidate(c)
 
 
 def plan_eviction(
     need_gb: float,
     occupied: Sequence[Occupant],
-    candidates: Sequence[Occupant],
+    candidates: Sequence[Occupant | Candidate],
     budget: Budget,
     placement: tuple[int, ...] = (),
 ) -> list[str] | None:
@@ -65,10 +90,11 @@ def plan_eviction(
     if not over:
         return []
     victims: list[str] = []
-    for c in candidates:
+    for cand in candidates:
+        c = _candidate(cand)
         if not _helps(c, over):
             continue
-        remaining = [o for o in remaining if o.name != c.name]
+        remaining = [o for o in remaining if o.name != c.name] + ([c.after] if c.after is not None else [])
         victims.append(c.name)
         over = _over(remaining, need_gb, budget, placement)
         if not over:
@@ -79,7 +105,7 @@ def plan_eviction(
 def choose_placement(
     need_gb: float,
     occupied: Sequence[Occupant],
-    idle: Sequence[Occupant],
+    idle: Sequence[Occupant | Candidate],
     budget: Budget,
     options: Sequence[tuple[int, ...]],
 ) -> tuple[tuple[int, ...], list[str] | None]:
