@@ -51,6 +51,10 @@ class ModelConfig:
     max_adapters: int = DEFAULT_MAX_ADAPTERS  # for a base: adapters loaded at once
     gpus: tuple[int, ...] | None = None  # fixed GPUs (CUDA_VISIBLE_DEVICES); None: the router places it
     gpu_memory_utilization: float | None = None  # from --gpu-memory-utilization in cmd
+    sleep_level: int = 0  # vLLM sleep mode: 0 off (evicted = stopped), 1 (weights to host RAM) or 2 (dropped)
+    warmup: bool = True  # a 1-token request after a wake, before clients are let in
+    weights_gb: float | None = None  # host RAM a level-1 sleeper holds (None: estimated)
+    sleeping_memory_gb: float = 1.0  # GPU memory a sleeping engine still holds
 
     @property
     def is_adapter(self) -> bool:
@@ -70,6 +74,8 @@ class RouterConfig:
     memory_gb: float | None = None
     load_timeout: float = DEFAULT_LOAD_TIMEOUT
     max_wait: float = DEFAULT_MAX_WAIT
+    host_memory_gb: float | None = None  # budget for level-1 sleepers' weights in host RAM
+    host_overflow: str = "stop"  # when it is exceeded: stop the oldest sleeper, or sleep at level 2
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1024 * 1024)
     endpoint: str | None = None  # endpoint mode: the one running vLLM (no model has a cmd)
     adapter_dir: str | None = None  # endpoint mode: <adapter_dir>/<name> adapters load on demand
@@ -96,6 +102,7 @@ class RouterConfig:
         return {
             "listen": {"host": self.host, "port": self.port},
             "capacity": {"max_resident": self.max_resident, "memory_gb": self.memory_gb,
+                         "host_memory_gb": self.host_memory_gb, "host_overflow": self.host_overflow,
                          "memory_fraction": self.memory_fraction, "release_timeout": self.release_timeout},
             "load_timeout": self.load_timeout,
             "max_wait": self.max_wait,
@@ -125,6 +132,7 @@ def _model_dict(m: ModelConfig) -> dict[str, Any]:
         "stop_timeout": m.stop_timeout,
         "max_adapters": m.max_adapters,
         "gpus": list(m.gpus) if m.gpus is not None else "auto",
+        "sleep": {"level": m.sleep_level, "warmup": m.warmup} if m.sleep_level else False,
     }
 
 
@@ -167,11 +175,13 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 _TOP_KEYS = {"listen", "capacity", "load_timeout", "max_wait", "limits", "endpoint", "models"}
 _ENDPOINT_KEYS = {"url", "adapter_dir", "sync_interval"}
 _LISTEN_KEYS = {"host", "port"}
-_CAPACITY_KEYS = {"max_resident", "memory_gb", "memory_fraction", "release_timeout"}
+_CAPACITY_KEYS = {"max_resident", "memory_gb", "memory_fraction", "release_timeout", "host_memory_gb", "host_overflow"}
 _LIMIT_KEYS = {"max_body_mb"}
 _MODEL_KEYS = {
     "cmd", "memory_gb", "aliases", "env", "health_path", "stop_timeout", "adapter", "base", "max_adapters", "gpus",
+    "sleep", "weights_gb", "sleeping_memory_gb",
 }
+_SLEEP_KEYS = {"level", "warmup"}
 _GPU_UTIL_RE = re.compile(r"^--gpu-memory-utilization(?:=(.+))?$")
 _MAX_LORAS_RE = re.compile(r"^--max-loras(?:=(\d+))?$")
 
@@ -297,6 +307,13 @@ def _parse_model(c: _Checker, name: object, raw_value: object) -> ModelConfig | 
     if util is not None and not 0 < util <= 1:
         c.problems.append(f"{where}.cmd: --gpu-memory-utilization must be in (0, 1], got {util:g}")
         util = None
+    sleep_level, warmup = _sleep(c, raw.get("sleep"), where)
+    if sleep_level and cmd and "--enable-sleep-mode" not in cmd:
+        c.problems.append(f"{where}.cmd: must include --enable-sleep-mode (sleep: is set)")
+    if sleep_level and "VLLM_SERVER_DEV_MODE" not in env:
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # vLLM serves /sleep and /wake_up only in dev mode ("1", not "true")
+    weights = c.number(raw, "weights_gb", f"{where}.weights_gb", minimum=0)
+    sleeping = c.number(raw, "sleeping_memory_gb", f"{where}.sleeping_memory_gb", minimum=0)
     return ModelConfig(
         name=name,
         cmd=cmd,
@@ -308,7 +325,31 @@ def _parse_model(c: _Checker, name: object, raw_value: object) -> ModelConfig | 
         max_adapters=max_adapters,
         gpus=gpus,
         gpu_memory_utilization=util,
+        sleep_level=sleep_level,
+        warmup=warmup,
+        weights_gb=weights,
+        sleeping_memory_gb=1.0 if sleeping is None else sleeping,
     )
+
+
+def _sleep(c: _Checker, raw: object, where: str) -> tuple[int, bool]:
+    """``sleep: true`` (level 1), ``false``, or ``{level: 1|2, warmup: true}``."""
+    if raw is None or raw is False:
+        return 0, True
+    if raw is True:
+        return 1, True
+    settings = c.mapping(raw, f"{where}.sleep", _SLEEP_KEYS)
+    if not isinstance(raw, dict):
+        return 0, True
+    level = settings.get("level", 1)
+    if level not in (1, 2) or isinstance(level, bool):
+        c.problems.append(f"{where}.sleep.level: must be 1 (weights to host RAM) or 2 (weights dropped), got {level!r}")
+        level = 1
+    warmup = settings.get("warmup", True)
+    if not isinstance(warmup, bool):
+        c.problems.append(f"{where}.sleep.warmup: expected true or false, got {warmup!r}")
+        warmup = True
+    return int(level), warmup
 
 
 def _gpu_util(cmd: tuple[str, ...]) -> float | None:
@@ -355,7 +396,8 @@ def _parse_adapter(c: _Checker, name: str, raw: Mapping[str, Any], where: str) -
     if not isinstance(path, str) or not path.strip():
         c.problems.append(f"{where}.adapter: expected the adapter's path, got {path!r}")
         return None
-    for key in ("cmd", "memory_gb", "env", "health_path", "stop_timeout", "max_adapters"):
+    for key in ("cmd", "memory_gb", "env", "health_path", "stop_timeout", "max_adapters", "sleep", "weights_gb",
+                "sleeping_memory_gb", "gpus"):
         if key in raw:
             c.problems.append(f"{where}.{key}: not allowed on an adapter (it is loaded into its base's server)")
     base = raw.get("base")
@@ -397,6 +439,11 @@ def build_config(data: object, env: Mapping[str, str] | None = None, source: str
         c.problems.append(f"capacity.memory_fraction: must be <= 1, got {fraction:g}")
         fraction = None
     release_timeout = c.duration(capacity, "release_timeout", "capacity.release_timeout", 30.0)
+    host_budget = c.number(capacity, "host_memory_gb", "capacity.host_memory_gb", minimum=0)
+    host_overflow = capacity.get("host_overflow", "stop")
+    if host_overflow not in ("stop", "level2"):
+        c.problems.append(f"capacity.host_overflow: must be stop or level2, got {host_overflow!r}")
+        host_overflow = "stop"
     load_timeout = c.duration(top, "load_timeout", "load_timeout", DEFAULT_LOAD_TIMEOUT)
     if env.get("LOAD_TIMEOUT"):
         try:
@@ -474,6 +521,8 @@ def build_config(data: object, env: Mapping[str, str] | None = None, source: str
         adapter_dir=adapter_dir,
         sync_interval=sync_interval,
         memory_fraction=fraction or 0.95,
+        host_memory_gb=host_budget,
+        host_overflow=str(host_overflow),
         release_timeout=release_timeout,
         source=source,
     )

@@ -8,6 +8,7 @@ source next to the figure, because a wrong figure is the usual reason for an OOM
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from vllm_model_router.config import ModelConfig, RouterConfig
@@ -39,6 +40,35 @@ def model_need(m: ModelConfig, config: RouterConfig, devices: list[GpuMemory]) -
         return MemoryNeed(0.0, f"--gpu-memory-utilization {util:g}: not counted (no GPU detected and no "
                                f"capacity.memory_gb)")
     return MemoryNeed(0.0, "not declared: not counted (set memory_gb or --gpu-memory-utilization)")
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def model_path(cmd: tuple[str, ...]) -> str | None:
+    """The model a vLLM command serves: ``vllm serve PATH``, ``--model PATH`` or ``--model=PATH``."""
+    for i, arg in enumerate(cmd):
+        if arg == "--model" and i + 1 < len(cmd):
+            return cmd[i + 1]
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+        if arg == "serve" and i + 1 < len(cmd) and not cmd[i + 1].startswith("-"):
+            return cmd[i + 1]
+    return None
+
+
+def weights_need(m: ModelConfig, need: MemoryNeed) -> MemoryNeed:
+    """Host RAM a level-1 sleeper holds: its weights, declared or summed from a local model folder."""
+    if m.weights_gb is not None:
+        return MemoryNeed(m.weights_gb, "weights_gb (declared)")
+    path = model_path(m.cmd)
+    if path is not None and os.path.isdir(path):
+        size = 0
+        for root, _, files in os.walk(path):
+            size += sum(os.path.getsize(os.path.join(root, f)) for f in files if f.endswith(WEIGHT_SUFFIXES))
+        if size:
+            return MemoryNeed(size / 1024**3, f"size of the weight files in {path}")
+    return MemoryNeed(need.gb, "not known: assumed as large as its GPU memory need")
 
 
 def resolve_needs(config: RouterConfig, devices: list[GpuMemory]) -> dict[str, MemoryNeed]:

@@ -138,6 +138,14 @@ class RouterMetrics:
                                  ["model", "reason"], registry=r)
         self.exits = Counter("router_model_exits", "Loaded models whose server exited by itself",
                              ["model"], registry=r)
+        self.sleeps = Counter("router_model_sleeps", "Models put to sleep to make room, by sleep level and result",
+                              ["model", "level", "result"], registry=r)
+        self.sleep_seconds = Histogram("router_model_sleep_seconds", "Duration of successful sleeps",
+                                       ["model"], buckets=LOAD_BUCKETS, registry=r)
+        self.wakes = Counter("router_model_wakes", "Sleeping models woken on demand, by result",
+                             ["model", "result"], registry=r)
+        self.wake_seconds = Histogram("router_model_wake_seconds", "Duration of successful wakes (warm-up included)",
+                                      ["model"], buckets=LOAD_BUCKETS, registry=r)
         r.register(_SchedulerCollector(runtime))
         # labelled children, looked up once (``labels()`` validates and locks on every call)
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
@@ -158,6 +166,18 @@ class RouterMetrics:
             self.evictions.labels(model, eviction_reason(event.reason)).inc()
         elif event.kind == "exited":
             self.exits.labels(model).inc()
+        elif event.kind in ("slept", "sleep_failed"):
+            ok = event.kind == "slept"
+            self.sleeps.labels(model, str(event.data.get("level", "")), "success" if ok else "failure").inc()
+            seconds = event.data.get("seconds")
+            if ok and isinstance(seconds, int | float):
+                self.sleep_seconds.labels(model).observe(seconds)
+        elif event.kind in ("woken", "wake_failed"):
+            ok = event.kind == "woken"
+            self.wakes.labels(model, "success" if ok else "failure").inc()
+            seconds = event.data.get("seconds")
+            if ok and isinstance(seconds, int | float):
+                self.wake_seconds.labels(model).observe(seconds)
 
     # ------------------------------------------------------------ RequestObserver
     def waited(self, model: str, seconds: float) -> None:

@@ -34,7 +34,7 @@ from vllm_model_router.errors import BadGateway, GatewayTimeout, ModelNotFound, 
 from vllm_model_router.gpu import GpuProbe, NvmlProbe
 from vllm_model_router.gpuwatch import GpuWatch
 from vllm_model_router.lifecycle import EventLog
-from vllm_model_router.memory import MemoryNeed, check_fit, gpu_budgets, resolve_needs
+from vllm_model_router.memory import MemoryNeed, check_fit, gpu_budgets, resolve_needs, weights_need
 from vllm_model_router.scheduler import (
     AdminUnload,
     Effect,
@@ -53,12 +53,16 @@ from vllm_model_router.scheduler import (
     Scheduler,
     SchedulerConfig,
     SetPinned,
+    SleepDone,
+    SleepModel,
     StartLoad,
     State,
     StopDone,
     StopModel,
     Tick,
     WakeAt,
+    WakeDone,
+    WakeModel,
 )
 
 log = logging.getLogger("vllm_model_router.runtime")
@@ -67,7 +71,9 @@ log = logging.getLogger("vllm_model_router.runtime")
 AUTO = "auto"
 
 
-def scheduler_specs(config: RouterConfig, needs: dict[str, MemoryNeed]) -> dict[str, ModelSpec | float]:
+def scheduler_specs(
+    config: RouterConfig, needs: dict[str, MemoryNeed], weights: dict[str, MemoryNeed] | None = None
+) -> dict[str, ModelSpec | float]:
     """The scheduler's view of the configured models (endpoint mode: the engine plus its adapters)."""
     specs: dict[str, ModelSpec | float] = {}
     if config.endpoint_mode:
@@ -76,7 +82,11 @@ def scheduler_specs(config: RouterConfig, needs: dict[str, MemoryNeed]) -> dict[
         if m.is_adapter:
             specs[name] = ModelSpec(base=m.base or ENGINE)
         else:
-            specs[name] = ModelSpec(memory_gb=needs[name].gb, max_adapters=m.max_adapters, gpus=m.gpus)
+            specs[name] = ModelSpec(
+                memory_gb=needs[name].gb, max_adapters=m.max_adapters, gpus=m.gpus, sleep_level=m.sleep_level,
+                sleeping_gb=min(m.sleeping_memory_gb, needs[name].gb),
+                weights_gb=weights[name].gb if weights and name in weights else 0.0,
+            )
     # bases before their adapters, whatever the config order
     return dict(sorted(specs.items(), key=lambda kv: isinstance(kv[1], ModelSpec) and kv[1].base is not None))
 
@@ -92,6 +102,7 @@ class Runtime:
         else:
             log.info("GPUs: %s", ", ".join(f"{d.index}: {d.name} {d.total_gb:.1f} GB" for d in devices))
         self.needs = resolve_needs(config, devices)
+        self.weights = {n: weights_need(m, self.needs[n]) for n, m in config.models.items() if m.sleep_level}
         self.gpu_budgets = gpu_budgets(config, devices)
         problems = check_fit(config, devices, self.needs)
         if problems:
@@ -108,7 +119,9 @@ class Runtime:
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
-                models=scheduler_specs(config, self.needs),
+                models=scheduler_specs(config, self.needs, self.weights),
+                host_memory_gb=config.host_memory_gb,
+                host_overflow=config.host_overflow,
                 gpu_memory_gb=self.gpu_budgets,
                 max_resident=config.max_resident,
                 memory_gb=config.memory_gb,
@@ -342,6 +355,14 @@ class Runtime:
                 self.events.emit("unloading", model, reason, force=force)
                 previous = self._tasks.get(model)
                 self._spawn(model, self._stop(model, force, previous))
+            case SleepModel(model, level, reason):
+                log.info("Putting model %s to sleep (level %d): %s", model, level, reason)
+                self.events.emit("sleep_started", model, reason, level=level)
+                self._spawn(model, self._sleep(model, level))
+            case WakeModel(model, level):
+                log.info("Waking model %s (sleeping at level %d)", model, level)
+                self.events.emit("wake_started", model, "requested", level=level)
+                self._spawn(model, self._wake(model, level))
             case WakeAt(when):
                 if self._timer is not None:
                     self._timer.cancel()
@@ -384,6 +405,39 @@ class Runtime:
         log.info("Model %s loaded in %.2fs", model, seconds)
         self.events.emit("loaded", model, "ready", seconds=seconds)
         self._submit(LoadDone(model, True))
+
+    async def _sleep(self, model: str, level: int) -> None:
+        started = time.monotonic()
+        try:
+            await self.driver.sleep(model, level)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.error("Could not put model %s to sleep: %s", model, e)
+            self.events.emit("sleep_failed", model, str(e), level=level)
+            self._submit(SleepDone(model, False, str(e)))
+            return
+        seconds = time.monotonic() - started
+        log.info("Model %s is asleep (level %d) after %.2fs", model, level, seconds)
+        self.events.emit("slept", model, f"level {level}", level=level, seconds=seconds)
+        self._submit(SleepDone(model, True))
+
+    async def _wake(self, model: str, level: int) -> None:
+        started = time.monotonic()
+        cfg = self.config.models.get(model)
+        try:
+            await self.driver.wake(model, level, warmup=cfg.warmup if cfg else False)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.error("Failed to wake model %s: %s (falling back to a cold start)", model, e)
+            self.events.emit("wake_failed", model, str(e), seconds=time.monotonic() - started)
+            self._submit(WakeDone(model, False, str(e)))
+            return
+        seconds = time.monotonic() - started
+        log.info("Model %s is awake after %.2fs", model, seconds)
+        self.events.emit("woken", model, f"level {level}", level=level, seconds=seconds)
+        self._submit(WakeDone(model, True))
 
     async def _stop(self, model: str, force: bool, previous: asyncio.Task[None] | None) -> None:
         pids = set(self.driver.pids(model))

@@ -145,5 +145,11 @@ class LoraDriver:
     def pids(self, model: str) -> list[int]:
         return []
 
+    async def sleep(self, model: str, level: int) -> None:
+        raise LoadError("sleep mode is not available for adapters")
+
+    async def wake(self, model: str, level: int, warmup: bool = True) -> None:
+        raise LoadError("sleep mode is not available for adapters")
+
     async def close(self) -> None:
         pass  # adapters live and die with their engine

@@ -53,5 +53,12 @@ class Driver(Protocol):
     def pids(self, model: str) -> list[int]:
         """Every live process of the model (empty for models without processes of their own)."""
 
+    async def sleep(self, model: str, level: int) -> None:
+        """Put the model's engine to sleep (vLLM sleep mode); raise on failure."""
+
+    async def wake(self, model: str, level: int, warmup: bool = True) -> None:
+        """Wake the engine (level 2: reload the weights) and, with ``warmup``, send it a 1-token request
+        before returning; raise on failure."""
+
     async def close(self) -> None:
         """Stop everything this driver started."""

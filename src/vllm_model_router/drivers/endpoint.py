@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm_model_router.drivers.base import ExitCallback
+from vllm_model_router.drivers.base import ExitCallback, LoadError
 
 
 class EndpointDriver:
@@ -34,6 +34,12 @@ class EndpointDriver:
 
     def pids(self, model: str) -> list[int]:
         return []
+
+    async def sleep(self, model: str, level: int) -> None:
+        raise LoadError("sleep mode is not available for the external engine")
+
+    async def wake(self, model: str, level: int, warmup: bool = True) -> None:
+        raise LoadError("sleep mode is not available for the external engine")
 
     async def close(self) -> None:
         pass

@@ -48,5 +48,11 @@ class MultiDriver:
         d = self._by_model.get(model)
         return d.pids(model) if d is not None else []
 
+    async def sleep(self, model: str, level: int) -> None:
+        await self._by_model[model].sleep(model, level)
+
+    async def wake(self, model: str, level: int, warmup: bool = True) -> None:
+        await self._by_model[model].wake(model, level, warmup)
+
     async def close(self) -> None:
         await asyncio.gather(*(d.close() for d in self._drivers), return_exceptions=True)
