@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI
@@ -237,6 +238,9 @@ async def test_openai_sdk_streams_and_calls_through_the_router(router: Router, a
         assert len(embedding.data[0].embedding) == 8
         listed = {m.id: (m.model_extra or {}).get("status") async for m in client.models.list()}
         assert listed["alpha"] == "loaded" and listed["gamma"] == "unloaded"
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+        assert missing.value.code == "model_not_found" and "`nope`" in missing.value.message
 
 
 # ---------------------------------------------------------------------------------------- errors

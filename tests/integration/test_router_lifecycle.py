@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
+from openai import AsyncOpenAI
 
 from vllm_model_router import procs
 
@@ -309,6 +311,19 @@ async def test_engine_exiting_mid_stream_ends_the_stream_with_an_error_event(sta
     assert retry.status == 200 and pid_of(retry) != pid
     assert (await r.model("crashy"))["loads"] == 2
 
+    # the official client turns the error event into an exception instead of a silently short answer
+    async with AsyncOpenAI(base_url=r.url + "/v1", api_key="sk-test", max_retries=0) as client:
+        stream = await client.chat.completions.create(
+            model="crashy", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        received = []
+        with pytest.raises(openai.APIError) as raised:
+            async for chunk in stream:
+                received.append(chunk)
+        assert len(received) == 2
+        assert "closed the stream" in raised.value.message
+    assert (await r.wait_state("crashy", "failed"))["in_flight"] == 0
+
 
 async def test_client_leaving_mid_stream_releases_the_model_so_it_can_be_evicted(start_router: StartRouter) -> None:
     r = await start_router({"a": engine(), "b": engine()}, capacity={"max_resident": 1})
@@ -318,6 +333,13 @@ async def test_client_leaving_mid_stream_releases_the_model_so_it_can_be_evicted
     assert sse.status == 200 and len(sse.events) == 2
     await r.wait_model("a", lambda v: v["in_flight"] == 0, timeout=3, what="a released")
     await wait_engine_in_flight(r, (await r.model("a"))["port"], 0, timeout=3)  # the engine saw the client go
+    # the same for a client that leaves while waiting for a (non-streaming) answer
+    leaving = asyncio.create_task(r.chat("a", fake={"delay": 10}))
+    await r.wait_model("a", lambda v: v["in_flight"] == 1, what="in flight")
+    leaving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await leaving
+    await r.wait_model("a", lambda v: v["in_flight"] == 0, timeout=3, what="a released again")
 
     b = await r.chat("b")  # a is idle, so it is evicted at once (its stream would have lasted 10 s)
     assert b.status == 200 and b.elapsed < 6
