@@ -13,6 +13,7 @@ from vllm_model_router.scheduler import (
     ModelExited,
     ModelFound,
     ModelSpec,
+    Preload,
     Reject,
     RequestArrived,
     RequestCancelled,
@@ -37,10 +38,11 @@ class Run:
     """A scheduler plus a fake clock; ``step`` returns the effects without WakeAt noise."""
 
     def __init__(self, models: dict[str, float] | None = None, *, max_resident: int = 1,
-                 memory_gb: float | None = None, load_timeout: float = 600.0, max_wait: float = 30.0) -> None:
+                 memory_gb: float | None = None, load_timeout: float = 600.0, max_wait: float = 30.0,
+                 keep_idle: float = 0.0, **more: object) -> None:
         self.now = 0.0
         self.s = Scheduler(SchedulerConfig(models or {"a": 0.0, "b": 0.0, "c": 0.0}, max_resident, memory_gb,
-                                           load_timeout, max_wait))
+                                           load_timeout, max_wait, keep_idle=keep_idle, **more))  # type: ignore[arg-type]
         self.wakes: list[float] = []
 
     def step(self, event: Event, at: float | None = None) -> list[Effect]:
@@ -483,3 +485,104 @@ def test_sleepers_are_stopped_only_when_their_residue_is_in_the_way(big: float, 
     r.step(RequestFinished(2), at=3)
     # 38.5 of 40 GB: b sleeps (1 GB residue) and a's residue must go too; 39.5: even b's residue is too much
     assert r.step(RequestArrived(3, "big"), at=4) == expected
+
+
+# ---------------------------------------------------------------- lifecycle policies (issue 7)
+def test_model_in_steady_use_is_kept_and_the_newcomer_waits_for_a_batch() -> None:
+    r = Run(max_resident=1, keep_idle=10, max_wait=30)
+    for i, t in enumerate([0, 2, 4, 6], start=1):  # a request for a every 2 s
+        if i == 1:
+            r.loaded("a", 1)
+        else:
+            assert r.step(RequestArrived(i, "a"), at=t) == [Grant(i, "a")]
+        r.step(RequestFinished(i), at=t + 0.5)
+    # b arrives while a is idle but hot: no swap yet, more requests for b gather
+    assert r.step(RequestArrived(10, "b"), at=7) == []
+    assert r.step(RequestArrived(11, "b"), at=8) == []
+    assert 16.5 in r.wakes  # woken when a cools down (last used 6.5 + keep_idle 10)
+    assert r.step(Tick(), at=16.5) == [StopModel("a", "evicted to make room for b")]
+    r.step(StopDone("a"))
+    assert r.step(LoadDone("b", True), at=18) == [Grant(10, "b"), Grant(11, "b")]  # served together
+
+
+def test_fairness_bound_swaps_even_if_the_resident_stays_hot() -> None:
+    r = Run(max_resident=1, keep_idle=10, max_wait=5)
+    r.loaded("a", 1)
+    r.step(RequestFinished(1), at=0.5)
+    r.step(RequestArrived(2, "a"), at=1)
+    r.step(RequestFinished(2), at=1.5)
+    assert r.step(RequestArrived(3, "b"), at=2) == []
+    r.step(RequestArrived(4, "a"), at=3)
+    r.step(RequestFinished(4), at=3.5)
+    assert r.step(Tick(), at=7) == [StopModel("a", "evicted to make room for b")]  # waited max_wait (5 s)
+
+
+def test_light_traffic_swaps_at_once() -> None:
+    r = Run(max_resident=1, keep_idle=10)
+    r.loaded("a", 1)
+    r.step(RequestFinished(1), at=1)
+    assert r.step(RequestArrived(2, "b"), at=3) == [StopModel("a", "evicted to make room for b")]
+
+
+def test_queue_limits_give_429_with_retry_after() -> None:
+    r = Run({"a": ModelSpec(max_waiting=2), "b": ModelSpec()}, max_resident=1,  # type: ignore[dict-item]
+            max_waiting_total=3, retry_after=7.0)
+    r.step(RequestArrived(1, "a"))
+    r.step(RequestArrived(2, "a"))
+    out = r.step(RequestArrived(3, "a"))
+    assert out == [Reject(3, "a", 429, "too many requests waiting for a; try again later", retry_after=7.0)]
+    r.step(RequestArrived(4, "b"))
+    assert r.step(RequestArrived(5, "b"))[0].status == 429  # type: ignore[union-attr]
+    # a loaded model is served at once whatever the queue
+    assert r.step(LoadDone("a", True)) == [Grant(1, "a"), Grant(2, "a")]
+    assert r.step(RequestArrived(6, "a")) == [Grant(6, "a")]
+
+
+def test_ttl_unloads_idle_models() -> None:
+    r = Run({"a": ModelSpec(ttl=60), "b": ModelSpec()}, max_resident=2)  # type: ignore[dict-item]
+    r.loaded("a", 1)
+    r.loaded("b", 2)
+    r.step(RequestFinished(1), at=10)
+    r.step(RequestFinished(2), at=10)
+    assert 70 in r.wakes
+    assert r.step(Tick(), at=69) == []
+    assert r.step(Tick(), at=70) == [StopModel("a", "idle for 60s (ttl)")]
+    assert r.s.state_of("b") is State.LOADED  # no ttl: kept
+
+
+def test_priority_wins_a_contested_slot_and_is_evicted_last() -> None:
+    r = Run({"low": ModelSpec(), "high": ModelSpec(priority=5), "x": ModelSpec()},  # type: ignore[dict-item]
+            max_resident=1)
+    r.loaded("x", 1)
+    r.step(RequestArrived(2, "low"), at=1)
+    r.step(RequestArrived(3, "high"), at=2)
+    assert r.step(RequestFinished(1), at=3) == [StopModel("x", "evicted to make room for high")]
+    r2 = Run({"low": ModelSpec(), "high": ModelSpec(priority=5), "x": ModelSpec()},  # type: ignore[dict-item]
+             max_resident=2)
+    r2.loaded("high", 1)
+    r2.step(RequestFinished(1), at=1)
+    r2.loaded("low", 2)
+    r2.step(RequestFinished(2), at=2)
+    r2.step(RequestFinished(2), at=2)
+    # high is least recently used, but low goes first
+    assert r2.step(RequestArrived(3, "x"), at=3) == [StopModel("low", "evicted to make room for x")]
+
+
+def test_preload_only_when_it_fits_without_evicting() -> None:
+    r = Run(max_resident=2)
+    assert r.step(Preload("a")) == [StartLoad("a")]
+    r.step(LoadDone("a", True))
+    assert r.step(Preload("b")) == [StartLoad("b")]
+    r.step(LoadDone("b", True))
+    assert r.step(Preload("c")) == []  # full: nothing is evicted for a guess
+    assert r.step(Preload("a")) == []  # already there
+
+
+def test_restored_history_sets_the_lru_order() -> None:
+    r = Run(max_resident=2, last_used={"a": 100.0, "b": 50.0})
+    r.now = 200
+    r.step(Preload("a"))
+    r.step(LoadDone("a", True))
+    r.step(Preload("b"))
+    r.step(LoadDone("b", True))
+    assert r.step(RequestArrived(1, "c"), at=201) == [StopModel("b", "evicted to make room for c")]

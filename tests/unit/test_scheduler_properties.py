@@ -22,6 +22,7 @@ from vllm_model_router.scheduler import (
     ModelExited,
     ModelSpec,
     ModelView,
+    Preload,
     Reject,
     RequestArrived,
     RequestCancelled,
@@ -122,8 +123,8 @@ class World:
                     self.waiting.discard(r)
                     self.answers[r] = self.answers.get(r, 0) + 1
                     self.in_flight[r] = m
-                case Reject(r, _, status, _):
-                    assert status in (503, 504)
+                case Reject(r, _, status, _, _):
+                    assert status in (429, 502, 503, 504)
                     assert r in self.waiting
                     self.waiting.discard(r)
                     self.answers[r] = self.answers.get(r, 0) + 1
@@ -193,6 +194,8 @@ class World:
             self.feed(ModelExited(m, "crash", failed=m not in ADAPTERS))
         elif op == 7:
             self.feed(AdminUnload(ALL[pick % len(ALL)], force=pick % 3 == 0))
+        elif op == 10:
+            self.feed(Preload(ALL[pick % len(ALL)]))
         elif op == 8 and self.falling:
             m = sorted(self.falling)[pick % len(self.falling)]
             self.falling.discard(m)
@@ -235,27 +238,31 @@ class World:
         raise AssertionError("the world did not settle")
 
 
-ops = st.lists(st.tuples(st.integers(0, 9), st.integers(0, 100), st.floats(0, 20)), max_size=120)
+ops = st.lists(st.tuples(st.integers(0, 10), st.integers(0, 100), st.floats(0, 20)), max_size=120)
 
 
 @given(ops=ops, max_resident=st.integers(1, 3), memory=st.sampled_from([None, 40.0, 60.0, 100.0]),
        max_wait=st.sampled_from([0.0, 5.0, 30.0]), gpus=st.booleans(), sleep=st.sampled_from([0, 1, 2]),
-       host=st.sampled_from([None, 6.0, 20.0]))
+       host=st.sampled_from([None, 6.0, 20.0]), keep_idle=st.sampled_from([0.0, 10.0]),
+       policies=st.booleans())
 def test_invariants_hold_and_every_request_is_answered_once(
     ops: list[tuple[int, int, float]], max_resident: int, memory: float | None, max_wait: float, gpus: bool,
-    sleep: int, host: float | None,
+    sleep: int, host: float | None, keep_idle: float, policies: bool,
 ) -> None:
     # with GPUs: two of ``memory`` GB each (or 50), "d" pinned to both, the others placed by the router
     gpu_budgets = {0: memory or 50.0, 1: memory or 50.0} if gpus else None
     limit = memory if not gpus else (memory or 50.0)
     specs: dict[str, ModelSpec | float] = {
         m: ModelSpec(g, max_adapters=MAX_ADAPTERS, gpus=(0, 1) if gpus and m == "d" else None,
-                     sleep_level=sleep if m in ("a", "b", "c") else 0, weights_gb=g / 2, sleeping_gb=1.0)
+                     sleep_level=sleep if m in ("a", "b", "c") else 0, weights_gb=g / 2, sleeping_gb=1.0,
+                     ttl=30.0 if policies and m in ("b", "e") else 0.0, priority=3 if policies and m == "c" else 0,
+                     max_waiting=2 if policies and m == "a" else 100)
         for m, g in MODELS.items() if limit is None or g <= limit
     }
     specs.update({a: ModelSpec(base=b) for a, b in ADAPTERS.items() if b in specs})
     cfg = SchedulerConfig(specs, max_resident, None if gpus else memory, load_timeout=300.0, max_wait=max_wait,
-                          gpu_memory_gb=gpu_budgets, host_memory_gb=host)
+                          gpu_memory_gb=gpu_budgets, host_memory_gb=host, keep_idle=keep_idle,
+                          max_waiting_total=6 if policies else 1000)
     w = World(Scheduler(cfg), max_resident, None if gpus else memory, gpu_budgets, host_budget=host)
     usable = sorted(specs)
     for op, pick, dt in ops:

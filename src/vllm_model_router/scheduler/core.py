@@ -57,6 +57,7 @@ from vllm_model_router.scheduler.events import (
     RequestArrived,
     RequestCancelled,
     RequestFinished,
+    Preload,
     SetPinned,
     SleepDone,
     StopDone,
@@ -96,6 +97,10 @@ class SchedulerConfig:
     gpu_memory_gb: Mapping[int, float] | None = None  # per-GPU budgets when GPUs are known
     host_memory_gb: float | None = None  # what level-1 sleepers' weights may take in host RAM
     host_overflow: str = "stop"  # host budget full: "stop" the oldest level-1 sleeper, or sleep at "level2"
+    keep_idle: float = 10.0  # a model in steady use is kept this long after its last request (0: off)
+    max_waiting_total: int = 1000  # requests waiting for any model beyond this get 429
+    retry_after: float = 5.0  # what a 429 suggests
+    last_used: Mapping[str, float] | None = None  # restored history (scheduler clock), for the LRU order
 
 
 @dataclass(slots=True)
@@ -120,6 +125,8 @@ class _Model:
     asleep_level: int = 0  # the level of the current sleep (falling asleep or sleeping)
     wakes: int = 0
     sleeps: int = 0
+    last_arrival: float | None = None
+    gap: float | None = None  # smoothed time between its requests: small means in steady use
 
     @property
     def memory_gb(self) -> float:
@@ -177,6 +184,9 @@ class Scheduler:
         self._models: dict[str, _Model] = {}
         for name, spec in config.models.items():
             self._add(name, spec if isinstance(spec, ModelSpec) else ModelSpec(memory_gb=spec), now)
+        for name, at in (config.last_used or {}).items():
+            if name in self._models:
+                self._models[name].last_used = at
         self._waiting: dict[int, _Waiter] = {}  # insertion order = arrival order
         self._granted: dict[int, str] = {}
         self._seq = 0
@@ -191,8 +201,17 @@ class Scheduler:
                     raise KeyError(f"unknown model {model!r}")
                 if req_id in self._waiting or req_id in self._granted:
                     raise ValueError(f"duplicate request id {req_id}")
-                self._seq += 1
-                self._waiting[req_id] = _Waiter(req_id, model, now, self._seq)
+                m = self._models[model]
+                if m.last_arrival is not None:
+                    gap = now - m.last_arrival
+                    m.gap = gap if m.gap is None else 0.7 * m.gap + 0.3 * gap
+                m.last_arrival = now
+                if not self._servable(m, self._seq + 1) and self._queue_full(m):
+                    out.append(Reject(req_id, model, 429, f"too many requests waiting for {model}; try again later",
+                                      retry_after=self.config.retry_after))
+                else:
+                    self._seq += 1
+                    self._waiting[req_id] = _Waiter(req_id, model, now, self._seq)
             case RequestCancelled(req_id) | RequestFinished(req_id):
                 self._release(req_id, now)
             case LoadDone(model, ok, error, status):
@@ -249,6 +268,8 @@ class Scheduler:
                 self._admin_unload(self._models[model], force, now, out)
             case SetPinned(model, pinned):
                 self._models[model].pinned = pinned
+            case Preload(model):
+                self._preload(self._models[model], now, out)
             case Tick():
                 self._wake = None  # always re-arm: a timer may fire a hair before its deadline
             case _:
@@ -397,7 +418,40 @@ class Scheduler:
         return members, Budget(self._models[base].spec.max_adapters, None)
 
     def _lru(self, models: Iterable[_Model]) -> list[_Model]:
-        return sorted(models, key=lambda m: (m.last_used, m.since, m.order))
+        """Eviction order: lower priority first, then least recently used."""
+        return sorted(models, key=lambda m: (m.spec.priority, m.last_used, m.since, m.order))
+
+    def _queue_full(self, m: _Model) -> bool:
+        waiting_here = sum(1 for w in self._waiting.values() if w.model == m.name)
+        return waiting_here >= m.spec.max_waiting or len(self._waiting) >= self.config.max_waiting_total
+
+    def _hot(self, m: _Model, now: float) -> bool:
+        """In steady use: used within keep_idle and its requests come closer together than that. Such a
+        model is not evicted for a newcomer until the newcomer has waited max_wait (swaps in batches)."""
+        keep = self.config.keep_idle
+        return keep > 0 and now - m.last_used < keep and m.gap is not None and m.gap < keep
+
+    def _idle_for(self, m: _Model, now: float) -> float:
+        return now - max(m.last_used, m.since)
+
+    def _preload(self, m: _Model, now: float, out: list[Effect]) -> None:
+        """Start (or wake) ``m`` only if it fits next to everything without evicting anything."""
+        if m.state not in WANTS_IN or m.base is not None:
+            return
+        members, budget = self._domain(None)
+        members = [x for x in members if x is not m]
+        options = [m.placed] if m.state is State.SLEEPING and m.placed else self._options(m)
+        placement, victims = choose_placement(m.memory_gb, self._occ(members), [], budget, options)
+        if victims != []:
+            return
+        if m.state is State.SLEEPING:
+            self._set_state(m, State.WAKING, now)
+            out.append(WakeModel(m.name, m.asleep_level))
+        else:
+            self._set_state(m, State.LOADING, now)
+            m.placed = placement
+            out.append(StartLoad(m.name, placement))
+        m.load_started = now
 
     def _servable(self, m: _Model, seq: int) -> bool:
         return m.admits(seq) and (m.base is None or self._models[m.base].admits(seq))
@@ -500,7 +554,9 @@ class Scheduler:
         for w in self._waiting.values():
             oldest.setdefault(w.model, w)
         blocked_since: float | None = None
-        for name, first_waiter in oldest.items():
+        cooling: list[float] = []  # when hot models that hold a waiter back cool down
+        by_priority = sorted(oldest.items(), key=lambda kv: (-self._models[kv[0]].spec.priority, kv[1].seq))
+        for name, first_waiter in by_priority:
             first = first_waiter.arrived
             target = self._models[name]
             if target.state not in WANTS_IN:
@@ -538,6 +594,10 @@ class Scheduler:
             ]
             loaded = [m for m in members if m.state is State.LOADED and not m.pinned]
             idle = [m for m in loaded if not self._busy(m)]
+            if now - first < cfg.max_wait:  # not yet at the fairness bound: models in steady use stay
+                hot = [m for m in idle if self._hot(m, now)]
+                idle = [m for m in idle if m not in hot]
+                cooling += [m.last_used + cfg.keep_idle for m in hot]
             sleepers = [m for m in members if m.state is State.SLEEPING and not m.pinned]
             placement, victims = choose_placement(need, staying, self._candidates(idle, sleepers), budget, options)
             sleep = True
@@ -558,6 +618,12 @@ class Scheduler:
                 for v in needed or []:
                     drain[v] = min(drain.get(v, first_waiter.seq), first_waiter.seq)
             break
+
+        # (3d) time to live: a model idle longer than its ttl is unloaded
+        for m in self._models.values():
+            if m.spec.ttl > 0 and not m.pinned and m.state in (State.LOADED, State.SLEEPING) and not self._busy(m):
+                if self._idle_for(m, now) >= m.spec.ttl and not any(w.model == m.name for w in self._waiting.values()):
+                    self._stop(m, f"idle for {m.spec.ttl:g}s (ttl)", now, out)
 
         # (3c) the host budget: level-1 sleepers' weights; the oldest make way when it is exceeded
         if cfg.host_memory_gb is not None:
@@ -588,6 +654,12 @@ class Scheduler:
         ]
         if blocked_since is not None and now - blocked_since < cfg.max_wait:
             deadlines.append(blocked_since + cfg.max_wait)
+        deadlines += [t for t in cooling if t > now]
+        deadlines += [
+            max(m.last_used, m.since) + m.spec.ttl
+            for m in self._models.values()
+            if m.spec.ttl > 0 and not m.pinned and m.state in (State.LOADED, State.SLEEPING) and not self._busy(m)
+        ]
         wake = min(deadlines) if deadlines else None
         if wake is not None and wake != self._wake:
             out.append(WakeAt(wake))

@@ -53,12 +53,14 @@ class Grant:
 
 @dataclass(frozen=True, slots=True)
 class Reject:
-    """The request ends with an error: ``status`` 503 (load failed) or 504 (waited past load_timeout)."""
+    """The request ends with an error: ``status`` 503 (load failed), 504 (waited past load_timeout) or 429
+    (too many waiting; ``retry_after`` seconds)."""
 
     req_id: int
     model: str
     status: int
     message: str
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,9 @@ class ModelSpec:
     sleep_level: int = 0  # 0: stopped to make room; 1 or 2: put to sleep (vLLM sleep mode) instead
     sleeping_gb: float = 1.0  # what a sleeping model still holds on each of its GPUs
     weights_gb: float = 0.0  # host memory a level-1 sleeper holds (its weights, moved to host RAM)
+    ttl: float = 0.0  # idle this long (seconds) → unloaded; 0: never
+    priority: int = 0  # higher wins a contested slot and is evicted last
+    max_waiting: int = 100  # requests waiting for it beyond this get 429
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,11 +125,18 @@ class SetPinned:
 
 
 @dataclass(frozen=True, slots=True)
+class Preload:
+    """Load (or wake) a model ahead of demand, only if it fits without evicting anything."""
+
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Time passed (a WakeAt came due). Deadlines are checked on every event anyway."""
 
 
 Event = (
     RequestArrived | RequestCancelled | RequestFinished | LoadDone | StopDone | SleepDone | WakeDone | ModelExited
-    | ModelFound | ModelAdded | AdminUnload | SetPinned | Tick
+    | ModelFound | ModelAdded | AdminUnload | SetPinned | Preload | Tick
 )
