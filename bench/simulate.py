@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
           "service only\n(the router serves requests for resident models first, so it can load less).")
     rejected = sum(c.router.rejected for c in rows)
     if rejected:
-        print(f"The router rejected {rejected} requests (429 when a model already had max_waiting requests '
+        print(f"The router rejected {rejected} requests (429 when a model already had max_waiting requests "
               f"waiting, 504 past load_timeout); waits count granted ones.")
     ratio_ok = sum(1 for c in rows if c.ratio <= GOAL_RATIO)
     bound_ok = sum(1 for c in rows if c.router.p99_wait <= fairness_bound(args, c.load_time))
