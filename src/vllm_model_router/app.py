@@ -197,17 +197,23 @@ def build_app(
     async def lifecycle(app: web.Application) -> Any:
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, enable_cleanup_closed=False),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.limits.upstream_connect_timeout),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
         runtime = Runtime(config, driver, probe)
         app[RUNTIME] = runtime
         app[PROXY] = Proxy(runtime, session)
-        await runtime.start()
-        yield
-        await runtime.close()
-        await session.close()
+        from vllm_model_router.recovery import Recovery  # process groups left by a router that died
+
+        recovery = await Recovery.open(runtime)
+        try:
+            await runtime.start()
+            yield
+            await runtime.close()
+            await session.close()
+        finally:
+            recovery.close()
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/health", health)
@@ -220,4 +226,7 @@ def build_app(
     from vllm_model_router.admin_api import install_operations  # metrics, events, pin, OpenAPI, dashboard
 
     install_operations(app)
+    from vllm_model_router.security import install_auth
+
+    install_auth(app, config.auth)
     return app

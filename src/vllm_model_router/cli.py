@@ -11,7 +11,6 @@ import signal
 import sys
 
 import yaml
-from aiohttp import web
 
 from vllm_model_router import __version__
 from vllm_model_router.admin_cli import register_admin_commands
@@ -19,7 +18,6 @@ from vllm_model_router.config import ConfigError, RouterConfig, load_config
 from vllm_model_router.log_format import FORMATS, configure_logging
 
 log = logging.getLogger("vllm_model_router")
-SHUTDOWN_GRACE = 5.0
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:
@@ -65,24 +63,26 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 async def _serve(cfg: RouterConfig) -> None:
     from vllm_model_router.app import build_app
+    from vllm_model_router.server import make_runner, raise_fd_limit, start_site
 
+    raise_fd_limit(cfg)
     app = build_app(cfg)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
+    runner = make_runner(app, cfg)  # on SIGTERM, requests in flight get cfg.shutdown_grace to finish
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        site = web.TCPSite(runner, cfg.host, cfg.port, backlog=1024)
-        await site.start()
+        await start_site(runner, cfg)
         names = ", ".join(f"{m.name}" + (f" (aliases: {', '.join(m.aliases)})" if m.aliases else "")
                           for m in cfg.models.values())
         log.info("vllm-model-router %s listening on http://%s:%d (config %s; max_resident=%d, memory_gb=%s)",
                  __version__, cfg.host, cfg.port, cfg.source, cfg.max_resident, cfg.memory_gb)
         log.info("models: %s", names)
         await stop.wait()
-        log.info("shutting down: stopping every model the router started")
+        log.info("shutting down: requests in flight get up to %gs to finish (shutdown_grace), then every model "
+                 "the router started is stopped", cfg.shutdown_grace)
     finally:
         await runner.cleanup()
         log.info("shutdown complete")
@@ -96,6 +96,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         log.error("%s: %s", path or "configuration", e)
         return 1
+    from vllm_model_router.security import install_redaction
+
+    install_redaction(cfg.auth)  # no log line ever shows a configured key
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux

@@ -25,6 +25,7 @@ DEFAULT_MAX_BODY_MB = 16.0
 DEFAULT_ENDPOINT = "http://vllm:8000"
 DEFAULT_SYNC_INTERVAL = 10.0
 DEFAULT_MAX_ADAPTERS = 4
+DEFAULT_SHUTDOWN_GRACE = 10.0
 ENGINE = "@engine"  # the scheduler's name for the one running vLLM in endpoint mode
 PLACEHOLDERS = ("${PORT}", "${MODEL}")
 
@@ -51,9 +52,15 @@ class ModelConfig:
     max_adapters: int = DEFAULT_MAX_ADAPTERS  # for a base: adapters loaded at once
     gpus: tuple[int, ...] | None = None  # fixed GPUs (CUDA_VISIBLE_DEVICES); None: the router places it
     gpu_memory_utilization: float | None = None  # from --gpu-memory-utilization in cmd
+    forward_auth: bool = False  # send the client's Authorization / x-api-key on to the model's server
     sleep_level: int = 0  # vLLM sleep mode: 0 off (evicted = stopped), 1 (weights to host RAM) or 2 (dropped)
     warmup: bool = True  # a 1-token request after a wake, before clients are let in
     weights_gb: float | None = None  # host RAM a level-1 sleeper holds (None: estimated)
+    ttl: float | None = None  # idle time after which it is unloaded (None: default_ttl; 0: never)
+    priority: int = 0  # higher wins a contested slot and is evicted last
+    max_waiting: int = 100  # requests waiting for it beyond this get 429
+    pinned: bool = False  # never evicted (an operator may still unload it); counts against capacity
+    preload: bool | str = False  # True: loaded at startup while capacity allows; "predicted": may be preloaded
     sleeping_memory_gb: float = 1.0  # GPU memory a sleeping engine still holds
 
     @property
@@ -63,6 +70,30 @@ class ModelConfig:
     def argv(self, port: int) -> list[str]:
         """The command with ``${PORT}`` and ``${MODEL}`` substituted, ready for exec (no shell)."""
         return [a.replace("${PORT}", str(port)).replace("${MODEL}", self.name) for a in self.cmd]
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Bearer keys: clients need one of ``api_keys`` on /v1 (when any is set); /admin needs one of
+    ``admin_keys`` (when any is set). Never printed: ``repr`` and ``to_dict`` show counts only."""
+
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys or self.admin_keys)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Client and upstream timeouts and the connection limit (``max_body_mb`` is RouterConfig.max_body_bytes)."""
+
+    client_header_timeout: float = 75.0  # a connection must send a complete request head within this (keep-alive too)
+    client_body_timeout: float = 60.0  # reading a request body takes at most this long (else 408)
+    upstream_connect_timeout: float = 10.0  # connecting to a model's server (else 504)
+    first_byte_timeout: float | None = 600.0  # forwarded request → first byte of the answer (else 504); None: no bound
+    max_connections: int = 1000  # open client connections; beyond it new ones get 503 and are closed
 
 
 @dataclass(frozen=True)
@@ -76,6 +107,11 @@ class RouterConfig:
     max_wait: float = DEFAULT_MAX_WAIT
     host_memory_gb: float | None = None  # budget for level-1 sleepers' weights in host RAM
     host_overflow: str = "stop"  # when it is exceeded: stop the oldest sleeper, or sleep at level 2
+    default_ttl: float = 0.0  # idle time after which a model is unloaded (0: never)
+    keep_idle: float = 0.0  # protect a model in steady use this long after its last request (0: off)
+    max_waiting_total: int = 1000  # requests waiting for any model beyond this get 429
+    preload_predicted: bool = False  # when idle with free capacity, load the model most likely needed next
+    restore: bool = False  # at startup, preload the models that were resident before the restart
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1024 * 1024)
     endpoint: str | None = None  # endpoint mode: the one running vLLM (no model has a cmd)
     adapter_dir: str | None = None  # endpoint mode: <adapter_dir>/<name> adapters load on demand
@@ -83,6 +119,10 @@ class RouterConfig:
     memory_fraction: float = 0.95  # per-GPU budget = total x this, when GPUs are detected
     release_timeout: float = 30.0  # how long a stopped model's GPU memory may take to come back
     source: str = "<defaults>"
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    state_dir: str | None = None  # where the started process groups are recorded (restart recovery); None: off
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE  # in-flight requests may finish for this long on SIGTERM
 
     @property
     def endpoint_mode(self) -> bool:
@@ -106,7 +146,15 @@ class RouterConfig:
                          "memory_fraction": self.memory_fraction, "release_timeout": self.release_timeout},
             "load_timeout": self.load_timeout,
             "max_wait": self.max_wait,
-            "limits": {"max_body_mb": self.max_body_bytes / (1024 * 1024)},
+            "keep_idle": self.keep_idle,
+            "default_ttl": self.default_ttl,
+            "max_waiting": self.max_waiting_total,
+            "preload": "predicted" if self.preload_predicted else False,
+            "restore": self.restore,
+            "limits": {"max_body_mb": self.max_body_bytes / (1024 * 1024), **_limits_dict(self.limits)},
+            "auth": {"api_keys": f"{len(self.auth.api_keys)} keys", "admin_keys": f"{len(self.auth.admin_keys)} keys"},
+            "state_dir": self.state_dir if self.state_dir is not None else False,
+            "shutdown_grace": self.shutdown_grace,
             **(
                 {"endpoint": {"url": self.endpoint, "adapter_dir": self.adapter_dir,
                               "sync_interval": self.sync_interval}}
@@ -122,6 +170,8 @@ def _model_dict(m: ModelConfig) -> dict[str, Any]:
         if m.base is not None:
             d["base"] = m.base
         d["aliases"] = list(m.aliases)
+        if m.forward_auth:
+            d["forward_auth"] = True
         return d
     return {
         "cmd": " ".join(shlex.quote(a) for a in m.cmd),
@@ -133,6 +183,12 @@ def _model_dict(m: ModelConfig) -> dict[str, Any]:
         "max_adapters": m.max_adapters,
         "gpus": list(m.gpus) if m.gpus is not None else "auto",
         "sleep": {"level": m.sleep_level, "warmup": m.warmup} if m.sleep_level else False,
+        "ttl": m.ttl if m.ttl is not None else "default",
+        "priority": m.priority,
+        "max_waiting": m.max_waiting,
+        "pinned": m.pinned,
+        "preload": m.preload,
+        "forward_auth": m.forward_auth,
     }
 
 
@@ -172,14 +228,18 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
-_TOP_KEYS = {"listen", "capacity", "load_timeout", "max_wait", "limits", "endpoint", "models"}
+_TOP_KEYS = {"listen", "capacity", "load_timeout", "max_wait", "limits", "endpoint", "models", "auth", "state_dir",
+             "shutdown_grace",
+             "default_ttl", "keep_idle", "max_waiting", "preload", "restore"}
 _ENDPOINT_KEYS = {"url", "adapter_dir", "sync_interval"}
 _LISTEN_KEYS = {"host", "port"}
 _CAPACITY_KEYS = {"max_resident", "memory_gb", "memory_fraction", "release_timeout", "host_memory_gb", "host_overflow"}
-_LIMIT_KEYS = {"max_body_mb"}
+_LIMIT_KEYS = {"max_body_mb", "client_header_timeout", "client_body_timeout", "upstream_connect_timeout",
+               "first_byte_timeout", "max_connections"}
+_AUTH_KEYS = {"api_keys", "admin_keys", "api_keys_file", "admin_keys_file"}
 _MODEL_KEYS = {
     "cmd", "memory_gb", "aliases", "env", "health_path", "stop_timeout", "adapter", "base", "max_adapters", "gpus",
-    "sleep", "weights_gb", "sleeping_memory_gb",
+    "sleep", "weights_gb", "sleeping_memory_gb", "forward_auth", "ttl", "priority", "max_waiting", "pinned", "preload",
 }
 _SLEEP_KEYS = {"level", "warmup"}
 _GPU_UTIL_RE = re.compile(r"^--gpu-memory-utilization(?:=(.+))?$")
@@ -313,6 +373,17 @@ def _parse_model(c: _Checker, name: object, raw_value: object) -> ModelConfig | 
     if sleep_level and "VLLM_SERVER_DEV_MODE" not in env:
         env["VLLM_SERVER_DEV_MODE"] = "1"  # vLLM serves /sleep and /wake_up only in dev mode ("1", not "true")
     weights = c.number(raw, "weights_gb", f"{where}.weights_gb", minimum=0)
+    ttl = c.duration(raw, "ttl", f"{where}.ttl", -1.0)
+    priority = c.integer(raw.get("priority", 0), f"{where}.priority", minimum=-1000, maximum=1000)
+    max_waiting = c.integer(raw.get("max_waiting", 100), f"{where}.max_waiting", minimum=0)
+    pinned = raw.get("pinned", False)
+    if not isinstance(pinned, bool):
+        c.problems.append(f"{where}.pinned: expected true or false, got {pinned!r}")
+        pinned = False
+    preload = raw.get("preload", False)
+    if preload not in (True, False, "predicted"):
+        c.problems.append(f"{where}.preload: expected true, false or predicted, got {preload!r}")
+        preload = False
     sleeping = c.number(raw, "sleeping_memory_gb", f"{where}.sleeping_memory_gb", minimum=0)
     return ModelConfig(
         name=name,
@@ -329,6 +400,12 @@ def _parse_model(c: _Checker, name: object, raw_value: object) -> ModelConfig | 
         warmup=warmup,
         weights_gb=weights,
         sleeping_memory_gb=1.0 if sleeping is None else sleeping,
+        ttl=None if ttl < 0 else ttl,
+        priority=priority or 0,
+        max_waiting=100 if max_waiting is None else max_waiting,
+        pinned=pinned,
+        preload=preload,
+        forward_auth=_flag(c, raw, "forward_auth", where),
     )
 
 
@@ -404,7 +481,8 @@ def _parse_adapter(c: _Checker, name: str, raw: Mapping[str, Any], where: str) -
     if base is not None and (not isinstance(base, str) or not base):
         c.problems.append(f"{where}.base: expected a model name, got {base!r}")
         base = None
-    return ModelConfig(name=name, cmd=(), aliases=_aliases(c, raw, where), adapter=path, base=base)
+    return ModelConfig(name=name, cmd=(), aliases=_aliases(c, raw, where), adapter=path, base=base,
+                       forward_auth=_flag(c, raw, "forward_auth", where))
 
 
 def build_config(data: object, env: Mapping[str, str] | None = None, source: str = "<dict>") -> RouterConfig:
@@ -415,6 +493,7 @@ def build_config(data: object, env: Mapping[str, str] | None = None, source: str
     listen = c.mapping(top.get("listen"), "listen", _LISTEN_KEYS)
     capacity = c.mapping(top.get("capacity"), "capacity", _CAPACITY_KEYS)
     limits = c.mapping(top.get("limits"), "limits", _LIMIT_KEYS)
+    auth_raw = c.mapping(top.get("auth"), "auth", _AUTH_KEYS)
     endpoint_raw = c.mapping(top.get("endpoint"), "endpoint", _ENDPOINT_KEYS)
 
     host = listen.get("host", "0.0.0.0")
@@ -453,6 +532,17 @@ def build_config(data: object, env: Mapping[str, str] | None = None, source: str
     if load_timeout <= 0:
         c.problems.append("load_timeout: must be greater than 0")
     max_wait = c.duration(top, "max_wait", "max_wait", DEFAULT_MAX_WAIT)
+    default_ttl = c.duration(top, "default_ttl", "default_ttl", 0.0)
+    keep_idle = c.duration(top, "keep_idle", "keep_idle", 0.0)
+    max_waiting_total = c.integer(top.get("max_waiting", 1000), "max_waiting", minimum=1) or 1000
+    preload_global = top.get("preload", False)
+    if preload_global not in (False, "predicted"):
+        c.problems.append(f"preload: expected predicted or false, got {preload_global!r}")
+        preload_global = False
+    restore = top.get("restore", False)
+    if not isinstance(restore, bool):
+        c.problems.append(f"restore: expected true or false, got {restore!r}")
+        restore = False
     body_mb = c.number(limits, "max_body_mb", "limits.max_body_mb", minimum=0.001) or DEFAULT_MAX_BODY_MB
 
     models_raw = top.get("models")
@@ -505,6 +595,10 @@ def build_config(data: object, env: Mapping[str, str] | None = None, source: str
                     f"models.{m.name}.memory_gb: {m.memory_gb:g} GB can never fit in "
                     f"capacity.memory_gb ({memory_budget:g} GB)"
                 )
+    auth = _auth_settings(c, auth_raw, env, source)
+    limit_settings = _limit_settings(c, limits)
+    state_dir = _state_dir(c, top, env)
+    shutdown_grace = c.duration(top, "shutdown_grace", "shutdown_grace", DEFAULT_SHUTDOWN_GRACE)
     if c.problems:
         raise ConfigError(c.problems)
     assert port is not None and max_resident is not None
@@ -523,8 +617,17 @@ def build_config(data: object, env: Mapping[str, str] | None = None, source: str
         memory_fraction=fraction or 0.95,
         host_memory_gb=host_budget,
         host_overflow=str(host_overflow),
+        default_ttl=default_ttl,
+        keep_idle=keep_idle,
+        max_waiting_total=max_waiting_total,
+        preload_predicted=preload_global == "predicted",
+        restore=restore,
         release_timeout=release_timeout,
         source=source,
+        auth=auth,
+        limits=limit_settings,
+        state_dir=state_dir,
+        shutdown_grace=shutdown_grace,
     )
 
 
@@ -570,3 +673,112 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
     except yaml.YAMLError as e:
         raise ConfigError([f"{p}: invalid YAML: {e}"]) from e
     return build_config(data, env, source=str(p))
+
+
+# ----------------------------------------------------------------- access control, limits, state
+_KEY_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII without spaces: what fits in a Bearer header
+
+
+def _flag(c: _Checker, raw: Mapping[str, Any], key: str, where: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        c.problems.append(f"{where}.{key}: expected true or false, got {value!r}")
+        return False
+    return value
+
+
+def _keys(c: _Checker, raw: Mapping[str, Any], env: Mapping[str, str], kind: str, var: str,
+          base_dir: Path | None) -> tuple[str, ...]:
+    """The ``<kind>_keys`` list, the keys in ``<kind>_keys_file`` (one per line; blank lines and ``#``
+    comments ignored) and env ``var`` (comma-separated). Problems never quote a key."""
+    found: list[tuple[str, str]] = []  # (where, key)
+    listed = raw.get(f"{kind}_keys", [])
+    if isinstance(listed, str):
+        listed = [listed]
+    if not isinstance(listed, list):
+        c.problems.append(f"auth.{kind}_keys: expected a list of keys")
+    else:
+        found += [(f"auth.{kind}_keys[{i}]", k) for i, k in enumerate(listed)]
+    path_raw = raw.get(f"{kind}_keys_file")
+    if path_raw is not None:
+        where = f"auth.{kind}_keys_file"
+        if not isinstance(path_raw, str) or not path_raw:
+            c.problems.append(f"{where}: expected a file path, got {path_raw!r}")
+        else:
+            path = Path(path_raw).expanduser()
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+                c.problems.append(f"{where}: cannot read {path}: {reason}")
+            else:
+                found += [(f"{where} ({path}) line {n}", ln.strip()) for n, ln in enumerate(lines, 1)
+                          if ln.strip() and not ln.strip().startswith("#")]
+    found += [(f"environment {var} item {i}", k.strip())
+              for i, k in enumerate(env.get(var, "").split(",")) if k.strip()]
+    keys: list[str] = []
+    for where, key in found:
+        if not isinstance(key, str) or not _KEY_RE.match(key):
+            c.problems.append(f"{where}: a key must be a non-empty string of printable ASCII without spaces")
+        elif key not in keys:
+            keys.append(key)
+    return tuple(keys)
+
+
+def _auth_settings(c: _Checker, raw: Mapping[str, Any], env: Mapping[str, str], source: str) -> AuthConfig:
+    base_dir = Path(source).parent if source and not source.startswith("<") else None
+    return AuthConfig(
+        api_keys=_keys(c, raw, env, "api", "ROUTER_API_KEYS", base_dir),
+        admin_keys=_keys(c, raw, env, "admin", "ROUTER_ADMIN_KEYS", base_dir),
+    )
+
+
+def _limit_settings(c: _Checker, raw: Mapping[str, Any]) -> LimitsConfig:
+    d = LimitsConfig()
+    timeouts: dict[str, float] = {}
+    for key in ("client_header_timeout", "client_body_timeout", "upstream_connect_timeout"):
+        timeouts[key] = c.duration(raw, key, f"limits.{key}", getattr(d, key))
+        if timeouts[key] <= 0:
+            c.problems.append(f"limits.{key}: must be greater than 0")
+    first_byte: float | None = d.first_byte_timeout
+    if "first_byte_timeout" in raw:
+        value = raw["first_byte_timeout"]
+        first_byte = None if value in (None, False, 0, "0", "off") else c.duration(
+            raw, "first_byte_timeout", "limits.first_byte_timeout", 0.0) or None
+    max_connections = d.max_connections
+    if "max_connections" in raw:
+        max_connections = c.integer(raw["max_connections"], "limits.max_connections", minimum=1) or max_connections
+    return LimitsConfig(first_byte_timeout=first_byte, max_connections=max_connections, **timeouts)
+
+
+def _limits_dict(limits: LimitsConfig) -> dict[str, Any]:
+    return {
+        "client_header_timeout": limits.client_header_timeout,
+        "client_body_timeout": limits.client_body_timeout,
+        "upstream_connect_timeout": limits.upstream_connect_timeout,
+        "first_byte_timeout": limits.first_byte_timeout if limits.first_byte_timeout is not None else False,
+        "max_connections": limits.max_connections,
+    }
+
+
+def default_state_dir(env: Mapping[str, str]) -> str:
+    """$ROUTER_STATE_DIR, else $XDG_STATE_HOME/vllm-model-router, else ~/.local/state/vllm-model-router."""
+    if env.get("ROUTER_STATE_DIR"):
+        return env["ROUTER_STATE_DIR"]
+    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "vllm-model-router")
+
+
+def _state_dir(c: _Checker, top: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
+    """``state_dir: PATH``; ``false`` turns restart recovery off; absent: :func:`default_state_dir`."""
+    if "state_dir" not in top:
+        return default_state_dir(env)
+    value = top["state_dir"]
+    if value is False or value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        c.problems.append(f"state_dir: expected a directory path, or false, got {value!r}")
+        return None
+    return os.path.expanduser(value)

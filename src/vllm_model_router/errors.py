@@ -9,6 +9,7 @@ from typing import Any
 class RouterError(Exception):
     status = 500
     type = "internal_error"
+    close_connection = False  # answer, then close the client's connection (e.g. its body was not read)
 
     def __init__(
         self, message: str, *, param: str | None = None, code: str | int | None = None,
@@ -35,6 +36,17 @@ class BadRequest(RouterError):
 class Unauthorized(RouterError):
     status = 401
     type = "authentication_error"
+
+
+class Forbidden(RouterError):
+    status = 403
+    type = "permission_error"
+
+
+class RequestTimeout(RouterError):
+    status = 408
+    type = "timeout_error"
+    close_connection = True
 
 
 class NotFound(RouterError):
@@ -77,6 +89,13 @@ class ModelUnavailable(RouterError):
 
     status = 503
     type = "model_load_error"
+
+
+class ServiceUnavailable(RouterError):
+    """The router itself cannot take the request now (too many connections)."""
+
+    status = 503
+    type = "service_unavailable_error"
 
 
 class GatewayTimeout(RouterError):

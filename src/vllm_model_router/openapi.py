@@ -8,12 +8,16 @@ from typing import Any
 MODEL_STATES = ["unloaded", "loading", "loaded", "unloading", "failed"]
 ERROR_STATUSES = {
     "400": "The body is not JSON, not an object, or `model` is missing or not a string",
+    "401": "No key, or a wrong one, while `auth.api_keys` is set (`WWW-Authenticate: Bearer`)",
+    "403": "A client key on a route that needs an admin key",
     "404": "Unknown model (the message lists the available names), unknown route, or an endpoint the model does "
            "not serve",
+    "408": "The body did not arrive within `limits.client_body_timeout`",
     "413": "The body is larger than `limits.max_body_mb`",
     "502": "The connection to the model's server was lost",
     "503": "The model failed to load: the reason and the last lines of its log",
-    "504": "Waited longer than `load_timeout` for the model to load",
+    "504": "Waited longer than `load_timeout` for the model to load, or the model did not answer within "
+           "`limits.first_byte_timeout`",
 }
 
 
@@ -38,7 +42,8 @@ def _admin_action(summary: str, description: str, op_id: str, params: list[dict[
     return {"post": {
         "tags": ["admin"], "summary": summary, "description": description, "operationId": op_id,
         "parameters": [NAME, *(params or [])],
-        "responses": {"200": _json(_ref("AdminModel"), "The model's state afterwards"), **_errors("404", "503", "504")},
+        "responses": {"200": _json(_ref("AdminModel"), "The model's state afterwards"),
+                      **_errors("401", "403", "404", "503", "504")},
     }}
 
 
@@ -209,7 +214,14 @@ def openapi_spec(version: str) -> dict[str, Any]:
                  {"name": "admin", "description": "Operating the models"},
                  {"name": "operations", "description": "Health, metrics, this description, the dashboard"}],
         "paths": paths,
+        # keys are needed only where auth: is configured (see the README); /health, /ui and this are always open
+        "security": [{}, {"bearer": []}, {"apiKey": []}],
         "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "A client or admin key"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key",
+                           "description": "The same key in another header"},
+            },
             "schemas": schemas,
             "responses": {f"E{code}": _json(_ref("Error"), text) for code, text in ERROR_STATUSES.items()},
         },

@@ -87,3 +87,17 @@ async def terminate_group(pgid: int, stop_timeout: float) -> list[int]:
 async def kill_group(pgid: int, timeout: float = 10.0) -> bool:
     signal_group(pgid, signal.SIGKILL)
     return await wait_group_gone(pgid, timeout)
+
+
+def start_time(pid: int) -> int | None:
+    """When the process started (field 22 of /proc/<pid>/stat, in clock ticks since boot): with the pid,
+    it names one process for good, since a reused pid comes with a later start time. None when there is
+    no such live (non-zombie) process."""
+    try:
+        stat = (_PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()  # fields[0] is field 3 (state)
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])

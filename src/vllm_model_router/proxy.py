@@ -16,10 +16,11 @@ from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from vllm_model_router.config import ENGINE
-from vllm_model_router.errors import BadGateway, BadRequest, NotFound, RouterError
+from vllm_model_router.errors import BadGateway, BadRequest, GatewayTimeout, NotFound, RequestTimeout, RouterError
 from vllm_model_router.runtime import Runtime
 
 log = logging.getLogger("vllm_model_router.proxy")
@@ -33,6 +34,10 @@ HOP_BY_HOP = frozenset(
 )
 # Client credentials are for the router; they are not sent to model servers.
 NOT_FORWARDED = HOP_BY_HOP | {"authorization", "x-api-key"}
+# aiohttp decodes a compressed request body (the router must read its JSON): it is forwarded decoded
+DECODED = frozenset({"content-encoding"})
+_DROPPED = NOT_FORWARDED | DECODED
+_DROPPED_FORWARD_AUTH = HOP_BY_HOP | DECODED
 
 
 def parse_body(raw: bytes) -> tuple[dict[str, Any], str]:
@@ -55,10 +60,12 @@ def parse_body(raw: bytes) -> tuple[dict[str, Any], str]:
     return payload, model
 
 
-def upstream_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def upstream_headers(headers: CIMultiDictProxy[str], forward_auth: bool = False) -> CIMultiDict[str]:
+    """The client's end-to-end headers; its key (Authorization, x-api-key) only with ``forward_auth``."""
+    dropped = _DROPPED_FORWARD_AUTH if forward_auth else _DROPPED
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in headers.items():
-        if k.lower() not in NOT_FORWARDED:
+        if k.lower() not in dropped:
             out.add(k, v)
     return out
 
@@ -129,7 +136,20 @@ class Proxy:
             observer.request_done(track.model, request.path, status, first - started)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
+        limit = self.config.limits.client_body_timeout
+        try:
+            if request.content.is_eof():  # all there already (the usual case): no timer needed
+                raw = await request.read()
+            else:
+                async with asyncio.timeout(limit):
+                    raw = await request.read()
+        except RequestPayloadError as e:  # e.g. a Content-Encoding the body does not decode with
+            raise BadRequest(f"cannot read the request body: {str(e).strip()}") from e
+        except TimeoutError as e:
+            # no point waiting for the rest (aiohttp would, up to its lingering time): answer, then close
+            request.content.feed_eof()
+            raise RequestTimeout(f"the request body was not received within {limit:g}s "
+                                 "(limits.client_body_timeout)") from e
         payload, name = parse_body(raw)
         target = await self.runtime.resolve(name)
         model = target.model
@@ -162,13 +182,31 @@ class Proxy:
             return f"the vLLM engine at {base or self.runtime.driver.endpoint(model)} (model {model})"
         return f"model {model}'s server"
 
+    def _forward_auth(self, model: str) -> bool:
+        cfg = self.config.models.get(model)
+        if cfg is None:
+            return False
+        base = self.config.models.get(cfg.base) if cfg.base else None
+        return cfg.forward_auth or (base is not None and base.forward_auth)
+
     async def _forward(
         self, request: web.Request, base: str, model: str, body: bytes, may_vanish: bool = False
     ) -> web.StreamResponse:
+        limits = self.config.limits
+        loop = asyncio.get_running_loop()
+        # the answer's first byte (its head, and for a stream its first chunk) must come by this time
+        deadline = loop.time() + limits.first_byte_timeout if limits.first_byte_timeout else None
+        headers = upstream_headers(request.headers, self._forward_auth(model))
         try:
-            upstream = await self.session.request(
-                request.method, base + request.rel_url.path_qs, data=body, headers=upstream_headers(request.headers)
-            )
+            async with asyncio.timeout_at(deadline):
+                upstream = await self.session.request(
+                    request.method, base + request.rel_url.path_qs, data=body, headers=headers
+                )
+        except aiohttp.ServerTimeoutError as e:
+            raise GatewayTimeout(f"connecting to {self._server(model, base)} timed out after "
+                                 f"{limits.upstream_connect_timeout:g}s (limits.upstream_connect_timeout)") from e
+        except TimeoutError as e:
+            raise self._no_first_byte(model, base) from e
         except (aiohttp.ClientError, OSError) as e:
             raise BadGateway(f"cannot reach {self._server(model, base)}: {e}") from e
         try:
@@ -186,19 +224,38 @@ class Proxy:
                 except (TimeoutError, aiohttp.ClientError, OSError) as e:
                     raise BadGateway(f"lost the connection to {self._server(model, base)}: {e}") from e
                 return web.Response(status=upstream.status, body=data, headers=downstream_headers(upstream.headers))
-            return await self._stream(request, upstream, model, ctype)
+            return await self._stream(request, upstream, model, ctype, deadline)
         finally:
             upstream.release()
 
+    def _no_first_byte(self, model: str, base: str | None) -> GatewayTimeout:
+        limit = self.config.limits.first_byte_timeout or 0
+        return GatewayTimeout(f"{self._server(model, base)} did not answer within {limit:g}s "
+                              "(limits.first_byte_timeout)", code="upstream_timeout")
+
     async def _stream(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, model: str, ctype: str
+        self, request: web.Request, upstream: aiohttp.ClientResponse, model: str, ctype: str,
+        deadline: float | None = None,
     ) -> web.StreamResponse:
+        # the first chunk is awaited before the client's response begins: a model that sends its head but
+        # nothing else still gets a clean 504 (or 502), not a stream that never says anything
+        try:
+            async with asyncio.timeout_at(deadline):
+                first = await upstream.content.readany()
+        except TimeoutError as e:
+            raise self._no_first_byte(model, None) from e
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+            raise BadGateway(f"lost the connection to {self._server(model, None)}: {e}") from e
         resp = web.StreamResponse(status=upstream.status, headers=downstream_headers(upstream.headers))
         await resp.prepare(request)
         track = _TRACK.get()
         if track is not None:
             track.status = upstream.status
         try:
+            if first:
+                await resp.write(first)
+                if track is not None:
+                    track.first_byte = time.monotonic()
             async for chunk in upstream.content.iter_any():
                 await resp.write(chunk)
                 if track is not None and track.first_byte is None:
@@ -231,6 +288,9 @@ def _is_fastapi_not_found(body: bytes) -> bool:
 
 
 def error_response(err: RouterError) -> web.Response:
-    return web.Response(
+    resp = web.Response(
         status=err.status, body=err.json_bytes(), content_type="application/json", headers=err.headers
     )
+    if err.close_connection:
+        resp.force_close()
+    return resp

@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 
+from .resilience_support import Served, served_router
 from .support import Router, RouterProcess, in_process_router, router_process
 
 StartRouter = Callable[..., Awaitable[Router]]
 StartRouterProcess = Callable[..., Awaitable[RouterProcess]]
+ServeRouter = Callable[..., Awaitable[Served]]
 
 
 @pytest.fixture
@@ -43,5 +45,17 @@ async def start_router_process(marker: str, tmp_path: Path) -> AsyncIterator[Sta
 
         async def start(models: Mapping[str, Mapping[str, Any]], **settings: Any) -> RouterProcess:
             return await stack.enter_async_context(router_process(tmp_path, models, marker, **settings))
+
+        yield start
+
+
+@pytest.fixture
+async def serve_router(marker: str) -> AsyncIterator[ServeRouter]:
+    """``await serve_router(models, **settings)``: the router served as ``serve`` serves it (server.py's
+    site: connection limit, client timeouts), in this event loop, shut down after the test."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(models: Mapping[str, Mapping[str, Any]], **settings: Any) -> Served:
+            return await stack.enter_async_context(served_router(models, marker, **settings))
 
         yield start

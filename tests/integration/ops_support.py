@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -29,6 +30,8 @@ from vllm_model_router.app import RUNTIME, build_app
 from vllm_model_router.config import RouterConfig, build_config
 from vllm_model_router.runtime import Runtime
 
+# restart recovery's state file for the tests' routers (not the user's ~/.local/state)
+TEST_STATE_DIR = os.path.join(tempfile.gettempdir(), "vllm-model-router-test-state")
 MARKER_VAR = "VMR_OPS_MARKER"
 CHAT = "/v1/chat/completions"
 FAKE_ENGINE = [sys.executable, "-m", "vllm_model_router.fake_engine", "--port", "${PORT}",
@@ -41,7 +44,8 @@ def fake_model(*args: str, **settings: Any) -> dict[str, Any]:
 
 
 def router_data(models: Mapping[str, Mapping[str, Any]], marker: str, **top: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {"listen": {"host": "127.0.0.1", "port": 0}, "load_timeout": 30, **top}
+    data: dict[str, Any] = {"listen": {"host": "127.0.0.1", "port": 0}, "load_timeout": 30,
+                            "state_dir": os.path.join(TEST_STATE_DIR, marker), **top}  # one per test
     data["models"] = {n: {**m, "env": {**m.get("env", {}), MARKER_VAR: marker}} for n, m in models.items()}
     return data
 

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from vllm_model_router.app import RUNTIME, build_app
 from vllm_model_router.config import build_config
 from vllm_model_router.runtime import Runtime
 
+# restart recovery's state file for the tests' routers (not the user's ~/.local/state)
+TEST_STATE_DIR = os.path.join(tempfile.gettempdir(), "vllm-model-router-test-state")
 MARKER_VAR = "VMR_IT_MARKER"
 CHAT = "/v1/chat/completions"
 FAKE_ENGINE = (sys.executable, "-m", "vllm_model_router.fake_engine", "--port", "${PORT}", "--served-model-name",
@@ -46,7 +49,8 @@ def engine(*args: str, **settings: Any) -> dict[str, Any]:
 
 def router_data(models: Mapping[str, Mapping[str, Any]], marker: str, **top: Any) -> dict[str, Any]:
     """A router configuration (as parsed YAML) with the marker added to every model's environment."""
-    data: dict[str, Any] = {"listen": {"host": "127.0.0.1", "port": 0}, "load_timeout": 30, **top}
+    data: dict[str, Any] = {"listen": {"host": "127.0.0.1", "port": 0}, "load_timeout": 30,
+                            "state_dir": os.path.join(TEST_STATE_DIR, marker), **top}  # one per test
     data["models"] = {  # adapters have no process of their own, so no environment
         name: m if "adapter" in m else {**m, "env": {**m.get("env", {}), MARKER_VAR: marker}}
         for name, m in models.items()

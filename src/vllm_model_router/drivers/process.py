@@ -20,12 +20,13 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
 from vllm_model_router import procs
 from vllm_model_router.config import ModelConfig
+from vllm_model_router.drivers.adopted import AdoptedProcess
 from vllm_model_router.drivers.base import ExitCallback, LoadError
 
 log = logging.getLogger("vllm_model_router.process")
@@ -33,11 +34,20 @@ LOG_LINES = 2000
 ERROR_TAIL = 20
 
 
+class GroupObserver(Protocol):
+    """Told about every process group the driver starts and every one that is gone (recovery.py records
+    them, so that a router restarted after a crash finds what its predecessor left running)."""
+
+    def started(self, model: str, pid: int, port: int, gpus: tuple[int, ...]) -> None: ...
+
+    def gone(self, model: str, pid: int) -> None: ...
+
+
 @dataclass
 class _Instance:
     model: str
     port: int
-    proc: asyncio.subprocess.Process
+    proc: asyncio.subprocess.Process | AdoptedProcess
     started: float
     logs: deque[str]
     reader: asyncio.Task[None] | None = None
@@ -60,9 +70,13 @@ class ProcessDriver:
         self._log_followers: dict[str, list[asyncio.Queue[str]]] = {}
         self._on_exit: ExitCallback = lambda model, reason: None
         self._session: aiohttp.ClientSession | None = None
+        self.observer: GroupObserver | None = None
 
     def set_exit_callback(self, callback: ExitCallback) -> None:
         self._on_exit = callback
+
+    def manages(self, model: str) -> bool:
+        return model in self._models
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -97,6 +111,8 @@ class ProcessDriver:
             raise LoadError(f"cannot start {argv[0]!r}: {e.strerror or e}") from e
         inst = _Instance(model, port, proc, time.monotonic(), buf)
         self._instances[model] = inst
+        if self.observer is not None:
+            self.observer.started(model, proc.pid, port, gpus)
         inst.reader = asyncio.create_task(self._read_output(inst), name=f"logs:{model}")
         try:
             await self._wait_ready(inst, cfg)
@@ -184,6 +200,33 @@ class ProcessDriver:
             inst.reader.cancel()
         if self._instances.get(inst.model) is inst:
             del self._instances[inst.model]
+        if self.observer is not None and not procs.group_members(inst.pid):
+            self.observer.gone(inst.model, inst.pid)
+
+    # ----------------------------------------------------------------- adopt
+    def adopt(self, model: str, pid: int, port: int) -> None:
+        """Take over a healthy server a previous router process started (its process group ``pid``,
+        listening on ``port``): it is loaded from now on. Not being our child, it is watched by polling."""
+        if model in self._instances:
+            raise LoadError(f"{model} is already running (pid {self._instances[model].pid})")
+        buf = self._logs[model]
+        buf.append(f"--- adopted after a router restart: pid {pid}, port {port}; its output is not captured "
+                   "(it went to the router process that started it)")
+        self._publish(model, buf[-1])
+        inst = _Instance(model, port, AdoptedProcess(pid, procs.start_time(pid)), time.monotonic(), buf, ready=True)
+        self._instances[model] = inst
+        inst.watcher = asyncio.create_task(self._watch_adopted(inst), name=f"watch:{model}")
+        log.info("Model %s adopted: pid %d on port %d", model, pid, port)
+
+    async def _watch_adopted(self, inst: _Instance) -> None:
+        await inst.proc.wait()
+        if inst.stopping:
+            return
+        await self._reap(inst, 0.0)
+        reason = (f"adopted process {inst.pid} exited (it is not this router's child: its exit status and "
+                  "last output are unknown)")
+        log.error("Model %s exited unexpectedly: %s", inst.model, reason)
+        self._on_exit(inst.model, reason)
 
     # ------------------------------------------------------------------- stop
     async def stop(self, model: str, force: bool = False) -> None:

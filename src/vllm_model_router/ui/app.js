@@ -1,6 +1,8 @@
 // Dashboard of the vLLM Model Router: plain JS, no build step.
 // Live: an EventSource on /admin/events; every event re-fetches /admin/models. A slow poll covers a
 // broken stream. Load/unload/pin call the admin API with the admin key (if any) as a Bearer token.
+// An EventSource cannot send headers, so the event stream gets the key as ?key= (the router accepts a
+// key in the URL on its two read-only admin streams only).
 "use strict";
 
 const KEY_STORAGE = "vllm-model-router.admin-key";
@@ -200,16 +202,34 @@ function setLive(status, text) {
   live.textContent = text;
 }
 
+let events = null;           // the EventSource
+let eventsRetry = null;
+
 function connectEvents() {
+  if (events) events.close();
+  if (eventsRetry !== null) { clearTimeout(eventsRetry); eventsRetry = null; }
+  $("#events").replaceChildren();  // a new stream starts with the history again
+  $("#events-empty").hidden = false;
   // named=false: every event arrives as a plain message (its kind is in the data), whatever its kind
-  const source = new EventSource("/admin/events?history=50&named=false");
+  const key = adminKey();
+  const source = new EventSource("/admin/events?history=50&named=false" +
+                                 (key ? "&key=" + encodeURIComponent(key) : ""));
+  events = source;
   const onEvent = (msg) => {  // on a reconnect the router sends only what came after Last-Event-ID
     try { addEvent(JSON.parse(msg.data)); } catch (_) { /* ignore malformed */ }
     refreshSoon();
   };
   source.onmessage = onEvent;
   source.onopen = () => { setLive("live", "live"); refreshSoon(); };
-  source.onerror = () => { setLive("reconnecting", "reconnecting…"); };
+  source.onerror = () => {
+    if (source.readyState === EventSource.CLOSED) {
+      // refused (e.g. 401/403: no or a wrong admin key): the browser gives up, so try again later
+      setLive("reconnecting", "no live updates (admin key?)");
+      if (events === source) eventsRetry = setTimeout(connectEvents, POLL_MS);
+    } else {
+      setLive("reconnecting", "reconnecting…");
+    }
+  };
 }
 
 function init() {
@@ -220,6 +240,7 @@ function init() {
     else localStorage.removeItem(KEY_STORAGE);
     clearError();
     refresh();
+    connectEvents();
   });
   $("#error-close").addEventListener("click", clearError);
   refresh();

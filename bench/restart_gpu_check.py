@@ -1,0 +1,224 @@
+"""GPU check for restart recovery, for a machine with an NVIDIA GPU and torch: after a ``kill -9`` of the
+router, does the next router free the GPU memory its predecessor's model still holds?
+
+    python bench/restart_gpu_check.py [--gb 4] [--no-gpu]
+
+Runs ``vllm-model-router serve`` (this checkout's ``src``) with one model: a small server that allocates
+``--gb`` GiB on the GPU and forks a worker that allocates as much again (like vLLM's EngineCore). The
+model is loaded, the router is killed with SIGKILL (its model lives on, holding the memory), and a new
+router is started on the same ``state_dir``. With GPUs detected it must stop the orphaned group (event
+``orphan_stopped``) before it serves, and NVML must show the memory back and the processes gone; the
+model must then load again through the new router, and a SIGTERM must free everything. Prints PASS or
+FAIL lines. ``--no-gpu`` runs the same steps with a server that allocates nothing (no torch, no NVML):
+the new router then adopts the model instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+SERVER = r"""
+import http.server, os, sys, time
+gb = float(sys.argv[2])
+if gb > 0:
+    import torch
+    worker = os.fork()
+    if worker == 0:  # the "EngineCore": holds memory too, in the same process group
+        x = torch.empty(int(gb * 2**30), dtype=torch.uint8, device="cuda")
+        torch.cuda.synchronize()
+        while True:
+            time.sleep(1)
+    x = torch.empty(int(gb * 2**30), dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    time.sleep(1.0)  # let the worker allocate before reporting ready
+
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a):
+        pass
+
+print("ready", flush=True)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http(method: str, url: str, timeout: float = 120) -> Any:
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"router exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1):
+                return time.monotonic() - started
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("router not up")
+
+
+def events(url: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    with urllib.request.urlopen(url + "/admin/events?history=500", timeout=5) as resp:
+        resp.fp.raw._sock.settimeout(0.5)  # type: ignore[union-attr]
+        try:
+            while True:
+                line = resp.readline()
+                if not line:
+                    break
+                if line.startswith(b"data: "):
+                    out.append(json.loads(line[6:]))
+        except (TimeoutError, OSError):
+            pass
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:].split()[0] not in ("Z", "X")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--gb", type=float, default=4.0)
+    p.add_argument("--no-gpu", action="store_true")
+    args = p.parse_args()
+    gb = 0.0 if args.no_gpu else args.gb
+    probe = None
+    if not args.no_gpu:
+        from vllm_model_router.gpu import NvmlProbe
+
+        probe = NvmlProbe.create()
+        if probe is None:
+            print("RESTART GPU CHECK SKIPPED: no NVIDIA GPU (NVML unavailable)")
+            return 0
+
+    def free_gb() -> float:
+        return probe.devices()[0].free_gb if probe is not None else 0.0
+
+    work = Path(tempfile.mkdtemp(prefix="restart-gpu-check-"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = {
+        "listen": {"host": "127.0.0.1", "port": port}, "state_dir": str(work / "state"), "load_timeout": 300,
+        "capacity": {"max_resident": 1},
+        "models": {"holder": {"cmd": [sys.executable, "-c", SERVER, "${PORT}", str(gb)], "health_path": "/",
+                              "stop_timeout": 10, "memory_gb": max(1.0, 2 * gb + 1),
+                              **({} if args.no_gpu else {"gpus": [0]})}},
+    }
+    (work / "router.yaml").write_text(json.dumps(config))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "LOG_LEVEL": "info"}
+    results: list[tuple[bool, str]] = []
+
+    def check(ok: bool, what: str) -> None:
+        results.append((ok, what))
+        print(("PASS " if ok else "FAIL ") + what, flush=True)
+
+    def serve(name: str) -> subprocess.Popen[bytes]:
+        log = (work / f"{name}.log").open("wb")
+        return subprocess.Popen([sys.executable, "-m", "vllm_model_router", "serve", "--config",
+                                 str(work / "router.yaml")], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    first = second = None
+    group: list[int] = []
+    try:
+        baseline = free_gb()
+        first = serve("first")
+        wait_up(url, first)
+        t0 = time.monotonic()
+        view = http("POST", url + "/admin/models/holder/load", timeout=300)
+        check(view["state"] == "loaded", f"loaded through the first router in {time.monotonic() - t0:.1f}s")
+        from vllm_model_router import procs
+
+        leader = int(view["pid"])
+        group = procs.group_members(leader)
+        held = baseline - free_gb()
+        print(f"  group {sorted(group)} holds {held:.1f} GiB", flush=True)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        time.sleep(1.0)
+        check(all(alive(p) for p in group) and baseline - free_gb() >= held * 0.9,
+              f"after kill -9 of the router its model lives on: pids {sorted(group)}, "
+              f"{baseline - free_gb():.1f} GiB held")
+
+        t0 = time.monotonic()
+        second = serve("second")
+        up = wait_up(url, second)
+        kinds = {(e["kind"], e["model"]): e for e in events(url)}
+        if args.no_gpu:
+            check(("adopted", "holder") in kinds and http("GET", url + "/admin/models")["models"][0]["pid"] == leader,
+                  f"without GPUs the new router adopted pid {leader} (up in {up:.1f}s)")
+        else:
+            stopped = kinds.get(("orphan_stopped", "holder"))
+            check(stopped is not None, f"the new router stopped the orphan before serving (up in {up:.1f}s): "
+                                       f"{stopped['reason'] if stopped else kinds}")
+            check(not any(alive(p) for p in group), "no process of the orphaned group is left")
+            deadline = time.monotonic() + 30
+            while baseline - free_gb() > 0.5 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            check(baseline - free_gb() <= 0.5, f"its {held:.1f} GiB are free again "
+                                               f"{time.monotonic() - t0:.1f}s after the new router started "
+                                               f"(in use now: {baseline - free_gb():.2f} GiB)")
+            view = http("POST", url + "/admin/models/holder/load", timeout=300)
+            check(view["state"] == "loaded" and view["pid"] != leader and baseline - free_gb() >= held * 0.9,
+                  f"the model loads again through the new router (pid {view['pid']})")
+        group = sorted(set(group) | set(procs.group_members(int(http("GET", url + "/admin/models")["models"][0]["pid"]
+                                                                     or leader))))
+        second.send_signal(signal.SIGTERM)
+        code = second.wait(60)
+        deadline = time.monotonic() + 30
+        while (baseline - free_gb() > 0.5 or any(alive(p) for p in group)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        check(code == 0 and not any(alive(p) for p in group) and baseline - free_gb() <= 0.5,
+              f"SIGTERM: the router exited {code}, nothing left, {baseline - free_gb():.2f} GiB in use")
+        state = work / "state" / "process-groups.json"
+        check(not state.exists(), "the state file is empty after a normal stop")
+    except Exception as e:  # report, then clean up
+        check(False, f"error: {e!r}")
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        for pid in group:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        for name in ("first", "second"):
+            path = work / f"{name}.log"
+            if path.exists() and not all(ok for ok, _ in results):
+                print(f"--- {name}.log\n{path.read_text(errors='replace')[-3000:]}")
+    ok = all(ok for ok, _ in results)
+    print("RESTART GPU CHECK: " + ("PASS" if ok else "FAIL"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

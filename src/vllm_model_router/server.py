@@ -1,0 +1,168 @@
+"""Serving the router application: the aiohttp runner and a TCP site that bounds what clients may hold.
+
+- **Request heads:** a connection must deliver a complete request head within
+  ``limits.client_header_timeout`` of opening (or of its previous response); the same bound closes idle
+  keep-alive connections (aiohttp's keep-alive timer, which also runs before the first request).
+- **Request bodies:** reading a body is bounded by ``limits.client_body_timeout`` (proxy.py: 408, then
+  the connection is closed).
+- **Connections:** beyond ``limits.max_connections`` open client connections, a new connection gets an
+  immediate ``503`` (OpenAI envelope, ``Retry-After: 1``) and is closed; nothing else is read from it.
+- **Malformed HTTP** (a bad request line, an oversized or invalid header) gets a ``400`` in the OpenAI
+  envelope, the connection is closed, and the log says only what kind of error it was: the raw bytes
+  aiohttp would otherwise log may hold a client's key. An unexpected exception in a handler gets a
+  ``500`` in the envelope (its traceback is logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from typing import Any
+
+from aiohttp import web
+
+from vllm_model_router.config import RouterConfig
+from vllm_model_router.errors import BadRequest, RouterError, ServiceUnavailable
+
+log = logging.getLogger("vllm_model_router.server")
+REFUSED_LINGER_S = 2.0  # how long a refused connection may take to read its 503 before it is closed
+
+
+def handler_settings(config: RouterConfig) -> dict[str, Any]:
+    """Per-connection settings of aiohttp's request handler (no access log: URLs may carry ?key=)."""
+    return {"keepalive_timeout": config.limits.client_header_timeout, "access_log": None}
+
+
+def make_runner(app: web.Application, config: RouterConfig, shutdown_grace: float | None = None) -> web.AppRunner:
+    """The runner: on cleanup, in-flight requests get ``shutdown_grace`` (default ``config.shutdown_grace``)
+    to finish before the application (and with it every model) is stopped."""
+    grace = config.shutdown_grace if shutdown_grace is None else shutdown_grace
+    return web.AppRunner(app, handler_cancellation=True, shutdown_timeout=grace, **handler_settings(config))
+
+
+class _Handler(web.RequestHandler):
+    """aiohttp's request handler, with errors outside the application in the OpenAI envelope."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        if status >= 500:
+            self.log_exception("Error handling %s %s", request.method, request.path, exc_info=exc)
+            err: RouterError = RouterError("internal error in the router (see its log)")
+        else:  # not valid HTTP; its text may quote raw header bytes, so only its kind is logged
+            kind = type(exc).__name__ if exc is not None else "bad request"
+            log.info("bad HTTP request from %s: %s", request.remote, kind)
+            err = BadRequest(f"malformed HTTP request ({kind})")
+            err.status = status
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has begun: cannot send an error response")
+        resp = web.Response(status=status, body=err.json_bytes(), content_type="application/json")
+        resp.force_close()
+        return resp
+
+
+def _overloaded_response(limit: int) -> bytes:
+    body = ServiceUnavailable(f"the router has too many open connections (limits.max_connections = {limit}); "
+                              "retry shortly").json_bytes()
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Retry-After: 1\r\nConnection: close\r\n\r\n")
+    return head.encode() + body
+
+
+class _Refuse(asyncio.Protocol):
+    """A connection over the limit: answer 503 at once, read (and drop) what it sends, close it soon."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, response: bytes) -> None:
+        self._loop = loop
+        self._response = response
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(self._response)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = self._loop.call_later(REFUSED_LINGER_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class RouterSite(web.BaseSite):
+    """A TCP site whose connections use :class:`_Handler` and count against ``max_connections``."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, config: RouterConfig, *,
+                 backlog: int = 1024) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._host = host
+        self._port = port
+        self._config = config
+        self.refused = 0  # connections answered 503 for being over the limit
+        self._warned_at = -1e9
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        limit = self._config.limits.max_connections
+        settings = handler_settings(self._config)
+        refusal = _overloaded_response(limit)
+
+        def connection() -> asyncio.Protocol:
+            if len(server.connections) >= limit:
+                self.refused += 1
+                now = time.monotonic()
+                if now - self._warned_at > 10:
+                    self._warned_at = now
+                    log.warning("refusing new connections with 503: %d are open (limits.max_connections)", limit)
+                return _Refuse(loop, refusal)
+            return _Handler(server, loop=loop, **settings)
+
+        self._server = await loop.create_server(connection, self._host, self._port, backlog=self._backlog)
+        if self._server.sockets:
+            self._port = int(self._server.sockets[0].getsockname()[1])
+
+
+async def start_site(runner: web.AppRunner, config: RouterConfig, host: str | None = None,
+                     port: int | None = None) -> RouterSite:
+    site = RouterSite(runner, config.host if host is None else host, config.port if port is None else port, config)
+    await site.start()
+    return site
+
+
+def raise_fd_limit(config: RouterConfig) -> None:
+    """Room for every allowed client connection plus one upstream connection each (and some spare)."""
+    needed = 2 * config.limits.max_connections + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit to %d: %s", target, e)
+            return
+    if target < needed:
+        log.warning("open-file limit %d is low for limits.max_connections = %d (needs about %d)",
+                    target, config.limits.max_connections, needed)

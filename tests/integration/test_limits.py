@@ -1,0 +1,90 @@
+"""Client-side limits through real sockets: request heads and bodies that never finish are cut off by
+their timeouts, connections beyond ``limits.max_connections`` get a quick 503, and the router stays
+healthy and serving throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+
+from .conftest import ServeRouter
+from .resilience_support import araw_request, assert_envelope, echo_model
+from .support import CHAT, chat_body
+
+HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\n"
+
+
+async def test_a_request_head_or_body_that_never_finishes_is_cut_off(serve_router: ServeRouter) -> None:
+    served = await serve_router({"echo": echo_model()},
+                                limits={"client_header_timeout": 0.5, "client_body_timeout": 0.5})
+    r, port = served.router, served.site.port
+    assert (await r.chat("echo")).status == 200
+
+    # half a head, then silence: the connection is closed, without an answer (there is no request yet)
+    idle, half_head, half_body = await asyncio.gather(
+        araw_request(port, b"", timeout=5),
+        araw_request(port, HEAD + b"Content-Le", timeout=5),
+        araw_request(port, HEAD + b"Content-Length: 100\r\n\r\n" + b'{"model": "echo", ', timeout=5, then_wait=1),
+    )
+    for reply in (idle, half_head):
+        assert reply.closed and reply.status is None
+        assert 0.4 <= reply.elapsed < 3
+    # half a body: 408 in the OpenAI envelope, then the connection is closed
+    assert half_body.status == 408 and half_body.closed and 0.4 <= half_body.elapsed < 3
+    assert half_body.header("Connection") == "close"
+    err = assert_envelope(half_body.body)
+    assert err["type"] == "timeout_error" and "client_body_timeout" in err["message"]
+
+    # a client that trickles its body a byte at a time is bounded the same way (the bound is on the total)
+    async def trickle() -> tuple[float, bytes]:
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(HEAD + b"Content-Length: 50\r\n\r\n")
+        answer = b""
+        with contextlib.suppress(ConnectionError):
+            for _ in range(40):
+                writer.write(b" ")
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    answer += await asyncio.wait_for(reader.read(4096), 0.1)
+                if answer:
+                    break
+        writer.close()
+        return time.monotonic() - started, answer
+
+    elapsed, answer = await trickle()
+    assert answer.startswith(b"HTTP/1.1 408") and elapsed < 3
+
+    # the router was never stuck: requests are served, nothing is held
+    assert (await r.chat("echo")).status == 200
+    assert (await r.get("/health")).status == 200
+    assert (await r.model("echo"))["in_flight"] == 0
+
+
+async def test_connections_over_max_connections_get_a_quick_503(serve_router: ServeRouter) -> None:
+    served = await serve_router({"echo": echo_model()},
+                                limits={"max_connections": 3, "client_header_timeout": 30})
+    port = served.site.port
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]  # idle: they count all the same
+    try:
+        await asyncio.sleep(0.1)
+        over = await araw_request(port, b"GET /health HTTP/1.1\r\nHost: router\r\n\r\n", timeout=5)
+        assert over.status == 503 and over.elapsed < 1
+        assert over.header("Retry-After") == "1" and over.header("Connection") == "close"
+        err = assert_envelope(over.body)
+        assert err["type"] == "service_unavailable_error" and "max_connections" in err["message"]
+        assert served.site.refused >= 1
+        # the held connections are served normally (blocking socket calls: in a thread, the router is in this loop)
+        held[0].settimeout(5)
+        await asyncio.to_thread(held[0].sendall, b"GET /health HTTP/1.1\r\nHost: router\r\n\r\n")
+        assert (await asyncio.to_thread(held[0].recv, 4096)).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in held:
+            s.close()
+    await asyncio.sleep(0.1)
+    # once they are gone, new connections are served
+    r = served.router
+    replies = await asyncio.gather(*(r.post(CHAT, chat_body("echo")) for _ in range(3)))
+    assert [x.status for x in replies] == [200, 200, 200]
