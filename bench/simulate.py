@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-times", type=float, nargs="+", default=[2.0, 30.0], help="seconds a load takes")
     p.add_argument("--stop-time", type=float, default=DEFAULT_STOP_TIME, help="seconds a stop takes")
     p.add_argument("--max-wait", type=float, default=DEFAULT_MAX_WAIT, help="the scheduler's fairness bound")
+    p.add_argument("--keep-idle", type=float, default=0.0,
+                   help="the scheduler's keep_idle (0: no protection for models in steady use)")
     p.add_argument("--load-timeout", type=float, default=DEFAULT_LOAD_TIMEOUT,
                    help="the scheduler's load_timeout (waiters older than this get 504)")
     p.add_argument("--seed", type=int, default=0)
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown trace shapes: {', '.join(sorted(unknown))}")
         traces = [t for t in traces if t.name in args.traces]
     rows = [
-        compare(t, load_time, stop_time=args.stop_time, max_wait=args.max_wait, load_timeout=args.load_timeout)
+        compare(t, load_time, stop_time=args.stop_time, max_wait=args.max_wait, load_timeout=args.load_timeout,
+                keep_idle=args.keep_idle)
         for load_time in args.load_times
         for t in traces
     ]
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         "duration_s": args.duration, "rate_per_s": args.rate, "service_s": args.service,
         "stop_time_s": args.stop_time, "max_wait_s": args.max_wait, "load_timeout_s": args.load_timeout,
+        "keep_idle_s": args.keep_idle,
         "seed": args.seed,
     }
     if args.json:

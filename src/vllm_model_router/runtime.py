@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import logging
+import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,11 +34,19 @@ from vllm_model_router.drivers.base import Driver, LoadError
 from vllm_model_router.drivers.endpoint import EndpointDriver
 from vllm_model_router.drivers.multi import MultiDriver
 from vllm_model_router.drivers.process import ProcessDriver
-from vllm_model_router.errors import BadGateway, GatewayTimeout, ModelNotFound, ModelUnavailable, RouterError
+from vllm_model_router.errors import (
+    BadGateway,
+    GatewayTimeout,
+    ModelNotFound,
+    ModelUnavailable,
+    RouterError,
+    TooManyRequests,
+)
 from vllm_model_router.gpu import GpuProbe, NvmlProbe
 from vllm_model_router.gpuwatch import GpuWatch
-from vllm_model_router.lifecycle import EventLog
+from vllm_model_router.lifecycle import EventLog, LifecycleEvent
 from vllm_model_router.memory import MemoryNeed, check_fit, gpu_budgets, resolve_needs, weights_need
+from vllm_model_router.predict import ranked_models
 from vllm_model_router.scheduler import (
     AdminUnload,
     Effect,
@@ -46,6 +58,7 @@ from vllm_model_router.scheduler import (
     ModelFound,
     ModelSpec,
     ModelView,
+    Preload,
     Reject,
     RequestArrived,
     RequestCancelled,
@@ -64,6 +77,7 @@ from vllm_model_router.scheduler import (
     WakeDone,
     WakeModel,
 )
+from vllm_model_router.store import Store
 
 log = logging.getLogger("vllm_model_router.runtime")
 
@@ -86,6 +100,8 @@ def scheduler_specs(
                 memory_gb=needs[name].gb, max_adapters=m.max_adapters, gpus=m.gpus, sleep_level=m.sleep_level,
                 sleeping_gb=min(m.sleeping_memory_gb, needs[name].gb),
                 weights_gb=weights[name].gb if weights and name in weights else 0.0,
+                ttl=m.ttl if m.ttl is not None else config.default_ttl, priority=m.priority,
+                max_waiting=m.max_waiting,
             )
     # bases before their adapters, whatever the config order
     return dict(sorted(specs.items(), key=lambda kv: isinstance(kv[1], ModelSpec) and kv[1].base is not None))
@@ -117,11 +133,19 @@ class Runtime:
         self.gpuwatch = (
             GpuWatch(self.probe, config.release_timeout, self._our_pids) if self.probe is not None else None
         )
+        self._loop = asyncio.get_running_loop()
+        self._store_lock: int | None = None
+        self.store = self._open_store()
+        restored = self.store.last_used()
+        loop_now, wall_now = self._loop.time(), time.time()
         self.scheduler = Scheduler(
             SchedulerConfig(
                 models=scheduler_specs(config, self.needs, self.weights),
                 host_memory_gb=config.host_memory_gb,
                 host_overflow=config.host_overflow,
+                keep_idle=config.keep_idle,
+                max_waiting_total=config.max_waiting_total,
+                last_used={n: loop_now - (wall_now - at) for n, at in restored.items() if at <= wall_now},
                 gpu_memory_gb=self.gpu_budgets,
                 max_resident=config.max_resident,
                 memory_gb=config.memory_gb,
@@ -141,7 +165,12 @@ class Runtime:
         self._closing = False
         self.started_wall = time.time()
         self.events = EventLog()
+        self.events.add_listener(self._remember)
+        self._preload_task: asyncio.Task[None] | None = None
         self.driver.set_exit_callback(self._model_exited)
+        for name, m in config.models.items():
+            if m.pinned:
+                self._submit(SetPinned(name, True))
 
     def _default_driver(self) -> MultiDriver:
         multi = MultiDriver()
@@ -163,7 +192,15 @@ class Runtime:
 
     # ------------------------------------------------------- adapters, sync
     async def start(self) -> None:
-        """Background work: reconcile the router's view of adapters with the engines', now and periodically."""
+        """Background work: preload what the config (or the last run) asks for; reconcile the router's view
+        of adapters with the engines', now and periodically; predictive preloading."""
+        first = [n for n, m in self.config.models.items() if m.preload is True]
+        if self.config.restore:
+            first += [n for n in self.store.resident() if n in self.config.models and n not in first]
+        for name in first:  # in config order, while capacity allows (a Preload never evicts)
+            self._submit(Preload(name))
+        if self.config.preload_predicted or any(m.preload == "predicted" for m in self.config.models.values()):
+            self._preload_task = self._loop.create_task(self._predict_loop(), name="predictive-preload")
         if self._adapter_bases() or self.config.endpoint_mode:
             await self.sync()
             self._sync_task = self._loop.create_task(self._sync_loop(), name="adapter-sync")
@@ -249,6 +286,73 @@ class Runtime:
             self.add_adapter(target.model, self.catalog.adapter_path(target.model), ENGINE)
         return target
 
+    # ------------------------------------------------------- usage history
+    def _open_store(self) -> Store:
+        """The usage history in ``state_dir/state.db``, owned by one router at a time (a second router on the
+        same state_dir keeps its history in memory, so the two never mix their LRU orders)."""
+        if not self.config.state_dir:
+            return Store.open(":memory:")
+        directory = Path(self.config.state_dir).expanduser()
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(directory / "state.db.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            log.warning("Usage history not persisted: cannot use %s (%s)", directory, e)
+            return Store.open(":memory:")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            log.warning("Usage history not persisted: another router uses %s", directory)
+            return Store.open(":memory:")
+        self._store_lock = fd
+        try:
+            return Store.open(directory / "state.db")
+        except Exception as e:  # a broken file must not stop the router
+            log.warning("Usage history not persisted: %s", e)
+            return Store.open(":memory:")
+
+    def _remember(self, event: LifecycleEvent) -> None:
+        """Usage history for restarts and predictions: loads, and what is resident (not while shutting
+        down: ``restore`` brings back what was resident before the stop)."""
+        if event.model is None or self.store.closed:
+            return
+        if event.kind in ("loaded", "load_failed"):
+            seconds = event.data.get("seconds")
+            self.store.record_load(event.model, float(seconds) if isinstance(seconds, int | float) else 0.0,
+                                   event.kind == "loaded", event.time)
+        if event.kind in ("loaded", "unloaded", "slept", "woken", "exited") and not self._closing:
+            self.store.set_resident(self.scheduler.resident())
+
+    def predicted_candidates(self) -> list[str]:
+        eligible = {n for n, m in self.config.models.items()
+                    if not m.is_adapter and (self.config.preload_predicted or m.preload == "predicted")}
+        return [n for n in ranked_models(self.store.histories(), time.time()) if n in eligible]
+
+    PREDICT_INTERVAL = 5.0  # seconds between two looks for an idle moment with free capacity
+
+    async def _predict_loop(self) -> None:
+        """When the router is idle and has room, load the model most likely to be requested next."""
+        while True:
+            await asyncio.sleep(self.PREDICT_INTERVAL)
+            try:
+                views = self.views()
+                busy = any(v.in_flight or v.waiting or v.state in (State.LOADING, State.UNLOADING, State.WAKING)
+                           for v in views)
+                if busy:
+                    continue
+                states = {v.name: v.state for v in views}
+                for name in self.predicted_candidates():
+                    if states.get(name) in (State.UNLOADED, State.FAILED, State.SLEEPING):
+                        log.info("Preloading model %s: most likely to be requested next", name)
+                        self.events.emit("preload", name, "predicted from usage history")
+                        self._submit(Preload(name))  # only if it fits without evicting anything
+                        break
+                    if states.get(name) is State.LOADED:
+                        continue
+            except Exception:
+                log.exception("predictive preload failed")
+
     def _model_exited(self, model: str, reason: str) -> None:
         self.events.emit("exited", model, reason)
         self._submit(ModelExited(model, reason))
@@ -259,6 +363,7 @@ class Runtime:
         if self._closing:
             raise ModelUnavailable("the router is shutting down")
         req_id = next(self._ids)
+        self.store.record_request(model, time.time())
         fut: asyncio.Future[str] = self._loop.create_future()
         self._futures[req_id] = fut
         self._submit(RequestArrived(req_id, model))
@@ -333,7 +438,7 @@ class Runtime:
                     self._pending.append(RequestFinished(req_id))  # its client is gone already
                 else:
                     fut.set_result(model)
-            case Reject(req_id, model, status, message):
+            case Reject(req_id, model, status, message, retry_after):
                 fut = self._futures.pop(req_id, None)
                 if status == 504:
                     log.warning("Timed out waiting for model to load: %s (request %d)", model, req_id)
@@ -342,6 +447,8 @@ class Runtime:
                     err: RouterError = (
                         GatewayTimeout(message) if status == 504
                         else BadGateway(message) if status == 502
+                        else TooManyRequests(message, headers={"Retry-After": str(math.ceil(retry_after or 1))})
+                        if status == 429
                         else ModelUnavailable(message)
                     )
                     fut.set_exception(err)
@@ -484,6 +591,8 @@ class Runtime:
             self._timer.cancel()
         if self._sync_task is not None:
             self._sync_task.cancel()
+        if self._preload_task is not None:
+            self._preload_task.cancel()
         for req_id, fut in list(self._futures.items()):
             if not fut.done():
                 fut.set_exception(ModelUnavailable("the router is shutting down"))
@@ -495,3 +604,7 @@ class Runtime:
         await self.driver.close()
         if self._control is not None:
             await self._control.close()
+        self.store.close()
+        if self._store_lock is not None:
+            os.close(self._store_lock)  # releases the flock
+            self._store_lock = None

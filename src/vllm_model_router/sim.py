@@ -298,7 +298,7 @@ _ARRIVE, _FINISH, _LOAD_DONE, _STOP_DONE, _TICK = range(5)
 
 
 def scheduler_config(trace: Trace, *, max_wait: float = DEFAULT_MAX_WAIT,
-                     load_timeout: float = DEFAULT_LOAD_TIMEOUT) -> SchedulerConfig:
+                     load_timeout: float = DEFAULT_LOAD_TIMEOUT, keep_idle: float = 0.0) -> SchedulerConfig:
     """The router's configuration for a trace: every model the same size, ``capacity`` slots."""
     return SchedulerConfig(
         models=dict.fromkeys(trace.models, 0.0),
@@ -306,6 +306,7 @@ def scheduler_config(trace: Trace, *, max_wait: float = DEFAULT_MAX_WAIT,
         memory_gb=None,
         load_timeout=load_timeout,
         max_wait=max_wait,
+        keep_idle=keep_idle,
     )
 
 
@@ -470,8 +471,10 @@ class Comparison:
 
 
 def compare(trace: Trace, load_time: float, *, stop_time: float = DEFAULT_STOP_TIME,
-            max_wait: float = DEFAULT_MAX_WAIT, load_timeout: float = DEFAULT_LOAD_TIMEOUT) -> Comparison:
-    router = simulate_router(trace, load_time, stop_time=stop_time, max_wait=max_wait, load_timeout=load_timeout)
+            max_wait: float = DEFAULT_MAX_WAIT, load_timeout: float = DEFAULT_LOAD_TIMEOUT,
+            keep_idle: float = 0.0) -> Comparison:
+    cfg = scheduler_config(trace, max_wait=max_wait, load_timeout=load_timeout, keep_idle=keep_idle)
+    router = simulate_router(trace, load_time, stop_time=stop_time, config=cfg)
     naive = simulate_naive_lru(trace, load_time, stop_time)
     return Comparison(trace.name, len(trace.models), trace.capacity, len(trace.requests), load_time, router, naive,
                       belady_loads(trace.sequence, trace.capacity))

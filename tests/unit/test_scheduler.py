@@ -490,16 +490,16 @@ def test_sleepers_are_stopped_only_when_their_residue_is_in_the_way(big: float, 
 # ---------------------------------------------------------------- lifecycle policies (issue 7)
 def test_model_in_steady_use_is_kept_and_the_newcomer_waits_for_a_batch() -> None:
     r = Run(max_resident=1, keep_idle=10, max_wait=30)
-    for i, t in enumerate([0, 2, 4, 6], start=1):  # a request for a every 2 s
-        if i == 1:
-            r.loaded("a", 1)
-        else:
-            assert r.step(RequestArrived(i, "a"), at=t) == [Grant(i, "a")]
+    assert r.step(RequestArrived(1, "a"), at=-20) == [StartLoad("a")]
+    assert r.step(LoadDone("a", True), at=0) == [Grant(1, "a")]  # a takes 20 s to load: worth keeping
+    r.step(RequestFinished(1), at=0.5)
+    for i, t in enumerate([2, 4, 6], start=2):  # a request for a every 2 s
+        assert r.step(RequestArrived(i, "a"), at=t) == [Grant(i, "a")]
         r.step(RequestFinished(i), at=t + 0.5)
     # b arrives while a is idle but hot: no swap yet, more requests for b gather
     assert r.step(RequestArrived(10, "b"), at=7) == []
     assert r.step(RequestArrived(11, "b"), at=8) == []
-    assert 16.5 in r.wakes  # woken when a cools down (last used 6.5 + keep_idle 10)
+    assert 16.5 in r.wakes  # woken when a cools down: last used 6.5 + keep_idle 10
     assert r.step(Tick(), at=16.5) == [StopModel("a", "evicted to make room for b")]
     r.step(StopDone("a"))
     assert r.step(LoadDone("b", True), at=18) == [Grant(10, "b"), Grant(11, "b")]  # served together
@@ -507,7 +507,8 @@ def test_model_in_steady_use_is_kept_and_the_newcomer_waits_for_a_batch() -> Non
 
 def test_fairness_bound_swaps_even_if_the_resident_stays_hot() -> None:
     r = Run(max_resident=1, keep_idle=10, max_wait=5)
-    r.loaded("a", 1)
+    r.step(RequestArrived(1, "a"), at=-20)
+    r.step(LoadDone("a", True), at=0)
     r.step(RequestFinished(1), at=0.5)
     r.step(RequestArrived(2, "a"), at=1)
     r.step(RequestFinished(2), at=1.5)
@@ -515,6 +516,18 @@ def test_fairness_bound_swaps_even_if_the_resident_stays_hot() -> None:
     r.step(RequestArrived(4, "a"), at=3)
     r.step(RequestFinished(4), at=3.5)
     assert r.step(Tick(), at=7) == [StopModel("a", "evicted to make room for b")]  # waited max_wait (5 s)
+
+
+def test_a_model_that_reloads_quickly_is_protected_only_that_long() -> None:
+    r = Run(max_resident=1, keep_idle=10)
+    r.step(RequestArrived(1, "a"), at=-1)
+    r.step(LoadDone("a", True), at=0)  # a 1 s load
+    r.step(RequestFinished(1), at=0.2)
+    r.step(RequestArrived(2, "a"), at=0.5)
+    r.step(RequestFinished(2), at=0.7)  # steady use, gap 1.5 s
+    assert r.step(RequestArrived(3, "b"), at=1.0) == []
+    assert r.wakes[-1] == 1.7  # last used 0.7 + its 1 s load time
+    assert r.step(Tick(), at=1.7) == [StopModel("a", "evicted to make room for b")]
 
 
 def test_light_traffic_swaps_at_once() -> None:

@@ -54,10 +54,10 @@ from vllm_model_router.scheduler.events import (
     ModelExited,
     ModelFound,
     ModelSpec,
+    Preload,
     RequestArrived,
     RequestCancelled,
     RequestFinished,
-    Preload,
     SetPinned,
     SleepDone,
     StopDone,
@@ -97,7 +97,7 @@ class SchedulerConfig:
     gpu_memory_gb: Mapping[int, float] | None = None  # per-GPU budgets when GPUs are known
     host_memory_gb: float | None = None  # what level-1 sleepers' weights may take in host RAM
     host_overflow: str = "stop"  # host budget full: "stop" the oldest level-1 sleeper, or sleep at "level2"
-    keep_idle: float = 10.0  # a model in steady use is kept this long after its last request (0: off)
+    keep_idle: float = 0.0  # a model in steady use is kept this long after its last request (0: off)
     max_waiting_total: int = 1000  # requests waiting for any model beyond this get 429
     retry_after: float = 5.0  # what a 429 suggests
     last_used: Mapping[str, float] | None = None  # restored history (scheduler clock), for the LRU order
@@ -127,6 +127,7 @@ class _Model:
     sleeps: int = 0
     last_arrival: float | None = None
     gap: float | None = None  # smoothed time between its requests: small means in steady use
+    load_seconds: float | None = None  # how long its last cold load took: what evicting it would cost
 
     @property
     def memory_gb(self) -> float:
@@ -377,6 +378,8 @@ class Scheduler:
         if ok:
             m.loads += 1
             m.last_error = None
+            if m.load_started is not None:
+                m.load_seconds = now - m.load_started
             self._set_state(m, State.LOADED, now)
             return
         m.failures += 1
@@ -425,11 +428,20 @@ class Scheduler:
         waiting_here = sum(1 for w in self._waiting.values() if w.model == m.name)
         return waiting_here >= m.spec.max_waiting or len(self._waiting) >= self.config.max_waiting_total
 
-    def _hot(self, m: _Model, now: float) -> bool:
-        """In steady use: used within keep_idle and its requests come closer together than that. Such a
-        model is not evicted for a newcomer until the newcomer has waited max_wait (swaps in batches)."""
+    def _hot_until(self, m: _Model) -> float:
+        """In steady use, a model's next request is expected within its usual gap: it stays protected until
+        it is overdue (twice its smoothed gap), or keep_idle has passed since its last request, or as long
+        as reloading it would take (protecting a model that comes back in 2 s for longer than 2 s only
+        makes clients wait), whichever comes first. A model used once, or whose user has moved on, is not
+        protected for long."""
         keep = self.config.keep_idle
-        return keep > 0 and now - m.last_used < keep and m.gap is not None and m.gap < keep
+        if keep <= 0 or m.gap is None:
+            return -math.inf
+        return m.last_used + min(keep, 2 * m.gap, m.load_seconds if m.load_seconds is not None else keep)
+
+    def _hot(self, m: _Model, now: float) -> bool:
+        """Protected from eviction for a newcomer until the newcomer has waited max_wait (swaps in batches)."""
+        return now < self._hot_until(m)
 
     def _idle_for(self, m: _Model, now: float) -> float:
         return now - max(m.last_used, m.since)
@@ -597,7 +609,7 @@ class Scheduler:
             if now - first < cfg.max_wait:  # not yet at the fairness bound: models in steady use stay
                 hot = [m for m in idle if self._hot(m, now)]
                 idle = [m for m in idle if m not in hot]
-                cooling += [m.last_used + cfg.keep_idle for m in hot]
+                cooling += [self._hot_until(m) for m in hot]
             sleepers = [m for m in members if m.state is State.SLEEPING and not m.pinned]
             placement, victims = choose_placement(need, staying, self._candidates(idle, sleepers), budget, options)
             sleep = True
