@@ -260,9 +260,12 @@ def router_config(port: int, max_resident: int = 1) -> dict[str, Any]:
         "capacity": {"max_resident": max_resident},
         "load_timeout": f"{int(LOAD_TIMEOUT_S)}s",
         "models": {
-            "tiny-chat-a": model_entry("tiny-chat-a", "--enable-lora --max-lora-rank 8 --max-loras 2",
-                                       env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}),
+            "tiny-chat-a": {**model_entry("tiny-chat-a", "--enable-lora --max-lora-rank 8 --max-loras 2",
+                                          env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}),
+                            "max_adapters": 1},  # one adapter at a time: a second one evicts the first
             "tiny-chat-a-lora": {"adapter": str(MODELS_DIR / "tiny-chat-a-lora"), "base": "tiny-chat-a"},
+            # the same weights under a second name: a second adapter without generating another
+            "tiny-chat-a-lora-2": {"adapter": str(MODELS_DIR / "tiny-chat-a-lora"), "base": "tiny-chat-a"},
             "tiny-chat-b": model_entry("tiny-chat-b"),
             "tiny-embed": model_entry("tiny-embed", "--runner pooling --convert embed"),
             "broken-model": model_entry("broken-model"),

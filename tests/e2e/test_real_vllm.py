@@ -26,6 +26,7 @@ from .support import (
     Proc,
     Reply,
     Router,
+    http,
     live_processes,
     model_processes,
     session_processes,
@@ -36,6 +37,7 @@ pytestmark = pytest.mark.e2e
 
 A, B, EMBED, BROKEN = "tiny-chat-a", "tiny-chat-b", "tiny-embed", "broken-model"
 LORA = "tiny-chat-a-lora"  # a LoRA adapter on A
+LORA2 = "tiny-chat-a-lora-2"  # a second one (A takes one adapter at a time)
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello! How are you today?"}]
 
 
@@ -134,6 +136,23 @@ def test_lora_adapter_is_loaded_into_its_base(router: Router) -> None:
     # the base still answers as itself beside its adapter
     again = assert_answered(chat(router, A), router, A)["choices"][0]["message"]["content"]
     assert again == base_answer
+
+
+def test_adapters_are_evicted_and_an_out_of_band_unload_is_noticed(router: Router) -> None:
+    assert_answered(chat(router, LORA), router, LORA)
+    a_pid = router.admin(A)["pid"]
+    # A takes one adapter at a time: the second one evicts the first, on the same running vLLM
+    assert_answered(chat(router, LORA2), router, LORA2)
+    assert router.status(LORA) == "unloaded" and router.status(LORA2) == "loaded"
+    assert router.admin(A)["pid"] == a_pid
+    # unloaded behind the router's back, straight on vLLM
+    port = router.admin(A)["port"]
+    gone = http("POST", f"http://127.0.0.1:{port}/v1/unload_lora_adapter", {"lora_name": LORA2}, timeout=60)
+    assert gone.status == 200, gone.text
+    # the router finds out (vLLM's 404, or its periodic sync), loads it again, and the client never sees it
+    assert_answered(chat(router, LORA2), router, LORA2)
+    assert router.admin(LORA2)["out_of_band"] >= 1
+    assert router.admin(A)["pid"] == a_pid
 
 
 def test_litellm_proxy_forwards_chat_and_stream_through_router(router: Router, litellm: LiteLLM) -> None:
