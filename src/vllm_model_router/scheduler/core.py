@@ -454,8 +454,11 @@ class Scheduler:
         members = [x for x in members if x is not m]
         options = [m.placed] if m.state is State.SLEEPING and m.placed else self._options(m)
         placement, victims = choose_placement(m.memory_gb, self._occ(members), [], budget, options)
-        if victims != []:
-            return
+        if victims == []:
+            self._bring_in(m, placement, now, out)
+
+    def _bring_in(self, m: _Model, placement: tuple[int, ...], now: float, out: list[Effect]) -> None:
+        """Wake a sleeper (where it sleeps) or start a cold load (on ``placement``)."""
         if m.state is State.SLEEPING:
             self._set_state(m, State.WAKING, now)
             out.append(WakeModel(m.name, m.asleep_level))
@@ -588,14 +591,7 @@ class Scheduler:
             need = target.memory_gb
             placement, victims = choose_placement(need, self._occ(members), [], budget, options)
             if victims == []:  # (a)
-                if waking:
-                    self._set_state(target, State.WAKING, now)
-                    out.append(WakeModel(target.name, target.asleep_level))
-                else:
-                    self._set_state(target, State.LOADING, now)
-                    target.placed = placement
-                    out.append(StartLoad(target.name, placement))
-                target.load_started = now
+                self._bring_in(target, placement, now, out)
                 continue
             # what is already stopping (or falling asleep) will free its share: only evict more if that
             # is not enough
