@@ -195,6 +195,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ public
     def handle(self, event: Event, now: float) -> list[Effect]:
+        fast = self._fast_path(event, now)
+        if fast is not None:
+            return fast
         out: list[Effect] = []
         match event:
             case RequestArrived(req_id, model):
@@ -203,10 +206,7 @@ class Scheduler:
                 if req_id in self._waiting or req_id in self._granted:
                     raise ValueError(f"duplicate request id {req_id}")
                 m = self._models[model]
-                if m.last_arrival is not None:
-                    gap = now - m.last_arrival
-                    m.gap = gap if m.gap is None else 0.7 * m.gap + 0.3 * gap
-                m.last_arrival = now
+                self._note_arrival(m, now)
                 if not self._servable(m, self._seq + 1) and self._queue_full(m):
                     out.append(Reject(req_id, model, 429, f"too many requests waiting for {model}; try again later",
                                       retry_after=self.config.retry_after))
@@ -471,18 +471,56 @@ class Scheduler:
     def _servable(self, m: _Model, seq: int) -> bool:
         return m.admits(seq) and (m.base is None or self._models[m.base].admits(seq))
 
+    def _fast_path(self, event: Event, now: float) -> list[Effect] | None:
+        """The common case, without a full pass: nobody is waiting, and a request arrives for a model that
+        is ready (granted at once), or a request finishes on a model with nothing pending on its idleness
+        (no ttl to arm, no operator unload waiting for it). Whatever a full pass would decide differently
+        needs a waiter, a ttl or an unload request, so the answer is the same (the property tests check
+        it). Returns None when the full pass is needed."""
+        if self._waiting:
+            return None
+        if isinstance(event, RequestArrived):
+            m = self._models.get(event.model)
+            if m is None or event.req_id in self._granted or not self._servable(m, self._seq + 1):
+                return None
+            self._note_arrival(m, now)
+            self._seq += 1
+            self._grant_one(event.req_id, m, now)
+            return [Grant(event.req_id, m.name)]
+        if isinstance(event, RequestFinished | RequestCancelled):
+            model = self._granted.get(event.req_id)
+            if model is None:
+                return None
+            chain = [self._models[model]]
+            if chain[0].base is not None:
+                chain.append(self._models[chain[0].base])
+            if any(x.spec.ttl > 0 or x.unload_requested for x in chain):
+                return None
+            self._release(event.req_id, now)
+            return []
+        return None
+
+    def _note_arrival(self, m: _Model, now: float) -> None:
+        if m.last_arrival is not None:
+            gap = now - m.last_arrival
+            m.gap = gap if m.gap is None else 0.7 * m.gap + 0.3 * gap
+        m.last_arrival = now
+
+    def _grant_one(self, req_id: int, m: _Model, now: float) -> None:
+        self._granted[req_id] = m.name
+        m.in_flight.add(req_id)
+        m.last_used = now
+        if m.base is not None:
+            base = self._models[m.base]
+            base.in_flight.add(req_id)
+            base.last_used = now
+
     def _grant(self, now: float, out: list[Effect]) -> None:
         for w in list(self._waiting.values()):
             m = self._models[w.model]
             if self._servable(m, w.seq):
                 del self._waiting[w.req_id]
-                self._granted[w.req_id] = m.name
-                m.in_flight.add(w.req_id)
-                m.last_used = now
-                if m.base is not None:
-                    base = self._models[m.base]
-                    base.in_flight.add(w.req_id)
-                    base.last_used = now
+                self._grant_one(w.req_id, m, now)
                 out.append(Grant(w.req_id, m.name))
 
     @staticmethod
