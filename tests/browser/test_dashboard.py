@@ -110,3 +110,28 @@ def test_load_button_sends_the_admin_key_and_shows_an_auth_error(page: Any, rout
     assert state(router, "beta") == "loaded"
     http(router, "POST", "/admin/models/beta/unload")
     expect(beta.locator(".state")).to_have_text("unloaded", timeout=15000)
+
+
+def test_gpu_bars_show_where_models_sit_and_what_others_use(browser: Any, tmp_path: Path) -> None:
+    from vllm_model_router.gpu import FakeProbe
+
+    probe = FakeProbe([80.0, 80.0])
+    probe.gpus[1].processes[4242] = 30.0  # someone else's job on GPU 1
+    models = {"big": fake_model(memory_gb=50), "small": fake_model(memory_gb=20)}
+    with threaded_router(models, probe=probe, capacity={"max_resident": 2}) as r:
+        ctx = browser.new_context(base_url=r.url, viewport={"width": 1280, "height": 800})
+        page = ctx.new_page()
+        try:
+            page.goto("/ui")
+            gpu0, gpu1 = page.locator('.gpu[data-gpu="0"]'), page.locator('.gpu[data-gpu="1"]')
+            expect(gpu1.locator(".seg.others")).to_have_count(1)
+            expect(gpu1.locator(".bar-text")).to_contain_text("others 30 GB")
+            http(r, "POST", CHAT, chat("big"))
+            http(r, "POST", CHAT, chat("small"))
+            # big fits best on GPU 0 (80 GB free); small then goes where it leaves the least over (GPU 0: 30)
+            expect(gpu0.locator('.seg[data-state="loaded"]')).to_have_count(2, timeout=15000)
+            expect(gpu0.locator(".bar-text")).to_contain_text("70 GB / 76 GB reserved")
+            expect(gpu1.locator('.seg[data-state="loaded"]')).to_have_count(0)
+            page.screenshot(path=tmp_path / "dashboard-gpus.png")
+        finally:
+            ctx.close()

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from vllm_model_router.app import RUNTIME, build_app
 from vllm_model_router.config import RouterConfig, build_config
-from vllm_model_router.runtime import Runtime
+from vllm_model_router.runtime import AUTO, Runtime
 
 # restart recovery's state file for the tests' routers (not the user's ~/.local/state)
 TEST_STATE_DIR = os.path.join(tempfile.gettempdir(), "vllm-model-router-test-state")
@@ -115,8 +115,9 @@ class LocalRouter:
         return self.app[RUNTIME]
 
 
-async def _start(config: RouterConfig) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(build_app(config), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+async def _start(config: RouterConfig, probe: Any = AUTO) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(build_app(config, probe=probe), handler_cancellation=True, access_log=None,
+                           shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -137,13 +138,15 @@ async def local_router(models: Mapping[str, Mapping[str, Any]], **top: Any) -> A
 
 # ------------------------------------------------------------------ a router in a background thread
 @contextlib.contextmanager
-def threaded_router(models: Mapping[str, Mapping[str, Any]], **top: Any) -> Iterator[LocalRouter]:
-    """The router's aiohttp app on its own event loop in a daemon thread (for synchronous tests)."""
+def threaded_router(models: Mapping[str, Mapping[str, Any]], probe: Any = AUTO, **top: Any) -> Iterator[LocalRouter]:
+    """The router's aiohttp app on its own event loop in a daemon thread (for synchronous tests);
+    ``probe``: a fake GPU probe (default: NVML if there is a GPU)."""
     marker = new_marker()
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="router", daemon=True)
     thread.start()
-    runner, url = asyncio.run_coroutine_threadsafe(_start(router_config(models, marker, **top)), loop).result(30)
+    runner, url = asyncio.run_coroutine_threadsafe(_start(router_config(models, marker, **top), probe),
+                                                   loop).result(30)
     try:
         yield LocalRouter(url, runner.app)
     finally:

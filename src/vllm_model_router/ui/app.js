@@ -8,7 +8,8 @@
 const KEY_STORAGE = "vllm-model-router.admin-key";
 const POLL_MS = 5000;
 const MAX_EVENTS = 200;
-const RESIDENT = new Set(["loading", "loaded", "unloading"]);
+const RESIDENT = new Set(["loading", "loaded", "unloading", "falling_asleep", "waking"]);
+const ON_GPU = new Set([...RESIDENT, "sleeping"]);
 
 const $ = (sel) => document.querySelector(sel);
 let latest = null;           // the last /admin/models answer
@@ -82,6 +83,8 @@ function renderCapacity(data) {
                                 style: `width: ${Math.min(100, (100 * m.memory_gb) / cap.memory_gb)}%` }));
     }
     $("#memory-text").textContent = `${gb(reserved)} / ${gb(cap.memory_gb)}`;
+  } else if ((data.gpus || []).length) {
+    $("#memory-text").textContent = `${gb(reserved)} (budgets per GPU below)`;
   } else {
     $("#memory-text").textContent = reserved ? `${gb(reserved)} (no budget)` : "no budget set";
   }
@@ -92,6 +95,29 @@ function renderCapacity(data) {
                                 style: `width: ${100 / Math.max(cap.max_resident, resident.length)}%` }));
   }
   $("#count-text").textContent = `${resident.length} / ${cap.max_resident} resident`;
+  renderGpus(data);
+}
+
+// one bar per GPU (when the router measures GPUs): its models' reservations, others' use, free memory
+function renderGpus(data) {
+  const box = $("#gpus");
+  box.replaceChildren();
+  for (const g of data.gpus || []) {
+    const bar = el("div", { class: "bar", role: "img", "aria-label": `GPU ${g.index} memory` });
+    for (const m of data.models) {
+      if (!ON_GPU.has(m.state) || !(m.gpus || []).includes(g.index) || !m.memory_gb) continue;
+      bar.append(el("div", { class: "seg", "data-state": m.state, title: `${m.name}: ${gb(m.memory_gb)} (${m.state})`,
+                             style: `width: ${Math.min(100, (100 * m.memory_gb) / g.total_gb)}%` }));
+    }
+    if (g.used_by_others_gb > 0) {
+      bar.append(el("div", { class: "seg others", title: `other processes: ${gb(g.used_by_others_gb)}`,
+                             style: `width: ${Math.min(100, (100 * g.used_by_others_gb) / g.total_gb)}%` }));
+    }
+    const text = `${gb(g.reserved_gb)} / ${gb(g.budget_gb)} reserved · others ${gb(g.used_by_others_gb)} · free ${gb(g.free_gb)}`;
+    box.append(el("div", { class: "bar-row gpu", "data-gpu": String(g.index) },
+      el("span", { class: "bar-label", text: `GPU ${g.index}`, title: g.name }), bar,
+      el("span", { class: "bar-text", text })));
+  }
 }
 
 function actionButton(model, action, label, enabled) {
