@@ -18,33 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from gpu_alloc_server import SERVER  # (bench/ is on sys.path when run as a script)
+
 from vllm_model_router import procs
 from vllm_model_router.config import ModelConfig
 from vllm_model_router.drivers.process import ProcessDriver
 from vllm_model_router.gpu import NvmlProbe
-
-SERVER = r"""
-import http.server, os, sys, time, torch
-gb = float(sys.argv[2])
-worker = os.fork()
-if worker == 0:  # the "EngineCore": holds memory too, in the same process group
-    x = torch.empty(int(gb * 2**30), dtype=torch.uint8, device="cuda")
-    torch.cuda.synchronize()
-    while True:
-        time.sleep(1)
-x = torch.empty(int(gb * 2**30), dtype=torch.uint8, device="cuda")
-torch.cuda.synchronize()
-time.sleep(1.0)  # let the worker allocate before reporting ready
-
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200); self.end_headers()
-    def log_message(self, *a):
-        pass
-
-print("ready", flush=True)
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"""
 
 
 async def main(gb: float) -> str:

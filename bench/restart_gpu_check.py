@@ -31,30 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-SERVER = r"""
-import http.server, os, sys, time
-gb = float(sys.argv[2])
-if gb > 0:
-    import torch
-    worker = os.fork()
-    if worker == 0:  # the "EngineCore": holds memory too, in the same process group
-        x = torch.empty(int(gb * 2**30), dtype=torch.uint8, device="cuda")
-        torch.cuda.synchronize()
-        while True:
-            time.sleep(1)
-    x = torch.empty(int(gb * 2**30), dtype=torch.uint8, device="cuda")
-    torch.cuda.synchronize()
-    time.sleep(1.0)  # let the worker allocate before reporting ready
-
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200); self.end_headers()
-    def log_message(self, *a):
-        pass
-
-print("ready", flush=True)
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"""
+from gpu_alloc_server import SERVER  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 def free_port() -> int:
