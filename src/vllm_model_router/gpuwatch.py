@@ -109,6 +109,19 @@ class GpuWatch:
     def _total(self, g: int) -> float:
         return next((d.total_gb for d in self.devices() if d.index == g), 0.0)
 
+    def foreign_gb(self, reserved: dict[int, float]) -> dict[int, float]:
+        """GB per GPU held by processes the router did not start (without a process list: whatever is in
+        use beyond what the router's models reserve)."""
+        ours = self._our_pids()
+        out = {}
+        for d in self.devices():
+            procs = self.probe.processes(d.index)
+            if procs:
+                out[d.index] = sum(p.used_gb for p in procs if p.pid not in ours)
+            else:
+                out[d.index] = max(0.0, d.used_gb - reserved.get(d.index, 0.0))
+        return out
+
     def view(self, budgets: dict[int, float], reserved: dict[int, float]) -> list[dict[str, Any]]:
         out = []
         ours = self._our_pids()

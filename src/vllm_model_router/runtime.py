@@ -51,6 +51,7 @@ from vllm_model_router.scheduler import (
     AdminUnload,
     Effect,
     Event,
+    GpuUsage,
     Grant,
     LoadDone,
     ModelAdded,
@@ -167,6 +168,8 @@ class Runtime:
         self.events = EventLog()
         self.events.add_listener(self._remember)
         self._preload_task: asyncio.Task[None] | None = None
+        self._gpu_task: asyncio.Task[None] | None = None
+        self._foreign: dict[int, float] = {}
         self.driver.set_exit_callback(self._model_exited)
         for name, m in config.models.items():
             if m.pinned:
@@ -199,6 +202,9 @@ class Runtime:
             first += [n for n in self.store.resident() if n in self.config.models and n not in first]
         for name in first:  # in config order, while capacity allows (a Preload never evicts)
             self._submit(Preload(name))
+        if self.gpuwatch is not None:
+            self._note_foreign_usage()
+            self._gpu_task = self._loop.create_task(self._gpu_loop(), name="gpu-usage")
         if self.config.preload_predicted or any(m.preload == "predicted" for m in self.config.models.values()):
             self._preload_task = self._loop.create_task(self._predict_loop(), name="predictive-preload")
         if self._adapter_bases() or self.config.endpoint_mode:
@@ -352,6 +358,33 @@ class Runtime:
                         continue
             except Exception:
                 log.exception("predictive preload failed")
+
+    GPU_INTERVAL = 2.0  # seconds between two looks at what other processes hold on the GPUs
+
+    def _reserved_gb(self) -> dict[int, float]:
+        reserved: dict[int, float] = {g: 0.0 for g in self.gpu_budgets or {}}
+        for v in self.views():
+            if v.state in (State.LOADING, State.LOADED, State.UNLOADING, State.FALLING_ASLEEP, State.WAKING):
+                for g in v.gpus:
+                    reserved[g] = reserved.get(g, 0.0) + v.memory_gb
+        return reserved
+
+    def _note_foreign_usage(self) -> None:
+        """Tell the scheduler what others hold on each GPU (changes under half a GB are ignored)."""
+        if self.gpuwatch is None:
+            return
+        foreign = {g: round(gb * 2) / 2 for g, gb in self.gpuwatch.foreign_gb(self._reserved_gb()).items()}
+        if foreign != self._foreign:
+            self._foreign = foreign
+            self._submit(GpuUsage(tuple(sorted(foreign.items()))))
+
+    async def _gpu_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.GPU_INTERVAL)
+            try:
+                self._note_foreign_usage()
+            except Exception:  # NVML hiccups must not end the loop
+                log.exception("reading GPU usage failed")
 
     def _model_exited(self, model: str, reason: str) -> None:
         self.events.emit("exited", model, reason)
@@ -576,12 +609,7 @@ class Runtime:
         """Per GPU: total, budget, reserved by resident models, used by others, free (empty without GPUs)."""
         if self.gpuwatch is None or self.gpu_budgets is None:
             return []
-        reserved: dict[int, float] = {g: 0.0 for g in self.gpu_budgets}
-        for v in self.views():
-            if v.state in (State.LOADING, State.LOADED, State.UNLOADING):
-                for g in v.gpus:
-                    reserved[g] = reserved.get(g, 0.0) + v.memory_gb
-        return self.gpuwatch.view(self.gpu_budgets, reserved)
+        return self.gpuwatch.view(self.gpu_budgets, self._reserved_gb())
 
     # ----------------------------------------------------------- shutdown
     async def close(self) -> None:
@@ -593,6 +621,8 @@ class Runtime:
             self._sync_task.cancel()
         if self._preload_task is not None:
             self._preload_task.cancel()
+        if self._gpu_task is not None:
+            self._gpu_task.cancel()
         for req_id, fut in list(self._futures.items()):
             if not fut.done():
                 fut.set_exception(ModelUnavailable("the router is shutting down"))

@@ -21,7 +21,7 @@ import pytest
 from vllm_model_router.gpu import GpuMemory, GpuProcess
 
 from .conftest import StartRouter
-from .support import MARKER_VAR, engine
+from .support import MARKER_VAR, engine, wait_until
 
 TOTAL = 80.0
 
@@ -198,3 +198,17 @@ async def test_without_a_gpu_the_router_says_so_once_and_works(
     assert caplog.text.count("accounting memory from declarations only") == 1
     assert (await r.get("/admin/models")).json()["gpus"] == []
     await asyncio.sleep(0)
+
+
+async def test_placement_avoids_a_gpu_that_others_are_filling(start_router: StartRouter, marker: str) -> None:
+    probe = SimProbe(marker, gpus=2)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             env={**os.environ, MARKER_VAR: marker, "SIM_FOREIGN_GB": "60"})  # on GPU 0
+    try:
+        await wait_until(lambda: probe.devices()[0].used_gb == 60, what="the other job on GPU 0")
+        r = await start_router({"m": gpu_model(36)}, probe=probe)
+        assert (await r.chat("m")).status == 200  # GPU 0 has 20 GB left: it goes to GPU 1 instead
+        assert (await r.model("m"))["gpus"] == [1]
+    finally:
+        other.kill()
+        other.wait()

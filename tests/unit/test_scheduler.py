@@ -8,6 +8,7 @@ from vllm_model_router.scheduler import (
     AdminUnload,
     Effect,
     Event,
+    GpuUsage,
     Grant,
     LoadDone,
     ModelExited,
@@ -599,3 +600,25 @@ def test_restored_history_sets_the_lru_order() -> None:
     r.step(Preload("b"))
     r.step(LoadDone("b", True))
     assert r.step(RequestArrived(1, "c"), at=201) == [StopModel("b", "evicted to make room for c")]
+
+
+def test_memory_used_by_others_steers_placement_to_another_gpu() -> None:
+    r = gpu_run(a=ModelSpec(40), b=ModelSpec(45))
+    assert r.step(GpuUsage(((0, 60.0),))) == []  # someone else's job takes 60 GB of GPU 0
+    assert r.step(RequestArrived(1, "a")) == [StartLoad("a", (1,))]
+    # GPU 1 has 40 left of its 80, GPU 0 only 20: b (45) cannot go anywhere without evicting a
+    r.step(LoadDone("a", True))
+    r.step(RequestFinished(1), at=1)
+    assert r.step(RequestArrived(2, "b"), at=2) == [StopModel("a", "evicted to make room for b")]
+    # the job ends: GPU 0 is free again, and the next placement uses it
+    r.step(StopDone("a"))
+    r.step(LoadDone("b", True))
+    assert r.step(GpuUsage(())) == []
+    assert r.step(RequestArrived(3, "a"), at=3) == [StartLoad("a", (0,))]
+
+
+def test_when_others_leave_no_gpu_it_could_fit_on_the_start_is_tried_anyway() -> None:
+    # (the runtime's check before the start then names the processes that hold the memory)
+    r = gpu_run(a=ModelSpec(40))
+    r.step(GpuUsage(((0, 60.0), (1, 70.0))))
+    assert r.step(RequestArrived(1, "a")) == [StartLoad("a", (0,))]

@@ -14,6 +14,7 @@ from vllm_model_router.scheduler.effects import (
 from vllm_model_router.scheduler.events import (
     AdminUnload,
     Event,
+    GpuUsage,
     LoadDone,
     ModelAdded,
     ModelExited,
@@ -34,6 +35,7 @@ __all__ = [
     "AdminUnload",
     "Effect",
     "Event",
+    "GpuUsage",
     "Grant",
     "LoadDone",
     "ModelAdded",

@@ -49,6 +49,7 @@ from vllm_model_router.scheduler.effects import (
 from vllm_model_router.scheduler.events import (
     AdminUnload,
     Event,
+    GpuUsage,
     LoadDone,
     ModelAdded,
     ModelExited,
@@ -182,6 +183,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, now: float = 0.0) -> None:
         self.config = config
         self.budget = Budget(config.max_resident, config.memory_gb, dict(config.gpu_memory_gb or {}))
+        self._nominal = self.budget  # without what other processes hold (see GpuUsage)
         self._models: dict[str, _Model] = {}
         for name, spec in config.models.items():
             self._add(name, spec if isinstance(spec, ModelSpec) else ModelSpec(memory_gb=spec), now)
@@ -271,6 +273,11 @@ class Scheduler:
                 self._models[model].pinned = pinned
             case Preload(model):
                 self._preload(self._models[model], now, out)
+            case GpuUsage(foreign):
+                taken = dict(foreign)
+                gpus = self.config.gpu_memory_gb or {}
+                self.budget = Budget(self.config.max_resident, self.config.memory_gb,
+                                     {g: max(0.0, b - taken.get(g, 0.0)) for g, b in gpus.items()})
             case Tick():
                 self._wake = None  # always re-arm: a timer may fire a hair before its deadline
             case _:
@@ -627,6 +634,12 @@ class Scheduler:
             members = [m for m in members if m is not target]  # a sleeper's own residue becomes its need
             options = [target.placed] if waking and target.placed else self._options(target)
             need = target.memory_gb
+            if target.base is None and budget is not self._nominal and all(
+                any(need > budget.gpu_memory_gb.get(g, 0.0) + 1e-9 for g in p) for p in options if p
+            ):
+                # others' use leaves no GPU where it could ever fit: plan as if it were not there, and let
+                # the start-time check name the processes that hold the memory (a 503, not a long wait)
+                budget = self._nominal
             placement, victims = choose_placement(need, self._occ(members), [], budget, options)
             if victims == []:  # (a)
                 self._bring_in(target, placement, now, out)

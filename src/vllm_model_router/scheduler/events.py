@@ -125,6 +125,14 @@ class SetPinned:
 
 
 @dataclass(frozen=True, slots=True)
+class GpuUsage:
+    """GPU memory held by processes the router did not start, per GPU (measured): it is taken off those
+    GPUs' budgets, so placement avoids a GPU that someone else is filling."""
+
+    foreign_gb: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Preload:
     """Load (or wake) a model ahead of demand, only if it fits without evicting anything."""
 
@@ -138,5 +146,5 @@ class Tick:
 
 Event = (
     RequestArrived | RequestCancelled | RequestFinished | LoadDone | StopDone | SleepDone | WakeDone | ModelExited
-    | ModelFound | ModelAdded | AdminUnload | SetPinned | Preload | Tick
+    | ModelFound | ModelAdded | AdminUnload | SetPinned | Preload | GpuUsage | Tick
 )
