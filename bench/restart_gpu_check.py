@@ -6,9 +6,10 @@ router, does the next router free the GPU memory its predecessor's model still h
 Runs ``vllm-model-router serve`` (this checkout's ``src``) with one model: a small server that allocates
 ``--gb`` GiB on the GPU and forks a worker that allocates as much again (like vLLM's EngineCore). The
 model is loaded, the router is killed with SIGKILL (its model lives on, holding the memory), and a new
-router is started on the same ``state_dir``. With GPUs detected it must stop the orphaned group (event
-``orphan_stopped``) before it serves, and NVML must show the memory back and the processes gone; the
-model must then load again through the new router, and a SIGTERM must free everything. Prints PASS or
+router is started on the same ``state_dir``. It must adopt the group on the GPU it was started on (its
+memory counted as the router's, not someone else's); unloading it must give the memory back with no
+process of the group left; the model must load again through the new router, and a SIGTERM must free
+everything. Prints PASS or
 FAIL lines. ``--no-gpu`` runs the same steps with a server that allocates nothing (no torch, no NVML):
 the new router then adopts the model instead.
 """
@@ -155,16 +156,22 @@ def main() -> int:
             check(("adopted", "holder") in kinds and http("GET", url + "/admin/models")["models"][0]["pid"] == leader,
                   f"without GPUs the new router adopted pid {leader} (up in {up:.1f}s)")
         else:
-            stopped = kinds.get(("orphan_stopped", "holder"))
-            check(stopped is not None, f"the new router stopped the orphan before serving (up in {up:.1f}s): "
-                                       f"{stopped['reason'] if stopped else kinds}")
-            check(not any(alive(p) for p in group), "no process of the orphaned group is left")
+            view = http("GET", url + "/admin/models")
+            holder = view["models"][0]
+            check(("adopted", "holder") in kinds and holder["pid"] == leader and holder["gpus"] == [0],
+                  f"the new router adopted pid {leader} on GPU 0 (up in {up:.1f}s), its placement from the record")
+            gpu0 = view["gpus"][0]
+            check(gpu0["reserved_gb"] > 0 and gpu0["used_by_others_gb"] < 0.5,
+                  f"its memory counts as the router's: reserved {gpu0['reserved_gb']:.1f} GB, used by the router "
+                  f"{gpu0['used_by_router_gb']:.1f} GB, by others {gpu0['used_by_others_gb']:.1f} GB")
+            t1 = time.monotonic()
+            http("POST", url + "/admin/models/holder/unload", timeout=120)
             deadline = time.monotonic() + 30
             while baseline - free_gb() > 0.5 and time.monotonic() < deadline:
                 time.sleep(0.1)
-            check(baseline - free_gb() <= 0.5, f"its {held:.1f} GiB are free again "
-                                               f"{time.monotonic() - t0:.1f}s after the new router started "
-                                               f"(in use now: {baseline - free_gb():.2f} GiB)")
+            check(not any(alive(p) for p in group) and baseline - free_gb() <= 0.5,
+                  f"unloading the adopted model frees its {held:.1f} GiB ({time.monotonic() - t1:.1f}s) and leaves "
+                  f"no process of its group")
             view = http("POST", url + "/admin/models/holder/load", timeout=300)
             check(view["state"] == "loaded" and view["pid"] != leader and baseline - free_gb() >= held * 0.9,
                   f"the model loads again through the new router (pid {view['pid']})")

@@ -18,8 +18,8 @@ A router that stops normally leaves nothing recorded. After a crash or ``kill -9
 - otherwise the whole group is stopped (SIGTERM, SIGKILL after the model's ``stop_timeout``; lifecycle
   event ``orphan_stopped``) before the router takes any request, so its GPU memory is free again.
 
-With GPUs detected (NVML), groups are stopped rather than adopted: the scheduler has no way yet to be
-told on which GPUs an adopted model holds memory. A lock file (``flock``) keeps two routers from sharing
+With GPUs detected (NVML), an adopted model keeps the GPUs it was started on (recorded with it), and it
+must fit their budgets next to the others adopted. A lock file (``flock``) keeps two routers from sharing
 one ``state_dir``: the second runs without recovery and says so.
 """
 
@@ -251,7 +251,7 @@ class Recovery:
             log.info("Adopted model %s left running by a previous router: pid %d on port %d", r.model, r.pid, r.port)
             runtime.events.emit("adopted", r.model, "left running by a previous router process", pid=r.pid,
                                 port=r.port)
-            runtime._submit(ModelFound(r.model))
+            runtime._submit(ModelFound(r.model, r.gpus))
             self.adopted.append(r.model)
         return adopt
 
@@ -266,8 +266,14 @@ class Recovery:
             return "another server of the same model is adopted"
         if config_hash(cfg, r.port, r.gpus) != r.config_hash:
             return "its model's command or environment changed"
-        if runtime.probe is not None:
-            return "GPUs are detected, and an adopted model's GPU placement cannot be accounted yet"
+        if runtime.gpu_budgets is not None:
+            if not r.gpus or any(g not in runtime.gpu_budgets for g in r.gpus):
+                return f"it was started on GPUs {list(r.gpus)}, which this machine does not have"
+            need_gb = runtime.needs[r.model].gb if r.model in runtime.needs else 0.0
+            for g in r.gpus:
+                held = sum(runtime.needs[a.model].gb for a in adopted if g in a.gpus and a.model in runtime.needs)
+                if held + need_gb > runtime.gpu_budgets[g] + 1e-9:
+                    return f"GPU {g}'s budget ({runtime.gpu_budgets[g]:.1f} GB) would be exceeded"
         if len(adopted) >= config.max_resident:
             return f"capacity.max_resident ({config.max_resident}) is reached"
         need = runtime.needs[r.model].gb if r.model in runtime.needs else 0.0

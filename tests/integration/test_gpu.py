@@ -9,6 +9,8 @@ someone else's job on the GPU.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -16,12 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from vllm_model_router.gpu import GpuMemory, GpuProcess
 
 from .conftest import StartRouter
-from .support import MARKER_VAR, engine, wait_until
+from .support import MARKER_VAR, engine, free_port, router_data, wait_until
 
 TOTAL = 80.0
 
@@ -212,3 +215,47 @@ async def test_placement_avoids_a_gpu_that_others_are_filling(start_router: Star
     finally:
         other.kill()
         other.wait()
+
+
+async def test_a_server_adopted_after_a_restart_keeps_its_gpu(
+    start_router: StartRouter, marker: str, tmp_path: Path
+) -> None:
+    """A previous router process died and left model m running on GPU 1: the new one adopts it there,
+    counting its memory as its own (not as someone else's)."""
+    from vllm_model_router import procs
+    from vllm_model_router.config import build_config
+    from vllm_model_router.recovery import STATE_FILE, config_hash
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    models = {"m": gpu_model(36)}
+    cfg = build_config(router_data(models, marker, state_dir=str(state_dir)), env={}).models["m"]
+    port = free_port()
+    left = subprocess.Popen(cfg.argv(port), env={**os.environ, **cfg.env, "CUDA_VISIBLE_DEVICES": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        probe = SimProbe(marker, gpus=2)
+        await wait_until(lambda: probe.devices()[1].used_gb == 36, what="the left-over server on GPU 1")
+        record = {"model": "m", "pid": left.pid, "start_time": procs.start_time(left.pid), "port": port,
+                  "config_hash": config_hash(cfg, port, (1,)), "gpus": [1], "started_at": 0}
+        (state_dir / STATE_FILE).write_text(json.dumps({"version": 1, "groups": [record]}))
+        async with aiohttp.ClientSession() as s:  # wait until it answers its health check
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    async with s.get(f"http://127.0.0.1:{port}/health") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.05)
+        r = await start_router(models, probe=probe, state_dir=str(state_dir))
+        view = await r.model("m")
+        assert (view["state"], view["pid"], view["gpus"]) == ("loaded", left.pid, [1])
+        gpus = {g["index"]: g for g in (await r.get("/admin/models")).json()["gpus"]}
+        assert gpus[1]["reserved_gb"] == 36 and gpus[1]["used_by_router_gb"] == 36
+        assert gpus[1]["used_by_others_gb"] == 0
+        assert (await r.chat("m")).headers["x-fake-engine-pid"] == str(left.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(left.pid, 9)
+        left.wait()

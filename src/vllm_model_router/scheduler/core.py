@@ -258,12 +258,14 @@ class Scheduler:
                     else:
                         m.out_of_band += 1
                     self._set_state(m, State.FAILED if failed else State.UNLOADED, now)
-            case ModelFound(model):
+            case ModelFound(model, gpus):
                 m = self._models[model]
                 base = self._models[m.base] if m.base else None
                 if m.state in LOADABLE and (base is None or base.state is State.LOADED):
                     m.out_of_band += 1
                     self._set_state(m, State.LOADED, now)
+                    if base is None:
+                        m.placed = gpus
             case ModelAdded(model, spec):
                 if model not in self._models:
                     self._add(model, spec, now)
@@ -275,9 +277,9 @@ class Scheduler:
                 self._preload(self._models[model], now, out)
             case GpuUsage(foreign):
                 taken = dict(foreign)
-                gpus = self.config.gpu_memory_gb or {}
+                nominal = self.config.gpu_memory_gb or {}
                 self.budget = Budget(self.config.max_resident, self.config.memory_gb,
-                                     {g: max(0.0, b - taken.get(g, 0.0)) for g, b in gpus.items()})
+                                     {g: max(0.0, b - taken.get(g, 0.0)) for g, b in nominal.items()})
             case Tick():
                 self._wake = None  # always re-arm: a timer may fire a hair before its deadline
             case _:

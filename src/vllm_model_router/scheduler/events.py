@@ -95,9 +95,11 @@ class ModelExited:
 
 @dataclass(frozen=True, slots=True)
 class ModelFound:
-    """A model the router thought unloaded turned out to be loaded (an adapter loaded out of band)."""
+    """A model the router thought unloaded turned out to be loaded: an adapter loaded out of band, or a
+    server a previous router process started and this one adopted (on ``gpus``)."""
 
     model: str
+    gpus: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
