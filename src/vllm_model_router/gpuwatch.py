@@ -109,28 +109,27 @@ class GpuWatch:
     def _total(self, g: int) -> float:
         return next((d.total_gb for d in self.devices() if d.index == g), 0.0)
 
-    def foreign_gb(self, reserved: dict[int, float]) -> dict[int, float]:
-        """GB per GPU held by processes the router did not start (without a process list: whatever is in
-        use beyond what the router's models reserve)."""
+    def _usage(self, reserved: dict[int, float]) -> list[tuple[GpuMemory, list[GpuProcess], float, float]]:
+        """Per GPU: the device, the processes the router did not start, GB used by the router's processes,
+        GB used by others (without a process list, as in some sandboxes: whatever is in use beyond what
+        the router's models reserve)."""
         ours = self._our_pids()
-        out = {}
-        for d in self.devices():
-            procs = self.probe.processes(d.index)
-            if procs:
-                out[d.index] = sum(p.used_gb for p in procs if p.pid not in ours)
-            else:
-                out[d.index] = max(0.0, d.used_gb - reserved.get(d.index, 0.0))
-        return out
-
-    def view(self, budgets: dict[int, float], reserved: dict[int, float]) -> list[dict[str, Any]]:
         out = []
-        ours = self._our_pids()
         for d in self.devices():
             procs = self.probe.processes(d.index)
             others = [p for p in procs if p.pid not in ours]
             ours_used = sum(p.used_gb for p in procs if p.pid in ours)
-            # without a process list (some sandboxes) everything the router did not reserve is "others"
             others_gb = sum(p.used_gb for p in others) if procs else max(0.0, d.used_gb - reserved.get(d.index, 0.0))
+            out.append((d, others, ours_used, others_gb))
+        return out
+
+    def foreign_gb(self, reserved: dict[int, float]) -> dict[int, float]:
+        """GB per GPU held by processes the router did not start."""
+        return {d.index: others_gb for d, _, _, others_gb in self._usage(reserved)}
+
+    def view(self, budgets: dict[int, float], reserved: dict[int, float]) -> list[dict[str, Any]]:
+        out = []
+        for d, others, ours_used, others_gb in self._usage(reserved):
             out.append({
                 "index": d.index, "name": d.name, "total_gb": round(d.total_gb, 3),
                 "budget_gb": round(budgets.get(d.index, 0.0), 3), "reserved_gb": round(reserved.get(d.index, 0.0), 3),

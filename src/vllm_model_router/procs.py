@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 _PROC = Path("/proc")
@@ -26,12 +27,23 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def group_members(pgid: int) -> list[int]:
     """Live processes whose process group or session is ``pgid`` (zombies excluded)."""
-    if not _PROC.is_dir():  # not Linux: fall back to asking the kernel about the group
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return []
-        return [pgid]
+    return members_of_groups([pgid])
+
+
+def members_of_groups(pgids: Iterable[int]) -> list[int]:
+    """Live processes whose process group or session is one of ``pgids``, in one pass over /proc."""
+    wanted = set(pgids)
+    if not wanted:
+        return []
+    if not _PROC.is_dir():  # not Linux: fall back to asking the kernel about each group
+        alive = []
+        for pgid in wanted:
+            try:
+                os.killpg(pgid, 0)
+            except (ProcessLookupError, PermissionError):
+                continue
+            alive.append(pgid)
+        return alive
     found: list[int] = []
     for entry in _PROC.iterdir():
         if not entry.name.isdigit():
@@ -44,7 +56,7 @@ def group_members(pgid: int) -> list[int]:
         fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) < 4 or fields[0] in ("Z", "X"):
             continue
-        if int(fields[2]) == pgid or int(fields[3]) == pgid:
+        if int(fields[2]) in wanted or int(fields[3]) in wanted:
             found.append(int(entry.name))
     return found
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import aiohttp
 
+from vllm_model_router import procs
 from vllm_model_router.catalog import Catalog, Target
 from vllm_model_router.config import ENGINE, ConfigError, RouterConfig
 from vllm_model_router.drivers.adapters import LoraDriver, fetch_models
@@ -602,8 +603,11 @@ class Runtime:
         self._submit(StopDone(model))
 
     def _our_pids(self) -> set[int]:
-        """Every live process of every model the router started."""
-        return {pid for v in self.views() if not v.external for pid in self.driver.pids(v.name)}
+        """Every live process of every model the router started (one pass over the process table, not
+        one per model: this runs every GPU_INTERVAL on the event loop)."""
+        leaders = [pid for v in self.views() if not v.external
+                   if isinstance(pid := self.driver.info(v.name).get("pid"), int)]
+        return set(procs.members_of_groups(leaders))
 
     def gpu_view(self) -> list[dict[str, Any]]:
         """Per GPU: total, budget, reserved by resident models, used by others, free (empty without GPUs)."""
