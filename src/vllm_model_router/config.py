@@ -6,6 +6,7 @@ Every validation problem is collected with its location (``models.qwen.memory_gb
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shlex
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from vllm_model_router.routes import extra_route_problem
 
 DEFAULT_PORT = 8010
 DEFAULT_MAX_RESIDENT = 2
@@ -94,6 +97,7 @@ class LimitsConfig:
     upstream_connect_timeout: float = 10.0  # connecting to a model's server (else 504)
     first_byte_timeout: float | None = 600.0  # forwarded request → first byte of the answer (else 504); None: no bound
     max_connections: int = 1000  # open client connections; beyond it new ones get 503 and are closed
+    extra_forward_paths: tuple[str, ...] = ()  # forwarded besides vLLM's inference routes (routes.py)
 
 
 @dataclass(frozen=True)
@@ -214,12 +218,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate mapping keys instead of silently keeping the last one."""
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A mapping key given twice: its message names the key (a field or model name), so it is kept."""
+
+
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise yaml.constructor.ConstructorError(
+            raise _DuplicateKey(
                 None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
             )
         seen[key] = key_node.start_mark.line
@@ -228,6 +236,35 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
+# a quoted name in PyYAML's problem text: an alias, anchor or tag, i.e. text from the file (it may be a key
+# that starts with * & or !), unless it is a single character or a token name such as '<block end>'
+_QUOTED_RE = re.compile(r"""'([^']*)'|"([^"]*)\"""")
+
+
+def _unquoted(text: str) -> str:
+    def keep_or_hide(m: re.Match[str]) -> str:
+        name = m.group(1) if m.group(1) is not None else m.group(2)
+        return m.group(0) if len(name) <= 4 or (name.startswith("<") and name.endswith(">")) else "'…'"
+
+    return _QUOTED_RE.sub(keep_or_hide, text)
+
+
+def yaml_error_problem(path: Path, e: yaml.YAMLError) -> str:
+    """File, line, column and what is wrong, never the source around it: PyYAML's own message quotes the
+    lines near the error, which in an ``auth`` section are keys, and config errors reach logs and terminals."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = e.problem or e.context or "syntax error"
+        if not isinstance(e, _DuplicateKey):
+            what = _unquoted(what)
+        if e.problem and e.context and e.context_mark is not None:
+            what += f" ({_unquoted(e.context)} started at line {e.context_mark.line + 1})"
+        return f"{path}: invalid YAML{where}: {what}"
+    if isinstance(e, yaml.reader.ReaderError):
+        return f"{path}: invalid YAML at character {e.position}: {e.reason}"
+    return f"{path}: invalid YAML ({type(e).__name__})"
+
 _TOP_KEYS = {"listen", "capacity", "load_timeout", "max_wait", "limits", "endpoint", "models", "auth", "state_dir",
              "shutdown_grace",
              "default_ttl", "keep_idle", "max_waiting", "preload", "restore"}
@@ -235,7 +272,7 @@ _ENDPOINT_KEYS = {"url", "adapter_dir", "sync_interval"}
 _LISTEN_KEYS = {"host", "port"}
 _CAPACITY_KEYS = {"max_resident", "memory_gb", "memory_fraction", "release_timeout", "host_memory_gb", "host_overflow"}
 _LIMIT_KEYS = {"max_body_mb", "client_header_timeout", "client_body_timeout", "upstream_connect_timeout",
-               "first_byte_timeout", "max_connections"}
+               "first_byte_timeout", "max_connections", "extra_forward_paths"}
 _AUTH_KEYS = {"api_keys", "admin_keys", "api_keys_file", "admin_keys_file"}
 _MODEL_KEYS = {
     "cmd", "memory_gb", "aliases", "env", "health_path", "stop_timeout", "adapter", "base", "max_adapters", "gpus",
@@ -250,14 +287,18 @@ class _Checker:
     def __init__(self) -> None:
         self.problems: list[str] = []
 
-    def mapping(self, value: object, where: str, allowed: set[str]) -> dict[str, Any]:
+    def mapping(self, value: object, where: str, allowed: set[str], *, secret: bool = False) -> dict[str, Any]:
+        """``secret``: a section in which an unknown key is named only when it is a near miss of an allowed
+        one (a typo); anything else may be a misplaced API key, so it is not shown."""
         if value is None:
             return {}
         if not isinstance(value, dict):
             self.problems.append(f"{where}: expected a mapping, got {type(value).__name__}")
             return {}
         for key in value:
-            if not isinstance(key, str):
+            if secret and key not in allowed and not difflib.get_close_matches(str(key), allowed, 1, 0.8):
+                self.problems.append(f"{where}: unknown key, not shown (allowed: {', '.join(sorted(allowed))})")
+            elif not isinstance(key, str):
                 self.problems.append(f"{where}: keys must be strings, got {key!r}")
             elif key not in allowed:
                 self.problems.append(f"{where}.{key}: unknown key (allowed: {', '.join(sorted(allowed))})")
@@ -493,7 +534,7 @@ def build_config(data: object, env: Mapping[str, str] | None = None, source: str
     listen = c.mapping(top.get("listen"), "listen", _LISTEN_KEYS)
     capacity = c.mapping(top.get("capacity"), "capacity", _CAPACITY_KEYS)
     limits = c.mapping(top.get("limits"), "limits", _LIMIT_KEYS)
-    auth_raw = c.mapping(top.get("auth"), "auth", _AUTH_KEYS)
+    auth_raw = c.mapping(top.get("auth"), "auth", _AUTH_KEYS, secret=True)
     endpoint_raw = c.mapping(top.get("endpoint"), "endpoint", _ENDPOINT_KEYS)
 
     host = listen.get("host", "0.0.0.0")
@@ -671,7 +712,7 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise ConfigError([f"{p}: invalid YAML: {e}"]) from e
+        raise ConfigError([yaml_error_problem(p, e)]) from None  # the chained error would quote the source
     return build_config(data, env, source=str(p))
 
 
@@ -703,7 +744,7 @@ def _keys(c: _Checker, raw: Mapping[str, Any], env: Mapping[str, str], kind: str
     if path_raw is not None:
         where = f"auth.{kind}_keys_file"
         if not isinstance(path_raw, str) or not path_raw:
-            c.problems.append(f"{where}: expected a file path, got {path_raw!r}")
+            c.problems.append(f"{where}: expected a file path, got {type(path_raw).__name__}")
         else:
             path = Path(path_raw).expanduser()
             if not path.is_absolute() and base_dir is not None:
@@ -750,7 +791,21 @@ def _limit_settings(c: _Checker, raw: Mapping[str, Any]) -> LimitsConfig:
     max_connections = d.max_connections
     if "max_connections" in raw:
         max_connections = c.integer(raw["max_connections"], "limits.max_connections", minimum=1) or max_connections
-    return LimitsConfig(first_byte_timeout=first_byte, max_connections=max_connections, **timeouts)
+    return LimitsConfig(first_byte_timeout=first_byte, max_connections=max_connections,
+                        extra_forward_paths=_extra_forward_paths(c, raw.get("extra_forward_paths")), **timeouts)
+
+
+def _extra_forward_paths(c: _Checker, raw: object) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+        c.problems.append("limits.extra_forward_paths: must be a list of paths, e.g. [/v1/my/route]")
+        return ()
+    for i, path in enumerate(raw):
+        problem = extra_route_problem(path)
+        if problem is not None:
+            c.problems.append(f"limits.extra_forward_paths[{i}]: {problem}")
+    return tuple(dict.fromkeys(raw))
 
 
 def _limits_dict(limits: LimitsConfig) -> dict[str, Any]:
@@ -760,6 +815,7 @@ def _limits_dict(limits: LimitsConfig) -> dict[str, Any]:
         "upstream_connect_timeout": limits.upstream_connect_timeout,
         "first_byte_timeout": limits.first_byte_timeout if limits.first_byte_timeout is not None else False,
         "max_connections": limits.max_connections,
+        "extra_forward_paths": list(limits.extra_forward_paths),
     }
 
 

@@ -33,19 +33,7 @@ REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 WAIT_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
 LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
 
-# Endpoints that keep their own label even when the request failed before reaching a model; any other
-# path is labelled ``other`` unless a model served it, so clients cannot create label values at will.
-KNOWN_ENDPOINTS = frozenset({
-    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/audio/transcriptions",
-    "/v1/audio/translations", "/v1/rerank", "/v1/score", "/v1/classify", "/v1/pooling", "/v1/tokenize",
-    "/v1/detokenize",
-})
 HOLDS_CAPACITY = frozenset({State.LOADING, State.LOADED, State.UNLOADING})
-
-
-def endpoint_label(path: str, served: bool) -> str:
-    """The ``endpoint`` label: the /v1 path when it is a known endpoint or a model answered it, else ``other``."""
-    return path if path in KNOWN_ENDPOINTS or served else "other"
 
 
 def eviction_reason(reason: str) -> str:
@@ -186,8 +174,8 @@ class RouterMetrics:
             child = self._wait_children[model] = self.wait_seconds.labels(model)
         child.observe(seconds)
 
-    def request_done(self, model: str, path: str, status: int, first_byte_seconds: float) -> None:
-        endpoint = endpoint_label(path, served=bool(model) and status != 404)
+    def request_done(self, model: str, route: str, status: int, first_byte_seconds: float) -> None:
+        endpoint = route  # a forwarded route (routes.py) or "other": never a client's raw path
         key = (model, endpoint, status)
         children = self._request_children.get(key)
         if children is None:

@@ -1,4 +1,7 @@
-"""Forward one OpenAI request to the model's server: lease → upstream → stream back → release.
+"""Forward one OpenAI request to the model's server: route → lease → upstream → stream back → release.
+
+Only the inference routes of routes.py are forwarded, each to its canonical path (never the client's
+raw path), so no spelling of a path reaches an engine's management routes.
 
 Non-streaming answers are read whole and sent with one write; anything else (SSE) is forwarded chunk
 by chunk the moment it arrives. The in-flight lease is released in ``finally`` whatever happens.
@@ -12,15 +15,18 @@ import logging
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from vllm_model_router.config import ENGINE
 from vllm_model_router.errors import BadGateway, BadRequest, GatewayTimeout, NotFound, RequestTimeout, RouterError
+from vllm_model_router.request_body import is_multipart, parse_form_model, parse_json
+from vllm_model_router.routes import MULTIPART_ROUTES, OTHER, RouteTable
 from vllm_model_router.runtime import Runtime
 
 log = logging.getLogger("vllm_model_router.proxy")
@@ -38,26 +44,6 @@ NOT_FORWARDED = HOP_BY_HOP | {"authorization", "x-api-key"}
 DECODED = frozenset({"content-encoding"})
 _DROPPED = NOT_FORWARDED | DECODED
 _DROPPED_FORWARD_AUTH = HOP_BY_HOP | DECODED
-
-
-def parse_body(raw: bytes) -> tuple[dict[str, Any], str]:
-    """The JSON object and its ``model``, or a 400 that says what is wrong."""
-    try:
-        payload = json.loads(raw)
-    except UnicodeDecodeError as e:
-        raise BadRequest(f"request body is not valid UTF-8: {e.reason}") from e
-    except RecursionError as e:
-        raise BadRequest("request body is nested too deeply") from e
-    except ValueError as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from e
-    if not isinstance(payload, dict):
-        raise BadRequest(f"request body must be a JSON object, got {type(payload).__name__}")
-    model = payload.get("model")
-    if model is None:
-        raise BadRequest("you must provide a model parameter", param="model")
-    if not isinstance(model, str):
-        raise BadRequest(f"'model' must be a string, got {type(model).__name__}", param="model")
-    return payload, model
 
 
 def upstream_headers(headers: CIMultiDictProxy[str], forward_auth: bool = False) -> CIMultiDict[str]:
@@ -83,8 +69,9 @@ class RequestObserver(Protocol):
 
     def waited(self, model: str, seconds: float) -> None: ...
 
-    def request_done(self, model: str, path: str, status: int, first_byte_seconds: float) -> None:
-        """``model`` is "" when the request named no configured model; status 499: the client left."""
+    def request_done(self, model: str, route: str, status: int, first_byte_seconds: float) -> None:
+        """``model`` is "" when the request named no configured model; ``route`` is the forwarded route
+        (routes.py), or "other" for a path that is not one; status 499: the client left."""
 
 
 @dataclass(slots=True)
@@ -105,17 +92,30 @@ class Proxy:
         self.config = runtime.config
         self.session = session
         self.observer: RequestObserver | None = None
+        self.routes = RouteTable(runtime.config.limits.extra_forward_paths)
+
+    def route(self, request: web.Request) -> str:
+        """The forwarded route the request names, or a 404 (the path as the client sent it is not echoed
+        in full: it is the client's own text)."""
+        route = self.routes.match(request.raw_path)
+        if route is None:
+            raise NotFound(f"no route for {request.method} {request.path[:200]}; the router forwards "
+                           "only OpenAI inference routes (see GET /openapi.json)", code="unknown_route")
+        return route
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         observer = self.observer
         if observer is None:
-            return await self._handle(request)
+            return await self._handle(request, self.route(request))
         track = _Track()
         token = _TRACK.set(track)
         started = time.monotonic()
         status = 500
+        label = OTHER
         try:
-            resp = await self._handle(request)
+            route = self.route(request)
+            label = route
+            resp = await self._handle(request, route)
             status = resp.status
             return resp
         except (RouterError, web.HTTPException) as e:
@@ -133,9 +133,9 @@ class Proxy:
             if track.wait_started is not None:
                 observer.waited(track.model, track.waited if track.waited is not None else now - track.wait_started)
             first = track.first_byte if track.first_byte is not None else now
-            observer.request_done(track.model, request.path, status, first - started)
+            observer.request_done(track.model, label, status, first - started)
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.Request, route: str) -> web.StreamResponse:
         limit = self.config.limits.client_body_timeout
         try:
             if request.content.is_eof():  # all there already (the usual case): no timer needed
@@ -150,12 +150,18 @@ class Proxy:
             request.content.feed_eof()
             raise RequestTimeout(f"the request body was not received within {limit:g}s "
                                  "(limits.client_body_timeout)") from e
-        payload, name = parse_body(raw)
-        target = await self.runtime.resolve(name)
+        if route in MULTIPART_ROUTES and is_multipart(request.content_type):
+            form = parse_form_model(raw, request.headers.get("Content-Type", ""))
+            target = await self.runtime.resolve(form.model)
+            if target.rewrite is not None:  # an alias: the server knows the model by its configured name
+                raw = form.rewrite(raw, target.rewrite)
+        else:
+            payload, name = parse_json(raw)
+            target = await self.runtime.resolve(name)
+            if target.rewrite is not None:
+                payload["model"] = target.rewrite
+                raw = json.dumps(payload).encode()
         model = target.model
-        if target.rewrite is not None:  # an alias: the server knows the model by its configured name
-            payload["model"] = target.rewrite
-            raw = json.dumps(payload).encode()
         track = _TRACK.get()
         if track is not None:
             track.model = model
@@ -169,7 +175,7 @@ class Proxy:
                 base = self.runtime.driver.endpoint(model)
                 if base is None:
                     raise BadGateway(f"model {model} has no running server")
-                return await self._forward(request, base, model, raw, may_vanish=not retried)
+                return await self._forward(request, base, route, model, raw, may_vanish=not retried)
             except _Vanished as e:
                 # the engine no longer has an adapter the router thought loaded: reload it once and retry
                 self.runtime.mark_gone(model, e.message)
@@ -190,18 +196,19 @@ class Proxy:
         return cfg.forward_auth or (base is not None and base.forward_auth)
 
     async def _forward(
-        self, request: web.Request, base: str, model: str, body: bytes, may_vanish: bool = False
+        self, request: web.Request, base: str, route: str, model: str, body: bytes, may_vanish: bool = False
     ) -> web.StreamResponse:
         limits = self.config.limits
         loop = asyncio.get_running_loop()
         # the answer's first byte (its head, and for a stream its first chunk) must come by this time
         deadline = loop.time() + limits.first_byte_timeout if limits.first_byte_timeout else None
         headers = upstream_headers(request.headers, self._forward_auth(model))
+        query = request.rel_url.raw_query_string
+        url = base + self.routes.upstream(route)  # never the client's spelling of the path
+        target = URL(f"{url}?{query}" if query else url, encoded=True)
         try:
             async with asyncio.timeout_at(deadline):
-                upstream = await self.session.request(
-                    request.method, base + request.rel_url.path_qs, data=body, headers=headers
-                )
+                upstream = await self.session.request(request.method, target, data=body, headers=headers)
         except aiohttp.ServerTimeoutError as e:
             raise GatewayTimeout(f"connecting to {self._server(model, base)} timed out after "
                                  f"{limits.upstream_connect_timeout:g}s (limits.upstream_connect_timeout)") from e
@@ -214,7 +221,7 @@ class Proxy:
             if upstream.status == 404 and ctype.startswith("application/json"):
                 body404 = await upstream.read()
                 if _is_fastapi_not_found(body404):
-                    raise NotFound(f"model {model} does not serve {request.path}", code="endpoint_not_supported")
+                    raise NotFound(f"model {model} does not serve {route}", code="endpoint_not_supported")
                 if may_vanish and self.runtime.is_adapter(model) and b"does not exist" in body404:
                     raise _Vanished(body404.decode("utf-8", "replace"))
                 return web.Response(status=404, body=body404, headers=downstream_headers(upstream.headers))

@@ -40,7 +40,8 @@ CARD_STATUSES = {"unloaded", "loading", "loaded", "unloading", "failed"}
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def router() -> AsyncIterator[Router]:
     async with in_process_router(
-        MODELS, uuid.uuid4().hex, capacity={"max_resident": 3}, limits={"max_body_mb": 0.05}
+        MODELS, uuid.uuid4().hex, capacity={"max_resident": 3},
+        limits={"max_body_mb": 0.05, "extra_forward_paths": ["/v1/some/new/endpoint"]}
     ) as r:
         yield r
 
@@ -143,25 +144,26 @@ async def test_completions_and_embeddings(router: Router, alpha: dict[str, Any])
     assert len(payload["data"][0]["embedding"]) == 8
 
 
-async def test_any_other_v1_post_is_forwarded(router: Router, alpha: dict[str, Any], tmp_path: Path) -> None:
-    # a route the router knows nothing about, answered in text/plain by the engine
-    body = {"model": "alpha", "lora_name": "sql", "lora_path": str(tmp_path)}
-    reply = await router.post("/v1/load_lora_adapter", body)
-    assert reply.status == 200
-    assert reply.headers["Content-Type"].startswith("text/plain")
-    assert reply.body == b"Success: LoRA adapter 'sql' added successfully."
-    assert (await router.engine_state("alpha"))["adapters"] == ["sql"]
-    again = await router.post("/v1/load_lora_adapter", body)
-    assert again.status == 400
-    assert again.json()["error"]["message"] == "The lora adapter 'sql' has already been loaded."
-    reply = await router.post("/v1/unload_lora_adapter", {"model": "alpha", "lora_name": "sql"})
-    assert reply.status == 200
+async def test_engine_management_routes_are_not_forwarded(router: Router, alpha: dict[str, Any],
+                                                         tmp_path: Path) -> None:
+    # vLLM's adapter routes are the router's to call: a client gets a 404 and the engine is untouched
+    body = {"model": "alpha", "lora_name": "evil", "lora_path": str(tmp_path)}
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/whatever/a/client/sent"):
+        reply = await router.post(path, body)
+        assert reply.status == 404, (path, reply.body)
+        assert reply.error["code"] == "unknown_route"
     assert (await router.engine_state("alpha"))["adapters"] == []
-    # a route the engine does not serve: FastAPI's {"detail": "Not Found"} becomes an OpenAI 404
+    # an inference route the engine does not serve: FastAPI's {"detail": "Not Found"} becomes an OpenAI 404
     missing = await router.post("/v1/responses", {"model": "alpha", "input": "x"})
     assert missing.status == 404
     err = missing.error
     assert err["code"] == "endpoint_not_supported" and "alpha" in err["message"]
+
+
+async def test_an_operators_extra_route_is_forwarded(router: Router) -> None:
+    reply = await router.post("/v1/some/new/endpoint", {"model": "echo"})
+    assert reply.status == 200 and reply.json()["path_qs"] == "/v1/some/new/endpoint"
+    assert (await router.post("/v1/some/other/endpoint", {"model": "echo"})).status == 404
 
 
 async def test_body_is_forwarded_byte_for_byte_with_path_query_and_end_to_end_headers(router: Router) -> None:
