@@ -14,12 +14,13 @@ from typing import Protocol, TypeVar, runtime_checkable
 from aiohttp import web
 
 from vllm_model_router import __version__
-from vllm_model_router.app import PROXY, RUNTIME, _model_name, _view
+from vllm_model_router.app import PROXY, RUNTIME, SCRUB, _model_name, _view
 from vllm_model_router.errors import BadRequest
 from vllm_model_router.lifecycle import LifecycleEvent
 from vllm_model_router.log_format import log_lifecycle_event
 from vllm_model_router.metrics import METRICS, RouterMetrics, metrics_handler
 from vllm_model_router.openapi import openapi_spec
+from vllm_model_router.security import KeyScrubber
 
 T = TypeVar("T")
 CLOSING: web.AppKey[asyncio.Event] = web.AppKey("closing", asyncio.Event)
@@ -90,19 +91,19 @@ async def admin_pin(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     name = _model_name(request)
     runtime.set_pinned(name, True)
-    return web.json_response(_view(runtime, name))
+    return web.json_response(_view(request, name))
 
 
 async def admin_unpin(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     name = _model_name(request)
     runtime.set_pinned(name, False)
-    return web.json_response(_view(runtime, name))
+    return web.json_response(_view(request, name))
 
 
-def _sse(event: LifecycleEvent, named: bool = True) -> bytes:
+def _sse(event: LifecycleEvent, scrub: KeyScrubber, named: bool = True) -> bytes:
     kind = f"event: {event.kind}\n" if named else ""
-    return f"id: {event.seq}\n{kind}data: {json.dumps(event.to_dict())}\n\n".encode()
+    return f"id: {event.seq}\n{kind}data: {json.dumps(scrub.value(event.to_dict()))}\n\n".encode()
 
 
 async def admin_events(request: web.Request) -> web.StreamResponse:
@@ -110,6 +111,7 @@ async def admin_events(request: web.Request) -> web.StreamResponse:
     then each event as it happens. ``?named=false`` leaves out the ``event:`` line, so that a browser's
     EventSource gets every kind, present and future, through ``onmessage``."""
     runtime = request.app[RUNTIME]
+    scrub = request.app[SCRUB]
     history = _int_param(request, "history", EVENT_HISTORY_DEFAULT, 10000)
     named = request.query.get("named", "true").lower() not in ("0", "false", "no")
     last_id: int | None = None
@@ -123,7 +125,7 @@ async def admin_events(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
-        await resp.write(b"retry: 2000\n\n" + b"".join(_sse(e, named) for e in backlog))
+        await resp.write(b"retry: 2000\n\n" + b"".join(_sse(e, scrub, named) for e in backlog))
         sent = backlog[-1].seq if backlog else 0
         closing = request.app[CLOSING]
         while True:
@@ -133,7 +135,7 @@ async def admin_events(request: web.Request) -> web.StreamResponse:
             fresh = [e for e in batch if e.seq > sent]
             if fresh:
                 sent = fresh[-1].seq
-            await resp.write(b"".join(_sse(e, named) for e in fresh) if fresh else b": keepalive\n\n")
+            await resp.write(b"".join(_sse(e, scrub, named) for e in fresh) if fresh else b": keepalive\n\n")
         return resp
     finally:
         runtime.events.unsubscribe(q)
@@ -152,15 +154,16 @@ async def follow_logs(request: web.Request, name: str, lines: int) -> web.Stream
         resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
+        scrub = request.app[SCRUB]
         if tail:
-            await resp.write("".join(f"{ln}\n" for ln in tail).encode())
+            await resp.write(scrub.text("".join(f"{ln}\n" for ln in tail)).encode())
         closing = request.app[CLOSING]
         while True:
             batch = await _batch(q, closing, KEEPALIVE_S)
             if batch is None:
                 break
             if batch:
-                await resp.write("".join(f"{ln}\n" for ln in batch).encode())
+                await resp.write(scrub.text("".join(f"{ln}\n" for ln in batch)).encode())
         return resp
     finally:
         driver.unsubscribe_logs(name, q)

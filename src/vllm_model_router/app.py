@@ -24,11 +24,14 @@ from vllm_model_router.gpu import GpuProbe
 from vllm_model_router.proxy import Proxy, error_response
 from vllm_model_router.runtime import AUTO, Runtime
 from vllm_model_router.scheduler import ModelView
+from vllm_model_router.security import KeyScrubber, scrubber
 
 log = logging.getLogger("vllm_model_router.app")
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
+# every configured key, to be scrubbed from whatever the router sends (errors, views, logs, events)
+SCRUB: web.AppKey[KeyScrubber] = web.AppKey("scrub", KeyScrubber)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -37,6 +40,7 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     try:
         return await handler(request)
     except RouterError as e:
+        e.message = request.app[SCRUB].text(e.message)  # a failed load quotes the model's output
         return error_response(e)
     except web.HTTPRequestEntityTooLarge as e:
         return error_response(PayloadTooLarge(f"request body too large: {e.text}"))
@@ -58,6 +62,7 @@ def _wall(runtime: Runtime, loop_time: float | None) -> float | None:
 
 
 def model_admin_view(runtime: Runtime, v: ModelView) -> dict[str, Any]:
+    """One model as the admin API shows it (scrub it with :data:`SCRUB` before sending it)."""
     cfg = runtime.config.models.get(v.name)
     return {
         "name": v.name,
@@ -129,7 +134,7 @@ async def proxy_post(request: web.Request) -> web.StreamResponse:
 async def admin_models(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     cfg = runtime.config
-    return web.json_response({
+    return web.json_response(request.app[SCRUB].value({
         "models": [model_admin_view(runtime, v) for v in runtime.views()],
         "capacity": {
             "max_resident": cfg.max_resident,
@@ -140,7 +145,7 @@ async def admin_models(request: web.Request) -> web.Response:
             "memory_accounting": "measured per GPU (NVML)" if runtime.probe is not None else "declarations only",
         },
         "gpus": runtime.gpu_view(),
-    })
+    }))
 
 
 def _model_name(request: web.Request) -> str:
@@ -154,15 +159,17 @@ def _model_name(request: web.Request) -> str:
     return target.model
 
 
-def _view(runtime: Runtime, name: str) -> dict[str, Any]:
-    return next(model_admin_view(runtime, v) for v in runtime.views() if v.name == name)
+def _view(request: web.Request, name: str) -> dict[str, Any]:
+    runtime = request.app[RUNTIME]
+    view = next(model_admin_view(runtime, v) for v in runtime.views() if v.name == name)
+    return request.app[SCRUB].value(view)
 
 
 async def admin_load(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     name = _model_name(request)
     await runtime.load(name)
-    return web.json_response(_view(runtime, name))
+    return web.json_response(_view(request, name))
 
 
 async def admin_unload(request: web.Request) -> web.Response:
@@ -170,7 +177,7 @@ async def admin_unload(request: web.Request) -> web.Response:
     name = _model_name(request)
     force = request.query.get("force", "").lower() in ("1", "true", "yes")
     await runtime.unload(name, force=force)
-    return web.json_response(_view(runtime, name))
+    return web.json_response(_view(request, name))
 
 
 async def admin_logs(request: web.Request) -> web.StreamResponse:
@@ -185,7 +192,7 @@ async def admin_logs(request: web.Request) -> web.StreamResponse:
         from vllm_model_router.admin_api import follow_logs
 
         return await follow_logs(request, name, lines)
-    return web.json_response({"model": name, "lines": runtime.driver.logs(name, lines)})
+    return web.json_response({"model": name, "lines": request.app[SCRUB].value(runtime.driver.logs(name, lines))})
 
 
 def build_app(
@@ -193,6 +200,7 @@ def build_app(
 ) -> web.Application:
     """The router as an aiohttp application; startup/cleanup create and stop the runtime."""
     app = web.Application(middlewares=[openai_errors], client_max_size=config.max_body_bytes)
+    app[SCRUB] = scrubber(config.auth)
 
     async def lifecycle(app: web.Application) -> Any:
         session = aiohttp.ClientSession(

@@ -23,6 +23,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from enum import Enum
+from typing import TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -33,6 +34,7 @@ from vllm_model_router.errors import Forbidden, Unauthorized
 log = logging.getLogger("vllm_model_router.security")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/ui", "/ui/"})
 # read-only streams a browser EventSource opens: the only routes that take the key as ?key=
 QUERY_KEY_ROUTES = (re.compile(r"^/admin/events$"), re.compile(r"^/admin/models/[^/]+/logs$"))
@@ -138,13 +140,43 @@ def install_auth(app: web.Application, auth: AuthConfig) -> None:
     app.middlewares.append(auth_middleware(auth))
 
 
+class KeyScrubber:
+    """Replaces every configured key by ``***`` in what leaves the router: error messages, the admin
+    API's views, model logs and lifecycle events (a model's output may print a key, and a failed load
+    quotes that output to the client that waited for it), and the router's own log."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        ordered = sorted({k for k in keys if k}, key=len, reverse=True)  # a key inside a longer one: longer first
+        self._pattern = re.compile("|".join(re.escape(k) for k in ordered)) if ordered else None
+
+    def text(self, text: str) -> str:
+        if self._pattern is None or not text:
+            return text
+        return self._pattern.sub("***", text)
+
+    def value(self, value: T) -> T:
+        """``value`` with every string in it scrubbed (dicts and lists are copied, not changed)."""
+        if self._pattern is None:
+            return value
+        if isinstance(value, str):
+            return self._pattern.sub("***", value)  # type: ignore[return-value]
+        if isinstance(value, dict):
+            return {self.value(k): self.value(v) for k, v in value.items()}  # type: ignore[return-value]
+        if isinstance(value, list | tuple):
+            return type(value)(self.value(v) for v in value)
+        return value
+
+
+def scrubber(auth: AuthConfig) -> KeyScrubber:
+    return KeyScrubber([*auth.api_keys, *auth.admin_keys])
+
+
 class RedactKeys(logging.Filter):
     """Replace every configured key in a log record (message, arguments, exception text) by ``***``."""
 
     def __init__(self, keys: Iterable[str]) -> None:
         super().__init__()
-        ordered = sorted(set(keys), key=len, reverse=True)  # a key inside a longer one: the longer first
-        self._pattern = re.compile("|".join(re.escape(k) for k in ordered)) if ordered else None
+        self._pattern = KeyScrubber(keys)._pattern
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self._pattern is None:
