@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from vllm_model_router.routes import INFERENCE_ROUTES, MULTIPART_ROUTES
+
 MODEL_STATES = ["unloaded", "loading", "loaded", "unloading", "failed"]
 ERROR_STATUSES = {
     "400": "The body is not JSON, not an object, or `model` is missing or not a string",
@@ -65,6 +67,22 @@ def _inference(summary: str, op_id: str, request_schema: str, params: list[dict[
     }}
 
 
+def _other_inference_routes() -> dict[str, Any]:
+    """The forwarded routes besides chat, completions and embeddings (routes.py is the list)."""
+    out: dict[str, Any] = {}
+    for route, upstream in INFERENCE_ROUTES.items():
+        if route in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+            continue
+        op_id = "forward" + "".join(w.capitalize() for w in route[len("/v1/"):].replace("/", "_").split("_"))
+        spec = _inference(f"Forwarded to the model's server (vLLM's `{upstream}`)", op_id, "InferenceRequest")
+        if route in MULTIPART_ROUTES:  # the audio is a file part; the model a form field
+            spec["post"]["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["model", "file"],
+                "properties": {"model": {"type": "string"}, "file": {"type": "string", "format": "binary"}}}}}}
+        out[route] = spec
+    return out
+
+
 def openapi_spec(version: str) -> dict[str, Any]:
     paths: dict[str, Any] = {
         "/health": {"get": {
@@ -102,11 +120,7 @@ def openapi_spec(version: str) -> dict[str, Any]:
         "/v1/chat/completions": _inference("Chat completion", "createChatCompletion", "ChatCompletionRequest"),
         "/v1/completions": _inference("Completion", "createCompletion", "InferenceRequest"),
         "/v1/embeddings": _inference("Embeddings", "createEmbedding", "InferenceRequest"),
-        "/v1/{endpoint}": _inference(
-            "Any other OpenAI-style endpoint (`/v1/responses`, `/v1/audio/transcriptions`, `/v1/rerank`, ...)",
-            "forward", "InferenceRequest",
-            [{"name": "endpoint", "in": "path", "required": True, "schema": {"type": "string"},
-              "description": "The rest of the path (it may contain `/`), forwarded as is"}]),
+        **_other_inference_routes(),
         "/admin/models": {"get": {
             "tags": ["admin"], "summary": "Every model's state and the capacity in use", "operationId": "adminModels",
             "responses": {"200": _json(_ref("AdminModels"), "Models and capacity")},
