@@ -8,8 +8,9 @@ so that the router can be tested, demonstrated and benchmarked without a GPU or 
 
 It also reproduces the process-level behaviours of a real vLLM server that a supervisor must
 cope with: a startup delay during which the port refuses connections, startup failures,
-crashes in the middle of a stream, a server that ignores SIGTERM, and an engine child process
-that survives a SIGKILL of the API server. ``GET /fake/state`` exposes counters for test
+crashes in the middle of a stream, a server that ignores SIGTERM, a shutdown that takes time
+(``--shutdown-delay``; ``--signal-log`` records each signal it receives), and an engine child
+process that survives a SIGKILL of the API server. ``GET /fake/state`` exposes counters for test
 assertions.
 
 Run it with ``vllm-model-router fake-engine --port 8001 --served-model-name demo`` or
@@ -215,6 +216,18 @@ class FakeEngine:
             asyncio.get_running_loop().call_later(
                 0.05, self._exit_now, f"exiting after {limit} requests (--fail-after-requests)", True
             )
+
+    def record_signal(self, sig: signal.Signals) -> None:
+        """Append ``<pid> <SIGNAME>`` to the --signal-log file: a supervisor must signal a server once (uvicorn,
+        vLLM's HTTP server, takes a second SIGTERM as "exit now, skip the graceful shutdown")."""
+        path = self.args.signal_log
+        if path is None:
+            return
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(f"{self.pid} {sig.name}\n")
+        except OSError as exc:
+            _log(f"WARNING {LOG_PREFIX} cannot write the signal log {path}: {exc}")
 
     def spawn_child(self) -> None:
         self.child = subprocess.Popen(
@@ -757,6 +770,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--ignore-sigterm", action="store_true", help="ignore SIGTERM and SIGINT (only SIGKILL stops it)"
     )
     failures.add_argument(
+        "--shutdown-delay",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds the graceful shutdown takes after SIGTERM/SIGINT (default 0)",
+    )
+    failures.add_argument(
+        "--signal-log",
+        metavar="FILE",
+        help="append '<pid> <SIGNAME>' to FILE for every SIGTERM/SIGINT received",
+    )
+    failures.add_argument(
         "--spawn-child",
         action="store_true",
         help="start a 'fake-engine-worker' child in the same process group that survives a SIGKILL of this process",
@@ -812,7 +837,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.served_model_name = [args.model]
     if args.chunks < 1:
         parser.error("--chunks must be >= 1")
-    for option in ("startup_delay", "chunk_delay", "sleep_delay", "wake_delay", "lora_load_delay"):
+    for option in ("startup_delay", "chunk_delay", "sleep_delay", "wake_delay", "lora_load_delay", "shutdown_delay"):
         if getattr(args, option) < 0:
             parser.error(f"--{option.replace('_', '-')} must be >= 0")
     if args.exit_mid_stream is not None and args.exit_mid_stream < 0:
@@ -851,9 +876,14 @@ async def _serve(args: argparse.Namespace) -> int:
     engine = FakeEngine(args)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        engine.record_signal(sig)
+        stop.set()
+
     if not args.ignore_sigterm:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
     _log(
         f"INFO {LOG_PREFIX} FAKE vLLM-compatible engine (test and demo tool, not an inference engine), pid {engine.pid}"
     )
@@ -904,6 +934,8 @@ async def _serve(args: argparse.Namespace) -> int:
     _log(f"INFO:     Uvicorn running on http://{args.host}:{engine.port} (Press CTRL+C to quit)")
     await stop.wait()
     _log("INFO:     Shutting down")
+    if args.shutdown_delay:
+        await asyncio.sleep(args.shutdown_delay)
     await runner.cleanup()
     engine.terminate_child()
     _log(f"INFO:     Finished server process [{engine.pid}]")

@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 _PROC = Path("/proc")
@@ -44,7 +44,19 @@ def members_of_groups(pgids: Iterable[int]) -> list[int]:
                 continue
             alive.append(pgid)
         return alive
-    found: list[int] = []
+    return [pid for pid, pgrp, session in _live_processes() if pgrp in wanted or session in wanted]
+
+
+def strays(pgid: int) -> list[int]:
+    """Live members of session ``pgid`` that moved to another process group, which ``killpg(pgid)`` does
+    not reach (empty where there is no /proc)."""
+    if not _PROC.is_dir():
+        return []
+    return [pid for pid, pgrp, session in _live_processes() if session == pgid and pgrp != pgid]
+
+
+def _live_processes() -> Iterator[tuple[int, int, int]]:
+    """(pid, process group, session) of every live (non-zombie) process in /proc."""
     for entry in _PROC.iterdir():
         if not entry.name.isdigit():
             continue
@@ -56,18 +68,19 @@ def members_of_groups(pgids: Iterable[int]) -> list[int]:
         fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) < 4 or fields[0] in ("Z", "X"):
             continue
-        if int(fields[2]) in wanted or int(fields[3]) in wanted:
-            found.append(int(entry.name))
-    return found
+        yield int(entry.name), int(fields[2]), int(fields[3])
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> None:
-    """Send ``sig`` to the process group and to any session member that left the group."""
+    """Send ``sig`` once to every process of the group or session: the group with one ``killpg``, then each
+    session member that left the group. A member of the group must not get it a second time: uvicorn (vLLM's
+    HTTP server) takes a second SIGTERM as "exit now", skipping its graceful shutdown, and a server whose
+    handler is not re-entrant may hang instead of exiting."""
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-    for pid in group_members(pgid):
+    for pid in strays(pgid):
         try:
             os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
