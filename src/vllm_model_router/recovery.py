@@ -13,8 +13,8 @@ A router that stops normally leaves nothing recorded. After a crash or ``kill -9
   server): they are stopped;
 - the group is alive, its model is still configured with the same command and environment, it answers
   its ``health_path`` (and is awake, for a model with sleep mode), and it fits the capacity: it is
-  **adopted** — a loaded model on its recorded port (lifecycle event ``adopted``); its output is no
-  longer captured, which its log buffer says;
+  **adopted** — a loaded model on its recorded port (lifecycle event ``adopted``); its output goes on to
+  ``state_dir/logs/<model>.log``, where the process driver follows it as the previous router did;
 - otherwise the whole group is stopped (SIGTERM, SIGKILL after the model's ``stop_timeout``; lifecycle
   event ``orphan_stopped``) before the router takes any request, so its GPU memory is free again.
 
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vllm_model_router.recovery")
 STATE_FILE = "process-groups.json"
 LOCK_FILE = "router.lock"
+LOG_DIR = "logs"  # the model servers' output files, which outlive the router that started them
 HEALTH_TIMEOUT_S = 2.0
 VERSION = 1
 
@@ -208,6 +209,7 @@ class Recovery:
                         "(give each router its own state_dir)", directory)
             return cls()
         recovery = cls(state)
+        driver.use_log_dir(directory / LOG_DIR)  # only the router holding the lock: the files are per model
         try:
             kept = await recovery._settle(runtime, driver, state.read())
         except BaseException:

@@ -13,9 +13,8 @@ POLL_S = 0.25
 
 
 class AdoptedProcess:
-    """Stands in for ``asyncio.subprocess.Process`` where the process driver needs one."""
-
-    stdout: asyncio.StreamReader | None = None  # its output went to the previous router: not captured
+    """Stands in for ``asyncio.subprocess.Process`` where the process driver needs one (its output is
+    followed in its log file, as that of any server the driver starts)."""
 
     def __init__(self, pid: int, start_time: int | None) -> None:
         self.pid = pid

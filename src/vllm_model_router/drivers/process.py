@@ -2,11 +2,17 @@
 
 - The command is exec'd without a shell, in its own session/process group, with ``${PORT}`` and
   ``${MODEL}`` substituted; nothing from a client request ever reaches it.
-- Its stdout/stderr go to a per-model ring buffer and to the router log, prefixed with the model name.
-- Ready = ``health_path`` answers 200; polled every 50 ms at first, backing off to 500 ms. If the process
+- Its stdout/stderr go to a file, ``<log_dir>/<model>.log`` (engine_log.py: appended to, size-bounded by
+  rotation), never to a pipe: a server outlives a router crash, and a pipe without its reader would fail
+  its writes (EPIPE) or kill it (SIGPIPE). The router follows the file, polling it every 0.2 s, into a
+  per-model ring buffer, to log followers and to the router log, prefixed with the model name. With
+  restart recovery the files are in ``state_dir/logs``, where the next router finds the output of the
+  servers it adopts; otherwise in a private temporary directory, removed when the driver closes.
+- Ready = ``health_path`` answers 200; polled every 50 ms at first, backing off to 250 ms. If the process
   exits while loading, the load fails at once with its last log lines.
-- Stop = SIGTERM to the group, SIGKILL after ``stop_timeout``; it returns only when no process of the
-  group or session is left (vLLM's EngineCore survives a kill of the API server alone).
+- Stop = SIGTERM to the group (once to each process: uvicorn takes a second one as "exit now"), SIGKILL
+  after ``stop_timeout``; it returns only when no process of the group or session is left (vLLM's
+  EngineCore survives a kill of the API server alone).
 """
 
 from __future__ import annotations
@@ -16,15 +22,18 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 
-from vllm_model_router import procs
+from vllm_model_router import engine_log, procs
 from vllm_model_router.config import ModelConfig
 from vllm_model_router.drivers.adopted import AdoptedProcess
 from vllm_model_router.drivers.base import ExitCallback, LoadError
@@ -32,6 +41,7 @@ from vllm_model_router.drivers.base import ExitCallback, LoadError
 log = logging.getLogger("vllm_model_router.process")
 LOG_LINES = 2000
 ERROR_TAIL = 20
+OUTPUT_POLL_S = 0.2  # how often a server's log file is looked at for new lines
 
 
 class GroupObserver(Protocol):
@@ -50,6 +60,7 @@ class _Instance:
     proc: asyncio.subprocess.Process | AdoptedProcess
     started: float
     logs: deque[str]
+    output: engine_log.LogFollower | None = None  # its log file; None when it cannot be read
     reader: asyncio.Task[None] | None = None
     watcher: asyncio.Task[None] | None = None
     ready: bool = False
@@ -62,9 +73,13 @@ class _Instance:
 
 
 class ProcessDriver:
-    def __init__(self, models: Mapping[str, ModelConfig], host: str = "127.0.0.1") -> None:
+    def __init__(self, models: Mapping[str, ModelConfig], host: str = "127.0.0.1", log_dir: Path | None = None,
+                 max_log_bytes: int = engine_log.MAX_LOG_BYTES) -> None:
         self._models = models
         self._host = host
+        self._log_dir = log_dir  # None: a private temporary directory, made on first use
+        self._private_log_dir: Path | None = None
+        self._max_log_bytes = max_log_bytes
         self._instances: dict[str, _Instance] = {}
         self._logs: dict[str, deque[str]] = {name: deque(maxlen=LOG_LINES) for name in models}
         self._log_followers: dict[str, list[asyncio.Queue[str]]] = {}
@@ -74,6 +89,18 @@ class ProcessDriver:
 
     def set_exit_callback(self, callback: ExitCallback) -> None:
         self._on_exit = callback
+
+    def use_log_dir(self, directory: Path) -> None:
+        """Write the servers' output files to ``directory`` from now on. Restart recovery points it into
+        ``state_dir``, so that the next router finds the output of the servers it adopts."""
+        self._log_dir = directory
+
+    def log_file(self, model: str) -> Path:
+        """Where ``model``'s server writes its stdout and stderr."""
+        if self._log_dir is None:
+            self._private_log_dir = Path(tempfile.mkdtemp(prefix="vllm-model-router-logs-"))
+            self._log_dir = self._private_log_dir
+        return engine_log.log_path(self._log_dir, model)
 
     def manages(self, model: str) -> bool:
         return model in self._models
@@ -98,22 +125,26 @@ class ProcessDriver:
         buf = self._logs[model]
         buf.append(f"--- starting: {' '.join(argv)}")
         self._publish(model, buf[-1])
+        output, out_fd = self._open_output(model)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
+                stdout=out_fd,
                 stderr=asyncio.subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
             )
         except OSError as e:
+            output.close()
             raise LoadError(f"cannot start {argv[0]!r}: {e.strerror or e}") from e
-        inst = _Instance(model, port, proc, time.monotonic(), buf)
+        finally:
+            os.close(out_fd)  # the server has its own copy
+        inst = _Instance(model, port, proc, time.monotonic(), buf, output)
         self._instances[model] = inst
         if self.observer is not None:
             self.observer.started(model, proc.pid, port, gpus)
-        inst.reader = asyncio.create_task(self._read_output(inst), name=f"logs:{model}")
+        inst.reader = asyncio.create_task(self._follow_output(inst, output), name=f"logs:{model}")
         try:
             await self._wait_ready(inst, cfg)
         except BaseException:
@@ -121,6 +152,7 @@ class ProcessDriver:
             await self._reap(inst, cfg.stop_timeout)
             raise
         inst.ready = True
+        self._catch_up(inst)
         inst.watcher = asyncio.create_task(self._watch(inst, cfg), name=f"watch:{model}")
         log.info("Model %s ready on port %d (pid %d) after %.2fs", model, port, inst.pid,
                  time.monotonic() - inst.started)
@@ -148,18 +180,49 @@ class ProcessDriver:
             if not exited.done():
                 exited.cancel()
 
-    async def _read_output(self, inst: _Instance) -> None:
-        stream = inst.proc.stdout
-        assert stream is not None
+    def _open_output(self, model: str) -> tuple[engine_log.LogFollower, int]:
+        """The follower of ``model``'s log file, positioned at its end, and the descriptor for the server."""
+        try:
+            path = self.log_file(model)
+            out_fd = engine_log.open_for_server(path)
+        except OSError as e:
+            raise LoadError(f"cannot open its log file: {e}") from e
+        try:
+            return engine_log.LogFollower(path, self._max_log_bytes), out_fd
+        except OSError as e:
+            os.close(out_fd)
+            raise LoadError(f"cannot read its log file: {e}") from e
+
+    async def _follow_output(self, inst: _Instance, output: engine_log.LogFollower) -> None:
+        """Take in the lines the server writes until it has exited and all it wrote is read (the file is
+        looked at once more after the exit is seen, so the final lines are never missed)."""
+        try:
+            while True:
+                exited = inst.proc.returncode is not None
+                self._take_lines(inst, output.read())
+                if output.behind:
+                    await asyncio.sleep(0)
+                    continue
+                if exited:
+                    self._take_lines(inst, output.finish())
+                    return
+                await asyncio.sleep(OUTPUT_POLL_S)
+        except OSError as e:
+            log.error("Model %s: cannot read its log file %s any more: %s", inst.model, output.path, e)
+        finally:
+            output.close()
+
+    def _catch_up(self, inst: _Instance) -> None:
+        """Take in what the server has written so far, without waiting for the next poll: once it is
+        ready, its log shows how it started."""
+        if inst.output is None or inst.reader is None or inst.reader.done():
+            return
+        with contextlib.suppress(OSError):  # the follower task reports it
+            self._take_lines(inst, inst.output.read())
+
+    def _take_lines(self, inst: _Instance, lines: list[str]) -> None:
         mlog = logging.getLogger(f"vllm_model_router.model.{inst.model}")
-        while True:
-            try:
-                raw = await stream.readline()
-            except ValueError:  # a line longer than the stream limit: take what is there
-                raw = await stream.read(65536)
-            if not raw:
-                return
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        for line in lines:
             inst.logs.append(line)
             self._publish(inst.model, line)
             mlog.info("[%s] %s", inst.model, line)
@@ -210,11 +273,23 @@ class ProcessDriver:
         if model in self._instances:
             raise LoadError(f"{model} is already running (pid {self._instances[model].pid})")
         buf = self._logs[model]
-        buf.append(f"--- adopted after a router restart: pid {pid}, port {port}; its output is not captured "
-                   "(it went to the router process that started it)")
+        output: engine_log.LogFollower | None = None
+        try:
+            output = engine_log.LogFollower(self.log_file(model), self._max_log_bytes)
+            buf.extend(output.recent_lines(LOG_LINES))  # what it printed before this router
+            note = f"following its output in {output.path}"
+        except OSError as e:
+            if output is not None:
+                output.close()
+                output = None
+            note = f"its output cannot be followed ({e})"
+        buf.append(f"--- adopted after a router restart: pid {pid}, port {port}; {note}")
         self._publish(model, buf[-1])
-        inst = _Instance(model, port, AdoptedProcess(pid, procs.start_time(pid)), time.monotonic(), buf, ready=True)
+        inst = _Instance(model, port, AdoptedProcess(pid, procs.start_time(pid)), time.monotonic(), buf, output,
+                         ready=True)
         self._instances[model] = inst
+        if output is not None:
+            inst.reader = asyncio.create_task(self._follow_output(inst, output), name=f"logs:{model}")
         inst.watcher = asyncio.create_task(self._watch_adopted(inst), name=f"watch:{model}")
         log.info("Model %s adopted: pid %d on port %d", model, pid, port)
 
@@ -223,8 +298,8 @@ class ProcessDriver:
         if inst.stopping:
             return
         await self._reap(inst, 0.0)
-        reason = (f"adopted process {inst.pid} exited (it is not this router's child: its exit status and "
-                  "last output are unknown)")
+        reason = (f"adopted process {inst.pid} exited (it is not this router's child: its exit status is "
+                  f"unknown). Last log lines:\n{self._tail(inst.model)}")
         log.error("Model %s exited unexpectedly: %s", inst.model, reason)
         self._on_exit(inst.model, reason)
 
@@ -244,6 +319,10 @@ class ProcessDriver:
         await asyncio.gather(*(self.stop(m) for m in list(self._instances)), return_exceptions=True)
         if self._session is not None:
             await self._session.close()
+        if self._private_log_dir is not None:  # nothing writes there any more: its servers are stopped
+            shutil.rmtree(self._private_log_dir, ignore_errors=True)
+            self._private_log_dir = None
+            self._log_dir = None
 
     # ------------------------------------------------------------------ views
     def endpoint(self, model: str) -> str | None:
