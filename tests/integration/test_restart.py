@@ -156,7 +156,7 @@ async def test_a_killed_router_is_replaced_by_one_that_adopts_its_models(tmp_pat
             assert ("adopted", "a") in kinds and ("adopted", "b") in kinds
             assert not [k for k in kinds if k[0] in ("load_started", "orphan_stopped")]
             logs = (await r.get("/admin/models/a/logs")).json()["lines"]
-            assert any("adopted after a router restart" in ln and "not captured" in ln for ln in logs)
+            assert any("adopted after a router restart" in ln and "following its output" in ln for ln in logs)
             assert {g["pid"] for g in recorded(state_dir)} == {pid for pid, _ in before.values()}
 
             # an adopted server that dies is noticed (it is not our child: by polling) and reloaded on demand
@@ -169,6 +169,51 @@ async def test_a_killed_router_is_replaced_by_one_that_adopts_its_models(tmp_pat
             assert await asyncio.wait_for(second.proc.wait(), 15) == 0
         assert not alive(before["b"][0])  # a normal shutdown stops adopted models too
         assert recorded(state_dir) == []
+    finally:
+        await assert_no_processes_left(marker)
+
+
+# a server behind a shell wrapper that prints a line every 0.2 s: a shell dies of SIGPIPE when its output
+# is a pipe whose reader (the router that started it) is gone
+TICKER = ("sh", "-c", '"$0" -m vllm_model_router.fake_engine --port "$1" --served-model-name "$2" & '
+          'while kill -0 $! 2>/dev/null; do echo "tick $(date +%s%N)"; sleep 0.2; done',
+          sys.executable, "${PORT}", "${MODEL}")
+
+
+def ticks(lines: list[str]) -> list[int]:
+    """The times (ns since the epoch) of the TICKER lines among ``lines``."""
+    return [int(ln.split()[1]) for ln in lines if ln.startswith("tick ")]
+
+
+async def test_an_adopted_server_keeps_writing_its_output_and_the_new_router_follows_it(
+        tmp_path: Path, marker: str) -> None:
+    state_dir = tmp_path / "state"
+    data = config({"a": {"cmd": list(TICKER), "stop_timeout": 1}}, marker, free_port(), state_dir)
+    try:
+        async with serve(tmp_path, data, "first") as first:
+            r = first.router
+            assert (await r.post("/admin/models/a/load")).status == 200
+            pid = (await r.model("a"))["pid"]
+            await kill9(first)
+        restarted = time.time_ns()
+
+        async with serve(tmp_path, data, "second") as second:
+            r = second.router
+            view = await r.model("a")
+            assert (view["state"], view["pid"]) == ("loaded", pid), view
+            await asyncio.sleep(2)  # it goes on printing, now with the second router reading
+            assert alive(pid)
+            assert (await r.chat("a")).status == 200
+            view = await r.model("a")
+            assert (view["state"], view["pid"], view["last_error"]) == ("loaded", pid, None), view
+            lines = (await r.get("/admin/models/a/logs?lines=200")).json()["lines"]
+            assert any(t < restarted for t in ticks(lines))  # what it printed before, from its file
+            assert sum(t > restarted for t in ticks(lines)) >= 5, lines
+            assert any("adopted after a router restart" in ln and "a.log" in ln for ln in lines)
+            assert "tick " in (state_dir / "logs" / "a.log").read_text()
+            second.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(second.proc.wait(), 15) == 0
+        assert not alive(pid)
     finally:
         await assert_no_processes_left(marker)
 
