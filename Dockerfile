@@ -8,9 +8,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PORT=8010
 
+# wget: the compose healthcheck (wget --spider) and troubleshooting (wget -O-) of the setup this replaces
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends tini \
+    && apt-get install -y --no-install-recommends tini wget \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

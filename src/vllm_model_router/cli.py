@@ -9,6 +9,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 import yaml
 
@@ -61,6 +63,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+class ListenError(Exception):
+    """The router could not open its listening socket (address in use, not permitted, no such address);
+    already logged in one line, so that `serve` only has to exit 1."""
+
+
+def _listen_problem(host: str, port: int, e: OSError) -> str:
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    reason = os.strerror(e.errno).lower() if e.errno else str(e)
+    return f"cannot listen on {address}: {reason} (listen.host / listen.port, or env PORT)"
+
+
 async def _serve(cfg: RouterConfig) -> None:
     from vllm_model_router.app import build_app
     from vllm_model_router.server import make_runner, raise_fd_limit, start_site
@@ -74,7 +87,11 @@ async def _serve(cfg: RouterConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await start_site(runner, cfg)
+        try:
+            await start_site(runner, cfg)
+        except OSError as e:  # one line, not a traceback; cmd_serve exits 1
+            log.error("%s", _listen_problem(cfg.host, cfg.port, e))
+            raise ListenError from None
         names = ", ".join(f"{m.name}" + (f" (aliases: {', '.join(m.aliases)})" if m.aliases else "")
                           for m in cfg.models.values())
         log.info("vllm-model-router %s listening on http://%s:%d (config %s; max_resident=%d, memory_gb=%s)",
@@ -100,12 +117,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     install_redaction(cfg.auth)  # no log line ever shows a configured key
     try:
+        _run(_serve(cfg))
+    except ListenError:  # already logged
+        return 1
+    return 0
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop (the event loop the router is tested on), else on asyncio's own."""
+    try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(_serve(cfg))
+        asyncio.run(main)
     else:
-        uvloop.run(_serve(cfg))
-    return 0
+        uvloop.run(main)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,11 @@
   envelope, the connection is closed, and the log says only what kind of error it was: the raw bytes
   aiohttp would otherwise log may hold a client's key. An unexpected exception in a handler gets a
   ``500`` in the envelope (its traceback is logged).
+- **Undecodable request bodies** (a ``Content-Encoding`` the body is not in, a broken chunked encoding):
+  the client gets its ``400`` (or ``401``, when it had no key: the body is then never read), and the log
+  one short line, at most every ``BAD_BODY_LOG_INTERVAL_S`` with a count of the others: aiohttp reads the
+  rest of the body after the answer and would log a traceback for each such request, which any client,
+  with or without a key, could use to flood the log.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import asyncio
 import logging
 import resource
 import time
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -28,6 +33,7 @@ from vllm_model_router.errors import BadRequest, RouterError, ServiceUnavailable
 
 log = logging.getLogger("vllm_model_router.server")
 REFUSED_LINGER_S = 2.0  # how long a refused connection may take to read its 503 before it is closed
+BAD_BODY_LOG_INTERVAL_S = 10.0  # at most one log line per this many seconds about undecodable bodies
 
 
 def handler_settings(config: RouterConfig) -> dict[str, Any]:
@@ -42,10 +48,45 @@ def make_runner(app: web.Application, config: RouterConfig, shutdown_grace: floa
     return web.AppRunner(app, handler_cancellation=True, shutdown_timeout=grace, **handler_settings(config))
 
 
+class Throttle:
+    """Lets one event through per ``interval`` seconds and counts the ones it held back in between."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._last = -interval
+        self._held = 0
+
+    def admit(self) -> int | None:
+        """``None``: stay quiet; else go ahead, and this many were held back since the last one."""
+        now = time.monotonic()
+        if now - self._last < self._interval:
+            self._held += 1
+            return None
+        held, self._last, self._held = self._held, now, 0
+        return held
+
+
 class _Handler(web.RequestHandler):
     """aiohttp's request handler, with errors outside the application in the OpenAI envelope."""
 
-    __slots__ = ()
+    __slots__ = ("_bad_bodies",)
+
+    def __init__(self, manager: web.Server, *, bad_bodies: Throttle, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._bad_bodies = bad_bodies
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        exc = kw.get("exc_info")
+        if not isinstance(exc, web.RequestPayloadError):
+            super().log_exception(*args, **kw)
+            return
+        # the client's body, not the router, is at fault, and it has had its answer: one line, throttled
+        held = self._bad_bodies.admit()
+        if held is not None:
+            peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            log.info("unreadable request body from %s: %s%s", peer[0] if peer else "a client",
+                     type(cause).__name__, f" ({held} more since the last such line)" if held else "")
 
     def handle_error(
         self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
@@ -81,8 +122,9 @@ class _Refuse(asyncio.Protocol):
         self._response = response
         self._timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        # a stream transport, though not always a subclass of asyncio.Transport (uvloop's is not)
+        transport = cast(asyncio.Transport, base)
         transport.write(self._response)
         if transport.can_write_eof():
             transport.write_eof()
@@ -110,6 +152,7 @@ class RouterSite(web.BaseSite):
         self._config = config
         self.refused = 0  # connections answered 503 for being over the limit
         self._warned_at = -1e9
+        self._bad_bodies = Throttle(BAD_BODY_LOG_INTERVAL_S)
 
     @property
     def port(self) -> int:
@@ -136,7 +179,7 @@ class RouterSite(web.BaseSite):
                     self._warned_at = now
                     log.warning("refusing new connections with 503: %d are open (limits.max_connections)", limit)
                 return _Refuse(loop, refusal)
-            return _Handler(server, loop=loop, **settings)
+            return _Handler(server, loop=loop, bad_bodies=self._bad_bodies, **settings)
 
         self._server = await loop.create_server(connection, self._host, self._port, backlog=self._backlog)
         if self._server.sockets:

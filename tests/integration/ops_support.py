@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import uvloop
 import yaml
 from aiohttp import web
 
@@ -139,10 +140,10 @@ async def local_router(models: Mapping[str, Mapping[str, Any]], **top: Any) -> A
 # ------------------------------------------------------------------ a router in a background thread
 @contextlib.contextmanager
 def threaded_router(models: Mapping[str, Mapping[str, Any]], probe: Any = AUTO, **top: Any) -> Iterator[LocalRouter]:
-    """The router's aiohttp app on its own event loop in a daemon thread (for synchronous tests);
-    ``probe``: a fake GPU probe (default: NVML if there is a GPU)."""
+    """The router's aiohttp app on its own event loop (uvloop, as ``serve`` runs it) in a daemon thread
+    (for synchronous tests); ``probe``: a fake GPU probe (default: NVML if there is a GPU)."""
     marker = new_marker()
-    loop = asyncio.new_event_loop()
+    loop = uvloop.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="router", daemon=True)
     thread.start()
     runner, url = asyncio.run_coroutine_threadsafe(_start(router_config(models, marker, **top), probe),

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import uvloop
 from aiohttp import web
 
 from vllm_model_router.app import RUNTIME, build_app
@@ -88,9 +89,10 @@ class ThreadedRouter:
 
 @contextlib.contextmanager
 def threaded_router(models: Mapping[str, Mapping[str, Any]], marker: str, **settings: Any) -> Iterator[ThreadedRouter]:
-    """The router served by server.py on its own event loop in a daemon thread (for synchronous tests)."""
+    """The router served by server.py on its own event loop (uvloop, as ``serve`` runs it) in a daemon
+    thread (for synchronous tests)."""
     config = router_config(models, marker, **settings)
-    loop = asyncio.new_event_loop()
+    loop = uvloop.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="router", daemon=True)
     thread.start()
 

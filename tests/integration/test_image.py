@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import yaml
@@ -22,11 +23,39 @@ from .test_adapters import engine_adapters, fake_vllm
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def dockerfile_instruction(name: str) -> str:
+COMPOSE_HEALTHCHECK = "wget --spider -q http://localhost:8010/health"  # as in the setup the image replaces
+
+
+def dockerfile_instructions(name: str) -> list[str]:
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
-    found = [line.split(None, 1)[1] for line in text.splitlines() if line.startswith(name + " ")]
+    return [line.split(None, 1)[1] for line in text.splitlines() if line.startswith(name + " ")]
+
+
+def dockerfile_instruction(name: str) -> str:
+    found = dockerfile_instructions(name)
     assert found, f"no {name} in the Dockerfile"
     return found[-1]
+
+
+def apt_installed_packages() -> set[str]:
+    """Packages named by ``apt-get install`` in the Dockerfile's RUN instructions (options left out)."""
+    packages: set[str] = set()
+    for run in dockerfile_instructions("RUN"):
+        for command in re.split(r"&&|;", run):
+            words = command.split()
+            if words[:2] == ["apt-get", "install"]:
+                packages |= {w.split("=")[0] for w in words[2:] if not w.startswith("-")}
+    return packages
+
+
+def compose_healthcheck(service: dict[str, Any]) -> str:
+    """A compose healthcheck's ``test`` as the command line it runs (list or string form)."""
+    test = service["healthcheck"]["test"]
+    if isinstance(test, str):
+        return test
+    kind, *argv = test
+    assert kind in ("CMD", "CMD-SHELL"), test
+    return " ".join(argv) if kind == "CMD" else str(argv[0])
 
 
 def test_dockerfile_passes_hadolint() -> None:
@@ -41,6 +70,10 @@ def test_image_is_non_root_with_tini_and_a_healthcheck() -> None:
     assert dockerfile_instruction("USER") != "root" and dockerfile_instruction("USER") != "0"
     assert json.loads(dockerfile_instruction("ENTRYPOINT"))[:2] == ["tini", "--"]
     assert "/health" in dockerfile_instruction("HEALTHCHECK")
+
+
+def test_image_ships_wget_for_the_compose_healthcheck_and_troubleshooting() -> None:
+    assert {"tini", "wget"} <= apt_installed_packages()
 
 
 async def test_entrypoint_runs_in_endpoint_mode_with_the_seeds_environment(marker: str, tmp_path: Path) -> None:
@@ -68,6 +101,9 @@ async def test_entrypoint_runs_in_endpoint_mode_with_the_seeds_environment(marke
                     break
                 time.sleep(0.1)
             assert probe.returncode == 0, probe.stderr
+            if shutil.which("wget"):  # the compose healthcheck, on this router's port
+                compose_probe = COMPOSE_HEALTHCHECK.replace(":8010/", f":{port}/").split()
+                assert subprocess.run(compose_probe, capture_output=True, timeout=10).returncode == 0
             async with aiohttp.ClientSession() as s:
                 for model in ("base-llm", "sql"):
                     body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
@@ -91,3 +127,4 @@ def test_compose_example_matches_what_the_router_needs() -> None:
     assert "--enable-lora" in vllm["command"]
     assert vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1"
     assert any(a.startswith("--port=8000") for a in vllm["command"])
+    assert compose_healthcheck(router) == COMPOSE_HEALTHCHECK

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import time
 
-from .conftest import ServeRouter
+import pytest
+
+from vllm_model_router import server
+
+from .conftest import ServeRouter, StartRouterProcess
 from .resilience_support import araw_request, assert_envelope, echo_model
-from .support import CHAT, chat_body
+from .support import CHAT, chat_body, engine
 
 HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\n"
 
@@ -88,3 +93,57 @@ async def test_connections_over_max_connections_get_a_quick_503(serve_router: Se
     r = served.router
     replies = await asyncio.gather(*(r.post(CHAT, chat_body("echo")) for _ in range(3)))
     assert [x.status for x in replies] == [200, 200, 200]
+
+
+async def test_serve_answers_connections_over_the_limit_with_503_and_a_quiet_log(
+        start_router_process: StartRouterProcess) -> None:
+    """``serve`` itself (on uvloop, whose transports are not asyncio.Transport subclasses): a connection
+    over the limit reads the 503, and each refusal costs the log at most one line, never a traceback."""
+    rp = await start_router_process({"a": engine()}, limits={"max_connections": 3})
+    port = int(rp.router.url.rsplit(":", 1)[1])
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    try:
+        await asyncio.sleep(0.2)
+        for _ in range(3):
+            over = await araw_request(port, b"GET /health HTTP/1.1\r\nHost: router\r\n\r\n", timeout=5)
+            assert over.status == 503 and over.header("Retry-After") == "1", over
+            assert_envelope(over.body)
+    finally:
+        for s in held:
+            s.close()
+    await asyncio.sleep(0.2)
+    assert (await rp.router.get("/health")).status == 200
+    log = rp.log()
+    assert "Traceback" not in log and "AssertionError" not in log, log
+    assert log.count("refusing new connections") == 1, log
+
+
+@pytest.mark.parametrize("auth", [None, {"api_keys": ["client-key-0123456789"]}], ids=["open", "with-keys"])
+async def test_undecodable_bodies_cost_the_log_one_short_line_at_most_every_few_seconds(
+        serve_router: ServeRouter, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        auth: dict[str, list[str]] | None) -> None:
+    """aiohttp reads what is left of a body after the answer; one that does not decode (any client can
+    send one, with a key or without) is a line in the log, not a traceback per request."""
+    monkeypatch.setattr(server, "BAD_BODY_LOG_INTERVAL_S", 0.5)
+    served = await serve_router({"echo": echo_model()}, **({"auth": auth} if auth else {}))
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()
+    body = b"this is not gzip at all" * 10
+    bad = HEAD + b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+    async def send_bad(times: int) -> None:
+        for _ in range(times):
+            reply = await araw_request(served.site.port, bad, timeout=5)
+            assert reply.status == (401 if auth else 400), reply
+            assert_envelope(reply.body)
+
+    await send_bad(5)
+    await asyncio.sleep(0.6)
+    await send_bad(1)
+    await asyncio.sleep(0.1)
+    assert "Traceback" not in caplog.text and not any(r.exc_info or r.exc_text for r in caplog.records)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(lines) == 2 and all(len(line) < 120 and "\n" not in line for line in lines), lines
+    assert "unreadable request body from 127.0.0.1: ContentEncodingError" in lines[0]
+    assert "(4 more since the last such line)" in lines[1]
+    assert (await served.router.get("/health")).status == 200

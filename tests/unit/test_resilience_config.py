@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,40 @@ def test_key_files(tmp_path: Path) -> None:
     assert KEY_A not in e.value.problems[0]
 
 
+HEAD = f"listen: {{port: 8010}}\nauth:\n  admin_keys: [{ADMIN}]\n"
+
+
+@pytest.mark.parametrize("text", [
+    HEAD + f"  api_keys: [{KEY_A}, : ]]\n",
+    HEAD + f"   api_keys: [{KEY_A}]\n",
+    HEAD + f"  api_keys: [{KEY_A}\n",
+    HEAD + f"\tapi_keys: [{KEY_A}]\n",
+    HEAD + f"  api_keys: *{KEY_A}\n",
+    HEAD + f"  api_keys: [&{KEY_A}, *{KEY_B}]\n",
+    HEAD + f"  api_keys: !{KEY_A}\n",
+    HEAD + f"  api_keys: \"{KEY_A}\\q\"\n",
+], ids=["flow", "indented", "unclosed", "tab", "alias", "anchor", "tag", "escape"])
+def test_yaml_errors_say_where_and_what_but_never_quote_the_file(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path / "router.yaml", text), env={})
+    assert len(e.value.problems) == 1, e.value.problems
+    problem = e.value.problems[0]
+    assert re.fullmatch(rf"{re.escape(str(tmp_path))}/router\.yaml: invalid YAML at line [345], column \d+: [^\n]+",
+                        problem), problem
+    for key in (ADMIN, KEY_A, KEY_B, "sk-"):
+        assert key not in str(e.value), problem
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # nothing chained to quote it either
+
+
+def test_auth_never_names_an_unknown_key_unless_it_is_a_typo() -> None:
+    found = problems({"auth": {KEY_A: 1, "api_key": [KEY_B], "admin_keys_file": [ADMIN]}})
+    assert sorted(found) == sorted([
+        "auth: unknown key, not shown (allowed: admin_keys, admin_keys_file, api_keys, api_keys_file)",
+        "auth.api_key: unknown key (allowed: admin_keys, admin_keys_file, api_keys, api_keys_file)",
+        "auth.admin_keys_file: expected a file path, got list",
+    ])
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -103,11 +138,11 @@ def test_every_new_problem_names_its_field() -> None:
     })
     assert sorted(found) == sorted([
         "models.m.forward_auth: expected true or false, got 'yes'",
-        "limits.max_bodymb: unknown key (allowed: client_body_timeout, client_header_timeout, first_byte_timeout, "
-        "max_body_mb, max_connections, upstream_connect_timeout)",
+        "limits.max_bodymb: unknown key (allowed: client_body_timeout, client_header_timeout, extra_forward_paths, "
+        "first_byte_timeout, max_body_mb, max_connections, upstream_connect_timeout)",
         "auth.api_key: unknown key (allowed: admin_keys, admin_keys_file, api_keys, api_keys_file)",
         "auth.api_keys[0]: a key must be a non-empty string of printable ASCII without spaces",
-        "auth.admin_keys_file: expected a file path, got 3",
+        "auth.admin_keys_file: expected a file path, got int",
         "limits.client_body_timeout: must be greater than 0",
         "limits.first_byte_timeout: expected a duration like 30, 30s, 20m or 1h, got 'soon'",
         "limits.max_connections: must be >= 1, got 0",
