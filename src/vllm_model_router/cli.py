@@ -76,7 +76,7 @@ def _listen_problem(host: str, port: int, e: OSError) -> str:
 
 async def _serve(cfg: RouterConfig) -> None:
     from vllm_model_router.app import build_app
-    from vllm_model_router.server import make_runner, raise_fd_limit, start_site
+    from vllm_model_router.server import make_runner, raise_fd_limit, start_site, stop_serving
 
     raise_fd_limit(cfg)
     app = build_app(cfg)
@@ -100,6 +100,7 @@ async def _serve(cfg: RouterConfig) -> None:
         await stop.wait()
         log.info("shutting down: requests in flight get up to %gs to finish (shutdown_grace), then every model "
                  "the router started is stopped", cfg.shutdown_grace)
+        await stop_serving(runner, cfg.shutdown_grace)
     finally:
         await runner.cleanup()
         log.info("shutdown complete")

@@ -10,12 +10,13 @@ by chunk the moment it arrives. The in-flight lease is released in ``finally`` w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -27,7 +28,7 @@ from vllm_model_router.config import ENGINE
 from vllm_model_router.errors import BadGateway, BadRequest, GatewayTimeout, NotFound, RequestTimeout, RouterError
 from vllm_model_router.request_body import is_multipart, parse_form_model, parse_json
 from vllm_model_router.routes import MULTIPART_ROUTES, OTHER, RouteTable
-from vllm_model_router.runtime import Runtime
+from vllm_model_router.runtime import Runtime, shutting_down
 
 log = logging.getLogger("vllm_model_router.proxy")
 
@@ -44,6 +45,7 @@ NOT_FORWARDED = HOP_BY_HOP | {"authorization", "x-api-key"}
 DECODED = frozenset({"content-encoding"})
 _DROPPED = NOT_FORWARDED | DECODED
 _DROPPED_FORWARD_AUTH = HOP_BY_HOP | DECODED
+CUT_OFF_S = 2.0  # how long requests cut off at shutdown get to write their last words
 
 
 def upstream_headers(headers: CIMultiDictProxy[str], forward_auth: bool = False) -> CIMultiDict[str]:
@@ -93,6 +95,11 @@ class Proxy:
         self.session = session
         self.observer: RequestObserver | None = None
         self.routes = RouteTable(runtime.config.limits.extra_forward_paths)
+        # requests being handled (by the task of their connection), for a shutdown to wait for or cut off
+        self._active: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._cutting = False
 
     def route(self, request: web.Request) -> str:
         """The forwarded route the request names, or a 404 (the path as the client sent it is not echoed
@@ -104,6 +111,47 @@ class Proxy:
         return route
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        self._active.add(task)
+        self._idle.clear()
+        try:
+            return await self._observed(request)
+        except asyncio.CancelledError:
+            if self._was_cut(task):  # the answer has not begun: a clean 503
+                raise shutting_down() from None
+            raise
+        finally:
+            self._active.discard(task)
+            if not self._active:
+                self._idle.set()
+
+    async def drain(self, grace: float) -> int:
+        """Wait up to ``grace`` seconds for the requests in flight to finish, then cut off the rest: a
+        stream ends with an SSE error event, a request whose answer has not begun gets a 503. Returns how
+        many were cut off."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+        cut = len(self._active)
+        if cut:
+            self._cutting = True
+            for task in list(self._active):
+                task.cancel()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CUT_OFF_S):
+                    await self._idle.wait()
+        return cut
+
+    def _was_cut(self, task: asyncio.Task[Any] | None) -> bool:
+        """The cancellation just caught came from :meth:`drain` (not from the client leaving): take it
+        back, so that the request can still be answered."""
+        if not self._cutting or task is None or task.cancelling() == 0:
+            return False
+        task.uncancel()
+        return True
+
+    async def _observed(self, request: web.Request) -> web.StreamResponse:
         observer = self.observer
         if observer is None:
             return await self._handle(request, self.route(request))
@@ -272,9 +320,17 @@ class Proxy:
                 raise  # our own client went away: nothing to tell anyone
             log.warning("upstream of %s failed mid-stream: %r", model, e)
             if "text/event-stream" in ctype:
-                err = BadGateway(f"{self._server(model, None)} closed the stream: {e}")
+                err: RouterError = BadGateway(f"{self._server(model, None)} closed the stream: {e}")
                 await resp.write(b"data: " + err.json_bytes() + b"\n\n")
-        await resp.write_eof()
+        except asyncio.CancelledError:
+            if not self._was_cut(asyncio.current_task()):
+                raise
+            # the router is shutting down and this stream outlasted shutdown_grace: say so, then end it
+            if "text/event-stream" in ctype:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await resp.write(b"data: " + shutting_down("the stream was cut off").json_bytes() + b"\n\n")
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await resp.write_eof()
         return resp
 
 

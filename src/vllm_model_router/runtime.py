@@ -41,6 +41,7 @@ from vllm_model_router.errors import (
     ModelNotFound,
     ModelUnavailable,
     RouterError,
+    ServiceUnavailable,
     TooManyRequests,
 )
 from vllm_model_router.gpu import GpuProbe, NvmlProbe
@@ -107,6 +108,12 @@ def scheduler_specs(
             )
     # bases before their adapters, whatever the config order
     return dict(sorted(specs.items(), key=lambda kv: isinstance(kv[1], ModelSpec) and kv[1].base is not None))
+
+
+def shutting_down(what: str = "") -> ServiceUnavailable:
+    """The error for requests the router turns away or cuts off because it is shutting down."""
+    prefix = f"{what}: " if what else ""
+    return ServiceUnavailable(f"{prefix}the router is shutting down; retry shortly", headers={"Retry-After": "1"})
 
 
 class Runtime:
@@ -395,7 +402,7 @@ class Runtime:
     async def acquire(self, model: str) -> int:
         """Wait until ``model`` is resident and this request holds an in-flight slot on it."""
         if self._closing:
-            raise ModelUnavailable("the router is shutting down")
+            raise shutting_down()
         req_id = next(self._ids)
         self.store.record_request(model, time.time())
         fut: asyncio.Future[str] = self._loop.create_future()
@@ -616,6 +623,16 @@ class Runtime:
         return self.gpuwatch.view(self.gpu_budgets, self._reserved_gb())
 
     # ----------------------------------------------------------- shutdown
+    def stop_accepting(self) -> None:
+        """Shutdown has begun: requests waiting for a model, and every request from now on, get a 503;
+        requests in flight go on (the server gives them ``shutdown_grace``)."""
+        self._closing = True
+        for req_id, fut in list(self._futures.items()):
+            if not fut.done():  # still waiting: granted ones are in flight
+                fut.set_exception(shutting_down())
+                self._futures.pop(req_id, None)
+                self._submit(RequestCancelled(req_id))
+
     async def close(self) -> None:
         """Answer every waiter, stop every model, leave no child process behind."""
         self._closing = True
@@ -629,7 +646,7 @@ class Runtime:
             self._gpu_task.cancel()
         for req_id, fut in list(self._futures.items()):
             if not fut.done():
-                fut.set_exception(ModelUnavailable("the router is shutting down"))
+                fut.set_exception(shutting_down())
             self._futures.pop(req_id, None)
         tasks = list(self._tasks.values())
         for t in tasks:

@@ -209,3 +209,20 @@ def raise_fd_limit(config: RouterConfig) -> None:
     if target < needed:
         log.warning("open-file limit %d is low for limits.max_connections = %d (needs about %d)",
                     target, config.limits.max_connections, needed)
+
+
+async def stop_serving(runner: web.AppRunner, grace: float) -> None:
+    """The first half of a graceful shutdown (``runner.cleanup()``, which stops the models, is the other):
+    stop listening; answer requests waiting for a model, and any new ones on open connections, with 503;
+    give requests in flight ``grace`` seconds, then cut off what is left (a stream ends with an SSE error
+    event). aiohttp's own shutdown timeout then has nothing left to wait for, so the router is done within
+    ``grace`` plus the models' ``stop_timeout``, not twice the grace."""
+    from vllm_model_router.app import PROXY, RUNTIME
+
+    for site in list(runner.sites):
+        await site.stop()
+    app = runner.app
+    app[RUNTIME].stop_accepting()
+    cut = await app[PROXY].drain(grace)
+    if cut:
+        log.warning("shutdown: %d request(s) still in flight after shutdown_grace (%gs) were cut off", cut, grace)

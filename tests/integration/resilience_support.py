@@ -24,7 +24,7 @@ from aiohttp import web
 from vllm_model_router.app import RUNTIME, build_app
 from vllm_model_router.config import RouterConfig, build_config
 from vllm_model_router.runtime import Runtime
-from vllm_model_router.server import RouterSite, make_runner, start_site
+from vllm_model_router.server import RouterSite, make_runner, start_site, stop_serving
 
 from .support import Router, assert_no_processes_left, marked_processes, router_data
 
@@ -62,6 +62,7 @@ async def served_router(models: Mapping[str, Mapping[str, Any]], marker: str, *,
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             yield Served(Router(f"http://127.0.0.1:{site.port}", session, marker, runner.app), site, config)
     finally:
+        await stop_serving(runner, shutdown_grace)  # as `serve` shuts down
         await runner.cleanup()
         await assert_no_processes_left(marker)
 
