@@ -221,6 +221,14 @@ def test_completions_and_embeddings(router: Router) -> None:
     assert body["object"] == "text_completion"
     assert body["choices"][0]["text"]
     assert body["usage"]["completion_tokens"] == 8
+    # vLLM serves tokenize at its root: the router forwards /v1/tokenize there; its management routes
+    # (here the adapter loader) are never reachable by clients, whatever the spelling
+    reply = router.post("/v1/tokenize", {"model": A, "prompt": "The quick brown"})
+    assert reply.status == 200, f"{reply.status} {reply.text}"
+    assert reply.json()["count"] == len(reply.json()["tokens"]) > 0
+    for path in ("/v1/load_lora_adapter", "/v1/../reset_prefix_cache"):
+        reply = router.post(path, {"model": A, "lora_name": "x", "lora_path": "/etc"})
+        assert reply.status == 404 and reply.json()["error"]["code"] == "unknown_route", reply.text
 
     reply = router.post("/v1/embeddings", {"model": EMBED, "input": ["hello world", "the sea"]})
     assert reply.status == 200, f"{reply.status} {reply.text}\n--- router log:\n{router.log()}"
