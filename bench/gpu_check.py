@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from gpu_alloc_server import SERVER  # (bench/ is on sys.path when run as a script)
 
-from vllm_model_router import procs
 from vllm_model_router.config import ModelConfig
+from vllm_model_router.drivers import procs
 from vllm_model_router.drivers.process import ProcessDriver
-from vllm_model_router.gpu import NvmlProbe
+from vllm_model_router.gpu.probe import NvmlProbe
 
 
 async def main(gb: float) -> str:
@@ -78,7 +78,7 @@ async def router_check(fraction: float) -> str:
     ``fraction`` of the budget / 2), placement and eviction by measured memory, release proven before
     the next start."""
     from vllm_model_router.config import build_config
-    from vllm_model_router.runtime import Runtime
+    from vllm_model_router.runtime.pump import Runtime
 
     probe = NvmlProbe.create()
     if probe is None:

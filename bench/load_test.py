@@ -37,11 +37,11 @@ from typing import Any
 
 import aiohttp
 
-from vllm_model_router.app import RUNTIME, build_app
 from vllm_model_router.config import build_config
-from vllm_model_router.lifecycle import LifecycleEvent
-from vllm_model_router.runtime import Runtime
-from vllm_model_router.server import make_runner, start_site
+from vllm_model_router.http.app import RUNTIME, build_app
+from vllm_model_router.http.server import make_runner, start_site
+from vllm_model_router.runtime.pump import Runtime
+from vllm_model_router.state.lifecycle import LifecycleEvent
 
 MARKER_VAR = "VMR_LOAD_MARKER"
 HOLDING = ("loading", "loaded", "unloading")
@@ -92,7 +92,7 @@ def engine_pids(marker: str) -> set[int]:
 
 
 def model_config(n_models: int, capacity: int, startup_delay: float, marker: str) -> dict[str, Any]:
-    fake = [sys.executable, "-m", "vllm_model_router.fake_engine", "--port", "${PORT}", "--served-model-name",
+    fake = [sys.executable, "-m", "vllm_model_router.testing.fake_engine", "--port", "${PORT}", "--served-model-name",
             "${MODEL}", "--startup-delay", str(startup_delay)]
     return {
         "listen": {"host": "127.0.0.1", "port": 0},

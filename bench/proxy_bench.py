@@ -100,7 +100,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = {
         "listen": {"host": "127.0.0.1", "port": port},
         "capacity": {"max_resident": 1},
-        "models": {"bench": {"cmd": [sys.executable, "-m", "vllm_model_router.fake_engine", "--port", "${PORT}",
+        "models": {"bench": {"cmd": [sys.executable, "-m", "vllm_model_router.testing.fake_engine", "--port", "${PORT}",
                                      "--served-model-name", "${MODEL}", "--chunks", "20"]}},
     }
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:

@@ -92,7 +92,7 @@ def main() -> int:
     gb = 0.0 if args.no_gpu else args.gb
     probe = None
     if not args.no_gpu:
-        from vllm_model_router.gpu import NvmlProbe
+        from vllm_model_router.gpu.probe import NvmlProbe
 
         probe = NvmlProbe.create()
         if probe is None:
@@ -135,7 +135,7 @@ def main() -> int:
         t0 = time.monotonic()
         view = http("POST", url + "/admin/models/holder/load", timeout=300)
         check(view["state"] == "loaded", f"loaded through the first router in {time.monotonic() - t0:.1f}s")
-        from vllm_model_router import procs
+        from vllm_model_router.drivers import procs
 
         leader = int(view["pid"])
         group = procs.group_members(leader)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from vllm_model_router.sim import (
+from vllm_model_router.testing.sim import (
     DEFAULT_LOAD_TIMEOUT,
     DEFAULT_MAX_WAIT,
     DEFAULT_SERVICE,

@@ -24,15 +24,15 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from vllm_model_router.app import build_app
 from vllm_model_router.config import build_config
+from vllm_model_router.http.app import build_app
 
 PROFILES = {"Qwen3-0.6B": (21.0, 0.1), "30B": (47.0, 2.9)}  # (cold start s, wake s)
 BODY = {"model": "", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
 async def run_trace(sleep: bool, cold: float, wake: float, switches: int) -> dict[str, Any]:
-    fake = [sys.executable, "-m", "vllm_model_router.fake_engine", "--port", "${PORT}", "--served-model-name",
+    fake = [sys.executable, "-m", "vllm_model_router.testing.fake_engine", "--port", "${PORT}", "--served-model-name",
             "${MODEL}", "--startup-delay", f"{cold:.3f}", "--wake-delay", f"{wake:.3f}", "--sleep-delay", "0.01"]
     models = {n: {"cmd": [*fake, *(["--enable-sleep-mode"] if sleep else [])], "memory_gb": 30, "sleep": sleep,
                   "stop_timeout": 5} for n in ("a", "b")}

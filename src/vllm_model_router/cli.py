@@ -38,8 +38,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for p in e.problems:
             print(f"  - {p}", file=sys.stderr)
         return 1
-    from vllm_model_router.gpu import NvmlProbe
-    from vllm_model_router.memory import check_fit, gpu_budgets, resolve_needs
+    from vllm_model_router.gpu.memory import check_fit, gpu_budgets, resolve_needs
+    from vllm_model_router.gpu.probe import NvmlProbe
 
     probe = NvmlProbe.create()
     devices = probe.devices() if probe is not None else []
@@ -75,8 +75,8 @@ def _listen_problem(host: str, port: int, e: OSError) -> str:
 
 
 async def _serve(cfg: RouterConfig) -> None:
-    from vllm_model_router.app import build_app
-    from vllm_model_router.server import make_runner, raise_fd_limit, start_site, stop_serving
+    from vllm_model_router.http.app import build_app
+    from vllm_model_router.http.server import make_runner, raise_fd_limit, start_site, stop_serving
 
     raise_fd_limit(cfg)
     app = build_app(cfg)
@@ -114,7 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         log.error("%s: %s", path or "configuration", e)
         return 1
-    from vllm_model_router.security import install_redaction
+    from vllm_model_router.http.security import install_redaction
 
     install_redaction(cfg.auth)  # no log line ever shows a configured key
     try:
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["fake-engine"]:
-        from vllm_model_router.fake_engine import main as fake_main
+        from vllm_model_router.testing.fake_engine import main as fake_main
 
         rc_fake: int = fake_main(argv[1:])
         return rc_fake

@@ -14,7 +14,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from vllm_model_router.lifecycle import LifecycleEvent
+from vllm_model_router.state.lifecycle import LifecycleEvent
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

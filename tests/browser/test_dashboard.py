@@ -113,7 +113,7 @@ def test_load_button_sends_the_admin_key_and_shows_an_auth_error(page: Any, rout
 
 
 def test_gpu_bars_show_where_models_sit_and_what_others_use(browser: Any, tmp_path: Path) -> None:
-    from vllm_model_router.gpu import FakeProbe
+    from vllm_model_router.gpu.probe import FakeProbe
 
     probe = FakeProbe([80.0, 80.0])
     probe.gpus[1].processes[4242] = 30.0  # someone else's job on GPU 1

@@ -27,15 +27,15 @@ import uvloop
 import yaml
 from aiohttp import web
 
-from vllm_model_router.app import RUNTIME, build_app
 from vllm_model_router.config import RouterConfig, build_config
-from vllm_model_router.runtime import AUTO, Runtime
+from vllm_model_router.http.app import RUNTIME, build_app
+from vllm_model_router.runtime.pump import AUTO, Runtime
 
 # restart recovery's state file for the tests' routers (not the user's ~/.local/state)
 TEST_STATE_DIR = os.path.join(tempfile.gettempdir(), "vllm-model-router-test-state")
 MARKER_VAR = "VMR_OPS_MARKER"
 CHAT = "/v1/chat/completions"
-FAKE_ENGINE = [sys.executable, "-m", "vllm_model_router.fake_engine", "--port", "${PORT}",
+FAKE_ENGINE = [sys.executable, "-m", "vllm_model_router.testing.fake_engine", "--port", "${PORT}",
                "--served-model-name", "${MODEL}"]
 
 

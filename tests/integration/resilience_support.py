@@ -21,10 +21,10 @@ import aiohttp
 import uvloop
 from aiohttp import web
 
-from vllm_model_router.app import RUNTIME, build_app
 from vllm_model_router.config import RouterConfig, build_config
-from vllm_model_router.runtime import Runtime
-from vllm_model_router.server import RouterSite, make_runner, start_site, stop_serving
+from vllm_model_router.http.app import RUNTIME, build_app
+from vllm_model_router.http.server import RouterSite, make_runner, start_site, stop_serving
+from vllm_model_router.runtime.pump import Runtime
 
 from .support import Router, assert_no_processes_left, marked_processes, router_data
 

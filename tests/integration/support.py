@@ -30,16 +30,16 @@ import yaml
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from vllm_model_router.app import RUNTIME, build_app
 from vllm_model_router.config import build_config
-from vllm_model_router.runtime import Runtime
+from vllm_model_router.http.app import RUNTIME, build_app
+from vllm_model_router.runtime.pump import Runtime
 
 # restart recovery's state file for the tests' routers (not the user's ~/.local/state)
 TEST_STATE_DIR = os.path.join(tempfile.gettempdir(), "vllm-model-router-test-state")
 MARKER_VAR = "VMR_IT_MARKER"
 CHAT = "/v1/chat/completions"
-FAKE_ENGINE = (sys.executable, "-m", "vllm_model_router.fake_engine", "--port", "${PORT}", "--served-model-name",
-               "${MODEL}")
+FAKE_ENGINE = (sys.executable, "-m", "vllm_model_router.testing.fake_engine", "--port", "${PORT}",
+               "--served-model-name", "${MODEL}")
 
 
 def engine(*args: str, **settings: Any) -> dict[str, Any]:

@@ -26,7 +26,7 @@ async def fake_vllm(marker: str, port: int | None = None) -> AsyncIterator[str]:
     """A fake engine serving base model "base-llm" with runtime LoRA loading, like the seed's vLLM."""
     port = port or free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm_model_router.fake_engine", "--port", str(port), "--served-model-name",
+        [sys.executable, "-m", "vllm_model_router.testing.fake_engine", "--port", str(port), "--served-model-name",
          "base-llm", "--enable-lora"],
         env={**os.environ, MARKER_VAR: marker}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -13,10 +13,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from vllm_model_router.admin_api import _batch
-from vllm_model_router.lifecycle import LifecycleEvent
+from vllm_model_router.http.admin import _batch
 from vllm_model_router.log_format import EVENT_LOGGER, JsonFormatter, log_lifecycle_event
 from vllm_model_router.routes import INFERENCE_ROUTES
+from vllm_model_router.state.lifecycle import LifecycleEvent
 
 from .ops_support import CHAT, chat, fake_model, local_router
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-MODULE = "vllm_model_router.fake_engine"
+MODULE = "vllm_model_router.testing.fake_engine"
 CHAT = "/v1/chat/completions"
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from vllm_model_router.gpu import GpuMemory, GpuProcess
+from vllm_model_router.gpu.probe import GpuMemory, GpuProcess
 
 from .conftest import StartRouter
 from .support import MARKER_VAR, engine, free_port, router_data, wait_until
@@ -194,7 +194,7 @@ async def test_without_a_gpu_the_router_says_so_once_and_works(
     start_router: StartRouter, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="vllm_model_router")
-    from vllm_model_router.runtime import AUTO
+    from vllm_model_router.runtime.pump import AUTO
 
     r = await start_router({"m": engine()}, probe=AUTO)
     assert (await r.chat("m")).status == 200
@@ -222,9 +222,9 @@ async def test_a_server_adopted_after_a_restart_keeps_its_gpu(
 ) -> None:
     """A previous router process died and left model m running on GPU 1: the new one adopts it there,
     counting its memory as its own (not as someone else's)."""
-    from vllm_model_router import procs
     from vllm_model_router.config import build_config
-    from vllm_model_router.recovery import STATE_FILE, config_hash
+    from vllm_model_router.drivers import procs
+    from vllm_model_router.runtime.recovery import STATE_FILE, config_hash
 
     state_dir = tmp_path / "state"
     state_dir.mkdir()

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from vllm_model_router import server
+from vllm_model_router.http import server
 
 from .conftest import ServeRouter, StartRouterProcess
 from .resilience_support import araw_request, assert_envelope, echo_model

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from vllm_model_router.metrics import eviction_reason, families
+from vllm_model_router.http.metrics import eviction_reason, families
 
 from .ops_support import CHAT, chat, fake_model, local_router
 

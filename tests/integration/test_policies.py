@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_model_router.runtime import Runtime
+from vllm_model_router.runtime.pump import Runtime
 
 from .conftest import StartRouter
 from .support import engine, in_process_router, wait_until

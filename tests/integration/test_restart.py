@@ -21,8 +21,8 @@ import aiohttp
 import pytest
 import yaml
 
-from vllm_model_router import procs
-from vllm_model_router.recovery import LOCK_FILE, STATE_FILE, StateFile
+from vllm_model_router.drivers import procs
+from vllm_model_router.runtime.recovery import LOCK_FILE, STATE_FILE, StateFile
 
 from .support import MARKER_VAR, Router, alive, assert_no_processes_left, chat_body, engine, free_port, wait_until
 
@@ -175,7 +175,7 @@ async def test_a_killed_router_is_replaced_by_one_that_adopts_its_models(tmp_pat
 
 # a server behind a shell wrapper that prints a line every 0.2 s: a shell dies of SIGPIPE when its output
 # is a pipe whose reader (the router that started it) is gone
-TICKER = ("sh", "-c", '"$0" -m vllm_model_router.fake_engine --port "$1" --served-model-name "$2" & '
+TICKER = ("sh", "-c", '"$0" -m vllm_model_router.testing.fake_engine --port "$1" --served-model-name "$2" & '
           'while kill -0 $! 2>/dev/null; do echo "tick $(date +%s%N)"; sleep 0.2; done',
           sys.executable, "${PORT}", "${MODEL}")
 

@@ -19,7 +19,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from vllm_model_router import procs
+from vllm_model_router.drivers import procs
 
 from .conftest import StartRouter, StartRouterProcess
 from .support import Router, alive, chat_body, engine, marked_processes, wait_until
@@ -199,7 +199,7 @@ async def test_load_never_starts_while_the_evicted_model_is_still_stopping(
 # ------------------------------------------------------------------------------------- failures
 def flaky_engine(flag: Path) -> dict[str, Any]:
     """Fails while loading (exits during startup) the first time, starts fine afterwards."""
-    fake = shlex.join([sys.executable, "-m", "vllm_model_router.fake_engine"])
+    fake = shlex.join([sys.executable, "-m", "vllm_model_router.testing.fake_engine"])
     script = (
         f"if [ -e {shlex.quote(str(flag))} ]; then exec {fake} --port ${{PORT}} --served-model-name ${{MODEL}}; fi; "
         f"touch {shlex.quote(str(flag))}; "

@@ -12,7 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from vllm_model_router import procs
+from vllm_model_router.drivers import procs
 
 from .conftest import StartRouter
 from .support import MARKER_VAR, alive, engine, wait_until

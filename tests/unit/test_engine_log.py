@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_model_router.engine_log import MAX_LINE, LogFollower, log_path, open_for_server
+from vllm_model_router.drivers.engine_log import MAX_LINE, LogFollower, log_path, open_for_server
 
 
 def write(fd: int, text: str) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_model_router.predict import DAY, HOUR, daily_rate, rank, ranked_models, recent_rate
-from vllm_model_router.store import ModelHistory, Store, hour_of
+from vllm_model_router.state.predict import DAY, HOUR, daily_rate, rank, ranked_models, recent_rate
+from vllm_model_router.state.store import ModelHistory, Store, hour_of
 
 
 def utc(day: int, hour: int, minute: int = 0) -> float:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from vllm_model_router import security
 from vllm_model_router.config import ConfigError, build_config, load_config
-from vllm_model_router.recovery import config_hash
-from vllm_model_router.security import KeyChecker, RedactKeys, Role
+from vllm_model_router.http import security
+from vllm_model_router.http.security import KeyChecker, RedactKeys, Role
+from vllm_model_router.runtime.recovery import config_hash
 
 MODEL = {"cmd": "vllm serve x --port ${PORT} --served-model-name ${MODEL}"}
 KEY_A, KEY_B, ADMIN = "sk-client-aaaaaaaa", "sk-client-bbbbbbbb", "sk-admin-cccccccc"

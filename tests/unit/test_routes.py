@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from vllm_model_router.config import ConfigError, build_config
-from vllm_model_router.request_body import parse_form_model
+from vllm_model_router.http.request_body import parse_form_model
 from vllm_model_router.routes import RouteTable, canonical_path
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vllm_model_router.scheduler import Grant, RequestArrived, StartLoad, WakeAt
-from vllm_model_router.sim import (
+from vllm_model_router.testing.sim import (
     Request,
     SimulationError,
     Trace,

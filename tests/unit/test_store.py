@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_model_router.store import HOUR, LoadRecord, Store, StoreError, default_path, hour_of
+from vllm_model_router.state.store import HOUR, LoadRecord, Store, StoreError, default_path, hour_of
 
 T0 = 1_795_000_000.0  # a Unix time; hour_of(T0) is the start of its hour bucket
 H0 = hour_of(T0)
@@ -134,7 +134,7 @@ def test_flushed_state_survives_a_crash(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     code = textwrap.dedent(f"""
         import os
-        from vllm_model_router.store import Store
+        from vllm_model_router.state.store import Store
         s = Store.open({str(path)!r}, flush_interval=3600.0)
         s.record_request("a", {T0})
         s.record_request("a", {T0})

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from vllm_model_router import procs
+from vllm_model_router.drivers import procs
 
 POLL_S = 0.25
 

@@ -33,8 +33,8 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from vllm_model_router import engine_log, procs
 from vllm_model_router.config import ModelConfig
+from vllm_model_router.drivers import engine_log, procs
 from vllm_model_router.drivers.adopted import AdoptedProcess
 from vllm_model_router.drivers.base import ExitCallback, LoadError
 

@@ -23,9 +23,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from vllm_model_router.lifecycle import LifecycleEvent
-from vllm_model_router.runtime import Runtime
+from vllm_model_router.runtime.pump import Runtime
 from vllm_model_router.scheduler import State
+from vllm_model_router.state.lifecycle import LifecycleEvent
 
 # Time to first byte, wait and load times span milliseconds (a loaded model) to many minutes (a cold
 # 70B model), so the buckets do too.

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 from vllm_model_router.config import ModelConfig, RouterConfig
-from vllm_model_router.gpu import GpuMemory
+from vllm_model_router.gpu.probe import GpuMemory
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,11 +20,11 @@ from vllm_model_router.errors import (
     PayloadTooLarge,
     RouterError,
 )
-from vllm_model_router.gpu import GpuProbe
-from vllm_model_router.proxy import Proxy, error_response
-from vllm_model_router.runtime import AUTO, Runtime
+from vllm_model_router.gpu.probe import GpuProbe
+from vllm_model_router.http.proxy import Proxy, error_response
+from vllm_model_router.http.security import KeyScrubber, scrubber
+from vllm_model_router.runtime.pump import AUTO, Runtime
 from vllm_model_router.scheduler import ModelView
-from vllm_model_router.security import KeyScrubber, scrubber
 
 log = logging.getLogger("vllm_model_router.app")
 
@@ -189,7 +189,7 @@ async def admin_logs(request: web.Request) -> web.StreamResponse:
         raise BadRequest("'lines' must be an integer", param="lines") from e
     lines = max(0, min(lines, 10000))
     if request.query.get("follow", "").lower() in ("1", "true", "yes"):
-        from vllm_model_router.admin_api import follow_logs
+        from vllm_model_router.http.admin import follow_logs
 
         return await follow_logs(request, name, lines)
     return web.json_response({"model": name, "lines": request.app[SCRUB].value(runtime.driver.logs(name, lines))})
@@ -212,7 +212,7 @@ def build_app(
         runtime = Runtime(config, driver, probe)
         app[RUNTIME] = runtime
         app[PROXY] = Proxy(runtime, session)
-        from vllm_model_router.recovery import Recovery  # process groups left by a router that died
+        from vllm_model_router.runtime.recovery import Recovery  # process groups left by a router that died
 
         recovery = await Recovery.open(runtime)
         try:
@@ -231,10 +231,10 @@ def build_app(
     app.router.add_post("/admin/models/{name}/load", admin_load)
     app.router.add_post("/admin/models/{name}/unload", admin_unload)
     app.router.add_get("/admin/models/{name}/logs", admin_logs)
-    from vllm_model_router.admin_api import install_operations  # metrics, events, pin, OpenAPI, dashboard
+    from vllm_model_router.http.admin import install_operations  # metrics, events, pin, OpenAPI, dashboard
 
     install_operations(app)
-    from vllm_model_router.security import install_auth
+    from vllm_model_router.http.security import install_auth
 
     install_auth(app, config.auth)
     return app

@@ -14,7 +14,7 @@ process that survives a SIGKILL of the API server. ``GET /fake/state`` exposes c
 assertions.
 
 Run it with ``vllm-model-router fake-engine --port 8001 --served-model-name demo`` or
-``python -m vllm_model_router.fake_engine --port 8001 --served-model-name demo``.
+``python -m vllm_model_router.testing.fake_engine --port 8001 --served-model-name demo``.
 """
 
 from __future__ import annotations

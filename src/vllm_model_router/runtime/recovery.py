@@ -40,13 +40,13 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from vllm_model_router import procs
 from vllm_model_router.config import DEFAULT_STOP_TIMEOUT, ModelConfig
+from vllm_model_router.drivers import procs
 from vllm_model_router.drivers.process import ProcessDriver
 from vllm_model_router.scheduler import ModelFound
 
 if TYPE_CHECKING:
-    from vllm_model_router.runtime import Runtime
+    from vllm_model_router.runtime.pump import Runtime
 
 log = logging.getLogger("vllm_model_router.recovery")
 STATE_FILE = "process-groups.json"

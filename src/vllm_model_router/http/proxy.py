@@ -26,9 +26,9 @@ from yarl import URL
 
 from vllm_model_router.config import ENGINE
 from vllm_model_router.errors import BadGateway, BadRequest, GatewayTimeout, NotFound, RequestTimeout, RouterError
-from vllm_model_router.request_body import is_multipart, parse_form_model, parse_json
+from vllm_model_router.http.request_body import is_multipart, parse_form_model, parse_json
 from vllm_model_router.routes import MULTIPART_ROUTES, OTHER, RouteTable
-from vllm_model_router.runtime import Runtime, shutting_down
+from vllm_model_router.runtime.pump import Runtime, shutting_down
 
 log = logging.getLogger("vllm_model_router.proxy")
 

@@ -14,13 +14,13 @@ from typing import Protocol, TypeVar, runtime_checkable
 from aiohttp import web
 
 from vllm_model_router import __version__
-from vllm_model_router.app import PROXY, RUNTIME, SCRUB, _model_name, _view
 from vllm_model_router.errors import BadRequest
-from vllm_model_router.lifecycle import LifecycleEvent
+from vllm_model_router.http.app import PROXY, RUNTIME, SCRUB, _model_name, _view
+from vllm_model_router.http.metrics import METRICS, RouterMetrics, metrics_handler
+from vllm_model_router.http.openapi import openapi_spec
+from vllm_model_router.http.security import KeyScrubber
 from vllm_model_router.log_format import log_lifecycle_event
-from vllm_model_router.metrics import METRICS, RouterMetrics, metrics_handler
-from vllm_model_router.openapi import openapi_spec
-from vllm_model_router.security import KeyScrubber
+from vllm_model_router.state.lifecycle import LifecycleEvent
 
 T = TypeVar("T")
 CLOSING: web.AppKey[asyncio.Event] = web.AppKey("closing", asyncio.Event)
@@ -175,7 +175,7 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 
 def _asset(name: str) -> bytes:
-    return (resources.files("vllm_model_router") / "ui" / name).read_bytes()
+    return (resources.files("vllm_model_router.http") / "ui" / name).read_bytes()
 
 
 async def ui_index(request: web.Request) -> web.Response:

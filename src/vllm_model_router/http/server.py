@@ -217,7 +217,7 @@ async def stop_serving(runner: web.AppRunner, grace: float) -> None:
     give requests in flight ``grace`` seconds, then cut off what is left (a stream ends with an SSE error
     event). aiohttp's own shutdown timeout then has nothing left to wait for, so the router is done within
     ``grace`` plus the models' ``stop_timeout``, not twice the grace."""
-    from vllm_model_router.app import PROXY, RUNTIME
+    from vllm_model_router.http.app import PROXY, RUNTIME
 
     for site in list(runner.sites):
         await site.stop()

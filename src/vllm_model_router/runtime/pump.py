@@ -27,9 +27,8 @@ from typing import Any
 
 import aiohttp
 
-from vllm_model_router import procs
-from vllm_model_router.catalog import Catalog, Target
 from vllm_model_router.config import ENGINE, ConfigError, RouterConfig
+from vllm_model_router.drivers import procs
 from vllm_model_router.drivers.adapters import LoraDriver, fetch_models
 from vllm_model_router.drivers.base import Driver, LoadError
 from vllm_model_router.drivers.endpoint import EndpointDriver
@@ -44,11 +43,10 @@ from vllm_model_router.errors import (
     ServiceUnavailable,
     TooManyRequests,
 )
-from vllm_model_router.gpu import GpuProbe, NvmlProbe
-from vllm_model_router.gpuwatch import GpuWatch
-from vllm_model_router.lifecycle import EventLog, LifecycleEvent
-from vllm_model_router.memory import MemoryNeed, check_fit, gpu_budgets, resolve_needs, weights_need
-from vllm_model_router.predict import ranked_models
+from vllm_model_router.gpu.memory import MemoryNeed, check_fit, gpu_budgets, resolve_needs, weights_need
+from vllm_model_router.gpu.probe import GpuProbe, NvmlProbe
+from vllm_model_router.gpu.watch import GpuWatch
+from vllm_model_router.runtime.catalog import Catalog, Target
 from vllm_model_router.scheduler import (
     AdminUnload,
     Effect,
@@ -80,7 +78,9 @@ from vllm_model_router.scheduler import (
     WakeDone,
     WakeModel,
 )
-from vllm_model_router.store import Store
+from vllm_model_router.state.lifecycle import EventLog, LifecycleEvent
+from vllm_model_router.state.predict import ranked_models
+from vllm_model_router.state.store import Store
 
 log = logging.getLogger("vllm_model_router.runtime")
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vllm_model_router.drivers.base import LoadError
-from vllm_model_router.gpu import GpuMemory, GpuProbe, GpuProcess, process_name
+from vllm_model_router.gpu.probe import GpuMemory, GpuProbe, GpuProcess, process_name
 
 log = logging.getLogger("vllm_model_router.gpu")
 POLL = 0.1
