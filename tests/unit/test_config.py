@@ -33,6 +33,7 @@ def test_defaults_and_resolved_values() -> None:
     cfg = build_config({"models": {"m": {**MODEL, "aliases": ["mm"], "env": {"A": 1, "B": True}}}}, {})
     assert (cfg.host, cfg.port, cfg.max_resident, cfg.memory_gb) == ("0.0.0.0", 8010, 2, None)
     assert cfg.load_timeout == 1200 and cfg.max_body_bytes == 16 * 1024 * 1024
+    assert cfg.max_waiting == 1000 and cfg.models["m"].max_waiting == 100
     m = cfg.models["m"]
     assert m.health_path == "/health" and m.stop_timeout == 30
     assert m.env == {"A": "1", "B": "true"}
@@ -92,6 +93,25 @@ def test_no_models_means_endpoint_mode() -> None:
     assert cfg.endpoint_mode and cfg.models["sql"].is_adapter and cfg.resolve("text2sql") is cfg.models["sql"]
     assert "endpoint.url: expected an http(s) URL like http://vllm:8000, got 'vllm:8000'" in problems(
         {}, {"VLLM_BASE_URL": "vllm:8000"})
+
+
+def test_endpoint_settings_count_only_in_endpoint_mode() -> None:
+    data = {"endpoint": {"url": "http://file:1", "adapter_dir": "/file"}, "models": {"l": {"adapter": "/a"}}}
+    cfg = build_config(data, {"VLLM_BASE_URL": "http://env:2/v1", "ADAPTER_DIR": "/env"})
+    assert (cfg.endpoint, cfg.adapter_dir) == ("http://env:2", "/env")
+    process_mode = build_config({"endpoint": {"adapter_dir": 5}, "models": {"m": MODEL}}, {"VLLM_BASE_URL": "x"})
+    assert (process_mode.endpoint, process_mode.adapter_dir) == (None, None)
+    assert problems({"endpoint": {"url": "x"}, "models": {"m": MODEL}}) == [
+        "endpoint.url: models with a cmd are started by the router; endpoint mode is for a config without them"]
+
+
+def test_an_adapter_ignores_scheduling_keys_and_refuses_server_keys() -> None:
+    lora = {"adapter": "/a", "base": "b", "pinned": True, "priority": "high", "ttl": "1m"}
+    cfg = build_config({"models": {"b": {"cmd": MODEL["cmd"] + " --enable-lora"}, "l": lora}}, {})
+    assert (cfg.models["l"].pinned, cfg.models["l"].priority, cfg.models["l"].ttl) == (False, 0, None)
+    found = problems({"models": {"l": {"adapter": "/a", "stop_timeout": "later", "gpus": [0]}}})
+    assert found == [f"models.l.{key}: not allowed on an adapter (it is loaded into its base's server)"
+                     for key in ("stop_timeout", "gpus")]
 
 
 def test_adapters_on_managed_bases() -> None:

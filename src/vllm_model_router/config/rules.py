@@ -1,0 +1,131 @@
+"""The checks that span keys, and the values the router derives from the models' settings.
+
+Each key's own check is declared with it (schema.py); what is here needs several keys or several models:
+which keys an adapter may set, the command's flags that other keys depend on (``--enable-sleep-mode``,
+``--enable-lora``, ``--max-loras``), aliases that collide, bases that do not exist, a model that can never
+fit. It runs on what validation kept, so it reports its problems next to those of the keys themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from vllm_model_router.config.problems import Loc, Problems
+from vllm_model_router.config.schema import ModelConfig, gpu_utilization
+from vllm_model_router.config.section import Scope, accepts, applies, marker
+
+_REFUSED = {Scope.PROCESS: "not allowed on an adapter (it is loaded into its base's server)",
+            Scope.ADAPTER: "only adapters (models with adapter:) have a {key}"}
+
+
+def sort_model_keys(models: dict[Any, Any], problems: Problems) -> None:
+    """Before validation, in the raw ``models:`` mapping: take out of each entry the keys that are not for
+    its kind (an adapter, or a model the router starts), reporting those it may not set, and any that is not
+    a key of the file (a model's name is its key under ``models:``). An entry whose ``adapter`` is wrong is
+    neither kind: only that is reported."""
+    keys = ModelConfig.keys()
+    for name, entry in models.items():
+        if not isinstance(entry, dict) or not isinstance(name, str):
+            continue
+        adapter = entry.get("adapter") is not None
+        broken = adapter and not accepts(ModelConfig, "adapter", entry["adapter"])
+        for key, field in ModelConfig.model_fields.items():
+            if key not in entry or key == "adapter":
+                continue
+            scope = marker(field, Scope)
+            if key not in keys:
+                problems.add(("models", name, key), f"unknown key (allowed: {', '.join(sorted(keys))})")
+            elif broken:
+                pass
+            elif applies(field, adapter):
+                continue
+            elif scope in _REFUSED:
+                problems.add(("models", name, key), _REFUSED[scope].format(key=key))
+            del entry[key]
+
+
+def resolve_model(name: str, m: ModelConfig, problems: Problems) -> ModelConfig | None:
+    """The entry ``models.<name>`` checked and completed, or None when it cannot be used at all."""
+    loc: Loc = ("models", name)
+    if name.startswith("@"):
+        problems.add(loc, "model names must not start with '@' (reserved)")
+    if problems.at((*loc, "adapter")):
+        return None  # neither an adapter nor a server
+    if m.is_adapter:
+        return m.model_copy(update={"name": name})
+    if "cmd" not in m.model_fields_set and not problems.at((*loc, "cmd")):
+        problems.add((*loc, "cmd"), "required (the command that starts the model's server), or adapter:")
+    util = gpu_utilization(m.cmd)
+    if util is not None and not 0 < util <= 1:
+        problems.add((*loc, "cmd"), f"--gpu-memory-utilization must be in (0, 1], got {util:g}")
+    env = dict(m.env)
+    if m.sleep_level:
+        if m.cmd and "--enable-sleep-mode" not in m.cmd:
+            problems.add((*loc, "cmd"), "must include --enable-sleep-mode (sleep: is set)")
+        env.setdefault("VLLM_SERVER_DEV_MODE", "1")  # vLLM serves /sleep and /wake_up only in dev mode
+    update: dict[str, object] = {"name": name, "env": env}
+    loras = max_loras(m.cmd)
+    if "max_adapters" not in m.model_fields_set and loras is not None:
+        update["max_adapters"] = loras
+    return m.model_copy(update=update)
+
+
+def max_loras(cmd: tuple[str, ...]) -> int | None:
+    """``--max-loras N`` in a command: the default for ``max_adapters``."""
+    for i, arg in enumerate(cmd):
+        if arg == "--max-loras" or arg.startswith("--max-loras="):
+            value = arg.partition("=")[2] or (cmd[i + 1] if i + 1 < len(cmd) else "")
+            return int(value) if value.isdigit() and int(value) > 0 else None
+    return None
+
+
+def check_aliases(models: Mapping[str, ModelConfig], problems: Problems) -> None:
+    """An alias may name one model only, and never another model's name."""
+    owner: dict[str, str] = {}
+    for m in models.values():
+        for i, alias in enumerate(m.aliases):
+            loc: Loc = ("models", m.name, "aliases", i)
+            if alias in m.aliases[:i]:
+                problems.add(loc, f"duplicate alias {alias!r}")
+            elif alias in models:
+                problems.add(loc, f"{alias!r} is already a model name")
+            elif owner.setdefault(alias, m.name) != m.name:
+                problems.add(loc, f"{alias!r} is already an alias of {owner[alias]!r}")
+
+
+def check_adapters(models: dict[str, ModelConfig], endpoint: str | None, problems: Problems) -> None:
+    """Adapters need a base the router starts, with ``--enable-lora`` (the router adds the environment
+    variable vLLM needs to load them at run time); in endpoint mode they load on the engine instead."""
+    for m in models.values():
+        if not m.is_adapter:
+            continue
+        loc: Loc = ("models", m.name, "base")
+        if endpoint is not None and m.base is not None:
+            problems.add(loc, f"endpoint mode (no model has a cmd) has no managed bases; adapters load on the "
+                              f"engine at {endpoint}")
+        elif endpoint is None and m.base is None:
+            problems.add(loc, "required (the model this adapter is loaded on)")
+        elif endpoint is None and m.base is not None:
+            base = models.get(m.base)
+            if base is None:
+                problems.add(loc, f"unknown model {m.base!r}")
+            elif base.is_adapter:
+                problems.add(loc, f"{m.base!r} is an adapter, not a base model")
+            elif not any(a == "--enable-lora" or a.startswith("--enable-lora=") for a in base.cmd):
+                problems.add(("models", m.base, "cmd"), f"must include --enable-lora (adapter {m.name!r} is "
+                                                        f"loaded on it at run time)")
+    for name in {m.base for m in models.values() if m.is_adapter and m.base is not None} & set(models):
+        base = models[name]
+        if not base.is_adapter and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in base.env:
+            models[name] = base.model_copy(update={"env": {**base.env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}})
+
+
+def check_fit(models: Mapping[str, ModelConfig], budget: float | None, problems: Problems) -> None:
+    """A model that needs more than the whole memory budget could never be loaded."""
+    if budget is None:
+        return
+    for m in models.values():
+        if m.memory_gb > budget:
+            problems.add(("models", m.name, "memory_gb"),
+                         f"{m.memory_gb:g} GB can never fit in capacity.memory_gb ({budget:g} GB)")

@@ -1,0 +1,49 @@
+"""The scheduler's view of the configured models, derived from the declarations.
+
+A setting the scheduler needs is named the same in the config (``models.<name>.<key>``, schema.py) and in
+:class:`ModelSpec`, and is copied by name: a new one is declared in both places and nowhere else. The
+fields below in :data:`COMPUTED` are what the router works out instead (memory from the GPUs, what a
+sleeping model holds, the inherited ttl, where an adapter runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from vllm_model_router.config.schema import ENGINE, RouterConfig
+from vllm_model_router.scheduler import ModelSpec
+
+COMPUTED = frozenset({"memory_gb", "sleeping_gb", "weights_gb", "ttl", "base", "external"})
+
+
+class Need(Protocol):
+    """An amount of memory worked out for a model (gpu/memory.py's MemoryNeed)."""
+
+    @property
+    def gb(self) -> float: ...
+
+
+def scheduler_specs(
+    config: RouterConfig, needs: Mapping[str, Need], weights: Mapping[str, Need] | None = None
+) -> dict[str, ModelSpec | float]:
+    """The scheduler's view of the configured models (endpoint mode: the engine plus its adapters), bases
+    before their adapters. ``needs``: GPU memory per model; ``weights``: host memory per level-1 sleeper."""
+    specs: dict[str, ModelSpec | float] = {}
+    if config.endpoint_mode:
+        specs[ENGINE] = ModelSpec(external=True, max_adapters=config.max_resident)
+    shared = [f.name for f in dataclasses.fields(ModelSpec) if f.name not in COMPUTED]
+    for name, m in config.models.items():
+        if m.is_adapter:
+            specs[name] = ModelSpec(base=m.base or ENGINE)
+            continue
+        settings: dict[str, Any] = {key: getattr(m, key) for key in shared}
+        specs[name] = ModelSpec(
+            **settings,
+            memory_gb=needs[name].gb,
+            sleeping_gb=min(m.sleeping_memory_gb, needs[name].gb),
+            weights_gb=weights[name].gb if weights and name in weights else 0.0,
+            ttl=m.ttl if m.ttl is not None else config.default_ttl,
+        )
+    return dict(sorted(specs.items(), key=lambda kv: isinstance(kv[1], ModelSpec) and kv[1].base is not None))
