@@ -6,12 +6,12 @@
 Each trace (seeded: Poisson arrivals, a fixed service time per request) is served three ways:
   - router: the router's own pure scheduler (src/vllm_model_router/scheduler), driven by a
     discrete-event loop: loads take --load-time seconds, stops --stop-time, no processes, no sleeping;
-  - naive LRU: the seed's policy: strictly in arrival order (head-of-line blocking), LRU evicted on
+  - naive LRU: a plain swapper's policy: strictly in arrival order (head-of-line blocking), LRU evicted on
     every miss;
   - Belady: the offline optimum (MIN) on the trace's sequence of requested models: the fewest loads
     possible when requests are served in arrival order. It is a lower bound for arrival-order service
     only: a scheduler that serves requests for resident models first (batching) can load less.
-Waits are arrival -> grant. The issue's goal: router loads <= 1.2x Belady, with p99 waits within the
+Waits are arrival -> grant. The goal: router loads <= 1.2x Belady, with p99 waits within the
 fairness bound (max_wait, plus the drain, stop and load a forced swap still needs).
 """
 
@@ -28,12 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from vllm_model_router.testing.sim import (
     DEFAULT_LOAD_TIMEOUT,
     DEFAULT_MAX_WAIT,
-    DEFAULT_SERVICE,
     DEFAULT_STOP_TIME,
     Comparison,
     compare,
-    standard_traces,
 )
+from vllm_model_router.testing.traces import DEFAULT_SERVICE, standard_traces
 
 GOAL_RATIO = 1.2
 

@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
-import pytest
 
-from vllm_model_router.http.metrics import eviction_reason, families
+from tests.harness import CHAT, Router, chat_body, engine, launch_router, wait_until
+from vllm_model_router.config import build_config
+from vllm_model_router.http.admin import model_admin_view
+from vllm_model_router.http.metrics import RouterMetrics, eviction_label, families
+from vllm_model_router.runtime.pump import Runtime
+from vllm_model_router.scheduler import State, StopReason
+from vllm_model_router.testing.fake_driver import FakeDriver, Script
 
-from .ops_support import CHAT, chat, fake_model, local_router
+fake_model = engine
+chat = chat_body
+
+
+@contextlib.asynccontextmanager
+async def local_router(models: Mapping[str, Mapping[str, Any]], **top: Any) -> AsyncIterator[Router]:
+    """A router in this event loop with a marker of its own; the GPU probe is NVML's if there is a GPU."""
+    async with launch_router(models, uuid.uuid4().hex, probe="auto", **top) as router:
+        yield router
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -32,12 +46,12 @@ def val(samples: Samples, name: str, **labels: str) -> float | None:
 async def eventually(session: aiohttp.ClientSession, url: str, check: Callable[[Samples], bool],
                      timeout: float = 5.0) -> Samples:
     """Scrape until ``check`` holds (a streamed answer can reach the client before its handler returns)."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def holds() -> Samples | None:
         samples = await scrape(session, url)
-        if check(samples) or time.monotonic() > deadline:
-            return samples
-        await asyncio.sleep(0.05)
+        return samples if check(samples) else None
+
+    return await wait_until(holds, timeout, what="metrics condition")
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, bytes]:
@@ -94,7 +108,7 @@ async def test_metrics_follow_requests_loads_evictions_and_failures() -> None:
         # beta evicts alpha (capacity 1); then a request held in flight on beta while alpha waits for it
         assert (await post(s, r.url + CHAT, chat("beta")))[0] == 200
         held = asyncio.create_task(post(s, r.url + CHAT, chat("beta", fake={"delay": 1.5})))
-        await asyncio.sleep(0.3)
+        await eventually(s, r.url, lambda m: val(m, "router_in_flight", model="beta") == 1)
         waiter = asyncio.create_task(post(s, r.url + CHAT, chat("alpha")))
         m = await eventually(s, r.url, lambda m: val(m, "router_waiting", model="alpha") == 1)
         assert val(m, "router_in_flight", model="beta") == 1
@@ -148,13 +162,96 @@ async def test_each_router_has_its_own_registry_and_openmetrics_is_negotiated() 
         assert {m.name for m in REGISTRY.collect()} == global_names
 
 
-@pytest.mark.parametrize(("reason", "label"), [
-    ("evicted to make room for big", "lru"),
-    ("unloaded by operator", "operator"),
-    ("unloaded by operator (forced)", "operator_forced"),
-    ("Timed out waiting for model to load", "load_timeout"),
-    ("over capacity (loaded outside the router)", "over_capacity"),
-    ("something new", "other"),
-])
-def test_eviction_reasons_are_bounded_labels(reason: str, label: str) -> None:
-    assert eviction_reason(reason) == label
+# ------------------------------------------------------------------ in memory: the runtime over a fake driver
+def test_eviction_labels_are_the_stop_reasons() -> None:
+    """The labels that existed when they were parsed from prose keep their values; ttl, host budget, sleep
+    and wake failures, once all "other", have their own."""
+    assert {r: eviction_label(r) for r in StopReason} == {
+        StopReason.LRU: "lru", StopReason.OPERATOR: "operator", StopReason.OPERATOR_FORCED: "operator_forced",
+        StopReason.LOAD_TIMEOUT: "load_timeout", StopReason.OVER_CAPACITY: "over_capacity",
+        StopReason.TTL: "ttl", StopReason.HOST_BUDGET: "host_budget", StopReason.SLEEP_FAILED: "sleep_failed",
+        StopReason.WAKE_FAILED: "wake_failed",
+    }
+    assert eviction_label("") == "other"  # a stop without a cause
+
+
+class GatedDriver(FakeDriver):
+    """Sleeps and wakes last until the test opens their gate, so it can look while they are under way."""
+
+    def __init__(self, scripts: dict[str, Script] | None = None) -> None:
+        super().__init__(scripts)
+        self.sleeps = asyncio.Event()
+        self.wakes = asyncio.Event()
+
+    async def sleep(self, model: str, level: int) -> None:
+        await self.sleeps.wait()
+        await super().sleep(model, level)
+
+    async def wake(self, model: str, level: int, warmup: bool = True) -> None:
+        await self.wakes.wait()
+        await super().wake(model, level, warmup)
+
+
+def in_memory_router(driver: FakeDriver, models: dict[str, dict[str, Any]], **top: Any) -> Runtime:
+    entries = {n: {"cmd": ["never-started", "--enable-sleep-mode", "--port", "${PORT}"], **m}
+               for n, m in models.items()}
+    return Runtime(build_config({"state_dir": False, "models": entries, **top}, env={}, source="<test>"),
+                   driver=driver, probe=None)
+
+
+def sample(metrics: RouterMetrics) -> Samples:
+    return {(name, frozenset(labels.items())): value
+            for name, labels, value in families(metrics.render("")[0].decode())}
+
+
+async def test_models_waking_or_falling_asleep_count_as_resident() -> None:
+    driver = GatedDriver()
+    sleeper = {"sleep": True, "memory_gb": 30}
+    rt = in_memory_router(driver, {"a": sleeper, "b": sleeper}, capacity={"max_resident": 1, "memory_gb": 40})
+    metrics = RouterMetrics(rt)
+
+    def resident(m: Samples) -> tuple[float | None, float | None, list[str]]:
+        admin = [model_admin_view(rt, v) for v in rt.views()]
+        assert [a["name"] for a in admin if a["resident"]] == rt.resident()
+        return val(m, "router_models_resident"), val(m, "router_memory_reserved_gb"), rt.resident()
+
+    try:
+        rt.release(await rt.acquire("a"))
+        for_b = asyncio.create_task(rt.acquire("b"))
+        await rt.wait_for(lambda: rt.state_of("a") is State.FALLING_ASLEEP)
+        m = sample(metrics)
+        assert state_of(m, "a") == "falling_asleep"
+        assert resident(m) == (1, 30, ["a"])  # still holding its memory and its place until it sleeps
+        driver.sleeps.set()
+        rt.release(await for_b)
+        assert resident(sample(metrics)) == (1, 30, ["b"])  # a sleeps: only its residue, no place
+
+        for_a = asyncio.create_task(rt.acquire("a"))
+        await rt.wait_for(lambda: rt.state_of("a") is State.WAKING)
+        m = sample(metrics)
+        assert (state_of(m, "a"), state_of(m, "b")) == ("waking", "sleeping")
+        assert resident(m) == (1, 30, ["a"])  # on its way back: it takes its memory and its place again
+        driver.wakes.set()
+        rt.release(await for_a)
+    finally:
+        await rt.close()
+
+
+async def test_ttl_and_sleep_failure_stops_are_counted_under_their_own_reason() -> None:
+    driver = FakeDriver({"s": Script(fail_sleep=True)})
+    rt = in_memory_router(driver, {"t": {"ttl": 0.05, "memory_gb": 10}, "s": {"sleep": True, "memory_gb": 30},
+                                   "x": {"memory_gb": 30}},
+                          capacity={"max_resident": 2, "memory_gb": 40})
+    metrics = RouterMetrics(rt)
+    try:
+        rt.release(await rt.acquire("t"))
+        await rt.wait_for(lambda: rt.state_of("t") is State.UNLOADED)  # idle past its ttl
+        rt.release(await rt.acquire("s"))
+        rt.release(await rt.acquire("x"))  # s cannot sleep: it is stopped instead, and x loads
+        m = sample(metrics)
+        assert val(m, "router_model_evictions_total", model="t", reason="ttl") == 1
+        assert val(m, "router_model_evictions_total", model="s", reason="sleep_failed") == 1
+        assert val(m, "router_model_sleeps_total", model="s", level="1", result="failure") == 1
+        assert not [k for k in m if k[0] == "router_model_evictions_total" and ("reason", "other") in k[1]]
+    finally:
+        await rt.close()

@@ -9,13 +9,16 @@ models. At the end, once the world settles, every request was answered exactly o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from vllm_model_router.scheduler import (
+    HOLDS_CAPACITY,
     AdminUnload,
+    Effect,
     Event,
     Grant,
     LoadDone,
@@ -36,11 +39,11 @@ from vllm_model_router.scheduler import (
     StopDone,
     StopModel,
     Tick,
-    WakeAt,
+    TimerAt,
     WakeDone,
     WakeModel,
 )
-from vllm_model_router.scheduler.core import HOLDS_CAPACITY
+from vllm_model_router.scheduler.states import holds_residue_only
 
 MODELS = {"a": 10.0, "b": 20.0, "c": 30.0, "d": 40.0, "e": 5.0}
 ADAPTERS = {"a1": "a", "a2": "a", "a3": "a", "b1": "b"}  # adapter -> base
@@ -49,8 +52,8 @@ ALL = sorted([*MODELS, *ADAPTERS])
 
 
 def held_gb(v: ModelView) -> float:
-    """Memory a model holds: a sleeper only its residue (1 GB here)."""
-    return 1.0 if v.state is State.SLEEPING else v.memory_gb
+    """Memory a model holds: a sleeper (or a sleeper being stopped) only its residue (1 GB here)."""
+    return 1.0 if holds_residue_only(v.state, v.asleep_level) else v.memory_gb
 
 
 def children(base: str) -> set[str]:
@@ -77,7 +80,7 @@ class World:
     waiting: set[int] = field(default_factory=set)
     answers: dict[int, int] = field(default_factory=dict)
     cancelled: set[int] = field(default_factory=set)
-    wake: float | None = None
+    timer: float | None = None  # when the scheduler asked for a Tick
 
     def drop_children(self, base: str) -> None:
         for c in children(base):
@@ -97,14 +100,14 @@ class World:
                         assert ADAPTERS[m] in self.up, f"adapter {m} loaded on a base that is not up"
                     self.running.add(m)
                     self.loading.add(m)
-                case StopModel(m, _, force):
+                case StopModel(m, _, _, force):
                     assert m in self.running
                     busy = [r for r, mm in self.in_flight.items() if m in (mm, ADAPTERS.get(mm))]
                     assert force or not busy, f"stopped busy model {m}"
                     self.gone(m)
                     self.stopping.add(m)
                     self.drop_children(m)
-                case SleepModel(m, level, _):
+                case SleepModel(m, level, _, _):
                     assert m in self.up and level in (1, 2), f"sleep of {m} which is not up"
                     busy = [r for r, mm in self.in_flight.items() if m in (mm, ADAPTERS.get(mm))]
                     assert not busy, f"put busy model {m} to sleep"
@@ -128,15 +131,15 @@ class World:
                     assert r in self.waiting
                     self.waiting.discard(r)
                     self.answers[r] = self.answers.get(r, 0) + 1
-                case WakeAt(when):
+                case TimerAt(when):
                     assert when >= self.now - 1e-9
-                    self.wake = when
+                    self.timer = when
         self.check()
 
     def check(self) -> None:
         holding = [v for v in self.s.view() if v.state in HOLDS_CAPACITY]
         top = [v for v in holding if v.base is None]
-        assert len([v for v in top if v.state is not State.SLEEPING]) <= self.budget_count
+        assert len([v for v in top if v.resident]) <= self.budget_count
         if self.budget_mem is not None:
             assert sum(held_gb(v) for v in top) <= self.budget_mem + 1e-9
         if self.host_budget is not None:
@@ -154,8 +157,8 @@ class World:
 
     def step(self, op: int, pick: int, dt: float) -> None:
         self.now += dt
-        if self.wake is not None and self.now >= self.wake:
-            self.wake = None
+        if self.timer is not None and self.now >= self.timer:
+            self.timer = None
             self.feed(Tick())
         if op == 0:
             r = self.next_id
@@ -231,7 +234,7 @@ class World:
                 self.up.add(m)
                 self.feed(LoadDone(m, True))
             elif self.waiting:
-                self.now = max(self.now + 1, self.wake or 0)
+                self.now = max(self.now + 1, self.timer or 0)
                 self.feed(Tick())
             else:
                 return
@@ -239,16 +242,18 @@ class World:
 
 
 ops = st.lists(st.tuples(st.integers(0, 10), st.integers(0, 100), st.floats(0, 20)), max_size=120)
+settings = dict(max_resident=st.integers(1, 3), memory=st.sampled_from([None, 40.0, 60.0, 100.0]),
+                max_wait=st.sampled_from([0.0, 5.0, 30.0]), gpus=st.booleans(), sleep=st.sampled_from([0, 1, 2]),
+                host=st.sampled_from([None, 6.0, 20.0]), keep_idle=st.sampled_from([0.0, 10.0]),
+                policies=st.booleans())
 
 
-@given(ops=ops, max_resident=st.integers(1, 3), memory=st.sampled_from([None, 40.0, 60.0, 100.0]),
-       max_wait=st.sampled_from([0.0, 5.0, 30.0]), gpus=st.booleans(), sleep=st.sampled_from([0, 1, 2]),
-       host=st.sampled_from([None, 6.0, 20.0]), keep_idle=st.sampled_from([0.0, 10.0]),
-       policies=st.booleans())
-def test_invariants_hold_and_every_request_is_answered_once(
-    ops: list[tuple[int, int, float]], max_resident: int, memory: float | None, max_wait: float, gpus: bool,
-    sleep: int, host: float | None, keep_idle: float, policies: bool,
-) -> None:
+def run_world(
+    make: Callable[[SchedulerConfig], Scheduler], ops: list[tuple[int, int, float]], max_resident: int,
+    memory: float | None, max_wait: float, gpus: bool, sleep: int, host: float | None, keep_idle: float,
+    policies: bool, world: type[World] = World,
+) -> World:
+    """Play ``ops`` in a world around the scheduler ``make`` builds, then let it settle."""
     # with GPUs: two of ``memory`` GB each (or 50), "d" pinned to both, the others placed by the router
     gpu_budgets = {0: memory or 50.0, 1: memory or 50.0} if gpus else None
     limit = memory if not gpus else (memory or 50.0)
@@ -263,16 +268,82 @@ def test_invariants_hold_and_every_request_is_answered_once(
     cfg = SchedulerConfig(specs, max_resident, None if gpus else memory, load_timeout=300.0, max_wait=max_wait,
                           gpu_memory_gb=gpu_budgets, host_memory_gb=host, keep_idle=keep_idle,
                           max_waiting_total=6 if policies else 1000)
-    w = World(Scheduler(cfg), max_resident, None if gpus else memory, gpu_budgets, host_budget=host)
+    w = world(make(cfg), max_resident, None if gpus else memory, gpu_budgets, host_budget=host)
     usable = sorted(specs)
     for op, pick, dt in ops:
         if op == 0 or op == 7:
             pick = ALL.index(usable[pick % len(usable)])
         w.step(op, pick, dt)
     w.settle()
+    return w
+
+
+@given(ops=ops, **settings)
+def test_invariants_hold_and_every_request_is_answered_once(
+    ops: list[tuple[int, int, float]], max_resident: int, memory: float | None, max_wait: float, gpus: bool,
+    sleep: int, host: float | None, keep_idle: float, policies: bool,
+) -> None:
+    w = run_world(Scheduler, ops, max_resident, memory, max_wait, gpus, sleep, host, keep_idle, policies)
     assert not w.waiting
     for r in range(1, w.next_id):
         if r in w.cancelled:
             assert w.answers.get(r, 0) <= 1
         else:
             assert w.answers.get(r) == 1, f"request {r} answered {w.answers.get(r, 0)} times"
+
+
+# ---------------------------------------------------------------- the fast path
+class FullPassOnly(Scheduler):
+    """The scheduler without its fast path: every event goes through (0) and the whole pass (1) to (9)."""
+
+    def _fast_path(self, event: Event, now: float) -> list[Effect] | None:
+        return None
+
+
+class CheckedFastPath(Scheduler):
+    """The scheduler, shadowed by one without the fast path that gets the same events at the same times:
+    after every event both must have decided the same effects and show the same models.
+
+    Timers are the one allowed difference: the fast path does not re-arm the timer when a grant takes
+    away a model's ttl deadline, so it may ask for a Tick earlier than a full pass would (a Tick finds
+    nothing to do), never later (no deadline is missed)."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        super().__init__(config)
+        self.shadow = FullPassOnly(config)
+        self.timer: float | None = None  # the Tick each one has asked for last
+        self.shadow_timer: float | None = None
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        fast = super().handle(event, now)
+        full = self.shadow.handle(event, now)
+        event_name = type(event).__name__
+        assert [e for e in fast if not isinstance(e, TimerAt)] == [e for e in full if not isinstance(e, TimerAt)], (
+            f"{event_name} at {now}: fast path {fast}, full pass {full}")
+        assert self.view() == self.shadow.view(), f"{event_name} at {now}: the models differ"
+        if isinstance(event, Tick):
+            self.timer = self.shadow_timer = None
+        self.timer = next((e.when for e in reversed(fast) if isinstance(e, TimerAt)), self.timer)
+        self.shadow_timer = next((e.when for e in reversed(full) if isinstance(e, TimerAt)), self.shadow_timer)
+        if self.shadow_timer is not None:
+            assert self.timer is not None and self.timer <= self.shadow_timer, (
+                f"{event_name} at {now}: the fast path asks for a Tick at {self.timer}, a full pass at "
+                f"{self.shadow_timer}")
+        return fast
+
+
+class SameWorld(World):
+    """The world of the invariants test, checking here only that the two schedulers agree (the budgets are
+    the other test's business)."""
+
+    def check(self) -> None:
+        pass
+
+
+@given(ops=ops, **settings)
+def test_fast_path_decides_as_a_full_pass(
+    ops: list[tuple[int, int, float]], max_resident: int, memory: float | None, max_wait: float, gpus: bool,
+    sleep: int, host: float | None, keep_idle: float, policies: bool,
+) -> None:
+    run_world(CheckedFastPath, ops, max_resident, memory, max_wait, gpus, sleep, host, keep_idle, policies,
+              world=SameWorld)

@@ -11,21 +11,23 @@ from pathlib import Path
 
 import pytest
 
-from vllm_model_router.scheduler import Grant, RequestArrived, StartLoad, WakeAt
+from vllm_model_router.scheduler import Grant, RequestArrived, StartLoad, TimerAt
 from vllm_model_router.testing.sim import (
-    Request,
     SimulationError,
-    Trace,
-    alternating_trace,
     belady_loads,
-    burst_trace,
     compare,
     lru_loads,
     percentile,
-    poisson_arrivals,
-    rotating_trace,
     simulate_naive_lru,
     simulate_router,
+)
+from vllm_model_router.testing.traces import (
+    Request,
+    Trace,
+    alternating_trace,
+    burst_trace,
+    poisson_arrivals,
+    rotating_trace,
     standard_traces,
     uniform_trace,
     zipf_trace,
@@ -148,7 +150,7 @@ def test_simulator_catches_contract_violations_and_unknown_effects() -> None:
     with pytest.raises(SimulationError, match="not up"):
         simulate_router(t, 1.0, make_scheduler=lambda cfg: _Broken([Grant(0, "a")]))  # type: ignore
     with pytest.raises(SimulationError, match="never answered"):
-        simulate_router(t, 1.0, make_scheduler=lambda cfg: _Broken([WakeAt(5.0)]))  # type: ignore
+        simulate_router(t, 1.0, make_scheduler=lambda cfg: _Broken([TimerAt(5.0)]))  # type: ignore
     with pytest.raises(SimulationError, match="does not know the effect"):
         simulate_router(t, 1.0, make_scheduler=lambda cfg: _Broken(["SleepModel"]))  # type: ignore
 

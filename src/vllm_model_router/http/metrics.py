@@ -2,7 +2,8 @@
 
 Three sources, each used for what it knows best:
 
-- the lifecycle event log (a listener): loads, load durations, evictions, unexpected exits;
+- the lifecycle event log (a listener): loads, load durations, evictions (labelled by the scheduler's
+  ``StopReason``, never by parsing the words), unexpected exits;
 - the proxy (``RequestObserver``): per request its model, endpoint, status, time to first byte and
   the time it waited for a load;
 - the scheduler's view, read at scrape time by a custom collector: state, in flight, waiting,
@@ -24,8 +25,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from vllm_model_router.runtime.pump import Runtime
-from vllm_model_router.scheduler import State
-from vllm_model_router.state.lifecycle import LifecycleEvent
+from vllm_model_router.scheduler import State, StopReason
+from vllm_model_router.state.lifecycle import EventKind, LifecycleEvent
 
 # Time to first byte, wait and load times span milliseconds (a loaded model) to many minutes (a cold
 # 70B model), so the buckets do too.
@@ -33,21 +34,14 @@ REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 WAIT_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
 LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
 
-HOLDS_CAPACITY = frozenset({State.LOADING, State.LOADED, State.UNLOADING})
 
 
-def eviction_reason(reason: str) -> str:
-    """A stop's free-text reason → a short, bounded label value."""
-    r = reason.lower()
-    if r.startswith("evicted"):
-        return "lru"
-    if "operator" in r:
-        return "operator_forced" if "forced" in r else "operator"
-    if r.startswith("timed out"):
-        return "load_timeout"
-    if r.startswith("over capacity"):
-        return "over_capacity"
-    return "other"
+def eviction_label(cause: str) -> str:
+    """A stop's cause (a ``StopReason`` value) → the ``reason`` label; "other" for a stop without one."""
+    try:
+        return StopReason(cause).value
+    except ValueError:
+        return "other"
 
 
 class _SchedulerCollector(Collector):
@@ -73,20 +67,21 @@ class _SchedulerCollector(Collector):
             in_flight.add_metric([v.name], v.in_flight)
             waiting.add_metric([v.name], v.waiting)
             pinned.add_metric([v.name], 1.0 if v.pinned else 0.0)
-        resident = [v for v in views if v.state in HOLDS_CAPACITY and not v.external]
+        resident = [v for v in views if v.resident]
         yield state
         yield in_flight
         yield waiting
         yield pinned
         yield GaugeMetricFamily("router_models_resident",
-                                "Models holding capacity (loading, loaded or still stopping)", value=len(resident))
+                                "Models resident: loading, loaded, waking, falling asleep or still stopping",
+                                value=len(resident))
         yield GaugeMetricFamily("router_max_resident", "Configured capacity.max_resident", value=cfg.max_resident)
         yield GaugeMetricFamily("router_memory_reserved_gb", "Declared memory_gb of the resident models",
                                 value=math.fsum(v.memory_gb for v in resident))
         if cfg.memory_gb is not None:
             yield GaugeMetricFamily("router_memory_budget_gb", "Configured capacity.memory_gb",
                                     value=cfg.memory_gb)
-        gpus = self.runtime.gpu_view()
+        gpus = self.runtime.gpus.view()
         if gpus:
             families = {
                 key: GaugeMetricFamily(f"router_gpu_{key}", doc, labels=["gpu", "name"])
@@ -143,25 +138,25 @@ class RouterMetrics:
     # ------------------------------------------------------------ lifecycle events
     def on_event(self, event: LifecycleEvent) -> None:
         model = event.model or ""
-        if event.kind == "loaded":
+        if event.kind is EventKind.LOADED:
             self.loads.labels(model, "success").inc()
             seconds = event.data.get("seconds")
             if isinstance(seconds, int | float):
                 self.load_seconds.labels(model).observe(seconds)
-        elif event.kind == "load_failed":
+        elif event.kind is EventKind.LOAD_FAILED:
             self.loads.labels(model, "failure").inc()
-        elif event.kind == "unloading":
-            self.evictions.labels(model, eviction_reason(event.reason)).inc()
-        elif event.kind == "exited":
+        elif event.kind is EventKind.UNLOADING:
+            self.evictions.labels(model, eviction_label(event.cause)).inc()
+        elif event.kind is EventKind.EXITED:
             self.exits.labels(model).inc()
-        elif event.kind in ("slept", "sleep_failed"):
-            ok = event.kind == "slept"
+        elif event.kind in (EventKind.SLEPT, EventKind.SLEEP_FAILED):
+            ok = event.kind is EventKind.SLEPT
             self.sleeps.labels(model, str(event.data.get("level", "")), "success" if ok else "failure").inc()
             seconds = event.data.get("seconds")
             if ok and isinstance(seconds, int | float):
                 self.sleep_seconds.labels(model).observe(seconds)
-        elif event.kind in ("woken", "wake_failed"):
-            ok = event.kind == "woken"
+        elif event.kind in (EventKind.WOKEN, EventKind.WAKE_FAILED):
+            ok = event.kind is EventKind.WOKEN
             self.wakes.labels(model, "success" if ok else "failure").inc()
             seconds = event.data.get("seconds")
             if ok and isinstance(seconds, int | float):

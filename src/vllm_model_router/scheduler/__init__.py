@@ -1,6 +1,6 @@
 """The pure scheduler: events in, effects out. No asyncio, no I/O, no clock reads (see DESIGN.md)."""
 
-from vllm_model_router.scheduler.core import ModelView, Scheduler, SchedulerConfig, State
+from vllm_model_router.scheduler.core import Scheduler
 from vllm_model_router.scheduler.effects import (
     Effect,
     Grant,
@@ -8,7 +8,7 @@ from vllm_model_router.scheduler.effects import (
     SleepModel,
     StartLoad,
     StopModel,
-    WakeAt,
+    TimerAt,
     WakeModel,
 )
 from vllm_model_router.scheduler.events import (
@@ -30,8 +30,19 @@ from vllm_model_router.scheduler.events import (
     Tick,
     WakeDone,
 )
+from vllm_model_router.scheduler.records import ModelView
+from vllm_model_router.scheduler.residency import SchedulerConfig
+from vllm_model_router.scheduler.states import (
+    HOLDS_CAPACITY,
+    RESIDENT,
+    State,
+    StopReason,
+    is_resident,
+)
 
 __all__ = [
+    "HOLDS_CAPACITY",
+    "RESIDENT",
     "AdminUnload",
     "Effect",
     "Event",
@@ -57,8 +68,10 @@ __all__ = [
     "State",
     "StopDone",
     "StopModel",
+    "StopReason",
     "Tick",
-    "WakeAt",
+    "TimerAt",
     "WakeDone",
     "WakeModel",
+    "is_resident",
 ]

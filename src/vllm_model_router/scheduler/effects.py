@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm_model_router.scheduler.states import StopReason
+
 
 @dataclass(frozen=True, slots=True)
 class StartLoad:
@@ -17,22 +19,26 @@ class StartLoad:
 class StopModel:
     """Stop the model's process group (SIGTERM, then SIGKILL after stop_timeout); answer with StopDone.
 
+    ``reason`` says why as a code (metrics count by it), ``detail`` in words (logs and events).
     ``force`` means in-flight requests may be cut off (operator's choice); the scheduler never sets it
     on its own for a model with requests in flight.
     """
 
     model: str
-    reason: str
+    reason: StopReason
+    detail: str
     force: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class SleepModel:
-    """Put an idle model's engine to sleep (vLLM sleep mode) to free its GPU memory; answer with SleepDone."""
+    """Put an idle model's engine to sleep (vLLM sleep mode) to free its GPU memory; answer with SleepDone.
+    ``reason`` and ``detail`` say why, as for StopModel."""
 
     model: str
     level: int
-    reason: str
+    reason: StopReason
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +70,10 @@ class Reject:
 
 
 @dataclass(frozen=True, slots=True)
-class WakeAt:
-    """Deliver a Tick at this time (the earliest pending deadline)."""
+class TimerAt:
+    """Deliver a Tick at this time (the earliest pending deadline). A timer, not an engine's wake-up."""
 
     when: float
 
 
-Effect = StartLoad | StopModel | SleepModel | WakeModel | Grant | Reject | WakeAt
+Effect = StartLoad | StopModel | SleepModel | WakeModel | Grant | Reject | TimerAt

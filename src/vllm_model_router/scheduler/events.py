@@ -14,7 +14,7 @@ class ModelSpec:
     max_adapters: int = 4  # bases: adapters loaded at once
     external: bool = False  # always resident and never managed (the engine in endpoint mode)
     gpus: tuple[int, ...] | None = None  # fixed GPUs (memory_gb needed on each); None: the router places it
-    sleep_level: int = 0  # 0: stopped to make room; 1 or 2: put to sleep (vLLM sleep mode) instead
+    sleep_level: int = 0  # configured: 0 stopped to make room; 1 or 2 put to sleep (vLLM sleep mode) instead
     sleeping_gb: float = 1.0  # what a sleeping model still holds on each of its GPUs
     weights_gb: float = 0.0  # host memory a level-1 sleeper holds (its weights, moved to host RAM)
     ttl: float = 0.0  # idle this long (seconds) → unloaded; 0: never
@@ -143,7 +143,7 @@ class Preload:
 
 @dataclass(frozen=True, slots=True)
 class Tick:
-    """Time passed (a WakeAt came due). Deadlines are checked on every event anyway."""
+    """Time passed (a TimerAt came due). Deadlines are checked on every event anyway."""
 
 
 Event = (

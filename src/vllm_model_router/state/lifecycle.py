@@ -1,7 +1,8 @@
 """Lifecycle events (a model started loading, was evicted, failed...) with a short history.
 
 The runtime emits; listeners (metrics, logs, the admin event stream) observe. Every event names its
-model and says why it happened.
+model and says why it happened: ``reason`` in words for people, and for a stop ``cause`` as a bounded
+code (the scheduler's ``StopReason``) for machines, so that no listener parses the words back.
 """
 
 from __future__ import annotations
@@ -12,21 +13,51 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
+
+
+class EventKind(StrEnum):
+    """What happened. The values are on the wire (``/admin/events``, logs): they never change."""
+
+    LOAD_STARTED = "load_started"
+    LOADED = "loaded"
+    LOAD_FAILED = "load_failed"
+    UNLOADING = "unloading"  # a stop began (``cause``: why)
+    UNLOADED = "unloaded"
+    MEMORY_NOT_RELEASED = "memory_not_released"  # a stopped model's GPU memory did not come back in time
+    EXITED = "exited"  # its server died by itself
+    GONE = "gone"  # an adapter was unloaded behind the router's back
+    FOUND = "found"  # an adapter was loaded behind the router's back
+    ADOPTED = "adopted"  # a server left running by a previous router process was taken over
+    ORPHAN_STOPPED = "orphan_stopped"  # ... or stopped instead
+    SLEEP_STARTED = "sleep_started"
+    SLEPT = "slept"
+    SLEEP_FAILED = "sleep_failed"
+    WAKE_STARTED = "wake_started"
+    WOKEN = "woken"
+    WAKE_FAILED = "wake_failed"
+    REJECTED = "rejected"  # a waiting request was answered with an error
+    PINNED = "pinned"
+    UNPINNED = "unpinned"
+    PRELOAD = "preload"  # predicted from the usage history
 
 
 @dataclass(frozen=True, slots=True)
 class LifecycleEvent:
     seq: int
     time: float  # Unix time
-    kind: str  # load_started, loaded, load_failed, unloading, unloaded, exited, rejected, ...
+    kind: EventKind
     model: str | None
     reason: str = ""
     data: dict[str, Any] = field(default_factory=dict)
+    cause: str = ""  # a bounded code for why (a stop's StopReason); not on the wire, where ``reason`` is
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The event as the admin event stream sends it."""
+        return {"seq": self.seq, "time": self.time, "kind": self.kind.value, "model": self.model,
+                "reason": self.reason, "data": dict(self.data)}
 
 
 Listener = Callable[[LifecycleEvent], None]
@@ -39,8 +70,9 @@ class EventLog:
         self._listeners: list[Listener] = []
         self._queues: set[asyncio.Queue[LifecycleEvent]] = set()
 
-    def emit(self, kind: str, model: str | None, reason: str = "", **data: Any) -> LifecycleEvent:
-        event = LifecycleEvent(next(self._seq), time.time(), kind, model, reason, data)
+    def emit(self, kind: EventKind, model: str | None, reason: str = "", *, cause: str = "",
+             **data: Any) -> LifecycleEvent:
+        event = LifecycleEvent(next(self._seq), time.time(), kind, model, reason, data, cause)
         self._history.append(event)
         for listener in list(self._listeners):
             listener(event)

@@ -8,8 +8,6 @@
 const KEY_STORAGE = "vllm-model-router.admin-key";
 const POLL_MS = 5000;
 const MAX_EVENTS = 200;
-const RESIDENT = new Set(["loading", "loaded", "unloading", "falling_asleep", "waking"]);
-const ON_GPU = new Set([...RESIDENT, "sleeping"]);
 
 const $ = (sel) => document.querySelector(sel);
 let latest = null;           // the last /admin/models answer
@@ -72,7 +70,7 @@ function gb(x) { return `${Number(x).toLocaleString(undefined, { maximumFraction
 // ------------------------------------------------------------------ rendering
 function renderCapacity(data) {
   const cap = data.capacity;
-  const resident = data.models.filter((m) => RESIDENT.has(m.state));
+  const resident = data.models.filter((m) => m.resident);  // the router's own definition
   const memBar = $("#memory-bar");
   memBar.replaceChildren();
   const reserved = resident.reduce((sum, m) => sum + (m.memory_gb || 0), 0);
@@ -105,7 +103,7 @@ function renderGpus(data) {
   for (const g of data.gpus || []) {
     const bar = el("div", { class: "bar", role: "img", "aria-label": `GPU ${g.index} memory` });
     for (const m of data.models) {
-      if (!ON_GPU.has(m.state) || !(m.gpus || []).includes(g.index) || !m.memory_gb) continue;
+      if (!(m.gpus || []).includes(g.index) || !m.memory_gb) continue;  // gpus: where it holds memory now
       bar.append(el("div", { class: "seg", "data-state": m.state, title: `${m.name}: ${gb(m.memory_gb)} (${m.state})`,
                              style: `width: ${Math.min(100, (100 * m.memory_gb) / g.total_gb)}%` }));
     }

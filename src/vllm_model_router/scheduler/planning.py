@@ -1,0 +1,217 @@
+"""The planning pass: after every event, steps (1) to (9) decide who is granted, what is loaded, woken,
+put to sleep or stopped, and when the scheduler wants to be called again.
+
+The steps and their order are in ``Planner._pump``; the module docstring of core.py and docs/DESIGN.md
+number them the same way, and the scheduler tests are named after the step they exercise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm_model_router.scheduler.effects import Effect, Reject, TimerAt
+from vllm_model_router.scheduler.eviction import Occupant, choose_placement
+from vllm_model_router.scheduler.records import ModelRecord, Waiter
+from vllm_model_router.scheduler.residency import TIMED_OUT, Residency
+from vllm_model_router.scheduler.states import RESIDENT, STARTING, WANTS_IN, State, StopReason
+
+
+@dataclass(slots=True)
+class Pass:
+    """What one planning pass carries from step to step."""
+
+    now: float
+    out: list[Effect]
+    # model -> the arrival number of the newest waiter it still admits (-1: none); set by steps 4 and 7
+    drain: dict[str, int] = field(default_factory=dict)
+    blocked_since: float | None = None  # step 4: the oldest waiter of a load blocked behind busy models
+    cooling: list[float] = field(default_factory=list)  # step 4: when hot models holding it back cool down
+
+
+class Planner(Residency):
+    """The planning pass, one method per step."""
+
+    def _pump(self, now: float, out: list[Effect]) -> None:
+        p = Pass(now, out)
+        self._expire(p)  # (1)
+        self._grant(now, out)  # (2)
+        self._trim(p)  # (3)
+        self._plan_loads(p)  # (4)
+        self._expire_ttl(p)  # (5)
+        self._fit_host_budget(p)  # (6)
+        self._drain(p)  # (7)
+        self._grant(now, out)  # (8)
+        self._arm_timer(p)  # (9)
+
+    # (1) ------------------------------------------------------------------------------------------
+    def _expire(self, p: Pass) -> None:
+        """A waiter older than ``load_timeout`` gets 504; a load (or wake) older than ``load_timeout`` is
+        stopped, the model is left failed and its waiters get 504."""
+        timeout = self.config.load_timeout
+        for w in [w for w in self._waiting.values() if p.now - w.arrived >= timeout]:
+            del self._waiting[w.req_id]
+            p.out.append(Reject(w.req_id, w.model, 504, f"{TIMED_OUT} {w.model} after {timeout:g}s"))
+        for m in list(self._models.values()):
+            if m.state in STARTING and m.load_started is not None and p.now - m.load_started >= timeout:
+                m.failures += 1
+                m.last_error = f"{TIMED_OUT}: not ready after {timeout:g}s"
+                self._stop(m, StopReason.LOAD_TIMEOUT, TIMED_OUT, p.now, p.out, force=True)
+                self._reject_waiters(m, 504, f"{TIMED_OUT} {m.name}: {m.last_error}", p.out)
+
+    # (2) and (8): Residency._grant. Serving first means a model about to be used is busy, so it is
+    # never chosen as a victim in (3) to (6); serving again after (7) lets through what a lifted drain
+    # holds back no more.
+
+    # (3) ------------------------------------------------------------------------------------------
+    def _trim(self, p: Pass) -> None:
+        """A domain over its budget (models loaded behind the router's back) stops idle members, least
+        recently used first, until it fits again."""
+        for domain in [None, *(m.name for m in self._models.values() if m.state is State.LOADED)]:
+            members, budget = self._domain(domain)
+            members = [m for m in members if m.state in RESIDENT and m.state is not State.UNLOADING]
+            over = len(members) - budget.max_resident
+            if budget.memory_gb is not None:
+                over = max(over, 1 if sum(m.memory_gb for m in members) > budget.memory_gb + 1e-9 else 0)
+            if over > 0:
+                idle = self._lru(m for m in members if m.state is State.LOADED and not m.pinned and not self._busy(m))
+                for victim in idle[:over]:
+                    self._stop(victim, StopReason.OVER_CAPACITY, "over capacity (loaded outside the router)",
+                               p.now, p.out)
+
+    # (4) ------------------------------------------------------------------------------------------
+    def _plan_loads(self, p: Pass) -> None:
+        """Bring in what waiters need, by priority and then in the order of each model's oldest waiter. A
+        load that must wait for room blocks the ones after it (no overtaking), so a big model cannot
+        starve behind small ones."""
+        oldest: dict[str, Waiter] = {}
+        for w in self._waiting.values():
+            oldest.setdefault(w.model, w)
+        by_priority = sorted(oldest.items(), key=lambda kv: (-self._models[kv[0]].spec.priority, kv[1].seq))
+        for name, first in by_priority:
+            target = self._load_target(self._models[name], first)
+            if target is not None and not self._plan_one(p, target, first):
+                break
+
+    def _load_target(self, m: ModelRecord, first: Waiter) -> ModelRecord | None:
+        """What must come in for ``m``'s waiters: ``m``, or first its base. None when nothing can: it is
+        already in or on its way, or its base is on its way in or out (its adapters wait for it)."""
+        if m.state not in WANTS_IN:
+            return None
+        if m.base is not None:
+            base = self._models[m.base]
+            if base.state in WANTS_IN:
+                return base
+            if not base.admits(first.seq):
+                return None
+        return m
+
+    def _plan_one(self, p: Pass, target: ModelRecord, first: Waiter) -> bool:
+        """(a) it fits next to everything that holds capacity (loading, loaded, still stopping) → start
+        or wake it; (b) evicting idle models makes it fit → evict them, and start when their StopDone or
+        SleepDone arrives (never while a victim still holds the memory); (c) otherwise wait for busy models
+        to drain. False when the load waits (later loads wait behind it)."""
+        members, budget = self._domain(target.base)
+        members = [m for m in members if m is not target]  # a sleeper's own residue becomes its need
+        waking = target.state is State.SLEEPING
+        options = [target.placed] if waking and target.placed else self._options(target)
+        need = target.memory_gb
+        if target.base is None and budget is not self._nominal and all(
+            any(need > budget.gpu_memory_gb.get(g, 0.0) + 1e-9 for g in placement) for placement in options if placement
+        ):
+            # others' use leaves no GPU where it could ever fit: plan as if it were not there, and let the
+            # start-time check name the processes that hold the memory (a 503, not a long wait)
+            budget = self._nominal
+        placement, victims = choose_placement(need, self._occupants(members), [], budget, options)
+        if victims == []:  # (a)
+            self._bring_in(target, placement, p.now, p.out)
+            return True
+        # what is already stopping (or falling asleep) will free its share: only evict more if that is
+        # not enough
+        staying = [
+            Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False) if m.state is State.FALLING_ASLEEP
+            else self._occupant(m)
+            for m in members if m.state is not State.UNLOADING
+        ]
+        loaded = [m for m in members if m.state is State.LOADED and not m.pinned]
+        idle = [m for m in loaded if not self._busy(m)]
+        if p.now - first.arrived < self.config.max_wait:  # before the fairness bound models in steady use stay
+            hot = [m for m in idle if self._hot(m, p.now)]
+            idle = [m for m in idle if m not in hot]
+            p.cooling += [self._hot_until(m) for m in hot]
+        sleepers = [m for m in members if m.state is State.SLEEPING and not m.pinned]
+        placement, victims = choose_placement(need, staying, self._candidates(idle, sleepers), budget, options)
+        sleep = True
+        if victims is None:  # residues in the way: stopping instead of sleeping may be enough
+            sleep = False
+            placement, victims = choose_placement(
+                need, staying, self._candidates(idle, sleepers, sleep=False), budget, options)
+        if victims == []:  # room is on its way: start on the StopDone / SleepDone
+            return False
+        if victims:  # (b)
+            for v in victims:
+                self._evict(self._models[v], f"evicted to make room for {target.name}", p.now, p.out, sleep)
+            return False
+        # (c) resident models keep being served, but once the oldest waiter has waited max_wait the busy
+        # victims stop taking requests newer than it (they drain), so the load cannot starve
+        p.blocked_since = first.arrived
+        if p.now - first.arrived >= self.config.max_wait:
+            _, needed = choose_placement(need, staying, self._candidates(loaded, sleepers), budget, options)
+            for v in needed or []:
+                p.drain[v] = min(p.drain.get(v, first.seq), first.seq)
+        return False
+
+    # (5) ------------------------------------------------------------------------------------------
+    def _expire_ttl(self, p: Pass) -> None:
+        """A model idle longer than its ttl, with nobody waiting for it, is unloaded."""
+        for m in self._models.values():
+            if self._ttl_applies(m) and self._idle_for(m, p.now) >= m.spec.ttl and not any(
+                w.model == m.name for w in self._waiting.values()
+            ):
+                self._stop(m, StopReason.TTL, f"idle for {m.spec.ttl:g}s (ttl)", p.now, p.out)
+
+    # (6) ------------------------------------------------------------------------------------------
+    def _fit_host_budget(self, p: Pass) -> None:
+        """Level-1 sleepers keep their weights in host RAM; past ``host_memory_gb`` the oldest are stopped."""
+        budget = self.config.host_memory_gb
+        if budget is None:
+            return
+        for m in self._lru(m for m in self._models.values() if m.state is State.SLEEPING and m.asleep_level == 1):
+            if self.host_usage() <= budget + 1e-9:
+                break
+            self._stop(m, StopReason.HOST_BUDGET, "host memory budget for sleeping models exceeded", p.now, p.out)
+
+    # (7) ------------------------------------------------------------------------------------------
+    def _drain(self, p: Pass) -> None:
+        """An operator's unload that waits for in-flight requests stops its model once idle, and until then
+        holds back every new request; then every loaded model's drain (these and step 4's) takes effect.
+        A drain holds back only requests newer than the starved waiter: older ones for a draining model
+        are still served (otherwise a base drained for a newer request could be reloaded for an older
+        adapter request, and so on for ever)."""
+        for m in self._models.values():
+            if m.state is State.LOADED and m.unload_requested:
+                if self._busy(m):
+                    p.drain[m.name] = -1
+                else:
+                    self._stop(m, StopReason.OPERATOR, "unloaded by operator", p.now, p.out)
+        for m in self._models.values():
+            m.drain_seq = p.drain.get(m.name) if m.state is State.LOADED else None
+
+    # (9) ------------------------------------------------------------------------------------------
+    def _arm_timer(self, p: Pass) -> None:
+        """Ask for a Tick at the earliest deadline: a waiter's or a load's timeout, the fairness bound of a
+        blocked load, a hot model cooling down, a ttl running out."""
+        cfg = self.config
+        deadlines = [w.arrived + cfg.load_timeout for w in self._waiting.values()]
+        deadlines += [
+            m.load_started + cfg.load_timeout
+            for m in self._models.values()
+            if m.state in STARTING and m.load_started is not None
+        ]
+        if p.blocked_since is not None and p.now - p.blocked_since < cfg.max_wait:
+            deadlines.append(p.blocked_since + cfg.max_wait)
+        deadlines += [t for t in p.cooling if t > p.now]
+        deadlines += [max(m.last_used, m.since) + m.spec.ttl for m in self._models.values() if self._ttl_applies(m)]
+        when = min(deadlines) if deadlines else None
+        if when is not None and when != self._timer:
+            p.out.append(TimerAt(when))
+        self._timer = when

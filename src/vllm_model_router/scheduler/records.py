@@ -1,0 +1,118 @@
+"""What the scheduler remembers about each model and each waiting request, and the read-only snapshot of
+a model it hands out (``ModelView``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from vllm_model_router.scheduler.events import ModelSpec
+from vllm_model_router.scheduler.states import State, StopReason, is_resident
+
+
+@dataclass(slots=True)
+class ModelRecord:
+    """One model's mutable record: its state and everything the rules look at."""
+
+    name: str
+    spec: ModelSpec
+    order: int  # configuration order: the last tie-breaker of the LRU order
+    state: State = State.UNLOADED
+    since: float = 0.0
+    last_used: float = -math.inf
+    in_flight: set[int] = field(default_factory=set)
+    loads: int = 0
+    failures: int = 0
+    out_of_band: int = 0
+    last_error: str | None = None
+    load_started: float | None = None
+    drain_seq: int | None = None  # while set, waiters that arrived after this one are held back
+    unload_requested: bool = False
+    stop_reason: StopReason | None = None  # why it is on its way out (stopping or falling asleep)
+    pinned: bool = False
+    placed: tuple[int, ...] = ()  # the GPUs it holds memory on while loading, loaded or stopping
+    asleep_level: int = 0  # the level of the current sleep (falling asleep, sleeping, or stopped asleep); 0: awake
+    wakes: int = 0
+    sleeps: int = 0
+    last_arrival: float | None = None
+    gap: float | None = None  # smoothed time between its requests: small means in steady use
+    load_seconds: float | None = None  # how long its last cold load took: what evicting it would cost
+
+    @property
+    def memory_gb(self) -> float:
+        return self.spec.memory_gb
+
+    @property
+    def base(self) -> str | None:
+        return self.spec.base
+
+    @property
+    def draining(self) -> bool:
+        return self.drain_seq is not None
+
+    def admits(self, seq: int) -> bool:
+        """Whether the waiter that arrived ``seq``-th may be granted on this model now."""
+        return self.state is State.LOADED and (self.drain_seq is None or seq <= self.drain_seq)
+
+
+@dataclass(slots=True)
+class Waiter:
+    req_id: int
+    model: str
+    arrived: float
+    seq: int  # arrival order
+
+
+@dataclass(frozen=True, slots=True)
+class ModelView:
+    """A read-only snapshot of one model, for the admin API and metrics."""
+
+    name: str
+    state: State
+    since: float
+    last_used: float | None
+    in_flight: int
+    waiting: int
+    memory_gb: float
+    loads: int
+    failures: int
+    last_error: str | None
+    draining: bool
+    pinned: bool
+    base: str | None = None
+    external: bool = False
+    out_of_band: int = 0
+    gpus: tuple[int, ...] = ()
+    asleep_level: int = 0  # the level it sleeps at now, or was stopped at (0: not asleep); the configured one
+    # is in its spec
+    wakes: int = 0
+    sleeps: int = 0
+
+    @property
+    def resident(self) -> bool:
+        """Holding its memory and a place against ``max_resident`` (see ``states.RESIDENT``)."""
+        return is_resident(self.state, self.external, self.asleep_level)
+
+    @classmethod
+    def of(cls, m: ModelRecord, waiting: int) -> ModelView:
+        return cls(
+            name=m.name,
+            state=m.state,
+            since=m.since,
+            last_used=None if m.last_used == -math.inf else m.last_used,
+            in_flight=len(m.in_flight),
+            waiting=waiting,
+            memory_gb=m.memory_gb,
+            loads=m.loads,
+            failures=m.failures,
+            last_error=m.last_error,
+            draining=m.draining,
+            pinned=m.pinned,
+            base=m.base,
+            external=m.spec.external,
+            out_of_band=m.out_of_band,
+            gpus=m.placed,
+            asleep_level=m.asleep_level,
+            wakes=m.wakes,
+            sleeps=m.sleeps,
+        )

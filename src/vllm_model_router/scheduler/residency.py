@@ -1,0 +1,261 @@
+"""The scheduler's table of models and waiting requests, and the moves every rule is made of.
+
+``Residency`` holds the state (models, waiters, grants, budgets) and the primitive transitions (start,
+stop, put to sleep, grant, release) with the bookkeeping that must never be forgotten along the way: a
+base that leaves ``loaded`` takes its adapters with it, a request on an adapter is in flight on its base
+too. The planning pass (planning.py) and the event handling (core.py) are built from these moves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from vllm_model_router.scheduler.effects import Effect, Grant, Reject, SleepModel, StartLoad, StopModel, WakeModel
+from vllm_model_router.scheduler.events import ModelSpec
+from vllm_model_router.scheduler.eviction import Budget, Candidate, Occupant
+from vllm_model_router.scheduler.records import ModelRecord, Waiter
+from vllm_model_router.scheduler.states import (
+    HOLDS_CAPACITY,
+    LOADABLE,
+    STARTING,
+    State,
+    StopReason,
+    holds_residue_only,
+    is_resident,
+)
+
+TIMED_OUT = "Timed out waiting for model to load"
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    models: Mapping[str, ModelSpec | float]  # name -> spec (or just memory_gb), in configuration order
+    max_resident: int
+    memory_gb: float | None
+    load_timeout: float
+    max_wait: float
+    gpu_memory_gb: Mapping[int, float] | None = None  # per-GPU budgets when GPUs are known
+    host_memory_gb: float | None = None  # what level-1 sleepers' weights may take in host RAM
+    host_overflow: str = "stop"  # host budget full: "stop" the oldest level-1 sleeper, or sleep at "level2"
+    keep_idle: float = 0.0  # a model in steady use is kept this long after its last request (0: off)
+    max_waiting_total: int = 1000  # requests waiting for any model beyond this get 429
+    retry_after: float = 5.0  # what a 429 suggests
+    last_used: Mapping[str, float] | None = None  # restored history (scheduler clock), for the LRU order
+
+
+class Residency:
+    """The state every step reads and writes, and the moves that keep it consistent."""
+
+    def __init__(self, config: SchedulerConfig, now: float = 0.0) -> None:
+        self.config = config
+        self.budget = Budget(config.max_resident, config.memory_gb, dict(config.gpu_memory_gb or {}))
+        self._nominal = self.budget  # without what other processes hold (see GpuUsage)
+        self._models: dict[str, ModelRecord] = {}
+        for name, spec in config.models.items():
+            self._add(name, spec if isinstance(spec, ModelSpec) else ModelSpec(memory_gb=spec), now)
+        for name, at in (config.last_used or {}).items():
+            if name in self._models:
+                self._models[name].last_used = at
+        self._waiting: dict[int, Waiter] = {}  # insertion order = arrival order
+        self._granted: dict[int, str] = {}
+        self._seq = 0
+        self._timer: float | None = None  # when the last TimerAt asked for a Tick
+
+    # ------------------------------------------------------------------ queries
+    def resident(self) -> list[str]:
+        """The resident models (see ``states.RESIDENT``): those holding a place against max_resident."""
+        return [m.name for m in self._models.values() if is_resident(m.state, m.spec.external, m.asleep_level)]
+
+    def host_usage(self) -> float:
+        """Host RAM the level-1 sleepers' weights take (those being stopped excluded: on their way out)."""
+        return sum(m.spec.weights_gb for m in self._models.values()
+                   if m.state in (State.SLEEPING, State.FALLING_ASLEEP) and m.asleep_level == 1)
+
+    # ------------------------------------------------------------ the table
+    def _add(self, name: str, spec: ModelSpec, now: float) -> None:
+        if spec.base is not None and spec.base not in self._models:
+            raise KeyError(f"model {name!r}: unknown base {spec.base!r}")
+        m = ModelRecord(name, spec, len(self._models), since=now)
+        if spec.external:
+            m.state = State.LOADED
+        self._models[name] = m
+
+    def _children(self, base: ModelRecord) -> list[ModelRecord]:
+        return [m for m in self._models.values() if m.base == base.name]
+
+    def _set_state(self, m: ModelRecord, state: State, now: float) -> None:
+        m.state = state
+        m.since = now
+        if state not in STARTING:
+            m.load_started = None
+        if state in LOADABLE:
+            m.placed = ()
+            m.asleep_level = 0
+        if state is not State.LOADED:
+            m.drain_seq = None
+            # a base that is no longer loaded takes its adapters with it
+            for child in self._children(m):
+                if child.state in HOLDS_CAPACITY:
+                    child.last_error = f"base {m.name} is {state.value}"
+                    child.unload_requested = False
+                    self._set_state(child, State.UNLOADED, now)
+
+    # ------------------------------------------------------------ requests
+    def _grant_one(self, req_id: int, m: ModelRecord, now: float) -> None:
+        self._granted[req_id] = m.name
+        m.in_flight.add(req_id)
+        m.last_used = now
+        if m.base is not None:
+            base = self._models[m.base]
+            base.in_flight.add(req_id)
+            base.last_used = now
+
+    def _grant(self, now: float, out: list[Effect]) -> None:
+        """Grant every waiter whose model (and base) admits it, in arrival order."""
+        for w in list(self._waiting.values()):
+            m = self._models[w.model]
+            if self._servable(m, w.seq):
+                del self._waiting[w.req_id]
+                self._grant_one(w.req_id, m, now)
+                out.append(Grant(w.req_id, m.name))
+
+    def _release(self, req_id: int, now: float) -> None:
+        if self._waiting.pop(req_id, None) is not None:
+            return
+        model = self._granted.pop(req_id, None)
+        if model is not None:
+            m = self._models[model]
+            m.in_flight.discard(req_id)
+            m.last_used = now
+            if m.base is not None:
+                base = self._models[m.base]
+                base.in_flight.discard(req_id)
+                base.last_used = now
+
+    def _reject_waiters(self, m: ModelRecord, status: int, message: str, out: list[Effect]) -> None:
+        for w in [w for w in self._waiting.values() if w.model == m.name]:
+            del self._waiting[w.req_id]
+            out.append(Reject(w.req_id, m.name, status, message))
+
+    def _servable(self, m: ModelRecord, seq: int) -> bool:
+        return m.admits(seq) and (m.base is None or self._models[m.base].admits(seq))
+
+    # ------------------------------------------------------------ moves in and out
+    def _bring_in(self, m: ModelRecord, placement: tuple[int, ...], now: float, out: list[Effect]) -> None:
+        """Wake a sleeper (where it sleeps) or start a cold load (on ``placement``)."""
+        if m.state is State.SLEEPING:
+            self._set_state(m, State.WAKING, now)
+            out.append(WakeModel(m.name, m.asleep_level))
+        else:
+            self._set_state(m, State.LOADING, now)
+            m.placed = placement
+            out.append(StartLoad(m.name, placement))
+        m.load_started = now
+
+    def _stop(self, m: ModelRecord, reason: StopReason, detail: str, now: float, out: list[Effect],
+              force: bool = False) -> None:
+        m.stop_reason = reason
+        if m.state is not State.SLEEPING:  # a sleep or a wake that failed: it may hold all its memory
+            m.asleep_level = 0
+        self._set_state(m, State.UNLOADING, now)
+        out.append(StopModel(m.name, reason, detail, force=force))
+
+    def _evict(self, m: ModelRecord, detail: str, now: float, out: list[Effect], sleep: bool = True) -> None:
+        """Make room with ``m``: a sleeper is stopped; an awake model sleeps if it can (and ``sleep``), else
+        it is stopped."""
+        if m.state is State.LOADED and m.spec.sleep_level and sleep:
+            level = m.spec.sleep_level
+            budget = self.config.host_memory_gb
+            if level == 1 and budget is not None and self.host_usage() + m.spec.weights_gb > budget + 1e-9:
+                if m.spec.weights_gb > budget + 1e-9 or self.config.host_overflow == "level2":
+                    level = 2  # its weights will not fit in host RAM: drop them instead of keeping them
+                # with "stop", the oldest level-1 sleepers make way (step 6)
+            m.asleep_level = level
+            self._set_state(m, State.FALLING_ASLEEP, now)
+            m.stop_reason = StopReason.LRU
+            out.append(SleepModel(m.name, level, StopReason.LRU, detail))
+        else:
+            self._stop(m, StopReason.LRU, detail, now, out)
+
+    # ------------------------------------------------------------ capacity
+    def _busy(self, m: ModelRecord) -> bool:
+        """In flight, or (for a base) an adapter of it is being loaded or unloaded."""
+        if m.in_flight:
+            return True
+        return any(c.state in (State.LOADING, State.UNLOADING) for c in self._children(m))
+
+    def _domain(self, base: str | None) -> tuple[list[ModelRecord], Budget]:
+        """The models that share a budget, and that budget: the top-level models and the global one, or a
+        base's adapters and its ``max_adapters``."""
+        members = [
+            m for m in self._models.values()
+            if m.base == base and not m.spec.external and m.state in HOLDS_CAPACITY
+        ]
+        if base is None:
+            return members, self.budget
+        return members, Budget(self._models[base].spec.max_adapters, None)
+
+    @staticmethod
+    def _occupant(m: ModelRecord) -> Occupant:
+        if holds_residue_only(m.state, m.asleep_level):
+            return Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False)
+        return Occupant(m.name, m.memory_gb, m.placed)
+
+    def _occupants(self, models: Iterable[ModelRecord]) -> list[Occupant]:
+        return [self._occupant(m) for m in models]
+
+    def _candidates(self, loaded: Iterable[ModelRecord], sleepers: Iterable[ModelRecord],
+                    sleep: bool = True) -> list[Candidate]:
+        """Ways to make room, in order: idle awake models, least recently used first (put to sleep when
+        they can sleep and ``sleep``, else stopped), then sleepers, least recently used first (stopped)."""
+        out = []
+        for m in self._lru(loaded):
+            can_sleep = sleep and m.spec.sleep_level
+            asleep = Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False) if can_sleep else None
+            out.append(Candidate(self._occupant(m), asleep))
+        out += [Candidate(self._occupant(m)) for m in self._lru(sleepers)]
+        return out
+
+    def _options(self, m: ModelRecord) -> list[tuple[int, ...]]:
+        """Where ``m`` may go: its fixed GPUs, any one GPU, or (no GPUs known, or an adapter) nowhere in
+        particular."""
+        if m.base is not None or not self.budget.gpu_memory_gb:
+            return [()]
+        if m.spec.gpus:
+            return [m.spec.gpus]
+        return [(g,) for g in sorted(self.budget.gpu_memory_gb)]
+
+    # ------------------------------------------------------------ use over time
+    def _lru(self, models: Iterable[ModelRecord]) -> list[ModelRecord]:
+        """Eviction order: lower priority first, then least recently used."""
+        return sorted(models, key=lambda m: (m.spec.priority, m.last_used, m.since, m.order))
+
+    def _note_arrival(self, m: ModelRecord, now: float) -> None:
+        if m.last_arrival is not None:
+            gap = now - m.last_arrival
+            m.gap = gap if m.gap is None else 0.7 * m.gap + 0.3 * gap
+        m.last_arrival = now
+
+    def _hot_until(self, m: ModelRecord) -> float:
+        """In steady use, a model's next request is expected within its usual gap: it stays protected until
+        it is overdue (twice its smoothed gap), or keep_idle has passed since its last request, or as long
+        as reloading it would take (protecting a model that comes back in 2 s for longer than 2 s only
+        makes clients wait), whichever comes first. A model used once, or whose user has moved on, is not
+        protected for long."""
+        keep = self.config.keep_idle
+        if keep <= 0 or m.gap is None:
+            return -math.inf
+        return m.last_used + min(keep, 2 * m.gap, m.load_seconds if m.load_seconds is not None else keep)
+
+    def _hot(self, m: ModelRecord, now: float) -> bool:
+        """Protected from eviction for a newcomer until the newcomer has waited max_wait (swaps in batches)."""
+        return now < self._hot_until(m)
+
+    def _idle_for(self, m: ModelRecord, now: float) -> float:
+        return now - max(m.last_used, m.since)
+
+    def _ttl_applies(self, m: ModelRecord) -> bool:
+        """Whether ``m``'s ttl clock runs now: it has one, is not pinned, is loaded or asleep, and idle."""
+        return m.spec.ttl > 0 and not m.pinned and m.state in (State.LOADED, State.SLEEPING) and not self._busy(m)
