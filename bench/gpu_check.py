@@ -93,12 +93,12 @@ async def router_check(fraction: float) -> str:
     try:
         t0 = time.monotonic()
         await runtime.load("a")
-        view_a = runtime.gpu_view()[0]
+        view_a = runtime.gpus.view()[0]
         await runtime.load("b")  # does not fit next to a: a is evicted, its memory proven free first
         took = time.monotonic() - t0
         events = [(e.kind, e.model) for e in runtime.events.recent()]
         states = {v.name: v.state.value for v in runtime.views()}
-        view_b = runtime.gpu_view()[0]
+        view_b = runtime.gpus.view()[0]
         order_ok = events.index(("unloaded", "a")) < events.index(("load_started", "b"))
         ok = (states == {"a": "unloaded", "b": "loaded"} and order_ok
               and not any(k == "memory_not_released" for k, _ in events)

@@ -1,23 +1,26 @@
-"""Command line: ``serve``, ``check-config``, the admin client commands (admin_cli.py) and the
+"""Command line: ``serve``, ``check-config``, ``config-schema``, the admin client commands (admin_cli.py) and the
 ``fake-engine`` test/demo server."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from vllm_model_router import __version__
 from vllm_model_router.admin_cli import register_admin_commands
-from vllm_model_router.config import ConfigError, RouterConfig, load_config
 from vllm_model_router.log_format import FORMATS, configure_logging
+
+if TYPE_CHECKING:
+    from vllm_model_router.config import RouterConfig
 
 log = logging.getLogger("vllm_model_router")
 
@@ -31,6 +34,8 @@ def _config_path(arg: str | None) -> str | None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from vllm_model_router.config import ConfigError, load_config  # not imported by fake-engine and admin commands
+
     try:
         cfg = load_config(args.file)
     except ConfigError as e:
@@ -60,6 +65,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print("# GPU budgets: " + ", ".join(f"GPU {g} {gb:.1f} GB" for g, gb in budgets.items()))
     else:
         print("# no NVIDIA GPU detected: memory is accounted from declarations only")
+    return 0
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    """The JSON Schema of the config file, for editors (e.g. a ``# yaml-language-server: $schema=`` line)."""
+    from vllm_model_router.config import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
     return 0
 
 
@@ -107,6 +120,8 @@ async def _serve(cfg: RouterConfig) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from vllm_model_router.config import ConfigError, load_config
+
     setup_logging(args.log_level, args.log_format)
     path = _config_path(args.config)
     try:
@@ -150,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a config file and print it resolved")
     c.add_argument("file")
     c.set_defaults(func=cmd_check_config)
+    sub.add_parser("config-schema", help="print the config file's JSON Schema (for editors)").set_defaults(
+        func=cmd_config_schema)
     register_admin_commands(sub)
     sub.add_parser("fake-engine", add_help=False, help="a fake vLLM-compatible server, for tests and demos only")
     return p

@@ -74,6 +74,11 @@ class PayloadTooLarge(RouterError):
     type = "invalid_request_error"
 
 
+class ExpectationFailed(RouterError):
+    status = 417
+    type = "invalid_request_error"
+
+
 class TooManyRequests(RouterError):
     status = 429
     type = "rate_limit_error"

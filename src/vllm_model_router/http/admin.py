@@ -1,5 +1,7 @@
-"""Operating the router: metrics, the lifecycle event stream, pinning, following logs, the OpenAPI
-description and the dashboard. ``install_operations`` adds all of it to the application built by app.py.
+"""Every ``/admin`` route: the models and capacity (``GET /admin/models``), load, unload, pin and unpin,
+a model's output (``/logs``, followed live with ``?follow=true``) and the lifecycle event stream
+(``/admin/events``). A model named in the path is resolved by the catalog's rules, restricted to the
+models the router manages (never the engine's own model in endpoint mode).
 """
 
 from __future__ import annotations
@@ -7,32 +9,115 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
-from importlib import resources
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from aiohttp import web
 
-from vllm_model_router import __version__
+from vllm_model_router.config import ENGINE
 from vllm_model_router.errors import BadRequest
-from vllm_model_router.http.app import PROXY, RUNTIME, SCRUB, _model_name, _view
-from vllm_model_router.http.metrics import METRICS, RouterMetrics, metrics_handler
-from vllm_model_router.http.openapi import openapi_spec
+from vllm_model_router.http.app_keys import RUNTIME, SCRUB
 from vllm_model_router.http.security import KeyScrubber
-from vllm_model_router.log_format import log_lifecycle_event
+from vllm_model_router.runtime.pump import Runtime
+from vllm_model_router.scheduler import ModelView
 from vllm_model_router.state.lifecycle import LifecycleEvent
 
 T = TypeVar("T")
 CLOSING: web.AppKey[asyncio.Event] = web.AppKey("closing", asyncio.Event)
 KEEPALIVE_S = 15.0
 EVENT_HISTORY_DEFAULT = 50
-UI_ASSETS = {
-    "index.html": "text/html",
-    "app.js": "text/javascript",
-    "style.css": "text/css",
-}
+TRUE = ("1", "true", "yes")
 
 
+# ------------------------------------------------------------------- models and capacity
+def model_admin_view(runtime: Runtime, v: ModelView) -> dict[str, Any]:
+    """One model as the admin API shows it (scrub it with :data:`SCRUB` before sending it)."""
+    cfg = runtime.config.models.get(v.name)
+    needs, weights = runtime.gpus.needs, runtime.gpus.weights
+    return {
+        "name": v.name,
+        "aliases": list(cfg.aliases) if cfg else [],
+        "kind": "engine" if v.external else "adapter" if v.base else "process",
+        "base": None if v.base == ENGINE else v.base,
+        "out_of_band": v.out_of_band,
+        "state": v.state.value,
+        "since": runtime.wall_time(v.since),
+        "last_used": runtime.wall_time(v.last_used),
+        "in_flight": v.in_flight,
+        "waiting": v.waiting,
+        "draining": v.draining,
+        "pinned": v.pinned,
+        "memory_gb": v.memory_gb,
+        "memory_source": needs[v.name].source if v.name in needs else None,
+        "resident": v.resident,
+        "sleep_level": v.asleep_level,
+        "sleeps": v.sleeps,
+        "wakes": v.wakes,
+        "weights_gb": weights[v.name].gb if v.name in weights else None,
+        "weights_source": weights[v.name].source if v.name in weights else None,
+        "gpus": list(v.gpus),
+        "loads": v.loads,
+        "failures": v.failures,
+        "last_error": v.last_error,
+        **runtime.driver.info(v.name),
+    }
+
+
+async def admin_models(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    cfg = runtime.config
+    views = runtime.views()
+    return web.json_response(request.app[SCRUB].value({
+        "models": [model_admin_view(runtime, v) for v in views],
+        "capacity": {
+            "max_resident": cfg.max_resident,
+            "memory_gb": cfg.memory_gb,
+            "resident": [v.name for v in views if v.resident],
+            "resident_memory_gb": sum(v.memory_gb for v in views if v.resident),
+            "memory_accounting": "measured per GPU (NVML)" if runtime.gpus.measured else "declarations only",
+        },
+        "gpus": runtime.gpus.view(),
+    }))
+
+
+async def _managed_model(request: web.Request) -> str:
+    """The model the path names (404 ``model_not_found`` when it names none the router manages)."""
+    target = await request.app[RUNTIME].adapters.resolve(request.match_info["name"], managed=True)
+    return target.model
+
+
+def _view(request: web.Request, name: str) -> dict[str, Any]:
+    runtime = request.app[RUNTIME]
+    view = next(model_admin_view(runtime, v) for v in runtime.views() if v.name == name)
+    return request.app[SCRUB].value(view)
+
+
+# ------------------------------------------------------------------- operators' commands
+async def admin_load(request: web.Request) -> web.Response:
+    name = await _managed_model(request)
+    await request.app[RUNTIME].load(name)
+    return web.json_response(_view(request, name))
+
+
+async def admin_unload(request: web.Request) -> web.Response:
+    name = await _managed_model(request)
+    force = request.query.get("force", "").lower() in TRUE
+    await request.app[RUNTIME].unload(name, force=force)
+    return web.json_response(_view(request, name))
+
+
+async def admin_pin(request: web.Request) -> web.Response:
+    name = await _managed_model(request)
+    request.app[RUNTIME].set_pinned(name, True)
+    return web.json_response(_view(request, name))
+
+
+async def admin_unpin(request: web.Request) -> web.Response:
+    name = await _managed_model(request)
+    request.app[RUNTIME].set_pinned(name, False)
+    return web.json_response(_view(request, name))
+
+
+# ------------------------------------------------------------------- a model's output
 @runtime_checkable
 class LogFollowing(Protocol):
     """A driver whose models' output can be followed line by line (the process driver)."""
@@ -86,21 +171,45 @@ async def _batch(q: asyncio.Queue[T], closing: asyncio.Event, timeout: float) ->
     return items
 
 
-# ------------------------------------------------------------------- admin routes
-async def admin_pin(request: web.Request) -> web.Response:
+async def admin_logs(request: web.Request) -> web.StreamResponse:
+    """The last ``?lines=N`` lines of a model's output; with ``?follow=true``, then every new line."""
+    name = await _managed_model(request)
+    lines = _int_param(request, "lines", 200, 10000)
+    if request.query.get("follow", "").lower() in TRUE:
+        return await follow_logs(request, name, lines)
+    logs = request.app[RUNTIME].driver.logs(name, lines)
+    return web.json_response({"model": name, "lines": request.app[SCRUB].value(logs)})
+
+
+async def follow_logs(request: web.Request, name: str, lines: int) -> web.StreamResponse:
+    """``/admin/models/{name}/logs?follow=true``: the last ``lines`` lines, then every new line as it is
+    printed, as chunked ``text/plain`` (``curl -N``), until the client goes away."""
     runtime = request.app[RUNTIME]
-    name = _model_name(request)
-    runtime.set_pinned(name, True)
-    return web.json_response(_view(request, name))
+    driver = log_source(runtime.driver, name)
+    if driver is None:
+        raise BadRequest(f"the output of {name} cannot be followed; use ?lines=N", param="follow")
+    q = driver.subscribe_logs(name)
+    try:
+        tail = runtime.driver.logs(name, lines)  # no await since subscribing: no line lost or doubled
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        scrub = request.app[SCRUB]
+        if tail:
+            await resp.write(scrub.text("".join(f"{ln}\n" for ln in tail)).encode())
+        closing = request.app[CLOSING]
+        while True:
+            batch = await _batch(q, closing, KEEPALIVE_S)
+            if batch is None:
+                break
+            if batch:
+                await resp.write(scrub.text("".join(f"{ln}\n" for ln in batch)).encode())
+        return resp
+    finally:
+        driver.unsubscribe_logs(name, q)
 
 
-async def admin_unpin(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
-    name = _model_name(request)
-    runtime.set_pinned(name, False)
-    return web.json_response(_view(request, name))
-
-
+# ------------------------------------------------------------------- lifecycle events
 def _sse(event: LifecycleEvent, scrub: KeyScrubber, named: bool = True) -> bytes:
     kind = f"event: {event.kind}\n" if named else ""
     return f"id: {event.seq}\n{kind}data: {json.dumps(scrub.value(event.to_dict()))}\n\n".encode()
@@ -141,86 +250,21 @@ async def admin_events(request: web.Request) -> web.StreamResponse:
         runtime.events.unsubscribe(q)
 
 
-async def follow_logs(request: web.Request, name: str, lines: int) -> web.StreamResponse:
-    """``/admin/models/{name}/logs?follow=true``: the last ``lines`` lines, then every new line as it is
-    printed, as chunked ``text/plain`` (``curl -N``), until the client goes away."""
-    runtime = request.app[RUNTIME]
-    driver = log_source(runtime.driver, name)
-    if driver is None:
-        raise BadRequest(f"the output of {name} cannot be followed; use ?lines=N", param="follow")
-    q = driver.subscribe_logs(name)
-    try:
-        tail = runtime.driver.logs(name, lines)  # no await since subscribing: no line lost or doubled
-        resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
-        await resp.prepare(request)
-        scrub = request.app[SCRUB]
-        if tail:
-            await resp.write(scrub.text("".join(f"{ln}\n" for ln in tail)).encode())
-        closing = request.app[CLOSING]
-        while True:
-            batch = await _batch(q, closing, KEEPALIVE_S)
-            if batch is None:
-                break
-            if batch:
-                await resp.write(scrub.text("".join(f"{ln}\n" for ln in batch)).encode())
-        return resp
-    finally:
-        driver.unsubscribe_logs(name, q)
-
-
-# ------------------------------------------------------------------- description and dashboard
-async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(openapi_spec(__version__))
-
-
-def _asset(name: str) -> bytes:
-    return (resources.files("vllm_model_router.http") / "ui" / name).read_bytes()
-
-
-async def ui_index(request: web.Request) -> web.Response:
-    return web.Response(body=_asset("index.html"), content_type="text/html", charset="utf-8",
-                        headers={"Cache-Control": "no-cache"})
-
-
-async def ui_asset(request: web.Request) -> web.Response:
-    name = request.match_info["asset"]
-    ctype = UI_ASSETS.get(name)
-    if ctype is None:
-        raise web.HTTPNotFound()
-    return web.Response(body=_asset(name), content_type=ctype, charset="utf-8", headers={"Cache-Control": "no-cache"})
-
-
-async def ui_redirect(request: web.Request) -> web.Response:
-    raise web.HTTPFound("/ui")
-
-
 # ------------------------------------------------------------------- wiring
-def install_operations(app: web.Application) -> None:
-    """Add metrics, the event stream, pin/unpin, the OpenAPI description and the dashboard to ``app``.
-
-    Must run after app.py's cleanup context (which creates the runtime and the proxy) was added."""
+def add_routes(app: web.Application) -> None:
+    """Add every /admin route to ``app``; open event and log streams end when the server shuts down
+    (so that shutdown does not wait for their clients)."""
     closing = asyncio.Event()
     app[CLOSING] = closing
 
-    async def context(app: web.Application) -> AsyncIterator[None]:
-        runtime = app[RUNTIME]
-        metrics = RouterMetrics(runtime)
-        app[METRICS] = metrics
-        app[PROXY].observer = metrics
-        runtime.events.add_listener(log_lifecycle_event)
-        yield
-
     async def on_shutdown(app: web.Application) -> None:
-        closing.set()  # ends open event and log streams, so shutdown does not wait for their clients
+        closing.set()
 
-    app.cleanup_ctx.append(context)
     app.on_shutdown.append(on_shutdown)
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/openapi.json", openapi_json)
-    app.router.add_get("/ui", ui_index)
-    app.router.add_get("/ui/", ui_redirect)
-    app.router.add_get("/ui/{asset}", ui_asset)
-    app.router.add_get("/admin/events", admin_events)
+    app.router.add_get("/admin/models", admin_models)
+    app.router.add_post("/admin/models/{name}/load", admin_load)
+    app.router.add_post("/admin/models/{name}/unload", admin_unload)
     app.router.add_post("/admin/models/{name}/pin", admin_pin)
     app.router.add_post("/admin/models/{name}/unpin", admin_unpin)
+    app.router.add_get("/admin/models/{name}/logs", admin_logs)
+    app.router.add_get("/admin/events", admin_events)

@@ -89,11 +89,12 @@ _TRACK: ContextVar[_Track | None] = ContextVar("vllm_model_router_track", defaul
 
 
 class Proxy:
-    def __init__(self, runtime: Runtime, session: aiohttp.ClientSession) -> None:
+    def __init__(self, runtime: Runtime, session: aiohttp.ClientSession,
+                 observer: RequestObserver | None = None) -> None:
         self.runtime = runtime
         self.config = runtime.config
         self.session = session
-        self.observer: RequestObserver | None = None
+        self.observer = observer  # told about every request (metrics), when there is one
         self.routes = RouteTable(runtime.config.limits.extra_forward_paths)
         # requests being handled (by the task of their connection), for a shutdown to wait for or cut off
         self._active: set[asyncio.Task[Any]] = set()
@@ -200,12 +201,12 @@ class Proxy:
                                  "(limits.client_body_timeout)") from e
         if route in MULTIPART_ROUTES and is_multipart(request.content_type):
             form = parse_form_model(raw, request.headers.get("Content-Type", ""))
-            target = await self.runtime.resolve(form.model)
+            target = await self.runtime.adapters.resolve(form.model)
             if target.rewrite is not None:  # an alias: the server knows the model by its configured name
                 raw = form.rewrite(raw, target.rewrite)
         else:
             payload, name = parse_json(raw)
-            target = await self.runtime.resolve(name)
+            target = await self.runtime.adapters.resolve(name)
             if target.rewrite is not None:
                 payload["model"] = target.rewrite
                 raw = json.dumps(payload).encode()
@@ -226,13 +227,13 @@ class Proxy:
                 return await self._forward(request, base, route, model, raw, may_vanish=not retried)
             except _Vanished as e:
                 # the engine no longer has an adapter the router thought loaded: reload it once and retry
-                self.runtime.mark_gone(model, e.message)
+                self.runtime.adapters.mark_gone(model, e.message)
                 retried = True
             finally:
                 self.runtime.release(lease)
 
     def _server(self, model: str, base: str | None) -> str:
-        if model == ENGINE or self.runtime.is_adapter(model):
+        if model == ENGINE or self.runtime.adapters.is_adapter(model):
             return f"the vLLM engine at {base or self.runtime.driver.endpoint(model)} (model {model})"
         return f"model {model}'s server"
 
@@ -270,7 +271,7 @@ class Proxy:
                 body404 = await upstream.read()
                 if _is_fastapi_not_found(body404):
                     raise NotFound(f"model {model} does not serve {route}", code="endpoint_not_supported")
-                if may_vanish and self.runtime.is_adapter(model) and b"does not exist" in body404:
+                if may_vanish and self.runtime.adapters.is_adapter(model) and b"does not exist" in body404:
                     raise _Vanished(body404.decode("utf-8", "replace"))
                 return web.Response(status=404, body=body404, headers=downstream_headers(upstream.headers))
             if "text/event-stream" not in ctype and upstream.headers.get("Content-Length") is not None:

@@ -24,14 +24,17 @@ import asyncio
 import logging
 import resource
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from aiohttp import web
 
 from vllm_model_router.config import RouterConfig
-from vllm_model_router.errors import BadRequest, RouterError, ServiceUnavailable
+from vllm_model_router.errors import BadRequest, ExpectationFailed, RouterError, ServiceUnavailable
+from vllm_model_router.http.app_keys import PROXY, RUNTIME
 
 log = logging.getLogger("vllm_model_router.server")
+_RequestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 REFUSED_LINGER_S = 2.0  # how long a refused connection may take to read its 503 before it is closed
 BAD_BODY_LOG_INTERVAL_S = 10.0  # at most one log line per this many seconds about undecodable bodies
 
@@ -106,6 +109,28 @@ class _Handler(web.RequestHandler):
         return resp
 
 
+def _in_envelope(handler: _RequestHandler) -> _RequestHandler:
+    """``handler`` (the application's), with the HTTP errors aiohttp raises before the application's
+    middleware runs put in the OpenAI envelope too: an ``Expect`` header other than ``100-continue``
+    gets aiohttp's plain-text 417 otherwise."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            err: RouterError = (ExpectationFailed(f"{e.text or e.reason} (only 'Expect: 100-continue' is supported)")
+                                if e.status == 417 else BadRequest(e.text or e.reason))
+            err.status = e.status
+            resp = web.Response(status=e.status, body=err.json_bytes(), content_type="application/json")
+            resp.force_close()  # the client may be holding its body back: nothing more is read
+            return resp
+
+    handle.in_envelope = True  # type: ignore[attr-defined]
+    return handle
+
+
 def _overloaded_response(limit: int) -> bytes:
     body = ServiceUnavailable(f"the router has too many open connections (limits.max_connections = {limit}); "
                               "retry shortly").json_bytes()
@@ -167,6 +192,8 @@ class RouterSite(web.BaseSite):
         loop = asyncio.get_running_loop()
         server = self._runner.server
         assert server is not None
+        if not getattr(server.request_handler, "in_envelope", False):
+            server.request_handler = _in_envelope(server.request_handler)
         limit = self._config.limits.max_connections
         settings = handler_settings(self._config)
         refusal = _overloaded_response(limit)
@@ -217,8 +244,6 @@ async def stop_serving(runner: web.AppRunner, grace: float) -> None:
     give requests in flight ``grace`` seconds, then cut off what is left (a stream ends with an SSE error
     event). aiohttp's own shutdown timeout then has nothing left to wait for, so the router is done within
     ``grace`` plus the models' ``stop_timeout``, not twice the grace."""
-    from vllm_model_router.http.app import PROXY, RUNTIME
-
     for site in list(runner.sites):
         await site.stop()
     app = runner.app

@@ -36,17 +36,16 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 
 from vllm_model_router.config import DEFAULT_STOP_TIMEOUT, ModelConfig
 from vllm_model_router.drivers import procs
 from vllm_model_router.drivers.process import ProcessDriver
+from vllm_model_router.runtime.pump import Runtime
 from vllm_model_router.scheduler import ModelFound
-
-if TYPE_CHECKING:
-    from vllm_model_router.runtime.pump import Runtime
+from vllm_model_router.state.lifecycle import EventKind
 
 log = logging.getLogger("vllm_model_router.recovery")
 STATE_FILE = "process-groups.json"
@@ -244,16 +243,16 @@ class Recovery:
             reason = await self._cannot_adopt(runtime, driver, r, adopt, resident_gb)
             if reason is None:
                 adopt.append(r)
-                resident_gb += runtime.needs[r.model].gb if r.model in runtime.needs else 0.0
+                resident_gb += runtime.gpus.needs[r.model].gb if r.model in runtime.gpus.needs else 0.0
             else:
                 stop.append((r, reason))
         await asyncio.gather(*(self._stop(runtime, r, reason) for r, reason in stop))
         for r in adopt:
             driver.adopt(r.model, r.pid, r.port)
             log.info("Adopted model %s left running by a previous router: pid %d on port %d", r.model, r.pid, r.port)
-            runtime.events.emit("adopted", r.model, "left running by a previous router process", pid=r.pid,
+            runtime.events.emit(EventKind.ADOPTED, r.model, "left running by a previous router process", pid=r.pid,
                                 port=r.port)
-            runtime._submit(ModelFound(r.model, r.gpus))
+            runtime.submit(ModelFound(r.model, r.gpus))
             self.adopted.append(r.model)
         return adopt
 
@@ -261,6 +260,7 @@ class Recovery:
                             adopted: list[GroupRecord], resident_gb: float) -> str | None:
         """Why the live group ``r`` is not adopted, or None when it is."""
         config = runtime.config
+        needs, budgets = runtime.gpus.needs, runtime.gpus.budgets
         cfg = config.models.get(r.model)
         if cfg is None or cfg.is_adapter or r.model not in driver_models(driver, config.models):
             return "its model is no longer configured"
@@ -268,17 +268,17 @@ class Recovery:
             return "another server of the same model is adopted"
         if config_hash(cfg, r.port, r.gpus) != r.config_hash:
             return "its model's command or environment changed"
-        if runtime.gpu_budgets is not None:
-            if not r.gpus or any(g not in runtime.gpu_budgets for g in r.gpus):
+        if budgets is not None:
+            if not r.gpus or any(g not in budgets for g in r.gpus):
                 return f"it was started on GPUs {list(r.gpus)}, which this machine does not have"
-            need_gb = runtime.needs[r.model].gb if r.model in runtime.needs else 0.0
+            need_gb = needs[r.model].gb if r.model in needs else 0.0
             for g in r.gpus:
-                held = sum(runtime.needs[a.model].gb for a in adopted if g in a.gpus and a.model in runtime.needs)
-                if held + need_gb > runtime.gpu_budgets[g] + 1e-9:
-                    return f"GPU {g}'s budget ({runtime.gpu_budgets[g]:.1f} GB) would be exceeded"
+                held = sum(needs[a.model].gb for a in adopted if g in a.gpus and a.model in needs)
+                if held + need_gb > budgets[g] + 1e-9:
+                    return f"GPU {g}'s budget ({budgets[g]:.1f} GB) would be exceeded"
         if len(adopted) >= config.max_resident:
             return f"capacity.max_resident ({config.max_resident}) is reached"
-        need = runtime.needs[r.model].gb if r.model in runtime.needs else 0.0
+        need = needs[r.model].gb if r.model in needs else 0.0
         if config.memory_gb is not None and resident_gb + need > config.memory_gb:
             return f"capacity.memory_gb ({config.memory_gb:g} GB) would be exceeded"
         problem = await _health_problem(r, cfg)
@@ -293,7 +293,7 @@ class Recovery:
             log.warning("Process group %d: pids %s ignored SIGTERM for %.0fs and were killed", r.pid, killed, timeout)
         if procs.group_members(r.pid):
             log.error("Process group %d of %s survives SIGKILL: %s", r.pid, r.model, procs.group_members(r.pid))
-        runtime.events.emit("orphan_stopped", r.model, reason, pid=r.pid, port=r.port)
+        runtime.events.emit(EventKind.ORPHAN_STOPPED, r.model, reason, pid=r.pid, port=r.port)
         self.stopped.append(r.model)
 
 

@@ -1,0 +1,91 @@
+"""The routes that describe the router rather than forward to a model: ``/health``, ``GET /v1/models``
+(every name a client may use, with its state), the OpenAPI description and the dashboard's files."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from vllm_model_router import __version__
+from vllm_model_router.config import ENGINE
+from vllm_model_router.http.app_keys import RUNTIME
+from vllm_model_router.http.openapi import openapi_spec
+
+UI_ASSETS = {
+    "index.html": "text/html",
+    "app.js": "text/javascript",
+    "style.css": "text/css",
+}
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(text="OK")
+
+
+async def list_models(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    catalog = runtime.catalog
+    created = int(runtime.started_wall)
+    data: list[dict[str, Any]] = []
+
+    def card(name: str, status: str, parent: str | None = None, root: str | None = None) -> None:
+        data.append({"id": name, "object": "model", "created": created, "owned_by": "vllm-model-router",
+                     "status": status, "parent": parent, "root": root or name})
+
+    views = runtime.views()
+    engine = runtime.adapters.engine
+    if engine is not None:  # endpoint mode: the engine's own models, as it reported them last
+        status = "loaded" if engine.reachable else "unavailable"
+        for name in catalog.engine_models:
+            card(name, status)
+    for v in views:
+        if v.external:
+            continue
+        parent = v.base
+        if parent == ENGINE:  # an adapter of the engine: its parent is the engine's own model
+            parent = catalog.engine_model() or parent
+        card(v.name, v.state.value, parent)
+        cfg = runtime.config.models.get(v.name)
+        for alias in cfg.aliases if cfg else ():
+            card(alias, v.state.value, parent, root=v.name)
+    known = {v.name for v in views}
+    for name in catalog.adapter_dir_names():  # adapters on disk, not loaded yet
+        if name not in known:
+            card(name, "unloaded", catalog.engine_model())
+    return web.json_response({"object": "list", "data": data})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(openapi_spec(__version__))
+
+
+def _asset(name: str) -> bytes:
+    return (resources.files("vllm_model_router.http") / "ui" / name).read_bytes()
+
+
+async def ui_index(request: web.Request) -> web.Response:
+    return web.Response(body=_asset("index.html"), content_type="text/html", charset="utf-8",
+                        headers={"Cache-Control": "no-cache"})
+
+
+async def ui_asset(request: web.Request) -> web.Response:
+    name = request.match_info["asset"]
+    ctype = UI_ASSETS.get(name)
+    if ctype is None:
+        raise web.HTTPNotFound()
+    return web.Response(body=_asset(name), content_type=ctype, charset="utf-8", headers={"Cache-Control": "no-cache"})
+
+
+async def ui_redirect(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/ui")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/openapi.json", openapi_json)
+    app.router.add_get("/ui", ui_index)
+    app.router.add_get("/ui/", ui_redirect)
+    app.router.add_get("/ui/{asset}", ui_asset)
