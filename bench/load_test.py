@@ -38,6 +38,7 @@ from typing import Any
 import aiohttp
 
 from vllm_model_router.config import build_config
+from vllm_model_router.drivers import procs
 from vllm_model_router.http.app import RUNTIME, build_app
 from vllm_model_router.http.server import make_runner, start_site
 from vllm_model_router.runtime.pump import Runtime
@@ -77,17 +78,12 @@ def engine_pids(marker: str) -> set[int]:
     """Live fake-engine processes of this run (by the marker in their environment)."""
     needle = f"{MARKER_VAR}={marker}".encode()
     found: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for stat in procs.live_processes():
         try:
-            if needle not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
-            stat = (entry / "stat").read_text()
+            if needle in Path(f"/proc/{stat.pid}/environ").read_bytes().split(b"\0"):
+                found.add(stat.pid)
         except OSError:
             continue
-        if stat[stat.rfind(")") + 2:].split()[0] not in ("Z", "X"):
-            found.add(int(entry.name))
     return found
 
 

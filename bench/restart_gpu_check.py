@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,11 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from gpu_alloc_server import SERVER  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from vllm_model_router.drivers.procs import free_port, read_stat  # noqa: E402
 
 
 def http(method: str, url: str, timeout: float = 120) -> Any:
@@ -77,11 +72,8 @@ def events(url: str) -> list[dict[str, Any]]:
 
 
 def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].split()[0] not in ("Z", "X")
+    stat = read_stat(pid)
+    return stat is not None and stat.alive
 
 
 def main() -> int:

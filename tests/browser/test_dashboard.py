@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.ops_support import CHAT, LocalRouter, chat, fake_model, threaded_router
+from tests.harness import CHAT, Router, chat_body, engine, threaded_router
 
 try:
     from playwright.sync_api import expect
@@ -24,30 +24,30 @@ except ImportError:  # the browser fixture skips, or fails under CI
 
 
 @pytest.fixture(scope="module")
-def router() -> Iterator[LocalRouter]:
-    models = {"alpha": fake_model(memory_gb=10, aliases=["a"]), "beta": fake_model(memory_gb=20)}
-    with threaded_router(models, capacity={"max_resident": 2, "memory_gb": 40}) as r:
+def router() -> Iterator[Router]:
+    models = {"alpha": engine(memory_gb=10, aliases=["a"]), "beta": engine(memory_gb=20)}
+    with threaded_router(models, how="app", capacity={"max_resident": 2, "memory_gb": 40}) as r:
         yield r
 
 
 @pytest.fixture(scope="module")
-def base_url(router: LocalRouter) -> str:
+def base_url(router: Router) -> str:
     return router.url
 
 
-def http(router: LocalRouter, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+def http(router: Router, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     req = urllib.request.Request(router.url + path, method=method, data=json.dumps(body).encode() if body else b"",
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.load(resp)
 
 
-def state(router: LocalRouter, model: str) -> str:
+def state(router: Router, model: str) -> str:
     models = http(router, "GET", "/admin/models")["models"]
     return str(next(m["state"] for m in models if m["name"] == model))
 
 
-def test_a_request_through_the_api_shows_up_live_and_unload_unloads(page: Any, router: LocalRouter,
+def test_a_request_through_the_api_shows_up_live_and_unload_unloads(page: Any, router: Router,
                                                                     tmp_path: Path) -> None:
     page.goto("/ui")
     alpha = page.locator('#models tr[data-model="alpha"]')
@@ -57,7 +57,7 @@ def test_a_request_through_the_api_shows_up_live_and_unload_unloads(page: Any, r
     page.evaluate("window.__notReloaded = true")
 
     # a request through the OpenAI API (by alias) loads the model: the page follows without a reload
-    answer = http(router, "POST", CHAT, chat("a"))
+    answer = http(router, "POST", CHAT, chat_body("a"))
     assert answer["choices"][0]["message"]["content"]
     expect(alpha.locator(".state")).to_have_text("loaded", timeout=15000)
     expect(alpha.locator(".last-used")).not_to_have_text("never")
@@ -77,7 +77,7 @@ def test_a_request_through_the_api_shows_up_live_and_unload_unloads(page: Any, r
     assert page.evaluate("window.__notReloaded") is True
 
 
-def test_load_button_sends_the_admin_key_and_shows_an_auth_error(page: Any, router: LocalRouter) -> None:
+def test_load_button_sends_the_admin_key_and_shows_an_auth_error(page: Any, router: Router) -> None:
     page.goto("/ui")
     beta = page.locator('#models tr[data-model="beta"]')
     expect(beta.locator(".state")).to_have_text("unloaded")
@@ -117,8 +117,8 @@ def test_gpu_bars_show_where_models_sit_and_what_others_use(browser: Any, tmp_pa
 
     probe = FakeProbe([80.0, 80.0])
     probe.gpus[1].processes[4242] = 30.0  # someone else's job on GPU 1
-    models = {"big": fake_model(memory_gb=50), "small": fake_model(memory_gb=20)}
-    with threaded_router(models, probe=probe, capacity={"max_resident": 2}) as r:
+    models = {"big": engine(memory_gb=50), "small": engine(memory_gb=20)}
+    with threaded_router(models, how="app", probe=probe, capacity={"max_resident": 2}) as r:
         ctx = browser.new_context(base_url=r.url, viewport={"width": 1280, "height": 800})
         page = ctx.new_page()
         try:
@@ -126,8 +126,8 @@ def test_gpu_bars_show_where_models_sit_and_what_others_use(browser: Any, tmp_pa
             gpu0, gpu1 = page.locator('.gpu[data-gpu="0"]'), page.locator('.gpu[data-gpu="1"]')
             expect(gpu1.locator(".seg.others")).to_have_count(1)
             expect(gpu1.locator(".bar-text")).to_contain_text("others 30 GB")
-            http(r, "POST", CHAT, chat("big"))
-            http(r, "POST", CHAT, chat("small"))
+            http(r, "POST", CHAT, chat_body("big"))
+            http(r, "POST", CHAT, chat_body("small"))
             # big fits best on GPU 0 (80 GB free); small then goes where it leaves the least over (GPU 0: 30)
             expect(gpu0.locator('.seg[data-state="loaded"]')).to_have_count(2, timeout=15000)
             expect(gpu0.locator(".bar-text")).to_contain_text("70 GB / 76 GB reserved")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.ops_support import CHAT, LocalRouter, chat, fake_model, threaded_router
+from tests.harness import CHAT, Router, chat_body, engine, threaded_router
 
 try:
     from playwright.sync_api import expect
@@ -22,24 +22,24 @@ CLIENT = "dashboard-client-key-4567"
 
 
 @pytest.fixture(scope="module")
-def router() -> Iterator[LocalRouter]:
-    with threaded_router({"alpha": fake_model()}, auth={"api_keys": [CLIENT], "admin_keys": [ADMIN]}) as r:
+def router() -> Iterator[Router]:
+    with threaded_router({"alpha": engine()}, how="app", auth={"api_keys": [CLIENT], "admin_keys": [ADMIN]}) as r:
         yield r
 
 
 @pytest.fixture(scope="module")
-def base_url(router: LocalRouter) -> str:
+def base_url(router: Router) -> str:
     return router.url
 
 
-def post(router: LocalRouter, path: str, body: dict[str, Any], key: str) -> Any:
+def post(router: Router, path: str, body: dict[str, Any], key: str) -> Any:
     req = urllib.request.Request(router.url + path, method="POST", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.load(resp)
 
 
-def test_the_dashboard_needs_the_admin_key_and_then_follows_events_live(page: Any, router: LocalRouter) -> None:
+def test_the_dashboard_needs_the_admin_key_and_then_follows_events_live(page: Any, router: Router) -> None:
     page.goto("/ui")  # the page itself is open
     expect(page.locator("#error")).to_be_visible()
     expect(page.locator("#error-text")).to_contain_text("401 Unauthorized")
@@ -58,7 +58,7 @@ def test_the_dashboard_needs_the_admin_key_and_then_follows_events_live(page: An
     alpha = page.locator('#models tr[data-model="alpha"]')
     expect(alpha.locator(".state")).to_have_text("unloaded")
 
-    answer = post(router, CHAT, chat("alpha"), CLIENT)  # a client's request: the page follows it live
+    answer = post(router, CHAT, chat_body("alpha"), CLIENT)  # a client's request: the page follows it live
     assert answer["choices"]
     expect(alpha.locator(".state")).to_have_text("loaded", timeout=15000)
     expect(page.locator('#events li[data-kind="loaded"][data-model="alpha"]')).to_have_count(1)

@@ -17,11 +17,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.harness import free_port
+
 from .support import (
     LiteLLM,
     Router,
     check_prerequisites,
-    free_port,
     router_config,
     start_litellm,
     start_router,

@@ -1,16 +1,16 @@
-"""Helpers for the end-to-end suite: prerequisites, the process table, HTTP, the router and LiteLLM
-processes. Fixtures using them are in conftest.py."""
+"""What the end-to-end suite shares: prerequisites, the process table, HTTP, the router and LiteLLM
+processes (ports, health checks and the process table come from ``tests.harness``). Fixtures using them
+are in conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.harness import Process, free_port, processes, wait_healthy_sync, wait_until_sync
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path.home() / ".cache" / "vllm-model-router"
@@ -76,66 +78,18 @@ def missing_prerequisites() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- process table
-@dataclass(frozen=True)
-class Proc:
-    pid: int
-    ppid: int
-    pgid: int
-    sid: int
-    state: str
-    comm: str
-    cmdline: str
-    start_ticks: int  # clock ticks after boot
-
-    @property
-    def is_vllm_engine(self) -> bool:
-        """vLLM's engine processes retitle themselves: VLLM::EngineCore, VLLM::Worker, ..."""
-        return self.cmdline.startswith("VLLM::") or self.comm.startswith("VLLM::")
-
-    def __str__(self) -> str:
-        return (f"{self.pid} (ppid {self.ppid}, pgid {self.pgid}, sid {self.sid}, {self.state}) "
-                f"{self.comm}: {self.cmdline[:120]}")
+def is_vllm_engine(p: Process) -> bool:
+    """vLLM's engine processes retitle themselves: VLLM::EngineCore, VLLM::Worker, ..."""
+    return p.cmdline.startswith("VLLM::") or p.comm.startswith("VLLM::")
 
 
-def _read_proc(pid: int) -> tuple[Proc, dict[str, str]] | None:
-    base = Path("/proc") / str(pid)
-    try:
-        stat = (base / "stat").read_text()
-        cmdline = (base / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace").strip()
-        environ_raw = (base / "environ").read_bytes()
-    except OSError:
-        return None
-    comm = stat[stat.find("(") + 1 : stat.rfind(")")]
-    # after "(comm) ": state ppid pgrp session ...
-    fields = stat[stat.rfind(")") + 2 :].split()
-    environ: dict[str, str] = {}
-    for item in environ_raw.split(b"\0"):
-        key, sep, value = item.partition(b"=")
-        if sep:
-            environ[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
-    proc = Proc(pid, int(fields[1]), int(fields[2]), int(fields[3]), fields[0], comm, cmdline, int(fields[19]))
-    return proc, environ
-
-
-def _table() -> list[tuple[Proc, dict[str, str]]]:
-    """Every live (non-zombie) process but this one, with its environment."""
-    rows = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        info = _read_proc(int(entry.name))
-        if info is not None and info[0].state not in ("Z", "X"):
-            rows.append(info)
-    return sorted(rows, key=lambda row: row[0].pid)
-
-
-def live_processes(**env: str) -> list[Proc]:
+def live_processes(**env: str) -> list[Process]:
     """Live (non-zombie) processes whose environment has every ``KEY=value`` given."""
-    return [p for p, environ in _table() if all(environ.get(k) == v for k, v in env.items())]
+    return processes(**env)
 
 
 def now_ticks() -> int:
-    """Clock ticks since boot, comparable with ``Proc.start_ticks``."""
+    """Clock ticks since boot, comparable with ``Process.start_time``."""
     uptime = float(Path("/proc/uptime").read_text().split()[0])
     return int(uptime * os.sysconf("SC_CLK_TCK"))
 
@@ -143,42 +97,32 @@ def now_ticks() -> int:
 SUITE_START_TICKS = now_ticks()
 
 
-def vllm_engines_since(ticks: int = SUITE_START_TICKS) -> list[Proc]:
+def vllm_engines_since(ticks: int = SUITE_START_TICKS) -> list[Process]:
     """Live VLLM::* processes started since ``ticks`` (by default: since this suite started)."""
-    return [p for p, _ in _table() if p.is_vllm_engine and p.start_ticks >= ticks]
+    return [p for p in processes() if is_vllm_engine(p) and p.start_time >= ticks]
 
 
-def session_processes(sids: set[int]) -> list[Proc]:
+def session_processes(sids: set[int]) -> list[Process]:
     """Live processes in any of the sessions ``sids``, whoever their parent is now."""
-    return [p for p, _ in _table() if p.sid in sids]
+    return [p for p in processes() if p.session in sids]
 
 
-def model_processes(model: str) -> list[Proc]:
+def model_processes(model: str) -> list[Process]:
     """Every live process of ``model``'s server: those carrying its environment tag, and the rest of
     their sessions. vLLM's EngineCore and Worker retitle themselves with setproctitle, which
     overwrites the environment block that /proc shows, so the tag alone would miss them; the router
     starts each server in a session of its own, which a re-parented orphan keeps."""
     tagged = live_processes(**{RUN_VAR: RUN_ID, MODEL_VAR: model})
-    found = {p.pid: p for p in session_processes({p.sid for p in tagged})}
+    found = {p.pid: p for p in session_processes({p.session for p in tagged})}
     found.update((p.pid, p) for p in tagged)
     return sorted(found.values(), key=lambda p: p.pid)
 
 
-def wait_no_processes(timeout: float, **env: str) -> list[Proc]:
+def wait_no_processes(timeout: float, **env: str) -> list[Process]:
     """Wait until no live process matches ``env``; return what is left after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = live_processes(**env)
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.2)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    with contextlib.suppress(pytest.fail.Exception):
+        wait_until_sync(lambda: not live_processes(**env), timeout, interval=0.2)
+    return live_processes(**env)
 
 
 # ----------------------------------------------------------------------------- HTTP
@@ -208,20 +152,6 @@ def http(method: str, url: str, body: Any = None, timeout: float = LOAD_TIMEOUT_
     except urllib.error.HTTPError as e:
         with e:
             return Reply(e.code, e.read(), dict(e.headers))
-
-
-def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{what} exited with {proc.returncode}:\n{tail(log)}")
-        try:
-            if http("GET", url, timeout=2).status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not ready after {timeout:.0f}s:\n{tail(log)}")
 
 
 def tail(path: Path, lines: int = 60) -> str:
@@ -329,7 +259,8 @@ def start_router(workdir: Path, config: dict[str, Any]) -> Router:
         )
     router = Router(proc, port, log_path, config)
     try:
-        wait_http_ok(router.url + "/health", 60, proc, "router", log_path)
+        wait_healthy_sync(router.url + "/health", what="router", timeout=60, exited=proc.poll,
+                          log=lambda: tail(log_path))
     except BaseException:
         stop_process(proc, 30)
         raise
@@ -347,16 +278,16 @@ def stop_router(router: Router) -> None:
             exited = False
             os.killpg(router.proc.pid, signal.SIGKILL)
             router.proc.wait(timeout=30)
-    deadline = time.monotonic() + 10
-    while True:
+    def left_behind() -> list[Process]:
         # tagged by environment, or a vLLM engine process started by this suite (an orphaned
         # EngineCore/Worker no longer shows the environment it inherited)
         found = {p.pid: p for p in [*live_processes(**{RUN_VAR: RUN_ID, ROLE_VAR: "router"}),
                                     *vllm_engines_since()]}
-        left = sorted(found.values(), key=lambda p: p.pid)
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+        return sorted(found.values(), key=lambda p: p.pid)
+
+    with contextlib.suppress(pytest.fail.Exception):
+        wait_until_sync(lambda: not left_behind(), 10, interval=0.2)
+    left = left_behind()
     for p in left:  # do not leak them into the next run, but fail
         try:
             os.kill(p.pid, signal.SIGKILL)
@@ -414,7 +345,8 @@ def start_litellm(workdir: Path, router_url: str) -> LiteLLM:
         )
     proxy = LiteLLM(proc, port, log_path)
     try:
-        wait_http_ok(f"{proxy.url}/health/liveliness", 180, proc, "LiteLLM", log_path)
+        wait_healthy_sync(f"{proxy.url}/health/liveliness", what="LiteLLM", timeout=180, exited=proc.poll,
+                          log=lambda: tail(log_path))
     except BaseException:
         stop_litellm(proxy)
         raise

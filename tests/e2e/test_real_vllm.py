@@ -19,11 +19,12 @@ import pytest
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
+from tests.harness import Process
+
 from .support import (
     LITELLM_KEY,
     LOAD_TIMEOUT_S,
     LiteLLM,
-    Proc,
     Reply,
     Router,
     http,
@@ -58,7 +59,7 @@ def assert_answered(reply: Reply, router: Router, model: str) -> dict[str, Any]:
     return body
 
 
-def engine_processes(procs: list[Proc]) -> tuple[list[Proc], list[Proc]]:
+def engine_processes(procs: list[Process]) -> tuple[list[Process], list[Process]]:
     """(EngineCore, Worker) processes among ``procs``; vLLM retitles them with setproctitle (the kernel
     keeps 15 characters of the name: ``VLLM::EngineCor``)."""
     cores = [p for p in procs if p.cmdline.startswith("VLLM::EngineCore") or p.comm.startswith("VLLM::EngineCor")]
@@ -185,7 +186,7 @@ def test_capacity_one_request_for_b_evicts_a_without_orphans(router: Router) -> 
     # No process of A's vLLM is left, found by its environment tag and its session (not by the PID the
     # router started), so a re-parented VLLM::EngineCore or VLLM::Worker would be caught too.
     assert model_processes(A) == [], "A's processes outlived its eviction"
-    a_sessions = {p.sid for p in a_procs}
+    a_sessions = {p.session for p in a_procs}
     left = session_processes(a_sessions) + [p for p in live_processes() if p.pid in {q.pid for q in a_procs}]
     assert not left, "A's processes outlived its eviction:\n" + "\n".join(map(str, left))
     b_procs = model_processes(B)

@@ -1,5 +1,6 @@
-"""LoRA adapters: endpoint mode (one running vLLM at VLLM_BASE_URL, the seed's setup) and adapters on
-bases the router starts, against the fake engine's emulation of vLLM's runtime LoRA API."""
+"""LoRA adapters: endpoint mode (one running vLLM at VLLM_BASE_URL, adapters loaded into it from
+ADAPTER_DIR) and adapters on bases the router starts, against the fake engine's emulation of vLLM's
+runtime LoRA API."""
 
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.harness import MARKER_VAR, Router, engine, free_port, wait_healthy, wait_until
+
 from .conftest import StartRouter
-from .support import MARKER_VAR, Router, engine, free_port, wait_until
 
 
 @contextlib.asynccontextmanager
 async def fake_vllm(marker: str, port: int | None = None) -> AsyncIterator[str]:
-    """A fake engine serving base model "base-llm" with runtime LoRA loading, like the seed's vLLM."""
+    """A fake engine serving base model "base-llm" with runtime LoRA loading, like the vLLM of endpoint mode."""
     port = port or free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm_model_router.testing.fake_engine", "--port", str(port), "--served-model-name",
@@ -33,13 +35,7 @@ async def fake_vllm(marker: str, port: int | None = None) -> AsyncIterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as s:
-            for _ in range(200):
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with s.get(url + "/health") as r:
-                        if r.status == 200:
-                            break
-                await asyncio.sleep(0.05)
+        await wait_healthy(url + "/health", what="the fake vLLM", exited=proc.poll)
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -114,8 +110,10 @@ async def test_adapter_with_a_request_in_flight_is_never_unloaded(
         await wait_until(lambda: any(v.name == "sql" and v.in_flight == 1 for v in r.runtime.views()),
                          what="sql in flight")
         other = asyncio.create_task(r.chat("poem"))
-        await asyncio.sleep(0.4)
-        assert await engine_adapters(url) == ["sql"]  # poem waits: sql is busy
+        # once the router has poem's request, its decision is taken: poem waits, since sql is busy
+        await wait_until(lambda: any(v.name == "poem" and v.waiting == 1 for v in r.runtime.views()),
+                         what="poem waiting")
+        assert await engine_adapters(url) == ["sql"]
         assert (await slow).status == 200
         assert (await other).status == 200
         assert await engine_adapters(url) == ["poem"]
@@ -229,4 +227,4 @@ async def test_adapter_on_a_managed_base_starts_the_base_first(start_router: Sta
     assert views["base"]["state"] == "unloaded" and views["poem"]["state"] == "unloaded"
     # and the adapter brings its base back
     assert (await r.chat("poem")).status == 200
-    await wait_until(lambda: r.runtime.scheduler.state_of("other").value == "unloaded", what="other evicted")
+    await wait_until(lambda: r.runtime.state_of("other").value == "unloaded", what="other evicted")

@@ -8,52 +8,29 @@ import io
 import json
 import logging
 import re
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import aiohttp
 import pytest
 
+from tests.harness import CHAT, chat_body, engine, launch_router, sse
 from vllm_model_router.http.admin import _batch
 from vllm_model_router.log_format import EVENT_LOGGER, JsonFormatter, log_lifecycle_event
 from vllm_model_router.routes import INFERENCE_ROUTES
 from vllm_model_router.state.lifecycle import LifecycleEvent
 
-from .ops_support import CHAT, chat, fake_model, local_router
-
 TIMEOUT = aiohttp.ClientTimeout(total=30)
 
 
-class SSEReader:
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
-        self.resp = resp
-
-    async def next(self, timeout: float = 10.0) -> dict[str, Any]:
-        """The next event (comments and the retry hint skipped) as {id, event, data}."""
-        fields: dict[str, Any] = {}
-        while True:
-            raw = await asyncio.wait_for(self.resp.content.readline(), timeout)
-            assert raw, "the event stream ended"
-            line = raw.decode().rstrip("\n")
-            if not line:
-                if "data" in fields:
-                    fields["data"] = json.loads(fields["data"])
-                    return fields
-                fields = {}
-                continue
-            if line.startswith(":"):
-                continue
-            key, _, value = line.partition(": ")
-            fields[key] = value
-
-    async def until(self, kind: str, model: str) -> dict[str, Any]:
-        while True:
-            ev = await self.next()
-            if ev["event"] == kind and ev["data"]["model"] == model:
-                return ev
+async def next_event(events: AsyncIterator[sse.Event], timeout: float = 10.0) -> sse.Event:
+    """The next event of the stream (comments and the retry hint are not events)."""
+    return await asyncio.wait_for(anext(events), timeout)
 
 
-async def test_pin_and_unpin() -> None:
-    async with local_router({"m": fake_model()}) as r, aiohttp.ClientSession(timeout=TIMEOUT) as s:
+async def test_pin_and_unpin(marker: str) -> None:
+    async with launch_router({"m": engine()}, marker) as r, aiohttp.ClientSession(timeout=TIMEOUT) as s:
         async with s.post(r.url + "/admin/models/m/pin") as resp:
             assert resp.status == 200
             assert (await resp.json())["pinned"] is True
@@ -68,48 +45,50 @@ async def test_pin_and_unpin() -> None:
                                                                            ("unpinned", "operator")]
 
 
-async def test_event_stream_sends_history_then_live_events_and_resumes_after_last_event_id() -> None:
-    async with local_router({"m": fake_model()}) as r, aiohttp.ClientSession(timeout=TIMEOUT) as s:
+async def test_event_stream_sends_history_then_live_events_and_resumes_after_last_event_id(marker: str) -> None:
+    async with launch_router({"m": engine()}, marker) as r, aiohttp.ClientSession(timeout=TIMEOUT) as s:
         for _ in range(3):
             async with s.post(r.url + "/admin/models/m/pin"):
                 pass
-        async with s.get(r.url + "/admin/events?history=2") as resp:
+        async with (s.get(r.url + "/admin/events?history=2") as resp,
+                    aclosing(sse.aiter_events(resp.content)) as events):
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/event-stream")
-            sse = SSEReader(resp)
-            history = [await sse.next(), await sse.next()]
-            assert [(e["id"], e["event"]) for e in history] == [("2", "pinned"), ("3", "pinned")]
-            assert history[0]["data"]["model"] == "m" and history[0]["data"]["reason"] == "operator"
+            history = [await next_event(events), await next_event(events)]
+            assert [(e.id, e.event) for e in history] == [("2", "pinned"), ("3", "pinned")]
+            assert history[0].json()["model"] == "m" and history[0].json()["reason"] == "operator"
 
-            async with s.post(r.url + CHAT, json=chat("m")) as reply:  # a load, live
+            async with s.post(r.url + CHAT, json=chat_body("m")) as reply:  # a load, live
                 assert reply.status == 200
-            started = await sse.next()
-            assert (started["event"], started["data"]["model"]) == ("load_started", "m")
-            loaded = await sse.next()
-            assert loaded["event"] == "loaded" and loaded["data"]["data"]["seconds"] > 0
-            last_seen = loaded["id"]
+            started = await next_event(events)
+            assert (started.event, started.json()["model"]) == ("load_started", "m")
+            loaded = await next_event(events)
+            assert loaded.event == "loaded" and loaded.json()["data"]["seconds"] > 0
+            last_seen = loaded.id
+            assert last_seen is not None
 
         async with s.post(r.url + "/admin/models/m/unload") as reply:
             assert reply.status == 200
         # a reconnecting EventSource sends Last-Event-ID: it gets exactly what it missed
-        async with s.get(r.url + "/admin/events", headers={"Last-Event-ID": last_seen}) as resp:
-            sse = SSEReader(resp)
-            missed = [await sse.next(), await sse.next()]
-            assert [e["event"] for e in missed] == ["unloading", "unloaded"]
-            assert missed[0]["data"]["reason"] == "unloaded by operator"
-            assert int(missed[0]["id"]) == int(last_seen) + 1
+        async with (s.get(r.url + "/admin/events", headers={"Last-Event-ID": last_seen}) as resp,
+                    aclosing(sse.aiter_events(resp.content)) as events):
+            missed = [await next_event(events), await next_event(events)]
+            assert [e.event for e in missed] == ["unloading", "unloaded"]
+            assert missed[0].json()["reason"] == "unloaded by operator"
+            assert int(missed[0].id or "") == int(last_seen) + 1
 
         # for a browser's EventSource: no event names, every kind arrives as a plain message
-        async with s.get(r.url + "/admin/events?history=1&named=false") as resp:
-            last = await SSEReader(resp).next()
-            assert "event" not in last and last["data"]["kind"] == "unloaded"
+        async with (s.get(r.url + "/admin/events?history=1&named=false") as resp,
+                    aclosing(sse.aiter_events(resp.content)) as events):
+            last = await next_event(events)
+            assert last.event is None and last.json()["kind"] == "unloaded"
 
         async with s.get(r.url + "/admin/events?history=x") as resp:
             assert resp.status == 400
 
 
-async def test_follow_logs_streams_lines_as_the_process_prints_them() -> None:
-    async with (local_router({"m": fake_model("--access-log")}) as r,
+async def test_follow_logs_streams_lines_as_the_process_prints_them(marker: str) -> None:
+    async with (launch_router({"m": engine("--access-log")}, marker) as r,
                 aiohttp.ClientSession(timeout=TIMEOUT) as s,
                 s.get(r.url + "/admin/models/m/logs?follow=true&lines=5") as resp):
         assert resp.status == 200
@@ -125,7 +104,7 @@ async def test_follow_logs_streams_lines_as_the_process_prints_them() -> None:
                 if re.search(pattern, got[-1]):
                     return got
 
-        async with s.post(r.url + CHAT, json=chat("m")) as reply:
+        async with s.post(r.url + CHAT, json=chat_body("m")) as reply:
             assert reply.status == 200
         lines = await read_until("POST /v1/chat/completions")  # the engine's access log of that request
         assert lines[0].startswith("--- starting: ")
@@ -134,13 +113,13 @@ async def test_follow_logs_streams_lines_as_the_process_prints_them() -> None:
             pass
         assert (await read_until("^--- stopped$"))[-1] == "--- stopped"
 
-    async with local_router({"m": fake_model()}) as r, aiohttp.ClientSession(timeout=TIMEOUT) as s:
+    async with launch_router({"m": engine()}, marker) as r, aiohttp.ClientSession(timeout=TIMEOUT) as s:
         async with s.get(r.url + "/admin/models/nope/logs?follow=true") as resp:
             assert resp.status == 404
 
 
-async def test_openapi_describes_every_route() -> None:
-    async with local_router({"m": fake_model()}) as r, aiohttp.ClientSession(timeout=TIMEOUT) as s:
+async def test_openapi_describes_every_route(marker: str) -> None:
+    async with launch_router({"m": engine()}, marker) as r, aiohttp.ClientSession(timeout=TIMEOUT) as s:
         async with s.get(r.url + "/openapi.json") as resp:
             assert resp.status == 200
             spec = await resp.json()
@@ -171,8 +150,8 @@ async def test_openapi_describes_every_route() -> None:
                 node = node[part]
 
 
-async def test_dashboard_files_are_served() -> None:
-    async with local_router({"m": fake_model()}) as r, aiohttp.ClientSession(timeout=TIMEOUT) as s:
+async def test_dashboard_files_are_served(marker: str) -> None:
+    async with launch_router({"m": engine()}, marker) as r, aiohttp.ClientSession(timeout=TIMEOUT) as s:
         async with s.get(r.url + "/ui") as resp:
             assert resp.status == 200 and resp.content_type == "text/html"
             html = await resp.text()
@@ -188,10 +167,11 @@ async def test_dashboard_files_are_served() -> None:
             assert resp.status == 302 and resp.headers["Location"] == "/ui"
 
 
-async def test_every_lifecycle_event_is_logged_with_model_and_reason(caplog: pytest.LogCaptureFixture) -> None:
+async def test_every_lifecycle_event_is_logged_with_model_and_reason(caplog: pytest.LogCaptureFixture,
+                                                                   marker: str) -> None:
     caplog.set_level(logging.INFO, logger=EVENT_LOGGER)
-    async with local_router({"m": fake_model()}) as r, aiohttp.ClientSession(timeout=TIMEOUT) as s:
-        async with s.post(r.url + CHAT, json=chat("m")):
+    async with launch_router({"m": engine()}, marker) as r, aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        async with s.post(r.url + CHAT, json=chat_body("m")):
             pass
         async with s.post(r.url + "/admin/models/m/unload"):
             pass
@@ -227,25 +207,25 @@ def test_json_log_lines_carry_the_event_fields() -> None:
     assert len(stream.getvalue().splitlines()) == 1  # the model logger is not a child of the events logger
 
 
-async def test_open_streams_end_when_the_router_shuts_down() -> None:
+async def test_open_streams_end_when_the_router_shuts_down(marker: str) -> None:
     q: asyncio.Queue[int] = asyncio.Queue()
     closing = asyncio.Event()
     q.put_nowait(1)
     assert await _batch(q, closing, 0.01) == [1]
     assert await _batch(q, closing, 0.01) == []
     waiting = asyncio.create_task(_batch(q, closing, 30))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # one turn of the loop: the task runs until it waits
     closing.set()
     assert await asyncio.wait_for(waiting, 1) is None
 
     # and with a real router: an open event stream ends at shutdown instead of holding it up
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
-        async with local_router({"m": fake_model()}) as r:
+        async with launch_router({"m": engine()}, marker) as r:
             resp = await s.get(r.url + "/admin/events")
             reading = asyncio.create_task(resp.content.read())
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # what is tested: the stream stays open while the router runs
             assert not reading.done()
-        # local_router's exit shut the router down while the stream was open
+        # launch_router's exit shut the router down while the stream was open
         body = await asyncio.wait_for(reading, 5)
         assert body.startswith(b"retry: 2000")
         resp.release()

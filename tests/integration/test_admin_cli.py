@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 
+from tests.harness import Router, engine, free_port, threaded_router, wait_until_sync
 from vllm_model_router.admin_cli import status_table
 from vllm_model_router.cli import main
-
-from .ops_support import RouterProcess, fake_model, free_port, router_process, wait_for
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -29,10 +28,10 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> s
 
 
 @pytest.fixture(scope="module")
-def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterProcess]:
-    models = {"m": fake_model("--access-log", memory_gb=8), "n": fake_model(memory_gb=4)}
-    with router_process(tmp_path_factory.mktemp("cli"), models, "--log-format", "json",
-                        capacity={"max_resident": 2, "memory_gb": 16}) as r:
+def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
+    models = {"m": engine("--access-log", memory_gb=8), "n": engine(memory_gb=4)}
+    with threaded_router(models, how="process", workdir=tmp_path_factory.mktemp("cli"),
+                         serve_args=("--log-format", "json"), capacity={"max_resident": 2, "memory_gb": 16}) as r:
         yield r
 
 
@@ -48,7 +47,7 @@ def test_router_down_is_a_clear_message_and_exit_1() -> None:
     assert done.returncode == 1 and f"cannot reach the router at {url}" in done.stderr
 
 
-def test_status_load_logs_unload(router: RouterProcess) -> None:
+def test_status_load_logs_unload(router: Router) -> None:
     done = cli("status", "--url", router.url)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -84,7 +83,8 @@ def test_status_load_logs_unload(router: RouterProcess) -> None:
                     events.append(record)
         return events
 
-    wait_for(lambda: any(e["kind"] == "unloaded" and e["model"] == "m" for e in logged()), what="unloaded logged")
+    wait_until_sync(lambda: any(e["kind"] == "unloaded" and e["model"] == "m" for e in logged()), 15,
+                    what="unloaded logged")
     events = [e for e in logged() if e["model"] == "m"]
     assert [e["kind"] for e in events] == ["load_started", "loaded", "unloading", "unloaded"]
     assert all(e["reason"] and e["level"] == "INFO" for e in events)
@@ -92,7 +92,7 @@ def test_status_load_logs_unload(router: RouterProcess) -> None:
     assert events[1]["seconds"] > 0
 
 
-def test_logs_follow_prints_lines_as_they_come(router: RouterProcess) -> None:
+def test_logs_follow_prints_lines_as_they_come(router: Router) -> None:
     follower = subprocess.Popen([sys.executable, "-m", "vllm_model_router", "logs", "n", "-f", "--url", router.url],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
@@ -115,7 +115,7 @@ def test_logs_follow_prints_lines_as_they_come(router: RouterProcess) -> None:
         cli("unload", "n", "--url", router.url)
 
 
-def test_pin_unpin_force_unload_and_api_errors_in_process(router: RouterProcess,
+def test_pin_unpin_force_unload_and_api_errors_in_process(router: Router,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["pin", "m", "--url", router.url]) == 0
     assert capsys.readouterr().out.strip() == "m: unloaded (pinned)"
@@ -186,7 +186,7 @@ def test_status_table_formats_relative_times_and_flags() -> None:
 
 def test_serve_and_check_config_still_work(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(json.dumps({"models": {"m": fake_model()}}))
+    cfg.write_text(json.dumps({"models": {"m": engine()}}))
     assert main(["check-config", str(cfg)]) == 0
     done = cli("serve", "--log-format", "xml", "--config", str(cfg))
     assert done.returncode == 2 and "invalid choice: 'xml'" in done.stderr

@@ -15,9 +15,20 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.harness import (
+    CHAT,
+    Reply,
+    Router,
+    araw_request,
+    assert_envelope,
+    chat_body,
+    echo_model,
+    engine,
+    launch_router,
+    router_data,
+)
+
 from .conftest import ServeRouter
-from .resilience_support import araw_request, assert_envelope, echo_model
-from .support import CHAT, MARKER_VAR, Reply, Router, assert_no_processes_left, chat_body, engine, free_port
 
 CLIENT = "client-key-0123456789"
 CLIENT2 = "client-key-second-one"
@@ -53,8 +64,7 @@ async def first_chunk(r: Router, path: str) -> tuple[int, bytes]:
 
 
 async def test_client_keys_guard_v1_and_admin_keys_guard_operations(serve_router: ServeRouter) -> None:
-    served = await serve_router({"echo": echo_model(), "relay": echo_model(forward_auth=True)}, auth=AUTH)
-    r = served.router
+    r = await serve_router({"echo": echo_model(), "relay": echo_model(forward_auth=True)}, auth=AUTH)
 
     # /v1: no key, a wrong one, another scheme, a key in the URL: 401 with WWW-Authenticate
     assert_refused(await r.post(CHAT, chat_body("echo")), 401)
@@ -108,14 +118,14 @@ async def test_with_only_client_keys_any_key_operates_and_with_only_admin_keys_v
     serve_router: ServeRouter, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="vllm_model_router.security")
-    r = (await serve_router({"echo": echo_model()}, auth={"api_keys": [CLIENT]})).router
+    r = await serve_router({"echo": echo_model()}, auth={"api_keys": [CLIENT]})
     assert any("no admin_keys" in m for m in caplog.messages)
     assert_refused(await r.get("/admin/models"), 401)
     assert (await r.get("/admin/models", headers=bearer(CLIENT))).status == 200
     assert (await r.get("/metrics")).status == 200  # no admin keys: Prometheus scrapes without one
     assert_refused(await r.get("/v1/models"), 401)
 
-    r = (await serve_router({"echo": echo_model()}, auth={"admin_keys": [ADMIN]})).router
+    r = await serve_router({"echo": echo_model()}, auth={"admin_keys": [ADMIN]})
     assert (await r.get("/v1/models")).status == 200
     assert_refused(await r.get("/admin/models"), 401)
     assert_refused(await r.get("/metrics"), 401)
@@ -123,7 +133,7 @@ async def test_with_only_client_keys_any_key_operates_and_with_only_admin_keys_v
 
 
 async def test_admin_cli_sends_its_key(serve_router: ServeRouter) -> None:
-    r = (await serve_router({"a": engine()}, auth=AUTH)).router
+    r = await serve_router({"a": engine()}, auth=AUTH)
 
     async def cli(*args: str, key: str | None = None) -> tuple[int, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("ROUTER_API_KEY", "ROUTER_URL")}
@@ -147,60 +157,39 @@ async def test_keys_never_reach_the_log(tmp_path: Path, marker: str) -> None:
     and malformed credentials on every kind of route: no key, configured or not, is in its output."""
     file_key, env_key = "file-key-ABCDEFGHIJ", "env-admin-key-KLMNOPQR"
     (tmp_path / "keys.txt").write_text(f"# client keys\n\n{file_key}\n")
-    config = {
-        "listen": {"host": "127.0.0.1", "port": free_port()}, "state_dir": str(tmp_path / "state"),
-        "auth": {**AUTH, "api_keys_file": "keys.txt"},  # relative to the config file
-        "models": {"echo": {**echo_model(), "env": {MARKER_VAR: marker}}},
-    }
-    path = tmp_path / "router.yaml"
-    path.write_text(yaml.safe_dump(config))
+    models = {"echo": echo_model()}
+    auth = {**AUTH, "api_keys_file": "keys.txt"}  # relative to the config file
     secrets = [CLIENT, CLIENT2, ADMIN, WRONG, file_key, env_key, "malformed-key-STUVWX"]
 
+    config = tmp_path / "check.yaml"
+    config.write_text(yaml.safe_dump(router_data(models, marker, auth=auth)))
     check = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "vllm_model_router", "check-config", str(path),
+        sys.executable, "-m", "vllm_model_router", "check-config", str(config),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     printed = (await check.communicate())[0].decode()
     assert check.returncode == 0 and "3 keys" in printed
     assert not [k for k in secrets if k in printed]
 
-    log_path = tmp_path / "router.log"
-    env = {**os.environ, "ROUTER_ADMIN_KEYS": f"{env_key}, ", "LOG_LEVEL": "debug"}
-    with log_path.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "vllm_model_router", "serve", "--config", str(path), env=env,
-            stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-    port = config["listen"]["port"]  # type: ignore[index]
-    try:
-        import aiohttp
-
-        async with aiohttp.ClientSession() as session:
-            r = Router(f"http://127.0.0.1:{port}", session, marker)
-            for _ in range(100):
-                try:
-                    if (await r.get("/health", timeout=1)).status == 200:
-                        break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
-            for key in secrets:
-                await r.post(CHAT, chat_body("echo"), headers=bearer(key))
-                await r.post(CHAT, chat_body("echo", stream=True), headers={"x-api-key": key})
-                await r.get("/admin/models", headers=bearer(key))
-                await r.get(f"/admin/models/echo/logs?key={key}")
-                await r.post("/admin/models/nope/load", headers=bearer(key))
-            assert (await r.post(CHAT, chat_body("echo"), headers=bearer(file_key))).status == 200
-            assert (await r.get("/admin/models", headers=bearer(env_key))).status == 200
-            # malformed HTTP carrying a key in a header: refused, and logged without its content
-            bad = (f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secrets[-1]}\x01\r\n"
-                   f"X-Api-Key: {ADMIN}\x7f\r\n\r\n").encode()
-            reply = await araw_request(port, bad)
-            assert reply.status == 400
-            assert_envelope(reply.body)
-            assert (await r.get("/health")).status == 200
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 15) == 0
-        await assert_no_processes_left(marker)
-    log = log_path.read_text(errors="replace")
+    async with launch_router(models, marker, "process", workdir=tmp_path, auth=auth,
+                             env={"ROUTER_ADMIN_KEYS": f"{env_key}, ", "LOG_LEVEL": "debug"}) as r:
+        for key in secrets:
+            await r.post(CHAT, chat_body("echo"), headers=bearer(key))
+            await r.post(CHAT, chat_body("echo", stream=True), headers={"x-api-key": key})
+            await r.get("/admin/models", headers=bearer(key))
+            await r.get(f"/admin/models/echo/logs?key={key}")
+            await r.post("/admin/models/nope/load", headers=bearer(key))
+        assert (await r.post(CHAT, chat_body("echo"), headers=bearer(file_key))).status == 200
+        assert (await r.get("/admin/models", headers=bearer(env_key))).status == 200
+        # malformed HTTP carrying a key in a header: refused, and logged without its content
+        bad = (f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secrets[-1]}\x01\r\n"
+               f"X-Api-Key: {ADMIN}\x7f\r\n\r\n").encode()
+        reply = await araw_request(r.port, bad)
+        assert reply.status == 400
+        assert_envelope(reply.body)
+        assert (await r.get("/health")).status == 200
+        r.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(r.proc.wait(), 15) == 0
+    log = r.log()
     assert "Loading model echo" in log and "bad HTTP request" in log  # the log did see all of this
     leaked = [k for k in secrets if k in log]
     assert not leaked, f"keys in the log: {leaked}"

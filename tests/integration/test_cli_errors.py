@@ -6,14 +6,13 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from .support import engine, marked_processes, router_data
+from tests.harness import assert_no_processes_left_sync, engine, router_data
 
 ADMIN = "sk-secret-XYZ123"
 CLIENT = "sk-client-abcdef"
@@ -42,10 +41,7 @@ def test_serve_on_an_address_in_use_says_so_in_one_line_and_exits_1(
     assert result.returncode == 1, out
     assert "Traceback" not in out and len(out.splitlines()) <= 4, out
     assert f"cannot listen on 127.0.0.1:{port}: address already in use" in out
-    deadline = time.monotonic() + 3
-    while marked_processes(marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not marked_processes(marker), "a model process outlived the router"
+    assert_no_processes_left_sync(marker)
 
 
 @pytest.mark.parametrize("command", [["check-config"], ["serve", "--config"]], ids=["check-config", "serve"])

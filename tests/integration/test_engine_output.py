@@ -7,10 +7,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+from tests.harness import FAKE_ENGINE, assert_no_processes_left, router_data
 from vllm_model_router.config import build_config
 from vllm_model_router.drivers.process import LOG_LINES, ProcessDriver
-
-from .support import FAKE_ENGINE, assert_no_processes_left, router_data
 
 # the fake engine, next to a loop printing numbered lines of 210 bytes as fast as every 2 ms
 _SPEWER = textwrap.dedent("""
@@ -44,7 +43,7 @@ async def test_a_busy_servers_file_stays_bounded_and_is_followed_across_rotation
     sizes: list[int] = []
     try:
         await driver.start("m")
-        for _ in range(16):
+        for _ in range(16):  # what is tested: the file's size, sampled every 0.25 s while the server spews
             await asyncio.sleep(0.25)
             sizes.append(path.stat().st_size)
     finally:

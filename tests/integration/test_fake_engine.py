@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from tests.harness import chat_body, cmdline, free_port, sse, state, wait_healthy_sync, wait_until_sync
+
 MODULE = "vllm_model_router.testing.fake_engine"
 CHAT = "/v1/chat/completions"
 
@@ -43,13 +45,6 @@ class Reply:
 
     def json(self) -> Any:
         return json.loads(self.body)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def spawn(log_dir: Path, args: list[str], env_extra: dict[str, str] | None = None) -> Engine:
@@ -90,74 +85,47 @@ def call(port: int, method: str, path: str, body: Any = None, timeout: float = 5
         conn.close()
 
 
-def wait_listening(engine: Engine, timeout: float = 10.0) -> Reply:
-    """Poll GET /health until the engine answers (any status)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if engine.proc.poll() is not None:
-            pytest.fail(f"engine exited with {engine.proc.returncode}:\n{engine.log()}")
-        try:
-            return call(engine.port, "GET", "/health", timeout=1.0)
-        except OSError:
-            if time.monotonic() > deadline:
-                pytest.fail(f"engine not listening after {timeout} s:\n{engine.log()}")
-            time.sleep(0.02)
+def wait_listening(engine: Engine, timeout: float = 10.0) -> None:
+    """Until the engine answers GET /health (with any status)."""
+    wait_healthy_sync(f"http://127.0.0.1:{engine.port}/health", what="engine", timeout=timeout, accept=None,
+                      exited=engine.proc.poll, log=engine.log)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail("condition not reached in time")
-        time.sleep(0.02)
+    wait_until_sync(predicate, timeout)
 
 
 @dataclass
 class Stream:
     status: int
     headers: dict[str, str]
-    events: list[tuple[float, bytes]]
+    events: list[sse.Event]
     broken: bool
 
     def chunks(self) -> list[dict[str, Any]]:
-        return [json.loads(data) for _, data in self.events if data != b"[DONE]"]
+        return [e.json() for e in self.events if e.data != "[DONE]"]
 
 
 def stream(port: int, body: dict[str, Any], path: str = CHAT) -> Stream:
-    """POST a streaming request and record each SSE data line with its arrival time."""
+    """POST a streaming request and record each event with its arrival time."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5.0)
-    events: list[tuple[float, bytes]] = []
+    events: list[sse.Event] = []
     broken = False
     try:
         conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         headers = {k.lower(): v for k, v in resp.getheaders()}
         try:
-            while line := resp.readline():
-                if line.startswith(b"data: "):
-                    events.append((time.monotonic(), line[len(b"data: ") :].strip()))
+            events.extend(sse.iter_events(iter(resp.readline, b"")))
         except (http.client.HTTPException, OSError):
             broken = True
         finally:
             resp.close()
         # http.client ends readline() quietly when a chunked body is cut off: no [DONE] means broken.
-        broken = broken or not events or events[-1][1] != b"[DONE]"
+        broken = broken or not events or events[-1].data != "[DONE]"
         return Stream(resp.status, headers, events, broken)
     finally:
         conn.close()
-
-
-def chat_body(model: str, text: str = "hello there", **extra: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": text}], **extra}
-
-
-def proc_state(pid: int) -> str | None:
-    """The one-letter state of a process from /proc, None when it does not exist."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
 
 
 @pytest.fixture
@@ -208,7 +176,8 @@ def test_port_refused_during_startup_delay_then_healthy(launch: Callable[..., En
     wait_for(lambda: "loading model" in engine.log())
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", engine.port), timeout=1):
         pass
-    reply = wait_listening(engine)
+    wait_listening(engine)
+    reply = call(engine.port, "GET", "/health")
     assert reply.status == 200 and reply.body == b""
     assert time.monotonic() - started >= 0.95
     log = engine.log()
@@ -290,7 +259,7 @@ def test_chat_stream_chunks_arrive_separately(basic: Engine) -> None:
     assert result.status == 200
     assert result.headers["content-type"].startswith("text/event-stream")
     assert not result.broken
-    assert result.events[-1][1] == b"[DONE]"
+    assert result.events[-1].data == "[DONE]"
     chunks = result.chunks()
     content_chunks, usage_chunk = chunks[:-1], chunks[-1]
     assert len(content_chunks) == 4
@@ -301,7 +270,7 @@ def test_chat_stream_chunks_arrive_separately(basic: Engine) -> None:
     assert text == "fake reply from alpha to: tell me a story"
     assert usage_chunk["choices"] == []
     assert usage_chunk["usage"]["completion_tokens"] == len(text.split())
-    times = [t for t, _ in result.events[:4]]
+    times = [e.arrived for e in result.events[:4]]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert all(gap >= 0.1 for gap in gaps), gaps
 
@@ -491,7 +460,7 @@ def test_exit_mid_stream(launch: Callable[..., Engine]) -> None:
     result = stream(engine.port, chat_body("crashy", stream=True))
     assert result.status == 200
     assert result.broken
-    assert len(result.events) == 2 and b"[DONE]" not in [data for _, data in result.events]
+    assert len(result.events) == 2 and "[DONE]" not in [e.data for e in result.events]
     assert engine.proc.wait(timeout=5) == 1
 
 
@@ -508,7 +477,7 @@ def test_ignore_sigterm_needs_sigkill(launch: Callable[..., Engine]) -> None:
     engine = launch("--served-model-name", "stubborn", "--ignore-sigterm")
     engine.proc.send_signal(signal.SIGTERM)
     engine.proc.send_signal(signal.SIGINT)
-    time.sleep(0.4)
+    time.sleep(0.4)  # what is tested: nothing happens (an ignored signal is dropped when it is sent)
     assert engine.proc.poll() is None
     assert call(engine.port, "GET", "/health").status == 200
     engine.proc.kill()
@@ -518,7 +487,7 @@ def test_ignore_sigterm_needs_sigkill(launch: Callable[..., Engine]) -> None:
 def test_sigterm_stops_server_and_child_quickly(launch: Callable[..., Engine]) -> None:
     engine = launch("--served-model-name", "parent", "--spawn-child")
     child_pid = call(engine.port, "GET", "/fake/state").json()["child_pid"]
-    assert proc_state(child_pid) not in (None, "Z")
+    assert state(child_pid) not in (None, "Z")
     # keep a request in flight: shutdown must not wait for it long
     body = json.dumps(chat_body("parent", fake={"delay": 10})).encode()
     request = (
@@ -531,18 +500,18 @@ def test_sigterm_stops_server_and_child_quickly(launch: Callable[..., Engine]) -
         engine.proc.send_signal(signal.SIGTERM)
         assert engine.proc.wait(timeout=5) == 0
         assert time.monotonic() - started < 1.5
-    assert proc_state(child_pid) is None  # terminated and reaped by the parent
+    assert state(child_pid) is None  # terminated and reaped by the parent
     assert "Shutting down" in engine.log()
 
 
 def test_spawned_child_survives_sigkill_of_parent(launch: Callable[..., Engine]) -> None:
     engine = launch("--served-model-name", "parent", "--spawn-child")
     child_pid = call(engine.port, "GET", "/fake/state").json()["child_pid"]
-    cmdline = Path(f"/proc/{child_pid}/cmdline").read_bytes().split(b"\0")
-    assert b"fake-engine-worker" in cmdline and str(engine.port).encode() in cmdline
+    args = cmdline(child_pid) or []
+    assert "fake-engine-worker" in args and str(engine.port) in args
     assert os.getpgid(child_pid) == engine.proc.pid
     engine.proc.kill()
     assert engine.proc.wait(timeout=5) == -signal.SIGKILL
-    time.sleep(0.2)
-    assert proc_state(child_pid) not in (None, "Z", "X")
+    time.sleep(0.2)  # what is tested: the child goes on living after its parent's death
+    assert state(child_pid) not in (None, "Z", "X")
     assert os.getpgid(child_pid) == engine.proc.pid  # the launch fixture's killpg removes it

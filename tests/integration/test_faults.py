@@ -12,17 +12,12 @@ SIGTERM is killed after stop_timeout (::test_load_never_starts_while_the_evicted
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+
+from tests.harness import Router, chat_body, engine, stall_model
 
 from .conftest import ServeRouter
-from .resilience_support import STALL
-from .support import Router, chat_body, engine
 
 FIRST_BYTE = 0.5
-
-
-def stall_model() -> dict[str, Any]:
-    return {"cmd": STALL, "stop_timeout": 1}
 
 
 def no_one_in_flight(r: Router) -> bool:
@@ -32,9 +27,8 @@ def no_one_in_flight(r: Router) -> bool:
 async def test_an_engine_that_hangs_gets_504_after_the_first_byte_timeout_and_gives_the_slot_back(
     serve_router: ServeRouter,
 ) -> None:
-    served = await serve_router({"slow": engine(), "stall": stall_model()},
-                                limits={"first_byte_timeout": FIRST_BYTE}, capacity={"max_resident": 2})
-    r = served.router
+    r = await serve_router({"slow": engine(), "stall": stall_model()},
+                           limits={"first_byte_timeout": FIRST_BYTE}, capacity={"max_resident": 2})
     assert (await r.chat("slow")).status == 200
     assert (await r.post("/admin/models/stall/load")).status == 200
 
@@ -56,18 +50,17 @@ async def test_an_engine_that_hangs_gets_504_after_the_first_byte_timeout_and_gi
     # the engine itself is fine, and a stream that keeps sending is never cut, however long it lasts
     assert (await r.chat("slow")).status == 200
     long = await r.stream(chat_body("slow", stream=True, fake={"chunks": 6, "chunk_delay": 0.25}))
-    assert long.status == 200 and long.events[-1][1] == b"[DONE]"
-    assert long.events[-1][0] - long.events[0][0] > FIRST_BYTE * 2
+    assert long.status == 200 and long.events[-1].data == "[DONE]"
+    assert long.events[-1].arrived - long.events[0].arrived > FIRST_BYTE * 2
     assert len(long.payloads()) == 6
 
 
 async def test_an_engine_dying_before_or_during_streams_fails_them_cleanly_and_is_reloaded(
     serve_router: ServeRouter,
 ) -> None:
-    served = await serve_router({"early": engine("--exit-mid-stream", "0"),
-                                 "crashy": engine("--chunks", "10", "--exit-mid-stream", "3")},
-                                capacity={"max_resident": 2})
-    r = served.router
+    r = await serve_router({"early": engine("--exit-mid-stream", "0"),
+                            "crashy": engine("--chunks", "10", "--exit-mid-stream", "3")},
+                           capacity={"max_resident": 2})
 
     # dead before its first chunk: a clean 502 in the envelope rather than a 200 stream that says nothing
     pid = int((await r.chat("early")).headers["x-fake-engine-pid"])
@@ -84,12 +77,12 @@ async def test_an_engine_dying_before_or_during_streams_fails_them_cleanly_and_i
     for sse in streams:
         assert sse.status == 200
         payloads = sse.payloads()
-        assert b"[DONE]" not in [data for _, data in sse.events]
+        assert "[DONE]" not in [e.data for e in sse.events]
         assert payloads and set(payloads[-1]) == {"error"} and payloads[-1]["error"]["type"] == "upstream_error"
         assert all(p.get("object") == "chat.completion.chunk" for p in payloads[:-1])
     view = await r.wait_state("crashy", "failed")
     assert view["in_flight"] == 0 and "exited with code 1" in view["last_error"]
     assert no_one_in_flight(r)
     full = await r.stream(chat_body("crashy", stream=True, fake={"chunks": 2}))  # reloaded on demand
-    assert full.status == 200 and full.events[-1][1] == b"[DONE]"
+    assert full.status == 200 and full.events[-1].data == "[DONE]"
     assert (await r.model("crashy"))["loads"] == 2

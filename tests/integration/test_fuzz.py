@@ -15,8 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .resilience_support import RawReply, ThreadedRouter, assert_envelope, raw_request, threaded_router
-from .support import CHAT, engine
+from tests.harness import CHAT, RawReply, Router, assert_envelope, engine, raw_request, threaded_router
 
 MAX_BODY = 64 * 1024
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True,
@@ -24,7 +23,7 @@ FUZZ = settings(max_examples=100, deadline=None, derandomize=True,
 
 
 @pytest.fixture(scope="module")
-def router() -> Iterator[ThreadedRouter]:
+def router() -> Iterator[Router]:
     with threaded_router(
         {"alpha": engine(aliases=["a"])}, uuid.uuid4().hex, load_timeout=20,
         limits={"max_body_mb": MAX_BODY / (1024 * 1024), "client_body_timeout": 0.5, "client_header_timeout": 2,
@@ -52,7 +51,7 @@ def check(reply: RawReply, *, allow_ok: bool = True) -> None:
         assert allow_ok, reply
 
 
-def send(router: ThreadedRouter, data: bytes) -> RawReply:
+def send(router: Router, data: bytes) -> RawReply:
     return raw_request(router.port, data, timeout=6)
 
 
@@ -75,13 +74,13 @@ paths = st.sampled_from([CHAT, "/v1/completions", "/v1/embeddings", "/v1/respons
 
 @FUZZ
 @given(body=bodies, path=paths)
-def test_json_bodies_of_any_shape(router: ThreadedRouter, body: Any, path: str) -> None:
+def test_json_bodies_of_any_shape(router: Router, body: Any, path: str) -> None:
     check(send(router, request("POST", path, json.dumps(body).encode())))
 
 
 @FUZZ
 @given(raw=st.binary(max_size=300), prefix=st.sampled_from([b"", b'{"model": "alpha", "x": "', b"\xef\xbb\xbf"]))
-def test_bytes_that_are_not_json_or_not_utf8(router: ThreadedRouter, raw: bytes, prefix: bytes) -> None:
+def test_bytes_that_are_not_json_or_not_utf8(router: Router, raw: bytes, prefix: bytes) -> None:
     check(send(router, request("POST", CHAT, prefix + raw)))
 
 
@@ -91,7 +90,7 @@ def test_bytes_that_are_not_json_or_not_utf8(router: ThreadedRouter, raw: bytes,
     path=st.sampled_from([CHAT, "/v1/models", "/admin/models", "/admin/models/alpha/load", "/metrics", "/nowhere",
                           "/admin/models/%2e%2e/logs", "/v1/../admin/models"]),
 )
-def test_odd_methods_and_paths(router: ThreadedRouter, method: str, path: str) -> None:
+def test_odd_methods_and_paths(router: Router, method: str, path: str) -> None:
     reply = send(router, request(method, path))
     assert reply.status is not None and reply.status < 500, reply
     if reply.status >= 400 and method != "HEAD":
@@ -105,14 +104,14 @@ header_values = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x
 
 @FUZZ
 @given(headers=st.dictionaries(header_names, header_values, max_size=3))
-def test_odd_or_broken_headers(router: ThreadedRouter, headers: dict[str, str]) -> None:
+def test_odd_or_broken_headers(router: Router, headers: dict[str, str]) -> None:
     body = json.dumps({"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}).encode()
     check(send(router, request("POST", CHAT, body, headers)))
 
 
 @FUZZ
 @given(line=st.binary(min_size=1, max_size=80), header=st.binary(max_size=80))
-def test_request_lines_and_headers_that_are_not_http(router: ThreadedRouter, line: bytes, header: bytes) -> None:
+def test_request_lines_and_headers_that_are_not_http(router: Router, line: bytes, header: bytes) -> None:
     reply = send(router, line + b"\r\n" + header + b"\r\nConnection: close\r\n\r\n")
     if reply.status is None:  # e.g. no request line at all yet: closed by client_header_timeout at the latest
         assert reply.closed and reply.elapsed < 4
@@ -127,7 +126,7 @@ def test_request_lines_and_headers_that_are_not_http(router: ThreadedRouter, lin
     (b'{"model": "alpha"}' + b" " * 10, None),
     (b"\x1f\x8b\x08\x00garbage", 400),
 ], ids=["deep-array", "deep-messages", "over-max-body", "trailing-space", "gzip-magic"])
-def test_huge_and_deep_bodies(router: ThreadedRouter, body: bytes, status: int | None) -> None:
+def test_huge_and_deep_bodies(router: Router, body: bytes, status: int | None) -> None:
     reply = send(router, request("POST", CHAT, body))
     check(reply)
     if status is not None:
@@ -135,18 +134,18 @@ def test_huge_and_deep_bodies(router: ThreadedRouter, body: bytes, status: int |
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd", "x-unknown"])
-def test_compressed_bodies_that_do_not_decompress(router: ThreadedRouter, encoding: str) -> None:
+def test_compressed_bodies_that_do_not_decompress(router: Router, encoding: str) -> None:
     reply = send(router, request("POST", CHAT, b"this is not compressed", {"Content-Encoding": encoding}))
     check(reply, allow_ok=False)
 
 
-def test_a_compressed_body_is_read_and_forwarded_decoded(router: ThreadedRouter) -> None:
+def test_a_compressed_body_is_read_and_forwarded_decoded(router: Router) -> None:
     body = json.dumps({"model": "alpha", "messages": [{"role": "user", "content": "zipped"}]}).encode()
     reply = send(router, request("POST", CHAT, gzip.compress(body), {"Content-Encoding": "gzip"}))
     assert reply.status == 200, reply.body
 
 
-def test_truncated_and_lying_bodies(router: ThreadedRouter) -> None:
+def test_truncated_and_lying_bodies(router: Router) -> None:
     body = json.dumps({"model": "alpha", "messages": []}).encode()
     short = send(router, request("POST", CHAT, body[:10], content_length=len(body)))  # never completed
     assert short.status == 408
@@ -157,7 +156,7 @@ def test_truncated_and_lying_bodies(router: ThreadedRouter) -> None:
     check(chunked, allow_ok=False)
 
 
-def test_the_router_is_healthy_and_serving_after_all_that(router: ThreadedRouter) -> None:
+def test_the_router_is_healthy_and_serving_after_all_that(router: Router) -> None:
     assert send(router, request("GET", "/health")).status == 200
     body = json.dumps({"model": "alpha", "messages": [{"role": "user", "content": "still there?"}]}).encode()
     reply = send(router, request("POST", CHAT, body))

@@ -18,13 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-import aiohttp
 import pytest
 
+from tests.harness import MARKER_VAR, engine, environ, free_port, processes, router_data, wait_healthy, wait_until
 from vllm_model_router.gpu.probe import GpuMemory, GpuProcess
 
 from .conftest import StartRouter
-from .support import MARKER_VAR, engine, free_port, router_data, wait_until
 
 TOTAL = 80.0
 
@@ -38,21 +37,13 @@ class SimProbe:
 
     def _live(self) -> dict[int, tuple[tuple[int, ...], float]]:
         found: dict[int, tuple[tuple[int, ...], float]] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                env = dict(kv.split(b"=", 1) for kv in (entry / "environ").read_bytes().split(b"\0") if b"=" in kv)
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if env.get(MARKER_VAR.encode()) != self.marker.encode() or stat[stat.rfind(")") + 2] in "ZX":
-                continue
-            if b"SIM_FOREIGN_GB" in env:
-                found[int(entry.name)] = ((0,), float(env[b"SIM_FOREIGN_GB"]))
-            elif b"SIM_NEED_GB" in env and b"CUDA_VISIBLE_DEVICES" in env:
-                gpus = tuple(int(g) for g in env[b"CUDA_VISIBLE_DEVICES"].split(b","))
-                found[int(entry.name)] = (gpus, float(env[b"SIM_NEED_GB"]))
+        for p in processes(**{MARKER_VAR: self.marker}):
+            env = p.environ
+            if "SIM_FOREIGN_GB" in env:
+                found[p.pid] = ((0,), float(env["SIM_FOREIGN_GB"]))
+            elif "SIM_NEED_GB" in env and "CUDA_VISIBLE_DEVICES" in env:
+                gpus = tuple(int(g) for g in env["CUDA_VISIBLE_DEVICES"].split(","))
+                found[p.pid] = (gpus, float(env["SIM_NEED_GB"]))
         return found
 
     def _holders(self) -> dict[int, tuple[tuple[int, ...], float]]:
@@ -85,11 +76,6 @@ def gpu_model(need: float, *args: str, **settings: object) -> dict[str, object]:
     return m
 
 
-def environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return dict(kv.decode().split("=", 1) for kv in raw if b"=" in kv)
-
-
 async def test_models_are_placed_per_gpu_and_started_there(start_router: StartRouter, marker: str) -> None:
     probe = SimProbe(marker)
     r = await start_router({"a": gpu_model(50), "b": gpu_model(50), "c": gpu_model(25),
@@ -99,7 +85,7 @@ async def test_models_are_placed_per_gpu_and_started_there(start_router: StartRo
     views = await r.models()
     assert views["a"]["gpus"] == [0] and views["b"]["gpus"] == [1]
     assert views["c"]["gpus"] == [0]  # best fit: 30 GB left on both, the first wins
-    assert environ(views["b"]["pid"])["CUDA_VISIBLE_DEVICES"] == "1"
+    assert (environ(views["b"]["pid"]) or {})["CUDA_VISIBLE_DEVICES"] == "1"
     assert views["a"]["memory_source"] == "memory_gb (declared)"
     gpus = {g["index"]: g for g in (await r.get("/admin/models")).json()["gpus"]}
     assert gpus[0]["reserved_gb"] == 75 and gpus[1]["reserved_gb"] == 50
@@ -112,7 +98,7 @@ async def test_models_are_placed_per_gpu_and_started_there(start_router: StartRo
     # the least recently used model there, and only it goes (b, on GPU 1, would free nothing useful)
     assert (await r.chat("tp")).status == 200
     views = await r.models()
-    assert views["tp"]["gpus"] == [0, 1] and environ(views["tp"]["pid"])["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert views["tp"]["gpus"] == [0, 1] and (environ(views["tp"]["pid"]) or {})["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert {n for n, v in views.items() if v["state"] == "loaded"} == {"b", "c", "tp"}
     gpus = {g["index"]: g for g in (await r.get("/admin/models")).json()["gpus"]}
     assert gpus[0]["reserved_gb"] == 45 and gpus[1]["reserved_gb"] == 70
@@ -239,15 +225,7 @@ async def test_a_server_adopted_after_a_restart_keeps_its_gpu(
         record = {"model": "m", "pid": left.pid, "start_time": procs.start_time(left.pid), "port": port,
                   "config_hash": config_hash(cfg, port, (1,)), "gpus": [1], "started_at": 0}
         (state_dir / STATE_FILE).write_text(json.dumps({"version": 1, "groups": [record]}))
-        async with aiohttp.ClientSession() as s:  # wait until it answers its health check
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                try:
-                    async with s.get(f"http://127.0.0.1:{port}/health") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
+        await wait_healthy(f"http://127.0.0.1:{port}/health", what="the left-over server", exited=left.poll)
         r = await start_router(models, probe=probe, state_dir=str(state_dir))
         view = await r.model("m")
         assert (view["state"], view["pid"], view["gpus"]) == ("loaded", left.pid, [1])

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from tests.harness import CHAT, chat_body
+
 from .conftest import ServeRouter
-from .support import CHAT, chat_body
 
 CLIENT = "sk-client-0123456789"
 ADMIN = "sk-admin-secret-XYZ123"
@@ -21,9 +22,8 @@ def bearer(key: str) -> dict[str, str]:
 
 
 async def test_keys_printed_by_a_failing_model_never_reach_clients(serve_router: ServeRouter) -> None:
-    served = await serve_router({"leaky": {"cmd": LEAKY, "stop_timeout": 1}},
-                                auth={"api_keys": [CLIENT], "admin_keys": [ADMIN]})
-    r = served.router
+    r = await serve_router({"leaky": {"cmd": LEAKY, "stop_timeout": 1}},
+                           auth={"api_keys": [CLIENT], "admin_keys": [ADMIN]})
     reply = await r.post(CHAT, chat_body("leaky"), headers=bearer(CLIENT))
     assert reply.status == 503, reply.body
     message = reply.error["message"]

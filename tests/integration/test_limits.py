@@ -9,22 +9,32 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Awaitable
 
 import pytest
 
+from tests.harness import (
+    CHAT,
+    RawReply,
+    Router,
+    araw_request,
+    assert_envelope,
+    chat_body,
+    echo_model,
+    engine,
+    wait_until,
+)
 from vllm_model_router.http import server
 
 from .conftest import ServeRouter, StartRouterProcess
-from .resilience_support import araw_request, assert_envelope, echo_model
-from .support import CHAT, chat_body, engine
 
 HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\n"
 
 
 async def test_a_request_head_or_body_that_never_finishes_is_cut_off(serve_router: ServeRouter) -> None:
-    served = await serve_router({"echo": echo_model()},
-                                limits={"client_header_timeout": 0.5, "client_body_timeout": 0.5})
-    r, port = served.router, served.site.port
+    r = await serve_router({"echo": echo_model()},
+                           limits={"client_header_timeout": 0.5, "client_body_timeout": 0.5})
+    port = r.port
     assert (await r.chat("echo")).status == 200
 
     # half a head, then silence: the connection is closed, without an answer (there is no request yet)
@@ -69,18 +79,18 @@ async def test_a_request_head_or_body_that_never_finishes_is_cut_off(serve_route
 
 
 async def test_connections_over_max_connections_get_a_quick_503(serve_router: ServeRouter) -> None:
-    served = await serve_router({"echo": echo_model()},
-                                limits={"max_connections": 3, "client_header_timeout": 30})
-    port = served.site.port
+    r = await serve_router({"echo": echo_model()},
+                           limits={"max_connections": 3, "client_header_timeout": 30})
+    port = r.port
     held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]  # idle: they count all the same
     try:
-        await asyncio.sleep(0.1)
+        await wait_until(lambda: open_connections(r) == 3, what="the router has the 3 connections")
         over = await araw_request(port, b"GET /health HTTP/1.1\r\nHost: router\r\n\r\n", timeout=5)
         assert over.status == 503 and over.elapsed < 1
         assert over.header("Retry-After") == "1" and over.header("Connection") == "close"
         err = assert_envelope(over.body)
         assert err["type"] == "service_unavailable_error" and "max_connections" in err["message"]
-        assert served.site.refused >= 1
+        assert r.site.refused >= 1
         # the held connections are served normally (blocking socket calls: in a thread, the router is in this loop)
         held[0].settimeout(5)
         await asyncio.to_thread(held[0].sendall, b"GET /health HTTP/1.1\r\nHost: router\r\n\r\n")
@@ -88,9 +98,8 @@ async def test_connections_over_max_connections_get_a_quick_503(serve_router: Se
     finally:
         for s in held:
             s.close()
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: open_connections(r) == 0, what="the router saw them go")
     # once they are gone, new connections are served
-    r = served.router
     replies = await asyncio.gather(*(r.post(CHAT, chat_body("echo")) for _ in range(3)))
     assert [x.status for x in replies] == [200, 200, 200]
 
@@ -99,21 +108,24 @@ async def test_serve_answers_connections_over_the_limit_with_503_and_a_quiet_log
         start_router_process: StartRouterProcess) -> None:
     """``serve`` itself (on uvloop, whose transports are not asyncio.Transport subclasses): a connection
     over the limit reads the 503, and each refusal costs the log at most one line, never a traceback."""
-    rp = await start_router_process({"a": engine()}, limits={"max_connections": 3})
-    port = int(rp.router.url.rsplit(":", 1)[1])
+    r = await start_router_process({"a": engine()}, limits={"max_connections": 3})
+    port = r.port
+    health = b"GET /health HTTP/1.1\r\nHost: router\r\n\r\n"
     held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
     try:
-        await asyncio.sleep(0.2)
+        # a process's connection count cannot be read from here: wait for the first refusal instead
+        await wait_until(lambda: answered_with(503, araw_request(port, health, timeout=5)), what="a connection refused")
         for _ in range(3):
-            over = await araw_request(port, b"GET /health HTTP/1.1\r\nHost: router\r\n\r\n", timeout=5)
+            over = await araw_request(port, health, timeout=5)
             assert over.status == 503 and over.header("Retry-After") == "1", over
             assert_envelope(over.body)
     finally:
         for s in held:
             s.close()
-    await asyncio.sleep(0.2)
-    assert (await rp.router.get("/health")).status == 200
-    log = rp.log()
+    await wait_until(lambda: answered_with(200, araw_request(port, health, timeout=5)),
+                     what="served again")
+    assert (await r.get("/health")).status == 200
+    log = r.log()
     assert "Traceback" not in log and "AssertionError" not in log, log
     assert log.count("refusing new connections") == 1, log
 
@@ -125,7 +137,7 @@ async def test_undecodable_bodies_cost_the_log_one_short_line_at_most_every_few_
     """aiohttp reads what is left of a body after the answer; one that does not decode (any client can
     send one, with a key or without) is a line in the log, not a traceback per request."""
     monkeypatch.setattr(server, "BAD_BODY_LOG_INTERVAL_S", 0.5)
-    served = await serve_router({"echo": echo_model()}, **({"auth": auth} if auth else {}))
+    r = await serve_router({"echo": echo_model()}, **({"auth": auth} if auth else {}))
     caplog.set_level(logging.DEBUG)
     caplog.clear()
     body = b"this is not gzip at all" * 10
@@ -133,17 +145,30 @@ async def test_undecodable_bodies_cost_the_log_one_short_line_at_most_every_few_
 
     async def send_bad(times: int) -> None:
         for _ in range(times):
-            reply = await araw_request(served.site.port, bad, timeout=5)
+            reply = await araw_request(r.port, bad, timeout=5)
             assert reply.status == (401 if auth else 400), reply
             assert_envelope(reply.body)
 
+    def logged() -> list[str]:
+        return [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.INFO]
+
     await send_bad(5)
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(0.6)  # what is tested: past the interval (0.5 s) the next one is logged again
     await send_bad(1)
-    await asyncio.sleep(0.1)
-    assert "Traceback" not in caplog.text and not any(r.exc_info or r.exc_text for r in caplog.records)
-    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    await wait_until(lambda: len(logged()) >= 2, what="the second line")  # written after the answer
+    assert "Traceback" not in caplog.text and not any(rec.exc_info or rec.exc_text for rec in caplog.records)
+    lines = logged()
     assert len(lines) == 2 and all(len(line) < 120 and "\n" not in line for line in lines), lines
     assert "unreadable request body from 127.0.0.1: ContentEncodingError" in lines[0]
     assert "(4 more since the last such line)" in lines[1]
-    assert (await served.router.get("/health")).status == 200
+    assert (await r.get("/health")).status == 200
+
+
+def open_connections(r: Router) -> int:
+    """Connections a router in this process holds open."""
+    assert r.runner.server is not None
+    return len(r.runner.server.connections)
+
+
+async def answered_with(status: int, reply: Awaitable[RawReply]) -> bool:
+    return (await reply).status == status

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from vllm_model_router.runtime.pump import Runtime
+from tests.harness import engine, launch_router, wait_until
+from vllm_model_router.runtime.history import UsageHistory
 
 from .conftest import StartRouter
-from .support import engine, in_process_router, wait_until
 
 
 async def test_ttl_unloads_an_idle_model(start_router: StartRouter) -> None:
@@ -24,7 +24,7 @@ async def test_ttl_unloads_an_idle_model(start_router: StartRouter) -> None:
     events = [(e.kind, e.model, e.reason) for e in r.runtime.events.recent()]
     assert ("unloading", "short", "idle for 0.5s (ttl)") in events
     await r.wait_state("default", "unloaded", timeout=5)
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # what is tested: nothing happens to a model with ttl 0, however long it idles
     assert (await r.model("never"))["state"] == "loaded"
 
 
@@ -61,9 +61,8 @@ async def test_too_many_waiting_gets_429_with_retry_after(start_router: StartRou
 async def test_usage_history_survives_a_restart(start_router: StartRouter, marker: str, tmp_path: Path) -> None:
     state = str(tmp_path / "state")
     models = {"a": engine(), "b": engine(), "c": engine()}
-    async with in_process_router(models, marker, capacity={"max_resident": 2}, state_dir=state) as r1:
+    async with launch_router(models, marker, capacity={"max_resident": 2}, state_dir=state) as r1:
         assert (await r1.chat("b")).status == 200
-        await asyncio.sleep(0.05)
         assert (await r1.chat("a")).status == 200  # a is the most recently used
     # a second router on the same state: restores the LRU order and, with restore, what was resident
     r2 = await start_router(models, capacity={"max_resident": 2}, state_dir=state, restore=True)
@@ -79,7 +78,7 @@ async def test_usage_history_survives_a_restart(start_router: StartRouter, marke
 async def test_predicted_preload_loads_the_likely_model_when_idle(
     start_router: StartRouter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(Runtime, "PREDICT_INTERVAL", 0.2)
+    monkeypatch.setattr(UsageHistory, "PREDICT_INTERVAL", 0.2)
     r = await start_router({"popular": engine(), "rare": engine()}, capacity={"max_resident": 1},
                            preload="predicted")
     for _ in range(5):
@@ -87,7 +86,7 @@ async def test_predicted_preload_loads_the_likely_model_when_idle(
     assert (await r.chat("rare")).status == 200  # evicts popular
     assert (await r.post("/admin/models/rare/unload")).status == 200  # capacity free, router idle
     await r.wait_state("popular", "loaded", timeout=5)
-    assert r.runtime.predicted_candidates()[0] == "popular"
+    assert r.runtime.history.predicted_candidates()[0] == "popular"
     events = [(e.kind, e.model) for e in r.runtime.events.recent()]
     assert ("preload", "popular") in events
-    await wait_until(lambda: r.runtime.scheduler.state_of("rare").value == "unloaded")
+    await wait_until(lambda: r.runtime.state_of("rare").value == "unloaded")

@@ -9,101 +9,43 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import pytest
-import yaml
-
+from tests.harness import (
+    MARKER_VAR,
+    Router,
+    alive,
+    assert_no_processes_left,
+    chat_body,
+    engine,
+    free_port,
+    launch_router,
+    wait_until,
+)
 from vllm_model_router.drivers import procs
 from vllm_model_router.runtime.recovery import LOCK_FILE, STATE_FILE, StateFile
 
-from .support import MARKER_VAR, Router, alive, assert_no_processes_left, chat_body, engine, free_port, wait_until
+
+def serve(workdir: Path, models: dict[str, dict[str, Any]], marker: str, name: str, port: int,
+          state_dir: Path, **top: Any) -> contextlib.AbstractAsyncContextManager[Router]:
+    """``vllm-model-router serve`` on ``port``; SIGTERM on exit if it still runs (processes of the models
+    are the test's business: a test kills a router on purpose to leave them to the next one)."""
+    return launch_router(models, marker, "process", workdir=workdir, name=name, port=port, leave_processes=True,
+                         state_dir=str(state_dir), **top)
 
 
-@dataclass
-class Serve:
-    proc: asyncio.subprocess.Process
-    router: Router
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def config(models: dict[str, dict[str, Any]], marker: str, port: int, state_dir: Path, **top: Any) -> dict[str, Any]:
-    return {"listen": {"host": "127.0.0.1", "port": port}, "state_dir": str(state_dir), "load_timeout": 30,
-            **top, "models": {n: {**m, "env": {MARKER_VAR: marker}} for n, m in models.items()}}
-
-
-@contextlib.asynccontextmanager
-async def serve(workdir: Path, data: dict[str, Any], name: str) -> AsyncIterator[Serve]:
-    """``vllm-model-router serve`` on ``data``; SIGTERM on exit if it still runs (processes of the models
-    are the caller's business: a test may have killed the router on purpose)."""
-    path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    log_path = workdir / f"{name}.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("PORT", "ROUTER_PORT", "LOG_FORMAT")}
-    with log_path.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "vllm_model_router", "serve", "--config", str(path), env=env,
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-            handle = Serve(proc, Router(f"http://127.0.0.1:{data['listen']['port']}", session, ""), log_path)
-            deadline = time.monotonic() + 20
-            while True:
-                if proc.returncode is not None:
-                    pytest.fail(f"router {name} exited with {proc.returncode}:\n{handle.log()}")
-                with contextlib.suppress(aiohttp.ClientError, OSError):
-                    if (await handle.router.get("/health", timeout=1)).status == 200:
-                        break
-                if time.monotonic() > deadline:
-                    pytest.fail(f"router {name} not up after 20s:\n{handle.log()}")
-                await asyncio.sleep(0.05)
-            yield handle
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 20)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-
-
-async def kill9(handle: Serve) -> None:
-    handle.proc.kill()
-    await handle.proc.wait()
+async def kill9(router: Router) -> None:
+    router.proc.kill()
+    await router.proc.wait()
 
 
 def recorded(state_dir: Path) -> list[dict[str, Any]]:
     path = state_dir / STATE_FILE
     groups: list[dict[str, Any]] = json.loads(path.read_text())["groups"] if path.exists() else []
     return groups
-
-
-async def events(r: Router) -> list[dict[str, Any]]:
-    """The router's event history (GET /admin/events?history=N, read until the backlog is in)."""
-    out: list[dict[str, Any]] = []
-    async with r.session.get(r.url + "/admin/events?history=500") as resp:
-        buf = b""
-        while True:  # the backlog comes at once; then nothing until the next event
-            try:
-                buf += await asyncio.wait_for(resp.content.readany(), 0.3)
-            except TimeoutError:
-                break
-    for block in buf.decode().split("\n\n"):
-        for line in block.splitlines():
-            if line.startswith("data: "):
-                out.append(json.loads(line[len("data: "):]))
-    return out
 
 
 async def sleeper(marker: str) -> asyncio.subprocess.Process:
@@ -129,21 +71,19 @@ def test_state_file_is_locked_by_one_router_and_written_atomically(tmp_path: Pat
 
 async def test_a_killed_router_is_replaced_by_one_that_adopts_its_models(tmp_path: Path, marker: str) -> None:
     state_dir = tmp_path / "state"
-    data = config({"a": engine(), "b": engine()}, marker, free_port(), state_dir, capacity={"max_resident": 2})
+    models, port = {"a": engine(), "b": engine()}, free_port()
     try:
-        async with serve(tmp_path, data, "first") as first:
-            r = first.router
+        async with serve(tmp_path, models, marker, "first", port, state_dir, capacity={"max_resident": 2}) as r:
             assert (await r.post("/admin/models/a/load")).status == 200
             assert (await r.post("/admin/models/b/load")).status == 200
             before = {n: (v["pid"], v["port"]) for n, v in (await r.models()).items()}
             groups = recorded(state_dir)
             assert {(g["model"], g["pid"], g["port"]) for g in groups} == {(n, *before[n]) for n in ("a", "b")}
             assert all(g["start_time"] == procs.start_time(g["pid"]) for g in groups)
-            await kill9(first)
+            await kill9(r)
         assert all(alive(pid) for pid, _ in before.values())  # what a crash leaves behind
 
-        async with serve(tmp_path, data, "second") as second:
-            r = second.router
+        async with serve(tmp_path, models, marker, "second", port, state_dir, capacity={"max_resident": 2}) as r:
             views = await r.models()
             for name in ("a", "b"):
                 assert views[name]["state"] == "loaded"
@@ -151,8 +91,8 @@ async def test_a_killed_router_is_replaced_by_one_that_adopts_its_models(tmp_pat
             reply = await r.chat("a")  # served at once by the same server: no load
             assert reply.status == 200 and int(reply.headers["x-fake-engine-pid"]) == before["a"][0]
             stream = await r.stream(chat_body("b", stream=True))
-            assert stream.status == 200 and stream.events[-1][1] == b"[DONE]"
-            kinds = [(e["kind"], e["model"]) for e in await events(r)]
+            assert stream.status == 200 and stream.events[-1].data == "[DONE]"
+            kinds = [(e["kind"], e["model"]) for e in await r.events()]
             assert ("adopted", "a") in kinds and ("adopted", "b") in kinds
             assert not [k for k in kinds if k[0] in ("load_started", "orphan_stopped")]
             logs = (await r.get("/admin/models/a/logs")).json()["lines"]
@@ -165,8 +105,8 @@ async def test_a_killed_router_is_replaced_by_one_that_adopts_its_models(tmp_pat
             assert "adopted process" in view["last_error"]
             again = await r.chat("a")
             assert again.status == 200 and int(again.headers["x-fake-engine-pid"]) != before["a"][0]
-            second.proc.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(second.proc.wait(), 15) == 0
+            r.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(r.proc.wait(), 15) == 0
         assert not alive(before["b"][0])  # a normal shutdown stops adopted models too
         assert recorded(state_dir) == []
     finally:
@@ -188,20 +128,25 @@ def ticks(lines: list[str]) -> list[int]:
 async def test_an_adopted_server_keeps_writing_its_output_and_the_new_router_follows_it(
         tmp_path: Path, marker: str) -> None:
     state_dir = tmp_path / "state"
-    data = config({"a": {"cmd": list(TICKER), "stop_timeout": 1}}, marker, free_port(), state_dir)
+    models, port = {"a": {"cmd": list(TICKER), "stop_timeout": 1}}, free_port()
     try:
-        async with serve(tmp_path, data, "first") as first:
-            r = first.router
+        async with serve(tmp_path, models, marker, "first", port, state_dir) as r:
             assert (await r.post("/admin/models/a/load")).status == 200
             pid = (await r.model("a"))["pid"]
-            await kill9(first)
+            await kill9(r)
         restarted = time.time_ns()
 
-        async with serve(tmp_path, data, "second") as second:
-            r = second.router
+        async with serve(tmp_path, models, marker, "second", port, state_dir) as r:
             view = await r.model("a")
             assert (view["state"], view["pid"]) == ("loaded", pid), view
-            await asyncio.sleep(2)  # it goes on printing, now with the second router reading
+            up = time.time_ns()
+
+            async def printed_since_up() -> bool:
+                lines = (await r.get("/admin/models/a/logs?lines=200")).json()["lines"]
+                return sum(t > up for t in ticks(lines)) >= 5
+
+            # it goes on printing (a line every 0.2 s), now with the second router reading
+            await wait_until(printed_since_up, timeout=10, what="5 lines printed under the second router")
             assert alive(pid)
             assert (await r.chat("a")).status == 200
             view = await r.model("a")
@@ -211,8 +156,8 @@ async def test_an_adopted_server_keeps_writing_its_output_and_the_new_router_fol
             assert sum(t > restarted for t in ticks(lines)) >= 5, lines
             assert any("adopted after a router restart" in ln and "a.log" in ln for ln in lines)
             assert "tick " in (state_dir / "logs" / "a.log").read_text()
-            second.proc.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(second.proc.wait(), 15) == 0
+            r.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(r.proc.wait(), 15) == 0
         assert not alive(pid)
     finally:
         await assert_no_processes_left(marker)
@@ -222,16 +167,14 @@ async def test_what_cannot_be_adopted_is_stopped_and_a_reused_pid_is_left_alone(
     state_dir = tmp_path / "state"
     port = free_port()
     models = {"a": engine(), "b": engine(), "c": engine("--spawn-child"), "d": engine()}
-    data = config(models, marker, port, state_dir, capacity={"max_resident": 4})
     unrelated, orphan = await sleeper(marker), await sleeper(marker)
     try:
-        async with serve(tmp_path, data, "first") as first:
-            r = first.router
+        async with serve(tmp_path, models, marker, "first", port, state_dir, capacity={"max_resident": 4}) as r:
             for name in models:
                 assert (await r.post(f"/admin/models/{name}/load")).status == 200
             pids = {n: v["pid"] for n, v in (await r.models()).items()}
             worker = (await r.engine_state("c"))["child_pid"]
-            await kill9(first)
+            await kill9(r)
         os.kill(pids["c"], signal.SIGKILL)  # c's server dies too; its worker (EngineCore, say) lives on
         await wait_until(lambda: not alive(pids["c"]), what="c's server gone")
         assert alive(worker)
@@ -248,9 +191,7 @@ async def test_what_cannot_be_adopted_is_stopped_and_a_reused_pid_is_left_alone(
         (state_dir / STATE_FILE).write_text(json.dumps(state))
 
         changed = dict(models, b=engine("--chunks", "3"), d=engine(health_path="/nope"))
-        async with serve(tmp_path, config(changed, marker, port, state_dir, capacity={"max_resident": 4}),
-                         "second") as second:
-            r = second.router
+        async with serve(tmp_path, changed, marker, "second", port, state_dir, capacity={"max_resident": 4}) as r:
             views = await r.models()
             assert views["a"]["state"] == "loaded" and views["a"]["pid"] == pids["a"]
             for name in ("b", "c", "d"):
@@ -258,14 +199,14 @@ async def test_what_cannot_be_adopted_is_stopped_and_a_reused_pid_is_left_alone(
             assert not alive(pids["b"]) and not alive(pids["d"]) and not alive(worker)
             assert alive(unrelated.pid)  # never touched
             assert not alive(orphan.pid)
-            stopped = {e["model"]: e["reason"] for e in await events(r) if e["kind"] == "orphan_stopped"}
+            stopped = {e["model"]: e["reason"] for e in await r.events() if e["kind"] == "orphan_stopped"}
             assert "command or environment changed" in stopped["b"]
             assert "gone but processes" in stopped["c"] and str(worker) in stopped["c"]
             assert "health check answered 404" in stopped["d"]
             assert "no longer configured" in stopped["retired"]
             reply = await r.chat("b")  # b loads afresh with its new command
             assert reply.status == 200 and int(reply.headers["x-fake-engine-pid"]) != pids["b"]
-            log = second.log()
+            log = r.log()
             assert "Stopping the process group" in log and "Adopted model a" in log
     finally:
         for p in (unrelated, orphan):
@@ -276,33 +217,31 @@ async def test_what_cannot_be_adopted_is_stopped_and_a_reused_pid_is_left_alone(
 
 
 async def test_sigterm_lets_requests_in_flight_finish_within_shutdown_grace(tmp_path: Path, marker: str) -> None:
-    data = config({"a": engine()}, marker, free_port(), tmp_path / "state", shutdown_grace=5)
     try:
-        async with serve(tmp_path, data, "graceful") as handle:
-            r = handle.router
+        async with serve(tmp_path, {"a": engine()}, marker, "graceful", free_port(), tmp_path / "state",
+                         shutdown_grace=5) as r:
             assert (await r.chat("a")).status == 200
             slow = asyncio.create_task(r.chat("a", fake={"delay": 1.0}))
             stream = asyncio.create_task(r.stream(chat_body("a", stream=True, fake={"chunks": 5, "chunk_delay": 0.25})))
             await r.wait_model("a", lambda v: v["in_flight"] == 2, what="two in flight")
             started = time.monotonic()
-            handle.proc.send_signal(signal.SIGTERM)
+            r.proc.send_signal(signal.SIGTERM)
             reply, sse = await asyncio.gather(slow, stream)
             assert reply.status == 200 and reply.json()["choices"]
-            assert sse.status == 200 and sse.events[-1][1] == b"[DONE]" and len(sse.payloads()) == 5
-            assert await asyncio.wait_for(handle.proc.wait(), 15) == 0
+            assert sse.status == 200 and sse.events[-1].data == "[DONE]" and len(sse.payloads()) == 5
+            assert await asyncio.wait_for(r.proc.wait(), 15) == 0
             assert 0.8 <= time.monotonic() - started < 5
-            assert "shutdown complete" in handle.log()
+            assert "shutdown complete" in r.log()
 
         # a request longer than the grace period gets a 503 when it ends, and the router still exits
-        data = config({"a": engine()}, marker, free_port(), tmp_path / "state", shutdown_grace=0.5)
-        async with serve(tmp_path, data, "impatient") as handle:
-            r = handle.router
+        async with serve(tmp_path, {"a": engine()}, marker, "impatient", free_port(), tmp_path / "state",
+                         shutdown_grace=0.5) as r:
             assert (await r.chat("a")).status == 200
             endless = asyncio.create_task(r.chat("a", fake={"delay": 30}))
             await r.wait_model("a", lambda v: v["in_flight"] == 1, what="in flight")
             started = time.monotonic()
-            handle.proc.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(handle.proc.wait(), 15) == 0
+            r.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(r.proc.wait(), 15) == 0
             assert time.monotonic() - started < 4
             cut = await endless
             assert cut.status == 503 and "shutting down" in cut.error["message"]

@@ -11,7 +11,6 @@ import asyncio
 import base64
 import itertools
 import json
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +22,7 @@ import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI
 
-from .support import CHAT, Router, alive, chat_body, engine, in_process_router
+from tests.harness import CHAT, Router, alive, chat_body, echo_model, engine, launch_router
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -31,15 +30,14 @@ MODELS = {
     "alpha": engine("--chunks", "5", "--enable-lora", memory_gb=2, aliases=["alpha-alias", "a"]),
     "gamma": engine(memory_gb=1),  # never requested in this module: stays unloaded
     # answers with what it received, to check forwarding byte for byte
-    "echo": {"cmd": [sys.executable, str(Path(__file__).with_name("echo_server.py")), "${PORT}"],
-             "stop_timeout": 1, "aliases": ["echo-alias"]},
+    "echo": echo_model(aliases=["echo-alias"]),
 }
 CARD_STATUSES = {"unloaded", "loading", "loaded", "unloading", "failed"}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def router() -> AsyncIterator[Router]:
-    async with in_process_router(
+    async with launch_router(
         MODELS, uuid.uuid4().hex, capacity={"max_resident": 3},
         limits={"max_body_mb": 0.05, "extra_forward_paths": ["/v1/some/new/endpoint"]}
     ) as r:
@@ -204,11 +202,11 @@ async def test_stream_chunks_are_forwarded_as_they_arrive(router: Router, alpha:
     assert sse.status == 200
     assert sse.headers["Content-Type"].startswith("text/event-stream")
     assert sse.headers["x-fake-engine"] == "alpha"
-    assert sse.events[-1][1] == b"[DONE]"
+    assert sse.events[-1].data == "[DONE]"
     chunks = sse.payloads()
     assert len(chunks) == 5
     assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == "fake reply from alpha to: tell me a story"
-    times = [t for t, _ in sse.events]
+    times = [e.arrived for e in sse.events]
     assert times[4] - times[0] >= 0.6  # the first chunk came well before the last
     assert_incremental(times, 5, 0.2)
     assert (await router.model("alpha"))["in_flight"] == 0

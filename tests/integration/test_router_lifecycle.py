@@ -19,10 +19,10 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
+from tests.harness import Router, alive, chat_body, engine, marked_processes, wait_until
 from vllm_model_router.drivers import procs
 
 from .conftest import StartRouter, StartRouterProcess
-from .support import Router, alive, chat_body, engine, marked_processes, wait_until
 
 LOG = "vllm_model_router"
 
@@ -180,7 +180,7 @@ async def test_load_never_starts_while_the_evicted_model_is_still_stopping(
             overlaps.append((left, next_pid))
         if statuses["stubborn"] == "unloading" and len(more) < 5:
             more.append(asyncio.create_task(r.chat("next")))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # a sample of both states every 50 ms, until next is served
     reply = await task
     assert reply.status == 200
     assert more and {x.status for x in await asyncio.gather(*more)} == {200}
@@ -281,14 +281,12 @@ async def test_upstream_connection_lost_is_502_and_the_model_is_reloaded(start_r
 
 async def wait_engine_in_flight(r: Router, port: int, n: int, timeout: float = 5.0) -> None:
     """Until the fake engine on ``port`` itself counts ``n`` requests in flight."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def counted() -> bool:
         async with r.session.get(f"http://127.0.0.1:{port}/fake/state") as resp:
-            if (await resp.json())["in_flight"] == n:
-                return
-        if time.monotonic() > deadline:
-            pytest.fail(f"the engine on port {port} never had {n} requests in flight")
-        await asyncio.sleep(0.02)
+            return bool((await resp.json())["in_flight"] == n)
+
+    await wait_until(counted, timeout, f"{n} requests in flight on the engine on port {port}")
 
 
 async def test_engine_exiting_mid_stream_ends_the_stream_with_an_error_event(start_router: StartRouter) -> None:
@@ -296,7 +294,7 @@ async def test_engine_exiting_mid_stream_ends_the_stream_with_an_error_event(sta
     pid = pid_of(await r.chat("crashy"))  # non-streaming requests are fine
     sse = await r.stream(chat_body("crashy", stream=True))
     assert sse.status == 200
-    assert b"[DONE]" not in [data for _, data in sse.events]
+    assert "[DONE]" not in [e.data for e in sse.events]
     payloads = sse.payloads()
     assert len(payloads) == 3
     assert all(p["object"] == "chat.completion.chunk" for p in payloads[:2])
@@ -400,7 +398,7 @@ async def test_admin_unload_waits_for_in_flight_requests_and_force_does_not(star
 
 
 async def test_router_process_sigterm_stops_every_model(start_router_process: StartRouterProcess) -> None:
-    rp = await start_router_process(
+    r = await start_router_process(
         {
             "spawner": engine("--spawn-child", aliases=["sp"]),
             "stubborn": engine("--ignore-sigterm", "--spawn-child"),  # stop_timeout 1 s
@@ -408,7 +406,6 @@ async def test_router_process_sigterm_stops_every_model(start_router_process: St
         },
         capacity={"max_resident": 3},
     )
-    r = rp.router
     reply = await r.chat("sp")
     assert reply.status == 200
     assert reply.headers["x-fake-engine"] == "spawner"  # ${MODEL} became the served name
@@ -427,11 +424,11 @@ async def test_router_process_sigterm_stops_every_model(start_router_process: St
     assert (await r.model("slow"))["state"] == "loading"
 
     started = time.monotonic()
-    rp.proc.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(rp.proc.wait(), 15) == 0
+    r.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(r.proc.wait(), 15) == 0
     assert 1.0 <= time.monotonic() - started < 5  # stubborn needed its SIGKILL after stop_timeout
     assert marked_processes(r.marker) == {}
-    log = rp.log()
+    log = r.log()
     assert "Loading model spawner as served name spawner" in log
     assert "Loading model stubborn as served name stubborn" in log
     assert "Loading model slow as served name slow" in log

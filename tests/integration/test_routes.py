@@ -12,11 +12,9 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
+from tests.harness import CHAT, Router, araw_request, assert_envelope, chat_body, echo_model, engine, launch_router
 from tests.unit.test_routes import form
 from vllm_model_router.routes import INFERENCE_ROUTES
-
-from .resilience_support import Served, araw_request, assert_envelope, echo_model, served_router
-from .support import CHAT, chat_body, engine
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -43,9 +41,9 @@ HOSTILE = [
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def served() -> AsyncIterator[Served]:
-    async with served_router(MODELS, uuid.uuid4().hex, capacity={"max_resident": 2}) as s:
-        yield s
+async def served() -> AsyncIterator[Router]:
+    async with launch_router(MODELS, uuid.uuid4().hex, "served", capacity={"max_resident": 2}) as r:
+        yield r
 
 
 def post(path: str, body: bytes, content_type: str = "application/json") -> bytes:
@@ -54,23 +52,22 @@ def post(path: str, body: bytes, content_type: str = "application/json") -> byte
 
 
 @pytest.mark.parametrize("path", HOSTILE)
-async def test_no_spelling_of_a_path_reaches_an_engines_management_routes(served: Served, path: str) -> None:
-    router = served.router
-    assert (await router.chat("a")).status == 200  # resident, so a forwarded request would reach it
+async def test_no_spelling_of_a_path_reaches_an_engines_management_routes(served: Router, path: str) -> None:
+    assert (await served.chat("a")).status == 200  # resident, so a forwarded request would reach it
     body = json.dumps({"model": "a", "lora_name": "evil", "lora_path": "/etc", "level": 1}).encode()
-    reply = await araw_request(served.site.port, post(path, body))
+    reply = await araw_request(served.port, post(path, body))
     assert reply.status == 404, (path, reply.head, reply.body)
     assert assert_envelope(reply.body)["code"] == "unknown_route"
-    state = await router.engine_state("a")
+    state = await served.engine_state("a")
     assert state["sleeping_tags"] == [] and state["adapters"] == [], state
-    assert (await router.chat("a")).status == 200
-    assert (await router.model("a"))["state"] == "loaded"
+    assert (await served.chat("a")).status == 200
+    assert (await served.model("a"))["state"] == "loaded"
 
 
-async def test_metrics_label_only_forwarded_routes(served: Served) -> None:
+async def test_metrics_label_only_forwarded_routes(served: Router) -> None:
     for path in HOSTILE[:4]:
-        await araw_request(served.site.port, post(path, b'{"model": "a"}'))
-    metrics = await served.router.get("/metrics")
+        await araw_request(served.port, post(path, b'{"model": "a"}'))
+    metrics = await served.get("/metrics")
     endpoints = {line.split('endpoint="', 1)[1].split('"', 1)[0]
                  for line in metrics.body.decode().splitlines()
                  if line.startswith("router_requests_total{")}
@@ -78,27 +75,27 @@ async def test_metrics_label_only_forwarded_routes(served: Served) -> None:
     assert "other" in endpoints
 
 
-async def test_a_path_that_normalises_to_a_route_is_forwarded_to_its_canonical_spelling(served: Served) -> None:
+async def test_a_path_that_normalises_to_a_route_is_forwarded_to_its_canonical_spelling(served: Router) -> None:
     body = json.dumps(chat_body("echo")).encode()
     for path in ("/v1/x/../chat/completions?n=1", "/v1//chat//completions?n=1", "/v1/chat%2Fcompletions?n=1"):
-        reply = await araw_request(served.site.port, post(path, body))
+        reply = await araw_request(served.port, post(path, body))
         assert reply.status == 200, (path, reply.body)
         assert reply.json()["path_qs"] == "/v1/chat/completions?n=1"
 
 
-async def test_get_on_an_inference_route_is_405_and_unknown_v1_paths_404(served: Served) -> None:
-    reply = await araw_request(served.site.port, b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+async def test_get_on_an_inference_route_is_405_and_unknown_v1_paths_404(served: Router) -> None:
+    reply = await araw_request(served.port, b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                                                  b"Connection: close\r\n\r\n")
     assert reply.status == 405
-    reply = await araw_request(served.site.port, post("/v1/%ff%fe", b'{"model": "a"}'))
+    reply = await araw_request(served.port, post("/v1/%ff%fe", b'{"model": "a"}'))
     assert reply.status == 404
     assert_envelope(reply.body)
 
 
-async def test_audio_transcription_takes_its_model_from_the_form(served: Served) -> None:
+async def test_audio_transcription_takes_its_model_from_the_form(served: Router) -> None:
     audio = os.urandom(4096) + b"\r\n--XyZ-b0und4r"  # binary, with a near-boundary at its end
     body, ctype = form([("file", audio, "a.wav"), ("model", b"echo-alias", None), ("language", b"en", None)])
-    reply = await araw_request(served.site.port, post("/v1/audio/transcriptions", body, ctype))
+    reply = await araw_request(served.port, post("/v1/audio/transcriptions", body, ctype))
     assert reply.status == 200, reply.body
     seen = reply.json()
     assert seen["path_qs"] == "/v1/audio/transcriptions"
@@ -112,26 +109,41 @@ async def test_audio_transcription_takes_its_model_from_the_form(served: Served)
     ([("model", b"\xff\xfe", None)], "not valid UTF-8"),
     ([("model", b"x" * 5000, None)], "too long"),
 ])
-async def test_bad_forms_get_a_400(served: Served, fields: list[tuple[str, bytes, str | None]],
+async def test_bad_forms_get_a_400(served: Router, fields: list[tuple[str, bytes, str | None]],
                                    message: str) -> None:
     body, ctype = form(fields)
-    reply = await araw_request(served.site.port, post("/v1/audio/translations", body, ctype))
+    reply = await araw_request(served.port, post("/v1/audio/translations", body, ctype))
     assert reply.status == 400, reply.body
     assert message in assert_envelope(reply.body)["message"]
 
 
-async def test_a_form_without_a_boundary_gets_a_400(served: Served) -> None:
-    reply = await araw_request(served.site.port, post("/v1/audio/transcriptions", b"x", "multipart/form-data"))
+async def test_a_form_without_a_boundary_gets_a_400(served: Router) -> None:
+    reply = await araw_request(served.port, post("/v1/audio/transcriptions", b"x", "multipart/form-data"))
     assert reply.status == 400
     assert "boundary" in assert_envelope(reply.body)["message"]
 
 
-async def test_chat_still_forwards_with_its_query(served: Served) -> None:
-    reply = await araw_request(served.site.port, post(CHAT + "?a=%20b", json.dumps(chat_body("echo")).encode()))
+async def test_chat_still_forwards_with_its_query(served: Router) -> None:
+    reply = await araw_request(served.port, post(CHAT + "?a=%20b", json.dumps(chat_body("echo")).encode()))
     assert reply.status == 200 and reply.json()["path_qs"] == "/v1/chat/completions?a=%20b"
 
 
-async def test_routes_vllm_serves_at_its_root_are_forwarded_there(served: Served) -> None:
+async def test_routes_vllm_serves_at_its_root_are_forwarded_there(served: Router) -> None:
     for route, upstream in (("/v1/tokenize", "/tokenize"), ("/v1/pooling", "/pooling"), ("/v1/score", "/v1/score")):
-        reply = await araw_request(served.site.port, post(route, b'{"model": "echo", "prompt": "hi"}'))
+        reply = await araw_request(served.port, post(route, b'{"model": "echo", "prompt": "hi"}'))
         assert reply.status == 200 and reply.json()["path_qs"] == upstream, (route, reply.body)
+
+
+async def test_an_unknown_expectation_gets_a_417_envelope_and_100_continue_still_works(served: Router) -> None:
+    for path in (CHAT, "/health", "/admin/models"):
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nExpect: 0\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        reply = await araw_request(served.port, head.encode())
+        assert reply.status == 417, (path, reply.head, reply.body)
+        assert "Expect" in assert_envelope(reply.body)["message"]
+    body = json.dumps(chat_body("echo")).encode()
+    raw = (f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
+           f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    reply = await araw_request(served.port, raw)
+    assert reply.status == 100  # the interim answer first; the final one follows it
+    final = reply.body.split(b"\r\n\r\n", 1)
+    assert final[0].startswith(b"HTTP/1.1 200"), reply.body[:200]

@@ -5,12 +5,11 @@ whose answer has not begun gets a 503, and a client waiting for a load gets a 50
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
 from pathlib import Path
 
-from .support import RouterProcess, chat_body, engine, router_process
+from tests.harness import Router, chat_body, engine, launch_router
 
 GRACE = 2.0
 STOP_TIMEOUT = 1.0  # engine() default
@@ -19,9 +18,8 @@ SLACK = 2.0  # process start-up of the signal handler, the last event's write, i
 
 async def test_sigterm_cuts_what_outlasts_the_grace_and_answers_waiters(tmp_path: Path, marker: str) -> None:
     models = {"a": engine(), "slow": engine("--startup-delay", "30")}
-    async with router_process(tmp_path, models, marker, shutdown_grace=GRACE,
-                              capacity={"max_resident": 2}) as handle:
-        r = handle.router
+    async with launch_router(models, marker, "process", workdir=tmp_path, shutdown_grace=GRACE,
+                             capacity={"max_resident": 2}) as r:
         assert (await r.chat("a")).status == 200
         # a stream of 300 chunks at 0.1 s (30 s), a request that takes 30 s, and a client waiting for a load
         stream = asyncio.create_task(r.stream(chat_body("a", stream=True, fake={"chunks": 300, "chunk_delay": 0.1})))
@@ -30,7 +28,7 @@ async def test_sigterm_cuts_what_outlasts_the_grace_and_answers_waiters(tmp_path
         await r.wait_model("a", lambda v: v["in_flight"] == 2, what="two in flight")
         await r.wait_model("slow", lambda v: v["state"] == "loading" and v["waiting"] == 1, what="a waiter")
         started = time.monotonic()
-        handle.proc.send_signal(signal.SIGTERM)
+        r.proc.send_signal(signal.SIGTERM)
 
         waited = await asyncio.wait_for(waiting, GRACE)  # answered at once, not after the grace
         assert waited.status == 503, waited.body
@@ -39,19 +37,19 @@ async def test_sigterm_cuts_what_outlasts_the_grace_and_answers_waiters(tmp_path
         sse = await asyncio.wait_for(stream, GRACE + SLACK)
         cut_after = time.monotonic() - started
         assert sse.status == 200 and len(sse.payloads()) > 10
-        last = json.loads(sse.events[-1][1])
+        last = sse.events[-1].json()
         assert "shutting down" in last["error"]["message"] and last["error"]["code"] == 503
         assert GRACE - 0.2 <= cut_after < GRACE + SLACK
 
         reply = await asyncio.wait_for(long, GRACE + SLACK)
         assert reply.status == 503 and "shutting down" in reply.error["message"]
 
-        assert await asyncio.wait_for(handle.proc.wait(), GRACE + STOP_TIMEOUT + SLACK + 5) == 0
+        assert await asyncio.wait_for(r.proc.wait(), GRACE + STOP_TIMEOUT + SLACK + 5) == 0
         assert time.monotonic() - started < GRACE + STOP_TIMEOUT + SLACK
-        assert_shutdown_logged(handle)
+        assert_shutdown_logged(r)
 
 
-def assert_shutdown_logged(handle: RouterProcess) -> None:
-    log = handle.log()
+def assert_shutdown_logged(r: Router) -> None:
+    log = r.log()
     assert "were cut off" in log and "shutdown complete" in log
     assert "Traceback" not in log, log

@@ -10,8 +10,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.harness import Router, engine
+
 from .conftest import StartRouter
-from .support import Router, engine
 
 
 def sleeper(*args: str, **settings: Any) -> dict[str, Any]:

@@ -12,10 +12,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+from tests.harness import MARKER_VAR, alive, engine, wait_until
 from vllm_model_router.drivers import procs
 
 from .conftest import StartRouter
-from .support import MARKER_VAR, alive, engine, wait_until
 
 # A session leader with a child in its group and a child that moved to a group of its own; each writes
 # "<pid> <SIGNAME>" to the file in argv[1] for every SIGTERM it receives and exits 0.3 s later.

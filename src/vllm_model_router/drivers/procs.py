@@ -14,9 +14,52 @@ import signal
 import socket
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 _PROC = Path("/proc")
+
+
+@dataclass(frozen=True)
+class ProcessStat:
+    """The fields of ``/proc/<pid>/stat`` that tell which group and session a process is in, and which
+    process it is (a pid is reused; pid and start time are not)."""
+
+    pid: int
+    comm: str
+    state: str  # one letter: R, S, D, ... Z (zombie), X (dead)
+    ppid: int
+    pgrp: int
+    session: int
+    start_time: int  # clock ticks since boot
+
+    @property
+    def alive(self) -> bool:
+        """Not a zombie: a zombie has exited and holds nothing but its process-table entry."""
+        return self.state not in ("Z", "X")
+
+
+def read_stat(pid: int) -> ProcessStat | None:
+    """The process's stat line, None when there is no such process (or no /proc)."""
+    try:
+        text = (_PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # pid (comm) state ppid pgrp session ...; comm may contain spaces and parentheses
+    fields = text[text.rfind(")") + 2 :].split()  # fields[0] is field 3 (state)
+    if len(fields) < 20:
+        return None
+    return ProcessStat(pid, text[text.find("(") + 1 : text.rfind(")")], fields[0], int(fields[1]), int(fields[2]),
+                       int(fields[3]), int(fields[19]))
+
+
+def live_processes() -> Iterator[ProcessStat]:
+    """Every live (non-zombie) process in /proc (none where there is no /proc)."""
+    if not _PROC.is_dir():
+        return
+    for entry in _PROC.iterdir():
+        if entry.name.isdigit() and (stat := read_stat(int(entry.name))) is not None and stat.alive:
+            yield stat
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -44,7 +87,7 @@ def members_of_groups(pgids: Iterable[int]) -> list[int]:
                 continue
             alive.append(pgid)
         return alive
-    return [pid for pid, pgrp, session in _live_processes() if pgrp in wanted or session in wanted]
+    return [p.pid for p in live_processes() if p.pgrp in wanted or p.session in wanted]
 
 
 def strays(pgid: int) -> list[int]:
@@ -52,23 +95,7 @@ def strays(pgid: int) -> list[int]:
     not reach (empty where there is no /proc)."""
     if not _PROC.is_dir():
         return []
-    return [pid for pid, pgrp, session in _live_processes() if session == pgid and pgrp != pgid]
-
-
-def _live_processes() -> Iterator[tuple[int, int, int]]:
-    """(pid, process group, session) of every live (non-zombie) process in /proc."""
-    for entry in _PROC.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp session ...; comm may contain spaces and parentheses
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) < 4 or fields[0] in ("Z", "X"):
-            continue
-        yield int(entry.name), int(fields[2]), int(fields[3])
+    return [p.pid for p in live_processes() if p.session == pgid and p.pgrp != pgid]
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -118,11 +145,5 @@ def start_time(pid: int) -> int | None:
     """When the process started (field 22 of /proc/<pid>/stat, in clock ticks since boot): with the pid,
     it names one process for good, since a reused pid comes with a later start time. None when there is
     no such live (non-zombie) process."""
-    try:
-        stat = (_PROC / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()  # fields[0] is field 3 (state)
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
+    stat = read_stat(pid)
+    return stat.start_time if stat is not None and stat.alive else None
