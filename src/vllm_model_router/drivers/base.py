@@ -1,8 +1,9 @@
 """The one protocol every way of making a model resident implements.
 
-The process driver (this issue) spawns a server per model; later drivers (runtime LoRA adapters on a
-running vLLM, sleep/wake through vLLM's sleep mode) implement the same calls. The runtime never knows
-which one it talks to.
+The process driver spawns a server per model (and puts it to sleep and wakes it through vLLM's sleep
+mode); the adapter driver loads LoRA adapters into a running vLLM; the endpoint driver stands for the one
+vLLM of endpoint mode, which the router never starts. All implement the same calls, so the runtime never
+knows which one it talks to.
 """
 
 from __future__ import annotations

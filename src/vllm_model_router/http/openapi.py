@@ -6,8 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_model_router.routes import INFERENCE_ROUTES, MULTIPART_ROUTES
+from vllm_model_router.scheduler import State
 
-MODEL_STATES = ["unloaded", "loading", "loaded", "unloading", "failed"]
+MODEL_STATES = [s.value for s in State]  # the scheduler's own states, so the description never lags behind
+# /v1/models in endpoint mode: the engine's own models while the engine cannot be reached
+CARD_STATUSES = [*MODEL_STATES, "unavailable"]
 ERROR_STATUSES = {
     "400": "The body is not JSON, not an object, or `model` is missing or not a string",
     "401": "No key, or a wrong one, while `auth.api_keys` is set (`WWW-Authenticate: Bearer`)",
@@ -190,7 +193,7 @@ def openapi_spec(version: str) -> dict[str, Any]:
                                                  "stream": {"type": "boolean"}}},
         "ModelCard": {"type": "object", "properties": {
             "id": {"type": "string"}, "object": {"type": "string", "enum": ["model"]}, "created": {"type": "integer"},
-            "owned_by": {"type": "string"}, "status": {"type": "string", "enum": MODEL_STATES},
+            "owned_by": {"type": "string"}, "status": {"type": "string", "enum": CARD_STATUSES},
             "root": {"type": "string", "description": "For an alias: the model it names"}}},
         "ModelList": {"type": "object", "properties": {"object": {"type": "string", "enum": ["list"]},
                                                        "data": {"type": "array", "items": _ref("ModelCard")}}},
@@ -200,6 +203,8 @@ def openapi_spec(version: str) -> dict[str, Any]:
             "since": {"type": "number", "description": "Unix time of the last state change"},
             "last_used": {"type": "number", "nullable": True, "description": "Unix time a request last finished"},
             "in_flight": {"type": "integer"}, "waiting": {"type": "integer"}, "draining": {"type": "boolean"},
+            "resident": {"type": "boolean", "description": "Holds its memory and a place against max_resident: "
+                         "loading, loaded, waking, falling asleep or still stopping"},
             "pinned": {"type": "boolean"}, "memory_gb": {"type": "number"}, "loads": {"type": "integer"},
             "failures": {"type": "integer"}, "last_error": {"type": "string", "nullable": True},
             "pid": {"type": "integer", "nullable": True}, "port": {"type": "integer", "nullable": True}},
