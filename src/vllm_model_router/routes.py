@@ -86,6 +86,9 @@ class RouteTable:
 
     def match(self, raw: str) -> str | None:
         """The forwarded route ``raw`` names once made canonical, else None."""
+        path = raw.partition("?")[0]
+        if path in self._upstream:  # already canonical: the usual case, without decoding anything
+            return path
         path = canonical_path(raw)
         return path if path is not None and path in self._upstream else None
 
