@@ -86,9 +86,9 @@ class RouteTable:
 
     def match(self, raw: str) -> str | None:
         """The forwarded route ``raw`` names once made canonical, else None."""
-        path = raw.partition("?")[0]
-        if path in self._upstream:  # already canonical: the usual case, without decoding anything
-            return path
+        plain = raw.partition("?")[0]
+        if plain in self._upstream:  # already canonical: the usual case, without decoding anything
+            return plain
         path = canonical_path(raw)
         return path if path is not None and path in self._upstream else None
 
