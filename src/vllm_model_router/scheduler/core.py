@@ -82,10 +82,7 @@ class Scheduler(Planner):
         return out
 
     def view(self) -> list[ModelView]:
-        waiting: dict[str, int] = {}
-        for w in self._waiting.values():
-            waiting[w.model] = waiting.get(w.model, 0) + 1
-        return [ModelView.of(m, waiting.get(m.name, 0)) for m in self._models.values()]
+        return [ModelView.of(m, self._waiting.count(m.name)) for m in self._models.values()]
 
     def state_of(self, model: str) -> State:
         return self._models[model].state
@@ -112,7 +109,7 @@ class Scheduler(Planner):
                                       retry_after=self.config.retry_after))
                 else:
                     self._seq += 1
-                    self._waiting[req_id] = Waiter(req_id, model, now, self._seq)
+                    self._waiting.add(Waiter(req_id, model, now, self._seq))
             case RequestCancelled(req_id) | RequestFinished(req_id):
                 self._release(req_id, now)
             case LoadDone(model, ok, error, status):
@@ -184,8 +181,7 @@ class Scheduler(Planner):
                 raise TypeError(f"unknown event {event!r}")
 
     def _queue_full(self, m: ModelRecord) -> bool:
-        waiting_here = sum(1 for w in self._waiting.values() if w.model == m.name)
-        return waiting_here >= m.spec.max_waiting or len(self._waiting) >= self.config.max_waiting_total
+        return self._waiting.count(m.name) >= m.spec.max_waiting or len(self._waiting) >= self.config.max_waiting_total
 
     def _load_done(self, m: ModelRecord, ok: bool, error: str, status: int, now: float, out: list[Effect]) -> None:
         if m.state is not State.LOADING:

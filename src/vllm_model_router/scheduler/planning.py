@@ -11,9 +11,13 @@ from dataclasses import dataclass, field
 
 from vllm_model_router.scheduler.effects import Effect, Reject, TimerAt
 from vllm_model_router.scheduler.eviction import Occupant, choose_placement
+from vllm_model_router.scheduler.index import in_table_order
 from vllm_model_router.scheduler.records import ModelRecord, Waiter
 from vllm_model_router.scheduler.residency import TIMED_OUT, Residency
 from vllm_model_router.scheduler.states import RESIDENT, STARTING, WANTS_IN, State, StopReason
+
+AWAKE = RESIDENT - {State.UNLOADING}
+"""What step 3 counts against a budget: resident and not already on its way out."""
 
 
 @dataclass(slots=True)
@@ -48,10 +52,11 @@ class Planner(Residency):
         """A waiter older than ``load_timeout`` gets 504; a load (or wake) older than ``load_timeout`` is
         stopped, the model is left failed and its waiters get 504."""
         timeout = self.config.load_timeout
-        for w in [w for w in self._waiting.values() if p.now - w.arrived >= timeout]:
-            del self._waiting[w.req_id]
+        for w in self._waiting.older_than(p.now, timeout):
+            self._waiting.pop(w.req_id)
             p.out.append(Reject(w.req_id, w.model, 504, f"{TIMED_OUT} {w.model} after {timeout:g}s"))
-        for m in list(self._models.values()):
+        for m in in_table_order(self._index.in_state(*STARTING)):
+            # (a base stopped just before takes its adapters with it)
             if m.state in STARTING and m.load_started is not None and p.now - m.load_started >= timeout:
                 m.failures += 1
                 m.last_error = f"{TIMED_OUT}: not ready after {timeout:g}s"
@@ -66,9 +71,11 @@ class Planner(Residency):
     def _trim(self, p: Pass) -> None:
         """A domain over its budget (models loaded behind the router's back) stops idle members, least
         recently used first, until it fits again."""
-        for domain in [None, *(m.name for m in self._models.values() if m.state is State.LOADED)]:
+        for domain in [None, *(m.name for m in self._index.bases() if m.state is State.LOADED)]:
             members, budget = self._domain(domain)
-            members = [m for m in members if m.state in RESIDENT and m.state is not State.UNLOADING]
+            if budget.memory_gb is None and self._index.count_holders(domain, AWAKE) <= budget.max_resident:
+                continue  # within its count, and memory is not limited: nothing to trim
+            members = [m for m in members if m.state in AWAKE]
             over = len(members) - budget.max_resident
             if budget.memory_gb is not None:
                 over = max(over, 1 if sum(m.memory_gb for m in members) > budget.memory_gb + 1e-9 else 0)
@@ -83,9 +90,7 @@ class Planner(Residency):
         """Bring in what waiters need, by priority and then in the order of each model's oldest waiter. A
         load that must wait for room blocks the ones after it (no overtaking), so a big model cannot
         starve behind small ones."""
-        oldest: dict[str, Waiter] = {}
-        for w in self._waiting.values():
-            oldest.setdefault(w.model, w)
+        oldest = self._waiting.firsts()
         by_priority = sorted(oldest.items(), key=lambda kv: (-self._models[kv[0]].spec.priority, kv[1].seq))
         for name, first in by_priority:
             target = self._load_target(self._models[name], first)
@@ -121,30 +126,34 @@ class Planner(Residency):
             # others' use leaves no GPU where it could ever fit: plan as if it were not there, and let the
             # start-time check name the processes that hold the memory (a 503, not a long wait)
             budget = self._nominal
-        placement, victims = choose_placement(need, self._occupants(members), [], budget, options)
+        occupants = self._occupants(members)
+        placement, victims = choose_placement(need, occupants, [], budget, options)
         if victims == []:  # (a)
             self._bring_in(target, placement, p.now, p.out)
             return True
         # what is already stopping (or falling asleep) will free its share: only evict more if that is
         # not enough
+        known = {o.name: o for o in occupants}
         staying = [
             Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False) if m.state is State.FALLING_ASLEEP
-            else self._occupant(m)
+            else known[m.name]
             for m in members if m.state is not State.UNLOADING
         ]
         loaded = [m for m in members if m.state is State.LOADED and not m.pinned]
         idle = [m for m in loaded if not self._busy(m)]
         if p.now - first.arrived < self.config.max_wait:  # before the fairness bound models in steady use stay
             hot = [m for m in idle if self._hot(m, p.now)]
-            idle = [m for m in idle if m not in hot]
-            p.cooling += [self._hot_until(m) for m in hot]
+            if hot:
+                idle = [m for m in idle if not self._hot(m, p.now)]
+                p.cooling += [self._hot_until(m) for m in hot]
         sleepers = [m for m in members if m.state is State.SLEEPING and not m.pinned]
-        placement, victims = choose_placement(need, staying, self._candidates(idle, sleepers), budget, options)
+        placement, victims = choose_placement(need, staying, self._candidates(idle, sleepers, known=known), budget,
+                                              options)
         sleep = True
         if victims is None:  # residues in the way: stopping instead of sleeping may be enough
             sleep = False
             placement, victims = choose_placement(
-                need, staying, self._candidates(idle, sleepers, sleep=False), budget, options)
+                need, staying, self._candidates(idle, sleepers, sleep=False, known=known), budget, options)
         if victims == []:  # room is on its way: start on the StopDone / SleepDone
             return False
         if victims:  # (b)
@@ -155,7 +164,8 @@ class Planner(Residency):
         # victims stop taking requests newer than it (they drain), so the load cannot starve
         p.blocked_since = first.arrived
         if p.now - first.arrived >= self.config.max_wait:
-            _, needed = choose_placement(need, staying, self._candidates(loaded, sleepers), budget, options)
+            _, needed = choose_placement(need, staying, self._candidates(loaded, sleepers, known=known), budget,
+                                         options)
             for v in needed or []:
                 p.drain[v] = min(p.drain.get(v, first.seq), first.seq)
         return False
@@ -163,10 +173,8 @@ class Planner(Residency):
     # (5) ------------------------------------------------------------------------------------------
     def _expire_ttl(self, p: Pass) -> None:
         """A model idle longer than its ttl, with nobody waiting for it, is unloaded."""
-        for m in self._models.values():
-            if self._ttl_applies(m) and self._idle_for(m, p.now) >= m.spec.ttl and not any(
-                w.model == m.name for w in self._waiting.values()
-            ):
+        for m in in_table_order(self._index.timed()):
+            if self._ttl_applies(m) and self._idle_for(m, p.now) >= m.spec.ttl and not self._waiting.count(m.name):
                 self._stop(m, StopReason.TTL, f"idle for {m.spec.ttl:g}s (ttl)", p.now, p.out)
 
     # (6) ------------------------------------------------------------------------------------------
@@ -175,7 +183,7 @@ class Planner(Residency):
         budget = self.config.host_memory_gb
         if budget is None:
             return
-        for m in self._lru(m for m in self._models.values() if m.state is State.SLEEPING and m.asleep_level == 1):
+        for m in self._lru(m for m in self._index.in_state(State.SLEEPING) if m.asleep_level == 1):
             if self.host_usage() <= budget + 1e-9:
                 break
             self._stop(m, StopReason.HOST_BUDGET, "host memory budget for sleeping models exceeded", p.now, p.out)
@@ -187,30 +195,33 @@ class Planner(Residency):
         A drain holds back only requests newer than the starved waiter: older ones for a draining model
         are still served (otherwise a base drained for a newer request could be reloaded for an older
         adapter request, and so on for ever)."""
-        for m in self._models.values():
-            if m.state is State.LOADED and m.unload_requested:
-                if self._busy(m):
-                    p.drain[m.name] = -1
-                else:
-                    self._stop(m, StopReason.OPERATOR, "unloaded by operator", p.now, p.out)
-        for m in self._models.values():
-            m.drain_seq = p.drain.get(m.name) if m.state is State.LOADED else None
+        for m in in_table_order([m for m in self._index.in_state(State.LOADED) if m.unload_requested]):
+            if m.state is not State.LOADED:
+                continue  # its base was stopped just before, and took it along
+            if self._busy(m):
+                p.drain[m.name] = -1
+            else:
+                self._stop(m, StopReason.OPERATOR, "unloaded by operator", p.now, p.out)
+        # only a loaded model drains (leaving ``loaded`` lifts the drain, see ``_set_state``), and only this
+        # step sets a drain: the ones to settle are those it set last time and those it sets now
+        for name in self._draining | p.drain.keys():
+            m = self._models[name]
+            m.drain_seq = p.drain.get(name) if m.state is State.LOADED else None
+        self._draining = {name for name in p.drain if self._models[name].state is State.LOADED}
 
     # (9) ------------------------------------------------------------------------------------------
     def _arm_timer(self, p: Pass) -> None:
         """Ask for a Tick at the earliest deadline: a waiter's or a load's timeout, the fairness bound of a
         blocked load, a hot model cooling down, a ttl running out."""
         cfg = self.config
-        deadlines = [w.arrived + cfg.load_timeout for w in self._waiting.values()]
-        deadlines += [
-            m.load_started + cfg.load_timeout
-            for m in self._models.values()
-            if m.state in STARTING and m.load_started is not None
-        ]
+        first = self._waiting.first_arrival()
+        deadlines = [] if first is None else [first + cfg.load_timeout]
+        deadlines += [m.load_started + cfg.load_timeout for m in self._index.in_state(*STARTING)
+                      if m.load_started is not None]
         if p.blocked_since is not None and p.now - p.blocked_since < cfg.max_wait:
             deadlines.append(p.blocked_since + cfg.max_wait)
         deadlines += [t for t in p.cooling if t > p.now]
-        deadlines += [max(m.last_used, m.since) + m.spec.ttl for m in self._models.values() if self._ttl_applies(m)]
+        deadlines += [max(m.last_used, m.since) + m.spec.ttl for m in self._index.timed() if self._ttl_applies(m)]
         when = min(deadlines) if deadlines else None
         if when is not None and when != self._timer:
             p.out.append(TimerAt(when))

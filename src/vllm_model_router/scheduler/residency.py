@@ -4,29 +4,37 @@
 stop, put to sleep, grant, release) with the bookkeeping that must never be forgotten along the way: a
 base that leaves ``loaded`` takes its adapters with it, a request on an adapter is in flight on its base
 too. The planning pass (planning.py) and the event handling (core.py) are built from these moves.
+
+The table has indexes (index.py: models by state and by domain, adapters by base; waiting.py: waiters per
+model), so that a pass costs in proportion to what it looks at rather than to the number of configured
+models. ``_set_state`` is the one place a model changes state, and it keeps the index in step.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from vllm_model_router.scheduler.effects import Effect, Grant, Reject, SleepModel, StartLoad, StopModel, WakeModel
 from vllm_model_router.scheduler.events import ModelSpec
 from vllm_model_router.scheduler.eviction import Budget, Candidate, Occupant
-from vllm_model_router.scheduler.records import ModelRecord, Waiter
+from vllm_model_router.scheduler.index import TIMED, ModelIndex, in_table_order
+from vllm_model_router.scheduler.records import ModelRecord
 from vllm_model_router.scheduler.states import (
     HOLDS_CAPACITY,
     LOADABLE,
+    RESIDENT,
     STARTING,
     State,
     StopReason,
     holds_residue_only,
     is_resident,
 )
+from vllm_model_router.scheduler.waiting import WaitQueue
 
 TIMED_OUT = "Timed out waiting for model to load"
+CHURNING = (State.LOADING, State.UNLOADING)  # an adapter on its way in or out keeps its base busy
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,25 +61,28 @@ class Residency:
         self.budget = Budget(config.max_resident, config.memory_gb, dict(config.gpu_memory_gb or {}))
         self._nominal = self.budget  # without what other processes hold (see GpuUsage)
         self._models: dict[str, ModelRecord] = {}
+        self._index = ModelIndex()  # who is in which state and domain: the passes never scan the table
         for name, spec in config.models.items():
             self._add(name, spec if isinstance(spec, ModelSpec) else ModelSpec(memory_gb=spec), now)
         for name, at in (config.last_used or {}).items():
             if name in self._models:
                 self._models[name].last_used = at
-        self._waiting: dict[int, Waiter] = {}  # insertion order = arrival order
+        self._waiting = WaitQueue()
         self._granted: dict[int, str] = {}
         self._seq = 0
+        self._draining: set[str] = set()  # the models step 7 left draining
         self._timer: float | None = None  # when the last TimerAt asked for a Tick
 
     # ------------------------------------------------------------------ queries
     def resident(self) -> list[str]:
         """The resident models (see ``states.RESIDENT``): those holding a place against max_resident."""
-        return [m.name for m in self._models.values() if is_resident(m.state, m.spec.external, m.asleep_level)]
+        return [m.name for m in in_table_order(self._index.in_state(*RESIDENT))
+                if is_resident(m.state, m.spec.external, m.asleep_level)]
 
     def host_usage(self) -> float:
         """Host RAM the level-1 sleepers' weights take (those being stopped excluded: on their way out)."""
-        return sum(m.spec.weights_gb for m in self._models.values()
-                   if m.state in (State.SLEEPING, State.FALLING_ASLEEP) and m.asleep_level == 1)
+        return sum(m.spec.weights_gb for m in in_table_order(self._index.in_state(State.SLEEPING, State.FALLING_ASLEEP))
+                   if m.asleep_level == 1)
 
     # ------------------------------------------------------------ the table
     def _add(self, name: str, spec: ModelSpec, now: float) -> None:
@@ -81,12 +92,15 @@ class Residency:
         if spec.external:
             m.state = State.LOADED
         self._models[name] = m
+        self._index.added(m, self._models[spec.base] if spec.base is not None else None)
 
-    def _children(self, base: ModelRecord) -> list[ModelRecord]:
-        return [m for m in self._models.values() if m.base == base.name]
+    def _children(self, base: ModelRecord) -> Sequence[ModelRecord]:
+        return self._index.children(base)
 
     def _set_state(self, m: ModelRecord, state: State, now: float) -> None:
+        self._index.moving(m)
         m.state = state
+        self._index.moved(m)
         m.since = now
         if state not in STARTING:
             m.load_started = None
@@ -114,15 +128,13 @@ class Residency:
 
     def _grant(self, now: float, out: list[Effect]) -> None:
         """Grant every waiter whose model (and base) admits it, in arrival order."""
-        for w in list(self._waiting.values()):
-            m = self._models[w.model]
-            if self._servable(m, w.seq):
-                del self._waiting[w.req_id]
-                self._grant_one(w.req_id, m, now)
-                out.append(Grant(w.req_id, m.name))
+        for w in self._waiting.admitted(lambda model, seq: self._servable(self._models[model], seq)):
+            self._waiting.pop(w.req_id)
+            self._grant_one(w.req_id, self._models[w.model], now)
+            out.append(Grant(w.req_id, w.model))
 
     def _release(self, req_id: int, now: float) -> None:
-        if self._waiting.pop(req_id, None) is not None:
+        if self._waiting.pop(req_id) is not None:
             return
         model = self._granted.pop(req_id, None)
         if model is not None:
@@ -135,8 +147,8 @@ class Residency:
                 base.last_used = now
 
     def _reject_waiters(self, m: ModelRecord, status: int, message: str, out: list[Effect]) -> None:
-        for w in [w for w in self._waiting.values() if w.model == m.name]:
-            del self._waiting[w.req_id]
+        for w in self._waiting.of(m.name):
+            self._waiting.pop(w.req_id)
             out.append(Reject(w.req_id, m.name, status, message))
 
     def _servable(self, m: ModelRecord, seq: int) -> bool:
@@ -184,15 +196,13 @@ class Residency:
         """In flight, or (for a base) an adapter of it is being loaded or unloaded."""
         if m.in_flight:
             return True
-        return any(c.state in (State.LOADING, State.UNLOADING) for c in self._children(m))
+        return self._index.count_adapters(m, CHURNING) > 0
 
     def _domain(self, base: str | None) -> tuple[list[ModelRecord], Budget]:
-        """The models that share a budget, and that budget: the top-level models and the global one, or a
-        base's adapters and its ``max_adapters``."""
-        members = [
-            m for m in self._models.values()
-            if m.base == base and not m.spec.external and m.state in HOLDS_CAPACITY
-        ]
+        """The models that share a budget and hold capacity in it (in table order), and that budget: the
+        top-level models and the global one, or a base's adapters and its ``max_adapters``. The caller must
+        not change the list."""
+        members = self._index.holders(base)
         if base is None:
             return members, self.budget
         return members, Budget(self._models[base].spec.max_adapters, None)
@@ -207,15 +217,17 @@ class Residency:
         return [self._occupant(m) for m in models]
 
     def _candidates(self, loaded: Iterable[ModelRecord], sleepers: Iterable[ModelRecord],
-                    sleep: bool = True) -> list[Candidate]:
+                    sleep: bool = True, known: Mapping[str, Occupant] | None = None) -> list[Candidate]:
         """Ways to make room, in order: idle awake models, least recently used first (put to sleep when
-        they can sleep and ``sleep``, else stopped), then sleepers, least recently used first (stopped)."""
+        they can sleep and ``sleep``, else stopped), then sleepers, least recently used first (stopped).
+        ``known``: their occupants, where the caller has them already."""
+        known = known or {}
         out = []
         for m in self._lru(loaded):
             can_sleep = sleep and m.spec.sleep_level
             asleep = Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False) if can_sleep else None
-            out.append(Candidate(self._occupant(m), asleep))
-        out += [Candidate(self._occupant(m)) for m in self._lru(sleepers)]
+            out.append(Candidate(known.get(m.name) or self._occupant(m), asleep))
+        out += [Candidate(known.get(m.name) or self._occupant(m)) for m in self._lru(sleepers)]
         return out
 
     def _options(self, m: ModelRecord) -> list[tuple[int, ...]]:
@@ -258,4 +270,4 @@ class Residency:
 
     def _ttl_applies(self, m: ModelRecord) -> bool:
         """Whether ``m``'s ttl clock runs now: it has one, is not pinned, is loaded or asleep, and idle."""
-        return m.spec.ttl > 0 and not m.pinned and m.state in (State.LOADED, State.SLEEPING) and not self._busy(m)
+        return m.spec.ttl > 0 and not m.pinned and m.state in TIMED and not self._busy(m)

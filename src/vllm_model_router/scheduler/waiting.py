@@ -1,0 +1,109 @@
+"""The waiting requests: one queue in arrival order, and beside it each model's own queue.
+
+The planning pass asks "who waits for this model?", "which models have waiters, and who is first?" and
+"who has waited too long?" after every event; a single list would answer each by walking every waiter.
+The per-model queues answer the first two directly, and since the scheduler's clock never goes back,
+the oldest waiters are at the front of the arrival order, which answers the third.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from vllm_model_router.scheduler.records import Waiter
+
+
+class WaitQueue:
+    """Waiters by request id, in arrival order, and per model in arrival order."""
+
+    def __init__(self) -> None:
+        self._all: dict[int, Waiter] = {}  # insertion order = arrival order
+        self._by_model: dict[str, dict[int, Waiter]] = {}
+
+    def add(self, w: Waiter) -> None:
+        self._all[w.req_id] = w
+        self._by_model.setdefault(w.model, {})[w.req_id] = w
+
+    def pop(self, req_id: int) -> Waiter | None:
+        w = self._all.pop(req_id, None)
+        if w is not None:
+            queue = self._by_model[w.model]
+            del queue[req_id]
+            if not queue:
+                del self._by_model[w.model]
+        return w
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def __bool__(self) -> bool:
+        return bool(self._all)
+
+    def __contains__(self, req_id: int) -> bool:
+        return req_id in self._all
+
+    def __iter__(self) -> Iterator[Waiter]:
+        """Every waiter, in arrival order."""
+        return iter(self._all.values())
+
+    def of(self, model: str) -> list[Waiter]:
+        """``model``'s waiters, in arrival order."""
+        return list(self._by_model.get(model, {}).values())
+
+    def count(self, model: str) -> int:
+        return len(self._by_model.get(model, ()))
+
+    def firsts(self) -> dict[str, Waiter]:
+        """Each model with waiters, and its oldest waiter."""
+        return {model: next(iter(queue.values())) for model, queue in self._by_model.items()}
+
+    def admitted(self, admits: Callable[[str, int], bool]) -> list[Waiter]:
+        """The waiters that ``admits(model, seq)`` lets through, in arrival order. A model admits its
+        waiters up to some arrival (a drain holds back the newer ones), so they are the front of its
+        queue: the walk stops at each model's first refusal."""
+        out: list[Waiter] = []
+        for model, queue in self._by_model.items():
+            for w in queue.values():
+                if not admits(model, w.seq):
+                    break
+                out.append(w)
+        return sorted(out, key=lambda w: w.seq)
+
+    def older_than(self, now: float, age: float) -> list[Waiter]:
+        """The waiters that have waited ``age`` or longer at ``now``: a prefix of the arrival order."""
+        out = []
+        for w in self._all.values():
+            if now - w.arrived < age:
+                break
+            out.append(w)
+        return out
+
+    def first_arrival(self) -> float | None:
+        """When the oldest waiter arrived (None: nobody waits)."""
+        return next(iter(self._all.values())).arrived if self._all else None
+
+
+class ScanningWaitQueue(WaitQueue):
+    """The same answers, found by walking every waiter: the reference the property tests hold the queue
+    to (and one that does not rely on the clock never going back)."""
+
+    def of(self, model: str) -> list[Waiter]:
+        return [w for w in self._all.values() if w.model == model]
+
+    def count(self, model: str) -> int:
+        return len(self.of(model))
+
+    def firsts(self) -> dict[str, Waiter]:
+        out: dict[str, Waiter] = {}
+        for w in self._all.values():
+            out.setdefault(w.model, w)
+        return out
+
+    def admitted(self, admits: Callable[[str, int], bool]) -> list[Waiter]:
+        return [w for w in self._all.values() if admits(w.model, w.seq)]
+
+    def older_than(self, now: float, age: float) -> list[Waiter]:
+        return [w for w in self._all.values() if now - w.arrived >= age]
+
+    def first_arrival(self) -> float | None:
+        return min((w.arrived for w in self._all.values()), default=None)
