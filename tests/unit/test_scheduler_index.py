@@ -8,7 +8,9 @@ from __future__ import annotations
 from hypothesis import given
 
 from vllm_model_router.scheduler import Effect, Event, Scheduler, SchedulerConfig, State
+from vllm_model_router.scheduler.eviction import Usage
 from vllm_model_router.scheduler.index import ScanningIndex
+from vllm_model_router.scheduler.states import WANTS_IN
 from vllm_model_router.scheduler.waiting import ScanningWaitQueue
 
 from .test_scheduler_properties import SameWorld, ops, run_world, settings
@@ -53,10 +55,20 @@ class CheckedIndexes(Scheduler):
                 assert index.holders(m.name) == scan.holders(m.name), f"{where}: holders under {m.name}"
             for states in ([s] for s in State):
                 assert index.count_holders(m.base, states) == scan.count_holders(m.base, states), where
+                assert index.holders_gb(m.base, states) == scan.holders_gb(m.base, states), where
         assert index.holders(None) == scan.holders(None), f"{where}: top-level holders"
         assert list(index.bases()) == scan.bases(), f"{where}: bases"
         for m in self._models.values():  # what lets step 7 reset the drains of loaded models only
             assert m.state is State.LOADED or m.drain_seq is None, f"{where}: {m.name} drains while {m.state}"
+        for domain in [None, *(m.name for m in self._models.values() if m.base is None)]:
+            for m in [None, *self._models.values()]:
+                for mine, scanned in ((index.held(domain, m), scan.held(domain, m)),
+                                      (index.staying(domain, m), scan.staying(domain, m))):
+                    assert totals(mine) == totals(scanned), f"{where}: what {domain} holds but {m}"
+            for s in (State.LOADED, State.SLEEPING):
+                assert list(index.lru(domain, s)) == list(scan.lru(domain, s)), f"{where}: {domain} {s} by lru"
+        for s in State:
+            assert set(index.names_in(s)) == set(scan.names_in(s)), f"{where}: names {s}"
         assert {m.name for m in index.timed()} == {m.name for m in scan.timed()}, f"{where}: timed"
         for s in State:
             assert {m.name for m in index.in_state(s)} == {m.name for m in scan.in_state(s)}, f"{where}: {s}"
@@ -64,9 +76,17 @@ class CheckedIndexes(Scheduler):
         self.scan_waiting._all = dict(waiting._all)
         reference = self.scan_waiting
         assert waiting.firsts() == reference.firsts(), f"{where}: first waiters"
+        reference._priority = waiting._priority
+        among = [index.names_in(s) for s in WANTS_IN]
+        assert list(waiting.in_planning_order(among)) == list(reference.in_planning_order(among)), where
         for m in self._models:
             assert waiting.of(m) == reference.of(m), f"{where}: waiters of {m}"
         assert waiting.first_arrival() == reference.first_arrival(), f"{where}: first arrival"
+
+
+def totals(u: Usage) -> tuple[int, float, dict[int, float]]:
+    """A domain's totals, GPUs that hold nothing left out (kept up to date, they stay at 0)."""
+    return u.count, u.pool_gb, {g: gb for g, gb in u.gpu_gb.items() if gb}
 
 
 @given(ops=ops, **settings)

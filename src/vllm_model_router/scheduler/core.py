@@ -109,7 +109,7 @@ class Scheduler(Planner):
                                       retry_after=self.config.retry_after))
                 else:
                     self._seq += 1
-                    self._waiting.add(Waiter(req_id, model, now, self._seq))
+                    self._waiting.add(Waiter(req_id, model, now, self._seq), m.spec.priority)
             case RequestCancelled(req_id) | RequestFinished(req_id):
                 self._release(req_id, now)
             case LoadDone(model, ok, error, status):
@@ -158,9 +158,9 @@ class Scheduler(Planner):
                 base = self._models[m.base] if m.base else None
                 if m.state in LOADABLE and (base is None or base.state is State.LOADED):
                     m.out_of_band += 1
-                    self._set_state(m, State.LOADED, now)
                     if base is None:
-                        m.placed = gpus
+                        m.placed = gpus  # before the move: the index counts its memory on these GPUs
+                    self._set_state(m, State.LOADED, now)
             case ModelAdded(model, spec):
                 if model not in self._models:
                     self._add(model, spec, now)
@@ -220,10 +220,8 @@ class Scheduler(Planner):
         """Start (or wake) ``m`` only if it fits next to everything without evicting anything."""
         if m.state not in WANTS_IN or m.base is not None:
             return
-        members, budget = self._domain(None)
-        members = [x for x in members if x is not m]
         options = [m.placed] if m.state is State.SLEEPING and m.placed else self._options(m)
-        placement, victims = choose_placement(m.memory_gb, self._occupants(members), [], budget, options)
+        placement, victims = choose_placement(m.memory_gb, self._index.held(None, but=m), [], self.budget, options)
         if victims == []:
             self._bring_in(m, placement, now, out)
 

@@ -1,8 +1,12 @@
-"""Victim choice, as a pure function. It must not log or mutate: the core calls it speculatively."""
+"""Victim choice, as pure functions. They must not log or mutate: the core calls them speculatively.
+
+They read what holds capacity as totals (``Usage``) and the eviction candidates as an iterable in
+eviction order, read no further than needed: a planning pass then costs in proportion to the victims it
+looks at, not to the number of models in the domain."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -34,25 +38,56 @@ class Candidate:
         return self.occupant.name
 
 
-def _over(occupied: Sequence[Occupant], need_gb: float, budget: Budget, placement: tuple[int, ...]) -> set[str]:
+@dataclass(slots=True)
+class Usage:
+    """What a set of occupants holds in total: how many count against ``max_resident``, the memory in the
+    single pool, and the memory on each GPU. Asking "does one more fit?" of the totals costs the same
+    however many models hold capacity; the scheduler keeps them up to date as models come and go."""
+
+    count: int = 0
+    pool_gb: float = 0.0
+    gpu_gb: dict[int, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, occupants: Iterable[Occupant]) -> Usage:
+        u = cls()
+        for o in occupants:
+            u.add(o)
+        return u
+
+    def copy(self) -> Usage:
+        return Usage(self.count, self.pool_gb, dict(self.gpu_gb))
+
+    def add(self, o: Occupant, sign: int = 1) -> None:
+        """Count ``o`` in (``sign`` -1: take it out)."""
+        if o.counts:
+            self.count += sign
+        self.pool_gb += sign * o.memory_gb
+        for g in o.gpus:
+            self.gpu_gb[g] = self.gpu_gb.get(g, 0.0) + sign * o.memory_gb
+
+    def remove(self, o: Occupant) -> None:
+        self.add(o, -1)
+
+
+def _over(usage: Usage, need_gb: float, budget: Budget, placement: tuple[int, ...]) -> set[str]:
     """What is over budget if the target came in: "count", and "pool" or each GPU ("gpu:N")."""
     over: set[str] = set()
-    if sum(1 for o in occupied if o.counts) + 1 > budget.max_resident:
+    if usage.count + 1 > budget.max_resident:
         over.add("count")
     if budget.gpu_memory_gb and placement:
         for g in placement:
-            used = sum(o.memory_gb for o in occupied if g in o.gpus)
-            if used + need_gb > budget.gpu_memory_gb.get(g, 0.0) + 1e-9:
+            if usage.gpu_gb.get(g, 0.0) + need_gb > budget.gpu_memory_gb.get(g, 0.0) + 1e-9:
                 over.add(f"gpu:{g}")
     elif budget.memory_gb is not None:
-        if sum(o.memory_gb for o in occupied) + need_gb > budget.memory_gb + 1e-9:
+        if usage.pool_gb + need_gb > budget.memory_gb + 1e-9:
             over.add("pool")
     return over
 
 
-def fits(occupied: Sequence[Occupant], need_gb: float, budget: Budget, placement: tuple[int, ...] = ()) -> bool:
-    """Would one more model needing ``need_gb`` (on each GPU of ``placement``) fit next to ``occupied``?"""
-    return not _over(occupied, need_gb, budget, placement)
+def fits(usage: Usage, need_gb: float, budget: Budget, placement: tuple[int, ...] = ()) -> bool:
+    """Would one more model needing ``need_gb`` (on each GPU of ``placement``) fit next to ``usage``?"""
+    return not _over(usage, need_gb, budget, placement)
 
 
 def _helps(c: Candidate, over: set[str]) -> bool:
@@ -70,31 +105,53 @@ def _candidate(c: Occupant | Candidate) -> Candidate:
     return c if isinstance(c, Candidate) else Candidate(c)
 
 
+class _Pulled:
+    """Candidates read from an iterable only as far as someone asks, and remembered, so that several
+    placements can walk the same order without building all of it."""
+
+    def __init__(self, candidates: Iterable[Occupant | Candidate]) -> None:
+        self._source: Iterator[Occupant | Candidate] = iter(candidates)
+        self.seen: list[Candidate] = []
+
+    def __iter__(self) -> Iterator[Candidate]:
+        i = 0
+        while True:
+            if i == len(self.seen):
+                nxt = next(self._source, None)
+                if nxt is None:
+                    return
+                self.seen.append(_candidate(nxt))
+            yield self.seen[i]
+            i += 1
+
+
 def plan_eviction(
     need_gb: float,
-    occupied: Sequence[Occupant],
-    candidates: Sequence[Occupant | Candidate],
+    occupied: Usage,
+    candidates: Iterable[Occupant | Candidate],
     budget: Budget,
     placement: tuple[int, ...] = (),
 ) -> list[str] | None:
     """The least recently used candidates whose removal makes room for the target.
 
-    ``occupied`` is everything holding capacity now (loading, loaded and still stopping models);
-    ``candidates`` are the evictable ones among them, least recently used first. A candidate is taken
-    only if it helps: it frees a slot the count needs, or memory on a GPU the target goes on. Returns
-    ``[]`` when the target fits already, the victims' names when evicting them makes it fit, and
-    ``None`` when even evicting every candidate would not.
+    ``occupied`` totals everything holding capacity now (loading, loaded and still stopping models);
+    ``candidates`` are the evictable ones among them, least recently used first (read only as far as
+    needed). A candidate is taken only if it helps: it frees a slot the count needs, or memory on a GPU
+    the target goes on. Returns ``[]`` when the target fits already, the victims' names when evicting
+    them makes it fit, and ``None`` when even evicting every candidate would not.
     """
-    remaining = list(occupied)
-    over = _over(remaining, need_gb, budget, placement)
+    over = _over(occupied, need_gb, budget, placement)
     if not over:
         return []
+    remaining = occupied.copy()
     victims: list[str] = []
     for cand in candidates:
         c = _candidate(cand)
         if not _helps(c, over):
             continue
-        remaining = [o for o in remaining if o.name != c.name] + ([c.after] if c.after is not None else [])
+        remaining.remove(c.occupant)
+        if c.after is not None:
+            remaining.add(c.after)
         victims.append(c.name)
         over = _over(remaining, need_gb, budget, placement)
         if not over:
@@ -104,8 +161,8 @@ def plan_eviction(
 
 def choose_placement(
     need_gb: float,
-    occupied: Sequence[Occupant],
-    idle: Sequence[Occupant | Candidate],
+    occupied: Usage,
+    idle: Iterable[Occupant | Candidate],
     budget: Budget,
     options: Sequence[tuple[int, ...]],
 ) -> tuple[tuple[int, ...], list[str] | None]:
@@ -114,29 +171,26 @@ def choose_placement(
     Best fit among the placements that need no eviction (the least memory left over, so that large
     holes stay for large models); otherwise the placement whose idle victims are fewest and least
     recently used. With no option that works even by evicting every idle model, the first option and
-    ``None``.
+    ``None``. ``idle`` is read lazily, and only if no placement fits as it is.
     """
     if not options:
         return (), plan_eviction(need_gb, occupied, idle, budget)
     free_fits: list[tuple[float, tuple[int, ...]]] = []
     for p in options:
         if fits(occupied, need_gb, budget, p):
-            left = min(budget.gpu_memory_gb.get(g, 0.0) - sum(o.memory_gb for o in occupied if g in o.gpus)
+            left = min(budget.gpu_memory_gb.get(g, 0.0) - occupied.gpu_gb.get(g, 0.0)
                        for g in p) if budget.gpu_memory_gb else 0.0
             free_fits.append((left - need_gb, p))
     if free_fits:
         return min(free_fits)[1], []
-    order = {o.name: i for i, o in enumerate(idle)}
+    pulled = _Pulled(idle)
     plans: list[tuple[int, int, tuple[int, ...], list[str]]] = []
     for p in options:
-        victims = plan_eviction(need_gb, occupied, idle, budget, p)
+        victims = plan_eviction(need_gb, occupied, pulled, budget, p)
         if victims is not None:
+            order = {c.name: i for i, c in enumerate(pulled.seen)}
             plans.append((len(victims), max(order[v] for v in victims) if victims else -1, p, victims))
     if plans:
         _, _, p, victims = min(plans)
         return p, victims
     return options[0], None
-
-
-def gpu_usage(occupied: Sequence[Occupant], gpus: Mapping[int, float]) -> dict[int, float]:
-    return {g: sum(o.memory_gb for o in occupied if g in o.gpus) for g in gpus}

@@ -7,16 +7,28 @@ their square), which a zoo of hundreds of adapters makes the router's bottleneck
 in proportion to the answer instead. It mirrors ``ModelRecord.state``: ``Residency._set_state`` (and
 ``_add``) tell it every move, and nothing else changes a state.
 
+Planning a load asks two more: "does it fit next to everything in its domain?" and "which idle models,
+least recently used first, would make room?". The index keeps each domain's totals (``Usage``: how many
+count against ``max_resident``, the memory per pool and per GPU, now and once what is on its way out has
+gone), so the first costs the same at any size; and each domain's loaded and sleeping models sorted in
+eviction order, so the second reads only as many candidates as it needs. A model's share is taken from
+its ``placed`` and ``asleep_level`` when it moves, so those are set before ``_set_state``; a use
+(``used``) moves it in the eviction order the next time the order is read.
+
 ``ScanningIndex`` answers the same questions by scanning the table: the reference the property tests
 hold the index to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from bisect import bisect_left, insort
+from collections.abc import Collection, Iterable, KeysView, Mapping, Sequence
 
+from vllm_model_router.scheduler.eviction import Occupant, Usage
 from vllm_model_router.scheduler.records import ModelRecord
-from vllm_model_router.scheduler.states import HOLDS_CAPACITY, State
+from vllm_model_router.scheduler.states import HOLDS_CAPACITY, State, holds_residue_only
+
+LruKey = tuple[int, float, float, int, str]
 
 TIMED = frozenset({State.LOADED, State.SLEEPING})
 """Where a model's ttl clock may run (see ``Residency._ttl_applies``)."""
@@ -25,6 +37,32 @@ TIMED = frozenset({State.LOADED, State.SLEEPING})
 def holds_capacity(m: ModelRecord) -> bool:
     """Counted against its domain's budget: managed by the router and holding memory."""
     return not m.spec.external and m.state in HOLDS_CAPACITY
+
+
+def occupant(m: ModelRecord) -> Occupant:
+    """What ``m`` holds in its domain: its memory and a place against the count, or a sleeper's residue."""
+    if holds_residue_only(m.state, m.asleep_level):
+        return Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False)
+    return Occupant(m.name, m.memory_gb, m.placed)
+
+
+def staying_occupant(m: ModelRecord) -> Occupant | None:
+    """What ``m`` will still hold once what is already on its way out is gone: nothing when it is stopping,
+    its residue when it is falling asleep."""
+    if m.state is State.UNLOADING:
+        return None
+    if m.state is State.FALLING_ASLEEP:
+        return Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False)
+    return occupant(m)
+
+
+def lru_key(m: ModelRecord) -> LruKey:
+    """Eviction order: lower priority first, then least recently used (the table order breaks ties)."""
+    return (m.spec.priority, m.last_used, m.since, m.order, m.name)
+
+
+LRU_STATES = (State.LOADED, State.SLEEPING)
+"""The states eviction picks from, each kept in eviction order per domain."""
 
 
 def in_table_order(models: Collection[ModelRecord]) -> list[ModelRecord]:
@@ -41,10 +79,20 @@ class ModelIndex:
         self._holders: dict[str | None, dict[str, ModelRecord]] = {None: {}}
         self._holders_sorted: dict[str | None, list[ModelRecord]] = {}  # cached table order; dropped on change
         self._holder_counts: dict[tuple[str | None, State], int] = {}  # (domain, state) -> how many hold
+        self._holder_gb: dict[tuple[str | None, State], float] = {}  # (domain, state) -> their memory_gb
         self._adapter_counts: dict[tuple[str, State], int] = {}  # (base, state) -> how many of its adapters
         self._timed: dict[str, ModelRecord] = {}  # loaded or asleep, with a ttl: whose ttl clock may run
         self._adapters: dict[str, list[ModelRecord]] = {}
         self._bases: dict[str, ModelRecord] = {}  # models with adapters, in table order
+        # what the holders of each domain hold in total, now and once what is on its way out is gone
+        self._held: dict[str | None, Usage] = {}
+        self._staying: dict[str | None, Usage] = {}
+        self._occupants: dict[str, tuple[Occupant, Occupant | None]] = {}  # what each holder was counted as
+        # (domain, loaded or sleeping) -> its holders' eviction keys, sorted; and each one's current key
+        self._lru: dict[tuple[str | None, State], list[LruKey]] = {}
+        self._lru_key: dict[str, LruKey] = {}
+        self._stale: set[str] = set()  # used since their key was filed: refiled when the order is next read
+        self._records: dict[str, ModelRecord] = {}
 
     # ------------------------------------------------------------------ upkeep
     def added(self, m: ModelRecord, base: ModelRecord | None) -> None:
@@ -63,12 +111,40 @@ class ModelIndex:
             del self._holders[m.base][m.name]
             self._holders_sorted.pop(m.base, None)
             self._holder_counts[m.base, m.state] -= 1
+            self._holder_gb[m.base, m.state] -= m.memory_gb
+            held, staying = self._occupants.pop(m.name)
+            self._held[m.base].remove(held)
+            if staying is not None:
+                self._staying[m.base].remove(staying)
+            key = self._lru_key.pop(m.name, None)
+            self._stale.discard(m.name)
+            if key is not None:
+                keys = self._lru[m.base, m.state]
+                del keys[bisect_left(keys, key)]
         self._timed.pop(m.name, None)
 
     def moved(self, m: ModelRecord) -> None:
         self._enter(m)
 
+    def used(self, m: ModelRecord, now: float) -> None:
+        """``m`` was used at ``now``: it moves towards the back of its eviction order. The move waits until
+        the order is next read (every request is granted and released, few passes read the order)."""
+        m.last_used = now
+        if m.name in self._lru_key:
+            self._stale.add(m.name)
+
+    def _refile(self) -> None:
+        """File the models used since their key was filed under their current key."""
+        for name in self._stale:
+            m = self._records[name]
+            keys = self._lru[m.base, m.state]
+            del keys[bisect_left(keys, self._lru_key[name])]
+            self._lru_key[name] = key = lru_key(m)
+            insort(keys, key)
+        self._stale.clear()
+
     def _enter(self, m: ModelRecord) -> None:
+        self._records[m.name] = m
         self._by_state[m.state][m.name] = m
         if m.base is not None:
             self._adapter_counts[m.base, m.state] = self._adapter_counts.get((m.base, m.state), 0) + 1
@@ -76,6 +152,15 @@ class ModelIndex:
             self._holders[m.base][m.name] = m
             self._holders_sorted.pop(m.base, None)
             self._holder_counts[m.base, m.state] = self._holder_counts.get((m.base, m.state), 0) + 1
+            self._holder_gb[m.base, m.state] = self._holder_gb.get((m.base, m.state), 0.0) + m.memory_gb
+            held, staying = occupant(m), staying_occupant(m)
+            self._occupants[m.name] = held, staying
+            self._held.setdefault(m.base, Usage()).add(held)
+            if staying is not None:
+                self._staying.setdefault(m.base, Usage()).add(staying)
+            if m.state in LRU_STATES:
+                self._lru_key[m.name] = key = lru_key(m)
+                insort(self._lru.setdefault((m.base, m.state), []), key)
         if m.spec.ttl > 0 and m.state in TIMED:
             self._timed[m.name] = m
 
@@ -100,9 +185,40 @@ class ModelIndex:
         """How many models hold capacity in ``domain`` in any of ``states``."""
         return sum(self._holder_counts.get((domain, s), 0) for s in states)
 
+    def holders_gb(self, domain: str | None, states: Collection[State]) -> float:
+        """The memory (``memory_gb``, awake) of the models holding capacity in ``domain`` in ``states``."""
+        return sum(self._holder_gb.get((domain, s), 0.0) for s in states)
+
     def count_adapters(self, base: ModelRecord, states: Collection[State]) -> int:
         """How many of ``base``'s adapters are in any of ``states``."""
         return sum(self._adapter_counts.get((base.name, s), 0) for s in states)
+
+    def held(self, domain: str | None, but: ModelRecord | None = None) -> Usage:
+        """What the models holding capacity in ``domain`` (but ``but``) hold, in total: a copy."""
+        return self._total(self._held, 0, domain, but)
+
+    def staying(self, domain: str | None, but: ModelRecord | None = None) -> Usage:
+        """What they (but ``but``) will still hold once what is stopping or falling asleep has gone."""
+        return self._total(self._staying, 1, domain, but)
+
+    def _total(self, totals: dict[str | None, Usage], which: int, domain: str | None,
+               but: ModelRecord | None) -> Usage:
+        usage = totals[domain].copy() if domain in totals else Usage()
+        counted = self._occupants.get(but.name) if but is not None and but.base == domain else None
+        mine = counted[which] if counted is not None else None
+        if mine is not None:
+            usage.remove(mine)
+        return usage
+
+    def lru(self, domain: str | None, state: State) -> Iterable[ModelRecord]:
+        """The models holding capacity in ``domain`` in ``state`` (loaded or sleeping), in eviction order,
+        read lazily: the caller must not change the index while it reads."""
+        self._refile()
+        return (self._records[key[-1]] for key in self._lru.get((domain, state), ()))
+
+    def names_in(self, state: State) -> KeysView[str]:
+        """The names of the models in ``state``: a live view."""
+        return self._by_state[state].keys()
 
     def timed(self) -> list[ModelRecord]:
         """The models with a ttl that are loaded or asleep, in no particular order."""
@@ -131,6 +247,21 @@ class ScanningIndex(ModelIndex):
     def moved(self, m: ModelRecord) -> None:
         pass
 
+    def used(self, m: ModelRecord, now: float) -> None:
+        m.last_used = now
+
+    def held(self, domain: str | None, but: ModelRecord | None = None) -> Usage:
+        return Usage.of(occupant(m) for m in self.holders(domain) if m is not but)
+
+    def staying(self, domain: str | None, but: ModelRecord | None = None) -> Usage:
+        return Usage.of(o for m in self.holders(domain) if m is not but and (o := staying_occupant(m)) is not None)
+
+    def lru(self, domain: str | None, state: State) -> Iterable[ModelRecord]:
+        return sorted((m for m in self.holders(domain) if m.state is state), key=lru_key)
+
+    def names_in(self, state: State) -> KeysView[str]:
+        return {m.name: m for m in self._table.values() if m.state is state}.keys()
+
     def children(self, base: ModelRecord) -> Sequence[ModelRecord]:
         return [m for m in self._table.values() if m.base == base.name]
 
@@ -145,6 +276,9 @@ class ScanningIndex(ModelIndex):
 
     def count_holders(self, domain: str | None, states: Collection[State]) -> int:
         return sum(1 for m in self.holders(domain) if m.state in states)
+
+    def holders_gb(self, domain: str | None, states: Collection[State]) -> float:
+        return sum(m.memory_gb for m in self.holders(domain) if m.state in states)
 
     def timed(self) -> list[ModelRecord]:
         return [m for m in self._table.values() if m.spec.ttl > 0 and m.state in TIMED]

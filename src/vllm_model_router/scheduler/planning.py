@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vllm_model_router.scheduler.effects import Effect, Reject, TimerAt
-from vllm_model_router.scheduler.eviction import Occupant, choose_placement
+from vllm_model_router.scheduler.eviction import choose_placement
 from vllm_model_router.scheduler.index import in_table_order
 from vllm_model_router.scheduler.records import ModelRecord, Waiter
 from vllm_model_router.scheduler.residency import TIMED_OUT, Residency
@@ -55,9 +55,10 @@ class Planner(Residency):
         for w in self._waiting.older_than(p.now, timeout):
             self._waiting.pop(w.req_id)
             p.out.append(Reject(w.req_id, w.model, 504, f"{TIMED_OUT} {w.model} after {timeout:g}s"))
-        for m in in_table_order(self._index.in_state(*STARTING)):
-            # (a base stopped just before takes its adapters with it)
-            if m.state in STARTING and m.load_started is not None and p.now - m.load_started >= timeout:
+        late = [m for m in self._index.in_state(*STARTING) if m.load_started is not None
+                and p.now - m.load_started >= timeout]
+        for m in in_table_order(late):
+            if m.state in STARTING:  # (a base stopped just before takes its adapters with it)
                 m.failures += 1
                 m.last_error = f"{TIMED_OUT}: not ready after {timeout:g}s"
                 self._stop(m, StopReason.LOAD_TIMEOUT, TIMED_OUT, p.now, p.out, force=True)
@@ -72,10 +73,11 @@ class Planner(Residency):
         """A domain over its budget (models loaded behind the router's back) stops idle members, least
         recently used first, until it fits again."""
         for domain in [None, *(m.name for m in self._index.bases() if m.state is State.LOADED)]:
-            members, budget = self._domain(domain)
-            if budget.memory_gb is None and self._index.count_holders(domain, AWAKE) <= budget.max_resident:
-                continue  # within its count, and memory is not limited: nothing to trim
-            members = [m for m in members if m.state in AWAKE]
+            budget = self._budget(domain)
+            if self._index.count_holders(domain, AWAKE) <= budget.max_resident and (
+                    budget.memory_gb is None or self._index.holders_gb(domain, AWAKE) <= budget.memory_gb + 1e-9):
+                continue  # within its count and its memory: nothing to trim
+            members = [m for m in self._index.holders(domain) if m.state in AWAKE]
             over = len(members) - budget.max_resident
             if budget.memory_gb is not None:
                 over = max(over, 1 if sum(m.memory_gb for m in members) > budget.memory_gb + 1e-9 else 0)
@@ -90,10 +92,9 @@ class Planner(Residency):
         """Bring in what waiters need, by priority and then in the order of each model's oldest waiter. A
         load that must wait for room blocks the ones after it (no overtaking), so a big model cannot
         starve behind small ones."""
-        oldest = self._waiting.firsts()
-        by_priority = sorted(oldest.items(), key=lambda kv: (-self._models[kv[0]].spec.priority, kv[1].seq))
-        for name, first in by_priority:
-            target = self._load_target(self._models[name], first)
+        # only a model that is out (or asleep) can be brought in for its waiters (``_load_target``)
+        for first in self._waiting.in_planning_order([self._index.names_in(s) for s in WANTS_IN]):
+            target = self._load_target(self._models[first.model], first)
             if target is not None and not self._plan_one(p, target, first):
                 break
 
@@ -115,8 +116,8 @@ class Planner(Residency):
         or wake it; (b) evicting idle models makes it fit → evict them, and start when their StopDone or
         SleepDone arrives (never while a victim still holds the memory); (c) otherwise wait for busy models
         to drain. False when the load waits (later loads wait behind it)."""
-        members, budget = self._domain(target.base)
-        members = [m for m in members if m is not target]  # a sleeper's own residue becomes its need
+        domain = target.base
+        budget = self._budget(domain)
         waking = target.state is State.SLEEPING
         options = [target.placed] if waking and target.placed else self._options(target)
         need = target.memory_gb
@@ -126,34 +127,28 @@ class Planner(Residency):
             # others' use leaves no GPU where it could ever fit: plan as if it were not there, and let the
             # start-time check name the processes that hold the memory (a 503, not a long wait)
             budget = self._nominal
-        occupants = self._occupants(members)
-        placement, victims = choose_placement(need, occupants, [], budget, options)
+        # (a sleeper's own residue becomes its need: ``but=target``)
+        placement, victims = choose_placement(need, self._index.held(domain, but=target), [], budget, options)
         if victims == []:  # (a)
             self._bring_in(target, placement, p.now, p.out)
             return True
         # what is already stopping (or falling asleep) will free its share: only evict more if that is
         # not enough
-        known = {o.name: o for o in occupants}
-        staying = [
-            Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False) if m.state is State.FALLING_ASLEEP
-            else known[m.name]
-            for m in members if m.state is not State.UNLOADING
-        ]
-        loaded = [m for m in members if m.state is State.LOADED and not m.pinned]
-        idle = [m for m in loaded if not self._busy(m)]
-        if p.now - first.arrived < self.config.max_wait:  # before the fairness bound models in steady use stay
-            hot = [m for m in idle if self._hot(m, p.now)]
-            if hot:
-                idle = [m for m in idle if not self._hot(m, p.now)]
-                p.cooling += [self._hot_until(m) for m in hot]
-        sleepers = [m for m in members if m.state is State.SLEEPING and not m.pinned]
-        placement, victims = choose_placement(need, staying, self._candidates(idle, sleepers, known=known), budget,
+        staying = self._index.staying(domain, but=target)
+        hot: set[str] = set()
+        if p.now - first.arrived < self.config.max_wait and self.config.keep_idle > 0:
+            # before the fairness bound models in steady use stay
+            for m in self._index.lru(domain, State.LOADED):
+                if not m.pinned and not self._busy(m) and self._hot(m, p.now):
+                    hot.add(m.name)
+                    p.cooling.append(self._hot_until(m))
+        placement, victims = choose_placement(need, staying, self._candidates(domain, target, hot=hot), budget,
                                               options)
         sleep = True
         if victims is None:  # residues in the way: stopping instead of sleeping may be enough
             sleep = False
             placement, victims = choose_placement(
-                need, staying, self._candidates(idle, sleepers, sleep=False, known=known), budget, options)
+                need, staying, self._candidates(domain, target, sleep=False, hot=hot), budget, options)
         if victims == []:  # room is on its way: start on the StopDone / SleepDone
             return False
         if victims:  # (b)
@@ -164,7 +159,7 @@ class Planner(Residency):
         # victims stop taking requests newer than it (they drain), so the load cannot starve
         p.blocked_since = first.arrived
         if p.now - first.arrived >= self.config.max_wait:
-            _, needed = choose_placement(need, staying, self._candidates(loaded, sleepers, known=known), budget,
+            _, needed = choose_placement(need, staying, self._candidates(domain, target, busy_too=True), budget,
                                          options)
             for v in needed or []:
                 p.drain[v] = min(p.drain.get(v, first.seq), first.seq)

@@ -13,13 +13,13 @@ models. ``_set_state`` is the one place a model changes state, and it keeps the 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from vllm_model_router.scheduler.effects import Effect, Grant, Reject, SleepModel, StartLoad, StopModel, WakeModel
 from vllm_model_router.scheduler.events import ModelSpec
 from vllm_model_router.scheduler.eviction import Budget, Candidate, Occupant
-from vllm_model_router.scheduler.index import TIMED, ModelIndex, in_table_order
+from vllm_model_router.scheduler.index import TIMED, ModelIndex, in_table_order, occupant
 from vllm_model_router.scheduler.records import ModelRecord
 from vllm_model_router.scheduler.states import (
     HOLDS_CAPACITY,
@@ -28,7 +28,6 @@ from vllm_model_router.scheduler.states import (
     STARTING,
     State,
     StopReason,
-    holds_residue_only,
     is_resident,
 )
 from vllm_model_router.scheduler.waiting import WaitQueue
@@ -66,7 +65,7 @@ class Residency:
             self._add(name, spec if isinstance(spec, ModelSpec) else ModelSpec(memory_gb=spec), now)
         for name, at in (config.last_used or {}).items():
             if name in self._models:
-                self._models[name].last_used = at
+                self._index.used(self._models[name], at)
         self._waiting = WaitQueue()
         self._granted: dict[int, str] = {}
         self._seq = 0
@@ -100,8 +99,8 @@ class Residency:
     def _set_state(self, m: ModelRecord, state: State, now: float) -> None:
         self._index.moving(m)
         m.state = state
+        m.since = now  # (before ``moved``: the eviction order reads it)
         self._index.moved(m)
-        m.since = now
         if state not in STARTING:
             m.load_started = None
         if state in LOADABLE:
@@ -120,15 +119,16 @@ class Residency:
     def _grant_one(self, req_id: int, m: ModelRecord, now: float) -> None:
         self._granted[req_id] = m.name
         m.in_flight.add(req_id)
-        m.last_used = now
+        self._index.used(m, now)
         if m.base is not None:
             base = self._models[m.base]
             base.in_flight.add(req_id)
-            base.last_used = now
+            self._index.used(base, now)
 
     def _grant(self, now: float, out: list[Effect]) -> None:
         """Grant every waiter whose model (and base) admits it, in arrival order."""
-        for w in self._waiting.admitted(lambda model, seq: self._servable(self._models[model], seq)):
+        for w in self._waiting.admitted(lambda model, seq: self._servable(self._models[model], seq),
+                                        self._index.names_in(State.LOADED)):
             self._waiting.pop(w.req_id)
             self._grant_one(w.req_id, self._models[w.model], now)
             out.append(Grant(w.req_id, w.model))
@@ -140,11 +140,11 @@ class Residency:
         if model is not None:
             m = self._models[model]
             m.in_flight.discard(req_id)
-            m.last_used = now
+            self._index.used(m, now)
             if m.base is not None:
                 base = self._models[m.base]
                 base.in_flight.discard(req_id)
-                base.last_used = now
+                self._index.used(base, now)
 
     def _reject_waiters(self, m: ModelRecord, status: int, message: str, out: list[Effect]) -> None:
         for w in self._waiting.of(m.name):
@@ -161,8 +161,8 @@ class Residency:
             self._set_state(m, State.WAKING, now)
             out.append(WakeModel(m.name, m.asleep_level))
         else:
+            m.placed = placement  # before the move: the index counts its memory on these GPUs
             self._set_state(m, State.LOADING, now)
-            m.placed = placement
             out.append(StartLoad(m.name, placement))
         m.load_started = now
 
@@ -198,37 +198,26 @@ class Residency:
             return True
         return self._index.count_adapters(m, CHURNING) > 0
 
-    def _domain(self, base: str | None) -> tuple[list[ModelRecord], Budget]:
-        """The models that share a budget and hold capacity in it (in table order), and that budget: the
-        top-level models and the global one, or a base's adapters and its ``max_adapters``. The caller must
-        not change the list."""
-        members = self._index.holders(base)
-        if base is None:
-            return members, self.budget
-        return members, Budget(self._models[base].spec.max_adapters, None)
+    def _budget(self, domain: str | None) -> Budget:
+        """A capacity domain's budget: the global one for the top-level models, or a base's
+        ``max_adapters`` for its adapters."""
+        return self.budget if domain is None else Budget(self._models[domain].spec.max_adapters, None)
 
-    @staticmethod
-    def _occupant(m: ModelRecord) -> Occupant:
-        if holds_residue_only(m.state, m.asleep_level):
-            return Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False)
-        return Occupant(m.name, m.memory_gb, m.placed)
-
-    def _occupants(self, models: Iterable[ModelRecord]) -> list[Occupant]:
-        return [self._occupant(m) for m in models]
-
-    def _candidates(self, loaded: Iterable[ModelRecord], sleepers: Iterable[ModelRecord],
-                    sleep: bool = True, known: Mapping[str, Occupant] | None = None) -> list[Candidate]:
-        """Ways to make room, in order: idle awake models, least recently used first (put to sleep when
-        they can sleep and ``sleep``, else stopped), then sleepers, least recently used first (stopped).
-        ``known``: their occupants, where the caller has them already."""
-        known = known or {}
-        out = []
-        for m in self._lru(loaded):
-            can_sleep = sleep and m.spec.sleep_level
-            asleep = Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False) if can_sleep else None
-            out.append(Candidate(known.get(m.name) or self._occupant(m), asleep))
-        out += [Candidate(known.get(m.name) or self._occupant(m)) for m in self._lru(sleepers)]
-        return out
+    def _candidates(self, domain: str | None, target: ModelRecord, sleep: bool = True, busy_too: bool = False,
+                    hot: Collection[str] = ()) -> Iterator[Candidate]:
+        """Ways to make room in ``domain`` for ``target``, in order, read lazily: idle awake models (or all
+        awake ones, ``busy_too``) but the ``hot`` ones, least recently used first (put to sleep when they
+        can sleep and ``sleep``, else stopped), then sleepers, least recently used first (stopped). Pinned
+        models are never candidates."""
+        for m in self._index.lru(domain, State.LOADED):
+            if m.pinned or (not busy_too and (m.name in hot or self._busy(m))):
+                continue
+            asleep = Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False) if sleep and m.spec.sleep_level \
+                else None
+            yield Candidate(occupant(m), asleep)
+        for m in self._index.lru(domain, State.SLEEPING):
+            if not m.pinned and m is not target:
+                yield Candidate(occupant(m))
 
     def _options(self, m: ModelRecord) -> list[tuple[int, ...]]:
         """Where ``m`` may go: its fixed GPUs, any one GPU, or (no GPUs known, or an adapter) nowhere in

@@ -3,12 +3,15 @@
 The planning pass asks "who waits for this model?", "which models have waiters, and who is first?" and
 "who has waited too long?" after every event; a single list would answer each by walking every waiter.
 The per-model queues answer the first two directly, and since the scheduler's clock never goes back,
-the oldest waiters are at the front of the arrival order, which answers the third.
+the oldest waiters are at the front of the arrival order, which answers the third. Beside them, each
+model's first waiter is kept in planning order (higher priority first, then oldest), so that planning
+reads only as far as the first load that has to wait.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from bisect import bisect_left, insort
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 from vllm_model_router.scheduler.records import Waiter
 
@@ -19,16 +22,29 @@ class WaitQueue:
     def __init__(self) -> None:
         self._all: dict[int, Waiter] = {}  # insertion order = arrival order
         self._by_model: dict[str, dict[int, Waiter]] = {}
+        self._priority: dict[str, int] = {}  # model -> its priority (as given with its waiters)
+        self._first_keys: list[tuple[int, int, str]] = []  # (-priority, seq, model) of each model's first
 
-    def add(self, w: Waiter) -> None:
+    def add(self, w: Waiter, priority: int = 0) -> None:
+        """``w`` joins the queues; ``priority``: its model's (what orders ``in_planning_order``)."""
         self._all[w.req_id] = w
-        self._by_model.setdefault(w.model, {})[w.req_id] = w
+        self._priority[w.model] = priority
+        queue = self._by_model.setdefault(w.model, {})
+        queue[w.req_id] = w
+        if len(queue) == 1:
+            insort(self._first_keys, (-priority, w.seq, w.model))
 
     def pop(self, req_id: int) -> Waiter | None:
         w = self._all.pop(req_id, None)
         if w is not None:
             queue = self._by_model[w.model]
+            was_first = next(iter(queue)) == req_id
             del queue[req_id]
+            if was_first:
+                prio = -self._priority[w.model]
+                del self._first_keys[bisect_left(self._first_keys, (prio, w.seq, w.model))]
+                if queue:
+                    insort(self._first_keys, (prio, next(iter(queue.values())).seq, w.model))
             if not queue:
                 del self._by_model[w.model]
         return w
@@ -57,13 +73,25 @@ class WaitQueue:
         """Each model with waiters, and its oldest waiter."""
         return {model: next(iter(queue.values())) for model, queue in self._by_model.items()}
 
-    def admitted(self, admits: Callable[[str, int], bool]) -> list[Waiter]:
-        """The waiters that ``admits(model, seq)`` lets through, in arrival order. A model admits its
-        waiters up to some arrival (a drain holds back the newer ones), so they are the front of its
-        queue: the walk stops at each model's first refusal."""
+    def in_planning_order(self, among: Sequence[Collection[str]]) -> Iterator[Waiter]:
+        """The first waiter of each model named in one of ``among`` (sets of names, looked at as it reads),
+        by its model's priority (highest first) and then in arrival order, read lazily: the caller must not
+        change the queue while it reads."""
+        for _, _, model in self._first_keys:
+            for names in among:
+                if model in names:
+                    yield next(iter(self._by_model[model].values()))
+                    break
+
+    def admitted(self, admits: Callable[[str, int], bool], among: Collection[str]) -> list[Waiter]:
+        """The waiters that ``admits(model, seq)`` lets through, in arrival order, where only models in
+        ``among`` may admit any (the loaded ones: a pass looks at the models both loaded and waited for,
+        not at every model with waiters). A model admits its waiters up to some arrival (a drain holds
+        back the newer ones), so they are the front of its queue: the walk stops at each model's first
+        refusal."""
         out: list[Waiter] = []
-        for model, queue in self._by_model.items():
-            for w in queue.values():
+        for model in self._by_model.keys() & among:  # (walks the smaller of the two)
+            for w in self._by_model[model].values():
                 if not admits(model, w.seq):
                     break
                 out.append(w)
@@ -99,7 +127,11 @@ class ScanningWaitQueue(WaitQueue):
             out.setdefault(w.model, w)
         return out
 
-    def admitted(self, admits: Callable[[str, int], bool]) -> list[Waiter]:
+    def in_planning_order(self, among: Sequence[Collection[str]]) -> Iterator[Waiter]:
+        firsts = [w for w in self.firsts().values() if any(w.model in names for names in among)]
+        return iter(sorted(firsts, key=lambda w: (-self._priority[w.model], w.seq)))
+
+    def admitted(self, admits: Callable[[str, int], bool], among: Collection[str]) -> list[Waiter]:
         return [w for w in self._all.values() if admits(w.model, w.seq)]
 
     def older_than(self, now: float, age: float) -> list[Waiter]:
