@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import engine, launch_router, wait_until
-from vllm_model_router.runtime.history import UsageHistory
+from vllm_model_router.runtime.history import UsageRecorder
 
 from .conftest import StartRouter
 
@@ -78,7 +78,7 @@ async def test_usage_history_survives_a_restart(start_router: StartRouter, marke
 async def test_predicted_preload_loads_the_likely_model_when_idle(
     start_router: StartRouter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(UsageHistory, "PREDICT_INTERVAL", 0.2)
+    monkeypatch.setattr(UsageRecorder, "PREDICT_INTERVAL", 0.2)
     r = await start_router({"popular": engine(), "rare": engine()}, capacity={"max_resident": 1},
                            preload="predicted")
     for _ in range(5):

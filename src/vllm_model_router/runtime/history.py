@@ -28,7 +28,10 @@ _RESIDENCY_CHANGES = frozenset({EventKind.LOADED, EventKind.UNLOADED, EventKind.
                                 EventKind.EXITED})
 
 
-class UsageHistory:
+class UsageRecorder:
+    """Writes the usage history as lifecycle events happen, reads it back for a restart, and runs the
+    predictive preload loop (named apart from ``state.predict.UsageHistory``, one model's history)."""
+
     PREDICT_INTERVAL = 5.0  # seconds between two looks for an idle moment with free capacity
 
     def __init__(self, config: RouterConfig, events: EventLog, pump: Pump) -> None:

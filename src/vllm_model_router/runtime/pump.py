@@ -39,7 +39,7 @@ from vllm_model_router.gpu.probe import GpuProbe, NvmlProbe
 from vllm_model_router.runtime.adapters import AdapterSync
 from vllm_model_router.runtime.catalog import Catalog
 from vllm_model_router.runtime.gpu_monitor import GpuMonitor
-from vllm_model_router.runtime.history import UsageHistory
+from vllm_model_router.runtime.history import UsageRecorder
 from vllm_model_router.runtime.tasks import ModelTasks
 from vllm_model_router.scheduler import (
     AdminUnload,
@@ -103,7 +103,7 @@ class Runtime:
         self.catalog = Catalog(config)
         self.adapters = AdapterSync(config, self.catalog, self.events, self)
         self.driver: Driver = driver if driver is not None else self.adapters.default_driver()
-        self.history = UsageHistory(config, self.events, self)
+        self.history = UsageRecorder(config, self.events, self)
         self._scheduler = Scheduler(
             SchedulerConfig(
                 models=scheduler_specs(config, self.gpus.needs, self.gpus.weights),
