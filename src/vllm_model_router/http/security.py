@@ -176,17 +176,17 @@ class RedactKeys(logging.Filter):
 
     def __init__(self, keys: Iterable[str]) -> None:
         super().__init__()
-        self._pattern = KeyScrubber(keys)._pattern
+        self._scrub = KeyScrubber(keys)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self._pattern is None:
-            return True
         message = record.getMessage()
-        if self._pattern.search(message):
-            record.msg, record.args = self._pattern.sub("***", message), None
+        scrubbed = self._scrub.text(message)
+        if scrubbed != message:
+            record.msg, record.args = scrubbed, None
         text = record.exc_text or (logging.Formatter().formatException(record.exc_info) if record.exc_info else "")
-        if text and self._pattern.search(text):  # the traceback goes into the message, scrubbed
-            record.msg, record.args = f"{record.getMessage()}\n{self._pattern.sub('***', text)}", None
+        scrubbed = self._scrub.text(text)
+        if scrubbed != text:  # the traceback goes into the message, scrubbed
+            record.msg, record.args = f"{record.getMessage()}\n{scrubbed}", None
             record.exc_info, record.exc_text = None, None
         return True
 
