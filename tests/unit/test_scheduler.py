@@ -568,6 +568,21 @@ def test_step4_sleepers_are_stopped_only_when_their_residue_is_in_the_way(big: f
     assert r.step(RequestArrived(3, "big"), at=4) == expected
 
 
+def test_step4_a_model_an_operator_unloads_is_stopped_not_put_to_sleep_when_evicted() -> None:
+    """An operator's unload waits for a base busy with its adapter's load; meanwhile another model needs the
+    room. Put to sleep, the base would wake for the adapter's waiter with the unload still pending, hold
+    that waiter back (a drain), be evicted again, and so on for ever."""
+    r = sleep_run(a=ModelSpec(10, sleep_level=1), a1=ModelSpec(base="a"), b=ModelSpec(10))
+    assert r.step(RequestArrived(1, "a1")) == [StartLoad("a")]
+    assert r.step(LoadDone("a", True)) == [StartLoad("a1")]
+    assert r.step(RequestArrived(2, "b")) == []
+    assert r.step(AdminUnload("a")) == []  # busy: its adapter is loading
+    assert r.step(LoadDone("a1", True)) == [StopModel("a", OPERATOR, "unloaded by operator")]
+    assert r.step(StopDone("a")) == [StartLoad("a")]  # the adapter's waiter came first: it brings a back
+    assert r.step(LoadDone("a", True)) == [StartLoad("a1")]
+    assert r.step(LoadDone("a1", True)) == [Grant(1, "a1")]
+
+
 # ---------------------------------------------------------------- lifecycle policies
 def test_step4_model_in_steady_use_is_kept_and_the_newcomer_waits_for_a_batch() -> None:
     r = Run(max_resident=1, keep_idle=10, max_wait=30)

@@ -176,8 +176,11 @@ class Residency:
 
     def _evict(self, m: ModelRecord, detail: str, now: float, out: list[Effect], sleep: bool = True) -> None:
         """Make room with ``m``: a sleeper is stopped; an awake model sleeps if it can (and ``sleep``), else
-        it is stopped."""
-        if m.state is State.LOADED and m.spec.sleep_level and sleep:
+        it is stopped. A model an operator asked to unload is stopped: put to sleep, it would wake with the
+        request still pending and hold back its waiters for ever."""
+        if m.unload_requested:
+            self._stop(m, StopReason.OPERATOR, "unloaded by operator", now, out)
+        elif m.state is State.LOADED and m.spec.sleep_level and sleep:
             level = m.spec.sleep_level
             budget = self.config.host_memory_gb
             if level == 1 and budget is not None and self.host_usage() + m.spec.weights_gb > budget + 1e-9:
