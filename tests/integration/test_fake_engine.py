@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,30 @@ def stream(port: int, body: dict[str, Any], path: str = CHAT) -> Stream:
         return Stream(resp.status, headers, events, broken)
     finally:
         conn.close()
+
+
+def gauges(port: int) -> dict[str, float]:
+    """The vLLM gauges and counters of /metrics, by name (the fake engine has one model, so one of each)."""
+    values: dict[str, float] = {}
+    for line in call(port, "GET", "/metrics").body.decode().splitlines():
+        if line.startswith("vllm:") and "sleep_state" not in line:
+            name, _, value = line.partition("{")
+            values[name] = float(value.rsplit(" ", 1)[1])
+    return values
+
+
+def open_request(port: int, body: dict[str, Any]) -> socket.socket:
+    """Send a chat request on a raw connection and return it unread, so that the test decides when the client leaves."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(
+        (
+            f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        + data
+    )
+    return sock
 
 
 @pytest.fixture
@@ -291,6 +316,75 @@ def test_request_delay_is_in_flight(basic: Engine) -> None:
             response += data
     assert response.startswith(b"HTTP/1.1 200")
     assert call(basic.port, "GET", "/fake/state").json()["in_flight"] == 0
+
+
+def test_full_batch_queues_requests_inside_the_engine(launch: Callable[..., Engine]) -> None:
+    engine = launch("--served-model-name", "busy", "--max-num-seqs", "2", "--service-time", "0.5")
+    port = engine.port
+    assert gauges(port)["vllm:num_requests_waiting"] == 0.0
+    samples: list[tuple[float, float]] = []
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        replies = [pool.submit(call, port, "POST", CHAT, chat_body("busy", f"request {i}")) for i in range(6)]
+        while not all(r.done() for r in replies):
+            metrics = gauges(port)
+            samples.append((metrics["vllm:num_requests_running"], metrics["vllm:num_requests_waiting"]))
+            time.sleep(0.05)
+        results = [r.result() for r in replies]
+    elapsed = time.monotonic() - started
+    assert [r.status for r in results] == [200] * 6
+    assert elapsed >= 1.4  # three rounds of two, 0.5 s each
+    assert max(running for running, _ in samples) == 2.0, samples  # never more than --max-num-seqs
+    assert any(running == 2.0 and waiting > 0 for running, waiting in samples), samples
+    after = gauges(port)
+    assert (after["vllm:num_requests_running"], after["vllm:num_requests_waiting"]) == (0.0, 0.0)
+    assert after["vllm:request_success_total"] == 6.0
+    current = call(port, "GET", "/fake/state").json()
+    assert (current["running"], current["waiting"], current["in_flight"]) == (0, 0, 0)
+
+
+def test_streams_hold_their_slot_and_errors_skip_the_queue(launch: Callable[..., Engine]) -> None:
+    engine = launch("--served-model-name", "busy", "--max-num-seqs", "1", "--service-time", "0.3", "--chunks", "3")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first = pool.submit(stream, engine.port, chat_body("busy", "one", stream=True, fake={"chunk_delay": 0.5}))
+        wait_for(lambda: call(engine.port, "GET", "/fake/state").json()["running"] == 1)
+        second = pool.submit(stream, engine.port, chat_body("busy", "two", stream=True))
+        wait_for(lambda: call(engine.port, "GET", "/fake/state").json()["waiting"] == 1)
+        # a request the engine refuses is answered before the queue moves, not after it
+        assert call(engine.port, "POST", CHAT, {"model": "busy"}).status == 400
+        assert call(engine.port, "GET", "/fake/state").json()["waiting"] == 1
+        one, two = first.result(), second.result()
+    assert not one.broken and not two.broken
+    # the second waited for the whole first stream (service time and two chunk gaps), then its own service time
+    assert two.events[0].arrived - one.events[0].arrived >= 1.0 + 0.3 - 0.05
+    assert two.events[0].arrived - one.events[-1].arrived >= 0.25
+
+
+def test_client_leaving_the_queue_or_the_batch_frees_its_place(launch: Callable[..., Engine]) -> None:
+    engine = launch("--served-model-name", "busy", "--max-num-seqs", "1")
+    port = engine.port
+
+    def current() -> tuple[int, int]:
+        view = call(port, "GET", "/fake/state").json()
+        return view["running"], view["waiting"]
+
+    holder = open_request(port, chat_body("busy", fake={"delay": 30}))
+    queued = open_request(port, chat_body("busy"))
+    try:
+        wait_for(lambda: current() == (1, 1))
+        queued.close()  # leaves while queued: out of the queue long before the holder's 30 s are over
+        wait_for(lambda: current() == (1, 0))
+        assert gauges(port)["vllm:num_requests_waiting"] == 0.0
+        holder.close()  # leaves while running: its slot is free at once
+        wait_for(lambda: current() == (0, 0))
+    finally:
+        queued.close()
+        holder.close()
+    reply = call(port, "POST", CHAT, chat_body("busy"), timeout=2.0)
+    assert reply.status == 200
+    metrics = gauges(port)
+    assert metrics["vllm:request_success_total"] == 1.0  # neither request that left was served
+    assert metrics["vllm:num_requests_running"] == 0.0
 
 
 def test_errors(basic: Engine) -> None:

@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             'A request body may carry "fake": {"chunks": N, "chunk_delay": S, "delay": S} to override the '
-            "stream pace or to hold the request in flight for S seconds. GET /fake/state returns counters "
-            "(requests, in-flight, requests refused while sleeping, adapters, memory) for test assertions."
+            "stream pace or to hold the request in flight (and running) for S seconds. GET /fake/state returns "
+            "counters (requests, in-flight, running, waiting, requests refused while sleeping, adapters, memory) "
+            "for test assertions."
         ),
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -56,6 +57,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-delay", type=float, default=0.0, metavar="S", help="seconds between SSE chunks (default 0)"
     )
     parser.add_argument("--access-log", action="store_true", help="log every request to stdout")
+    load = parser.add_argument_group("saturation (a full batch, as in vLLM)")
+    load.add_argument(
+        "--max-num-seqs",
+        type=int,
+        metavar="K",
+        help=(
+            "at most K requests run at once; the others wait inside the engine in arrival order and are "
+            "reported as vllm:num_requests_waiting (default: no limit). A client that disconnects leaves "
+            "the queue, or frees its slot"
+        ),
+    )
+    load.add_argument(
+        "--service-time",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help=(
+            "seconds a chat or text completion holds its slot before it is answered (default 0): a "
+            "non-streaming answer comes after S, a streaming one sends its first chunk after S and the "
+            "rest at the --chunk-delay pace; embeddings take no service time"
+        ),
+    )
     failures = parser.add_argument_group("failure injection")
     failures.add_argument(
         "--exit-during-startup", action="store_true", help="log errors and exit 1 during startup, before binding"
@@ -134,9 +157,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.served_model_name = [args.model]
     if args.chunks < 1:
         parser.error("--chunks must be >= 1")
-    for option in ("startup_delay", "chunk_delay", "sleep_delay", "wake_delay", "lora_load_delay", "shutdown_delay"):
+    delays = ("startup_delay", "chunk_delay", "sleep_delay", "wake_delay", "lora_load_delay", "shutdown_delay")
+    for option in (*delays, "service_time"):
         if getattr(args, option) < 0:
             parser.error(f"--{option.replace('_', '-')} must be >= 0")
+    if args.max_num_seqs is not None and args.max_num_seqs < 1:
+        parser.error("--max-num-seqs must be >= 1")
     if args.exit_mid_stream is not None and args.exit_mid_stream < 0:
         parser.error("--exit-mid-stream must be >= 0")
     if args.fail_after_requests is not None and args.fail_after_requests < 1:

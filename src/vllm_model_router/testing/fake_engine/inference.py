@@ -8,6 +8,10 @@ and a test can predict it byte for byte.
 
 A request body may carry ``"fake": {"chunks": N, "chunk_delay": S, "delay": S}`` to change the
 stream's pace or to hold the request in flight, which tests use to create load.
+
+``--max-num-seqs`` and ``--service-time`` model a saturated engine: at most K requests run at once,
+each holding its slot for S seconds before its answer (the first chunk, when streamed), and the rest
+wait inside the engine in arrival order (see ``batch``).
 """
 
 from __future__ import annotations
@@ -167,6 +171,17 @@ def _embedding_inputs(raw: Any) -> list[str]:
     raise _bad("'input' must be a string or a non-empty list.", "input")
 
 
+def _embedding_request(body: dict[str, Any]) -> tuple[list[str], str]:
+    """The texts to embed and the encoding asked for, or a 400 :class:`RequestError`."""
+    inputs = _embedding_inputs(body.get("input"))
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise _bad(f"Unsupported encoding_format {encoding!r}.", "encoding_format")
+    return inputs, encoding
+
+
+# raises a RequestError for a body that the engine would refuse before queueing it
+_Check = Callable[[dict[str, Any]], object]
 _Answer = Callable[[web.Request, _Inference], Awaitable[web.StreamResponse]]
 
 
@@ -178,18 +193,27 @@ class InferenceRoutes:
         self.sse_headers = {**state.headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, lambda req, inf: self._complete(req, inf, CHAT))
+        service_time: float = self.state.args.service_time
+        return await self._handle(request, CHAT.prompt, lambda req, inf: self._complete(req, inf, CHAT), service_time)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, lambda req, inf: self._complete(req, inf, TEXT))
+        service_time: float = self.state.args.service_time
+        return await self._handle(request, TEXT.prompt, lambda req, inf: self._complete(req, inf, TEXT), service_time)
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, self._embed)
+        return await self._handle(request, _embedding_request, self._embed, 0.0)
 
     # ------------------------------------------------------------------ common
 
-    async def _handle(self, request: web.Request, answer: _Answer) -> web.StreamResponse:
-        """Count the request in flight, refuse it while asleep, validate it, wait its "fake.delay", answer it."""
+    async def _handle(
+        self, request: web.Request, check: _Check, answer: _Answer, service_time: float
+    ) -> web.StreamResponse:
+        """Count the request in flight, refuse it while asleep, validate it, then run it in the batch.
+
+        Only a valid request enters the batch (vLLM rejects the others before its engine sees them,
+        so a 400 never waits behind a full batch): it waits for a slot (``--max-num-seqs``), then
+        holds it through its "fake.delay", the ``--service-time`` and the whole answer, streamed or not.
+        """
         state = self.state
         state.in_flight += 1
         try:
@@ -198,9 +222,11 @@ class InferenceRoutes:
                 state.requests_while_sleeping += 1
                 raise RequestError(503, "ServiceUnavailableError", "engine is sleeping")
             inference = self._parse(await read_json(request))
-            if inference.delay > 0:
-                await asyncio.sleep(inference.delay)
-            return await answer(request, inference)
+            check(inference.body)
+            async with state.batch.slot():
+                if inference.delay + service_time > 0:
+                    await asyncio.sleep(inference.delay + service_time)
+                return await answer(request, inference)
         except RequestError as exc:
             return exc.response(state.headers)
         finally:
@@ -330,10 +356,7 @@ class InferenceRoutes:
     # -------------------------------------------------------------- embeddings
 
     async def _embed(self, request: web.Request, inf: _Inference) -> web.StreamResponse:
-        inputs = _embedding_inputs(inf.body.get("input"))
-        encoding = inf.body.get("encoding_format") or "float"
-        if encoding not in ("float", "base64"):
-            raise _bad(f"Unsupported encoding_format {encoding!r}.", "encoding_format")
+        inputs, encoding = _embedding_request(inf.body)
         data = []
         for index, text in enumerate(inputs):
             vector = _embedding(text)

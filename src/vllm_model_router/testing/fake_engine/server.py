@@ -97,10 +97,10 @@ class FakeEngine:
         lines = [
             "# HELP vllm:num_requests_running Number of requests in model execution batches.",
             "# TYPE vllm:num_requests_running gauge",
-            f"vllm:num_requests_running{{{labels}}} {float(state.in_flight)}",
+            f"vllm:num_requests_running{{{labels}}} {float(state.batch.running)}",
             "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
             "# TYPE vllm:num_requests_waiting gauge",
-            f"vllm:num_requests_waiting{{{labels}}} 0.0",
+            f"vllm:num_requests_waiting{{{labels}}} {float(state.batch.waiting)}",
             "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
             "# TYPE vllm:kv_cache_usage_perc gauge",
             f"vllm:kv_cache_usage_perc{{{labels}}} 0.0",
@@ -201,6 +201,9 @@ async def serve(args: argparse.Namespace) -> int:
         FakeEngine(state).make_app(),
         access_log=_access_logger() if args.access_log else None,
         access_log_format='%a "%r" %s',
+        # vLLM aborts a request whose client went away (its routes are wrapped in with_cancellation),
+        # which frees its batch slot or takes it out of the queue
+        handler_cancellation=True,
         shutdown_timeout=0.3,
         handle_signals=False,
     )

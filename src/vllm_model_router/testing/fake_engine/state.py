@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from vllm_model_router.testing.fake_engine import process
+from vllm_model_router.testing.fake_engine.batch import Batch
 
 
 class EngineState:
@@ -36,7 +37,8 @@ class EngineState:
         # counters
         self.requests_total = 0
         self.requests_served = 0
-        self.in_flight = 0
+        self.in_flight = 0  # inference requests being handled, queued or running
+        self.batch = Batch(args.max_num_seqs)
         self.requests_while_sleeping = 0
         self._next_id = 0
         self._exit_scheduled = False
@@ -84,6 +86,8 @@ class EngineState:
             "requests_total": self.requests_total,
             "requests_served": self.requests_served,
             "in_flight": self.in_flight,
+            "running": self.batch.running,
+            "waiting": self.batch.waiting,
             "requests_while_sleeping": self.requests_while_sleeping,
             "sleeping": bool(self.sleeping_tags),
             "sleeping_tags": sorted(self.sleeping_tags),
