@@ -92,7 +92,7 @@ def totals(u: Usage) -> tuple[int, float, dict[int, float]]:
 @given(ops=ops, **settings)
 def test_indexes_decide_as_a_scan_of_the_table(
     ops: list[tuple[int, int, float]], max_resident: int, memory: float | None, max_wait: float, gpus: bool,
-    sleep: int, host: float | None, keep_idle: float, policies: bool,
+    sleep: int, host: float | None, keep_idle: float, policies: bool, replicas: int,
 ) -> None:
-    run_world(CheckedIndexes, ops, max_resident, memory, max_wait, gpus, sleep, host, keep_idle, policies,
+    run_world(CheckedIndexes, ops, max_resident, memory, max_wait, gpus, sleep, host, keep_idle, policies, replicas,
               world=SameWorld)

@@ -5,6 +5,11 @@ later (or fail), clients finish or vanish, engines crash, operators unload, time
 step: capacity and memory are never over budget, a model with requests in flight is never stopped
 (except by a forced operator unload), never two processes of one model, grants only go to loaded
 models. At the end, once the world settles, every request was answered exactly once.
+
+The world may hold a replicated model ``r`` (units ``r``, ``r@1``, ``r@2``): requests name ``r`` and are
+granted on a unit; its engines report saturation now and then, and an operator rescales it. The same
+invariants hold per unit (no busy replica stopped, no second process of a unit), plus: ``r`` never has
+more units resident than its ``replicas_max``, and never fewer kept than it pins.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from vllm_model_router.scheduler import (
     ModelView,
     Preload,
     Reject,
+    ReplicaPressure,
     RequestArrived,
     RequestCancelled,
     RequestFinished,
     Scheduler,
     SchedulerConfig,
+    SetReplicas,
     SleepDone,
     SleepModel,
     StartLoad,
@@ -48,7 +55,9 @@ from vllm_model_router.scheduler.states import holds_residue_only
 MODELS = {"a": 10.0, "b": 20.0, "c": 30.0, "d": 40.0, "e": 5.0}
 ADAPTERS = {"a1": "a", "a2": "a", "a3": "a", "b1": "b"}  # adapter -> base
 MAX_ADAPTERS = 2
-ALL = sorted([*MODELS, *ADAPTERS])
+REPLICATED = "r"
+UNITS = ("r", "r@1", "r@2")
+ALL = sorted([*MODELS, *ADAPTERS, REPLICATED])
 
 
 def held_gb(v: ModelView) -> float:
@@ -81,6 +90,7 @@ class World:
     answers: dict[int, int] = field(default_factory=dict)
     cancelled: set[int] = field(default_factory=set)
     timer: float | None = None  # when the scheduler asked for a Tick
+    replicated: bool = False  # r is configured
 
     def drop_children(self, base: str) -> None:
         for c in children(base):
@@ -154,6 +164,8 @@ class World:
             assert len(held) <= MAX_ADAPTERS
             assert not held or states[base] is State.LOADED, f"adapters of {base} held while it is {states[base]}"
         assert {v.name for v in holding} == self.running
+        assert len([v for v in top if v.group == REPLICATED and v.resident]) <= len(UNITS)
+        assert all(v.group == v.name or v.group == REPLICATED for v in self.s.view())
 
     def step(self, op: int, pick: int, dt: float) -> None:
         self.now += dt
@@ -199,6 +211,10 @@ class World:
             self.feed(AdminUnload(ALL[pick % len(ALL)], force=pick % 3 == 0))
         elif op == 10:
             self.feed(Preload(ALL[pick % len(ALL)]))
+        elif op == 11 and self.replicated:
+            self.feed(ReplicaPressure(REPLICATED, pick % 2 == 0))
+        elif op == 12 and self.replicated:
+            self.feed(SetReplicas(REPLICATED, pick % 4))
         elif op == 8 and self.falling:
             m = sorted(self.falling)[pick % len(self.falling)]
             self.falling.discard(m)
@@ -241,17 +257,17 @@ class World:
         raise AssertionError("the world did not settle")
 
 
-ops = st.lists(st.tuples(st.integers(0, 10), st.integers(0, 100), st.floats(0, 20)), max_size=120)
+ops = st.lists(st.tuples(st.integers(0, 12), st.integers(0, 100), st.floats(0, 20)), max_size=120)
 settings = dict(max_resident=st.integers(1, 3), memory=st.sampled_from([None, 40.0, 60.0, 100.0]),
                 max_wait=st.sampled_from([0.0, 5.0, 30.0]), gpus=st.booleans(), sleep=st.sampled_from([0, 1, 2]),
                 host=st.sampled_from([None, 6.0, 20.0]), keep_idle=st.sampled_from([0.0, 10.0]),
-                policies=st.booleans())
+                policies=st.booleans(), replicas=st.sampled_from([0, 1, 2]))
 
 
 def run_world(
     make: Callable[[SchedulerConfig], Scheduler], ops: list[tuple[int, int, float]], max_resident: int,
     memory: float | None, max_wait: float, gpus: bool, sleep: int, host: float | None, keep_idle: float,
-    policies: bool, world: type[World] = World,
+    policies: bool, replicas: int = 0, world: type[World] = World,
 ) -> World:
     """Play ``ops`` in a world around the scheduler ``make`` builds, then let it settle."""
     # with GPUs: two of ``memory`` GB each (or 50), "d" pinned to both, the others placed by the router
@@ -264,14 +280,19 @@ def run_world(
                      max_waiting=2 if policies and m == "a" else 100)
         for m, g in MODELS.items() if limit is None or g <= limit
     }
+    if replicas:  # r: up to 3 replicas of 10 GB; with 2, one is kept; more than 2 requests each → another
+        specs.update({u: ModelSpec(10.0, group=REPLICATED, replica=i, replicas_min=replicas - 1, replicas_max=3,
+                                   target_in_flight=2, replica_idle=15.0, sleep_level=sleep)
+                      for i, u in enumerate(UNITS)})
     specs.update({a: ModelSpec(base=b) for a, b in ADAPTERS.items() if b in specs})
     cfg = SchedulerConfig(specs, max_resident, None if gpus else memory, load_timeout=300.0, max_wait=max_wait,
                           gpu_memory_gb=gpu_budgets, host_memory_gb=host, keep_idle=keep_idle,
                           max_waiting_total=6 if policies else 1000)
     w = world(make(cfg), max_resident, None if gpus else memory, gpu_budgets, host_budget=host)
-    usable = sorted(specs)
+    usable = sorted({(spec.group or name) if isinstance(spec, ModelSpec) else name for name, spec in specs.items()})
+    w.replicated = REPLICATED in usable
     for op, pick, dt in ops:
-        if op == 0 or op == 7:
+        if op in (0, 7, 10):
             pick = ALL.index(usable[pick % len(usable)])
         w.step(op, pick, dt)
     w.settle()
@@ -281,9 +302,9 @@ def run_world(
 @given(ops=ops, **settings)
 def test_invariants_hold_and_every_request_is_answered_once(
     ops: list[tuple[int, int, float]], max_resident: int, memory: float | None, max_wait: float, gpus: bool,
-    sleep: int, host: float | None, keep_idle: float, policies: bool,
+    sleep: int, host: float | None, keep_idle: float, policies: bool, replicas: int,
 ) -> None:
-    w = run_world(Scheduler, ops, max_resident, memory, max_wait, gpus, sleep, host, keep_idle, policies)
+    w = run_world(Scheduler, ops, max_resident, memory, max_wait, gpus, sleep, host, keep_idle, policies, replicas)
     assert not w.waiting
     for r in range(1, w.next_id):
         if r in w.cancelled:
@@ -343,7 +364,7 @@ class SameWorld(World):
 @given(ops=ops, **settings)
 def test_fast_path_decides_as_a_full_pass(
     ops: list[tuple[int, int, float]], max_resident: int, memory: float | None, max_wait: float, gpus: bool,
-    sleep: int, host: float | None, keep_idle: float, policies: bool,
+    sleep: int, host: float | None, keep_idle: float, policies: bool, replicas: int,
 ) -> None:
     run_world(CheckedFastPath, ops, max_resident, memory, max_wait, gpus, sleep, host, keep_idle, policies,
-              world=SameWorld)
+              replicas, world=SameWorld)

@@ -21,14 +21,17 @@ from vllm_model_router.scheduler.events import (
     ModelFound,
     ModelSpec,
     Preload,
+    ReplicaPressure,
     RequestArrived,
     RequestCancelled,
     RequestFinished,
     SetPinned,
+    SetReplicas,
     SleepDone,
     StopDone,
     Tick,
     WakeDone,
+    replica_name,
 )
 from vllm_model_router.scheduler.records import ModelView
 from vllm_model_router.scheduler.residency import SchedulerConfig
@@ -56,12 +59,14 @@ __all__ = [
     "ModelView",
     "Preload",
     "Reject",
+    "ReplicaPressure",
     "RequestArrived",
     "RequestCancelled",
     "RequestFinished",
     "Scheduler",
     "SchedulerConfig",
     "SetPinned",
+    "SetReplicas",
     "SleepDone",
     "SleepModel",
     "StartLoad",
@@ -74,4 +79,5 @@ __all__ = [
     "WakeDone",
     "WakeModel",
     "is_resident",
+    "replica_name",
 ]

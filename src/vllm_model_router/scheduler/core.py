@@ -53,10 +53,12 @@ from vllm_model_router.scheduler.events import (
     ModelExited,
     ModelFound,
     Preload,
+    ReplicaPressure,
     RequestArrived,
     RequestCancelled,
     RequestFinished,
     SetPinned,
+    SetReplicas,
     SleepDone,
     StopDone,
     Tick,
@@ -64,7 +66,7 @@ from vllm_model_router.scheduler.events import (
 )
 from vllm_model_router.scheduler.eviction import Budget, choose_placement
 from vllm_model_router.scheduler.planning import Planner
-from vllm_model_router.scheduler.records import ModelRecord, ModelView, Waiter
+from vllm_model_router.scheduler.records import Group, ModelRecord, ModelView, Waiter
 from vllm_model_router.scheduler.states import LOADABLE, WANTS_IN, State, StopReason
 
 
@@ -82,13 +84,22 @@ class Scheduler(Planner):
         return out
 
     def view(self) -> list[ModelView]:
-        return [ModelView.of(m, self._waiting.count(m.name)) for m in self._models.values()]
+        """Every unit; a model's waiters are counted on its first unit."""
+        return [ModelView.of(m, self._waiting.count(m.group) if m.spec.replica == 0 else 0)
+                for m in self._models.values()]
 
     def state_of(self, model: str) -> State:
+        """The state of a unit (a model's name is its first unit's)."""
         return self._models[model].state
 
     def knows(self, model: str) -> bool:
+        """A model, or one of its units."""
         return model in self._models
+
+    def units(self, model: str) -> list[str]:
+        """``model``'s units, by replica number (a model without replicas: itself)."""
+        g = self._groups.get(model)
+        return [u.name for u in g.members] if g is not None else [model]
 
     def is_waiting(self, req_id: int) -> bool:
         return req_id in self._waiting
@@ -97,19 +108,19 @@ class Scheduler(Planner):
     def _apply(self, event: Event, now: float, out: list[Effect]) -> None:
         """What the event does by itself, before the planning pass."""
         match event:
-            case RequestArrived(req_id, model):
-                if model not in self._models:
+            case RequestArrived(req_id, model, affinity):
+                if model not in self._groups:
                     raise KeyError(f"unknown model {model!r}")
                 if req_id in self._waiting or req_id in self._granted:
                     raise ValueError(f"duplicate request id {req_id}")
-                m = self._models[model]
-                self._note_arrival(m, now)
-                if not self._servable(m, self._seq + 1) and self._queue_full(m):
+                g = self._groups[model]
+                self._note_arrivals(g, now)
+                if self._pick(g, self._seq + 1) is None and self._queue_full(g.members[0]):
                     out.append(Reject(req_id, model, 429, f"too many requests waiting for {model}; try again later",
                                       retry_after=self.config.retry_after))
                 else:
                     self._seq += 1
-                    self._waiting.add(Waiter(req_id, model, now, self._seq), m.spec.priority)
+                    self._waiting.add(Waiter(req_id, model, now, self._seq, affinity), g.members[0].spec.priority)
             case RequestCancelled(req_id) | RequestFinished(req_id):
                 self._release(req_id, now)
             case LoadDone(model, ok, error, status):
@@ -165,9 +176,17 @@ class Scheduler(Planner):
                 if model not in self._models:
                     self._add(model, spec, now)
             case AdminUnload(model, force):
-                self._admin_unload(self._models[model], force, now, out)
+                for unit in self.units(model):  # a model's name unloads all its replicas
+                    self._admin_unload(self._models[unit], force, now, out)
             case SetPinned(model, pinned):
-                self._models[model].pinned = pinned
+                m = self._models[model]
+                m.pinned = pinned
+                if m.spec.group is not None:
+                    self._rerank(self._group(m))
+            case SetReplicas(model, replicas):
+                self._set_replicas(self._groups[model], replicas, now, out)
+            case ReplicaPressure(model, saturated):
+                self._groups[model].saturated = saturated
             case Preload(model):
                 self._preload(self._models[model], now, out)
             case GpuUsage(foreign):
@@ -181,7 +200,23 @@ class Scheduler(Planner):
                 raise TypeError(f"unknown event {event!r}")
 
     def _queue_full(self, m: ModelRecord) -> bool:
-        return self._waiting.count(m.name) >= m.spec.max_waiting or len(self._waiting) >= self.config.max_waiting_total
+        return self._waiting.count(m.group) >= m.spec.max_waiting or len(self._waiting) >= self.config.max_waiting_total
+
+    def _note_arrivals(self, g: Group, now: float) -> None:
+        for u in g.members:
+            self._note_arrival(u, now)
+
+    def _set_replicas(self, g: Group, n: int, now: float, out: list[Effect]) -> None:
+        """Keep ``n`` replicas (clamped to the model's min and max): those are pinned, and the planning pass
+        brings them in when they fit; resident ones beyond ``n`` stop once idle."""
+        spec = g.members[0].spec
+        g.floor = max(spec.replicas_min, min(n, spec.replicas_max))
+        for u in g.members:
+            u.pinned = u.spec.replica < g.floor
+        self._rerank(g)
+        for u in g.members[g.floor:]:
+            if u.state in (State.LOADED, State.LOADING, State.WAKING, State.SLEEPING) and g.floor > 0:
+                self._admin_unload(u, False, now, out)
 
     def _load_done(self, m: ModelRecord, ok: bool, error: str, status: int, now: float, out: list[Effect]) -> None:
         if m.state is not State.LOADING:
@@ -196,11 +231,11 @@ class Scheduler(Planner):
         m.failures += 1
         m.last_error = error or "model failed to load"
         self._set_state(m, State.FAILED, now)
-        self._reject_waiters(m, status, f"Failed to load model {m.name}: {m.last_error}", out)
+        self._fail_waiters(m, status, f"Failed to load model {m.group}: {m.last_error}", out)
         # an adapter's waiters wait on its base too: a failed base fails them as well
         for child in self._children(m):
-            self._reject_waiters(child, status, f"Failed to load base model {m.name} of {child.name}: "
-                                                f"{m.last_error}", out)
+            self._fail_waiters(child, status, f"Failed to load base model {m.name} of {child.name}: "
+                                              f"{m.last_error}", out)
 
     def _admin_unload(self, m: ModelRecord, force: bool, now: float, out: list[Effect]) -> None:
         """Anything on its way in, asleep or idle stops at once; a busy model drains first (step 7), unless
@@ -225,6 +260,17 @@ class Scheduler(Planner):
         if victims == []:
             self._bring_in(m, placement, now, out)
 
+    def _may_grow(self, g: Group, m: ModelRecord) -> bool:
+        """Whether a grant on ``m`` could let step 4r start another replica of ``g``: the fast path then
+        leaves the request to a full pass."""
+        spec = m.spec
+        awake = [u for u in g.members if u.state in (State.LOADED, State.LOADING, State.WAKING)]
+        if len(awake) >= spec.replicas_max:
+            return False
+        loaded = [u for u in awake if u.state is State.LOADED]
+        return g.saturated or len(awake) < g.floor or sum(len(u.in_flight) for u in loaded) + 1 > \
+            spec.target_in_flight * len(loaded)
+
     # ------------------------------------------------------------ fast path
     def _fast_path(self, event: Event, now: float) -> list[Effect] | None:
         """The common case, without a full pass: nobody is waiting, and a request arrives for a model that
@@ -238,12 +284,15 @@ class Scheduler(Planner):
         if self._waiting:
             return None
         if isinstance(event, RequestArrived):
-            m = self._models.get(event.model)
-            if m is None or event.req_id in self._granted or not self._servable(m, self._seq + 1):
+            g = self._groups.get(event.model)
+            if g is None or event.req_id in self._granted:
                 return None
-            self._note_arrival(m, now)
+            m = self._pick(g, self._seq + 1, event.affinity)
+            if m is None or (g.replicated and self._may_grow(g, m)):
+                return None
+            self._note_arrivals(g, now)
             self._seq += 1
-            self._grant_one(event.req_id, m, now)
+            self._grant_one(event.req_id, m, now, event.affinity)
             return [Grant(event.req_id, m.name)]
         if isinstance(event, RequestFinished | RequestCancelled):
             model = self._granted.get(event.req_id)
@@ -252,7 +301,8 @@ class Scheduler(Planner):
             chain = [self._models[model]]
             if chain[0].base is not None:
                 chain.append(self._models[chain[0].base])
-            if any(x.spec.ttl > 0 or x.unload_requested for x in chain):
+            if any(x.spec.ttl > 0 or x.spec.group is not None or x.unload_requested for x in chain) or \
+                    (self._replicated and self._growing()):  # (a model that falls idle may make room)
                 return None
             self._release(event.req_id, now)
             return []

@@ -20,14 +20,26 @@ class ModelSpec:
     ttl: float = 0.0  # idle this long (seconds) → unloaded; 0: never
     priority: int = 0  # higher wins a contested slot and is evicted last
     max_waiting: int = 100  # requests waiting for it beyond this get 429
+    # replicas: every copy of a model is a unit of its own (own process, port, GPUs, memory); the first is
+    # named like the model, the others ``<model>@<n>`` (``replica_name``). Requests name the model (the group).
+    group: str | None = None  # the model this unit is a copy of; None: the unit is its own model
+    replica: int = 0  # which copy (0: the first, named like the model)
+    replicas_min: int = 0  # copies kept resident (pinned and brought in when they fit)
+    replicas_max: int = 1  # copies resident at most
+    target_in_flight: int = 32  # requests per loaded copy above which another copy is started
+    replica_idle: float = 60.0  # an extra copy idle this long (seconds) is stopped
 
 
 @dataclass(frozen=True, slots=True)
 class RequestArrived:
-    """A request (or an admin load) for a configured model; the shell resolved aliases already."""
+    """A request (or an admin load) for a configured model; the shell resolved aliases already.
+
+    ``affinity``: a hash of the start of the prompt (None: none), so that among equally loaded replicas the
+    one that last served the same prefix gets it (vLLM's prefix cache is per engine)."""
 
     req_id: int
     model: str
+    affinity: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,11 +154,35 @@ class Preload:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicaPressure:
+    """The engines of a replicated model say they are saturated (requests queued inside vLLM, its
+    ``vllm:num_requests_waiting``, for a while) or no longer are: another replica is started when one fits."""
+
+    model: str
+    saturated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SetReplicas:
+    """Operator sets how many replicas of ``model`` are kept (within its ``replicas.min`` and ``max``):
+    that many are pinned and brought in when they fit; resident copies beyond it are stopped once idle.
+    Demand may still start more, up to ``max``."""
+
+    model: str
+    replicas: int
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Time passed (a TimerAt came due). Deadlines are checked on every event anyway."""
 
 
 Event = (
     RequestArrived | RequestCancelled | RequestFinished | LoadDone | StopDone | SleepDone | WakeDone | ModelExited
-    | ModelFound | ModelAdded | AdminUnload | SetPinned | Preload | GpuUsage | Tick
+    | ModelFound | ModelAdded | AdminUnload | SetPinned | Preload | GpuUsage | ReplicaPressure | SetReplicas | Tick
 )
+
+
+def replica_name(model: str, replica: int) -> str:
+    """The unit name of ``model``'s replica number ``replica`` (0 is the model's own name)."""
+    return model if replica == 0 else f"{model}@{replica}"

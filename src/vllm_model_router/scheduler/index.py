@@ -28,7 +28,7 @@ from vllm_model_router.scheduler.eviction import Occupant, Usage
 from vllm_model_router.scheduler.records import ModelRecord
 from vllm_model_router.scheduler.states import HOLDS_CAPACITY, State, holds_residue_only
 
-LruKey = tuple[int, float, float, int, str]
+LruKey = tuple[bool, int, float, float, int, str]
 
 TIMED = frozenset({State.LOADED, State.SLEEPING})
 """Where a model's ttl clock may run (see ``Residency._ttl_applies``)."""
@@ -57,8 +57,15 @@ def staying_occupant(m: ModelRecord) -> Occupant | None:
 
 
 def lru_key(m: ModelRecord) -> LruKey:
-    """Eviction order: lower priority first, then least recently used (the table order breaks ties)."""
-    return (m.spec.priority, m.last_used, m.since, m.order, m.name)
+    """Eviction order: extra replicas first (a newcomer takes an idle extra copy before anything else), then
+    lower priority first, then least recently used (the table order breaks ties)."""
+    return (not m.extra, m.spec.priority, m.last_used, m.since, m.order, m.name)
+
+
+def has_idle_clock(m: ModelRecord) -> bool:
+    """Whether ``m`` may ever be stopped for idleness: it has a ttl, or it is a replica (an extra copy is
+    stopped after ``replica_idle``)."""
+    return m.spec.ttl > 0 or m.spec.group is not None
 
 
 LRU_STATES = (State.LOADED, State.SLEEPING)
@@ -133,6 +140,11 @@ class ModelIndex:
         if m.name in self._lru_key:
             self._stale.add(m.name)
 
+    def rekeyed(self, m: ModelRecord) -> None:
+        """Something in ``m``'s eviction key other than a use changed (whether it is an extra replica)."""
+        if m.name in self._lru_key:
+            self._stale.add(m.name)
+
     def _refile(self) -> None:
         """File the models used since their key was filed under their current key."""
         for name in self._stale:
@@ -161,7 +173,7 @@ class ModelIndex:
             if m.state in LRU_STATES:
                 self._lru_key[m.name] = key = lru_key(m)
                 insort(self._lru.setdefault((m.base, m.state), []), key)
-        if m.spec.ttl > 0 and m.state in TIMED:
+        if has_idle_clock(m) and m.state in TIMED:
             self._timed[m.name] = m
 
     # ------------------------------------------------------------------ queries
@@ -221,7 +233,8 @@ class ModelIndex:
         return self._by_state[state].keys()
 
     def timed(self) -> list[ModelRecord]:
-        """The models with a ttl that are loaded or asleep, in no particular order."""
+        """The models with an idle clock (``has_idle_clock``) that are loaded or asleep, in no particular
+        order."""
         return list(self._timed.values())
 
     def in_state(self, *states: State) -> list[ModelRecord]:
@@ -249,6 +262,9 @@ class ScanningIndex(ModelIndex):
 
     def used(self, m: ModelRecord, now: float) -> None:
         m.last_used = now
+
+    def rekeyed(self, m: ModelRecord) -> None:
+        pass
 
     def held(self, domain: str | None, but: ModelRecord | None = None) -> Usage:
         return Usage.of(occupant(m) for m in self.holders(domain) if m is not but)
@@ -281,7 +297,7 @@ class ScanningIndex(ModelIndex):
         return sum(m.memory_gb for m in self.holders(domain) if m.state in states)
 
     def timed(self) -> list[ModelRecord]:
-        return [m for m in self._table.values() if m.spec.ttl > 0 and m.state in TIMED]
+        return [m for m in self._table.values() if has_idle_clock(m) and m.state in TIMED]
 
     def in_state(self, *states: State) -> list[ModelRecord]:
         return [m for m in self._table.values() if m.state in states]

@@ -7,16 +7,19 @@ number them the same way, and the scheduler tests are named after the step they 
 
 from __future__ import annotations
 
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 
 from vllm_model_router.scheduler.effects import Effect, Reject, TimerAt
 from vllm_model_router.scheduler.eviction import choose_placement
 from vllm_model_router.scheduler.index import in_table_order
-from vllm_model_router.scheduler.records import ModelRecord, Waiter
+from vllm_model_router.scheduler.records import Group, ModelRecord, Waiter
 from vllm_model_router.scheduler.residency import TIMED_OUT, Residency
 from vllm_model_router.scheduler.states import RESIDENT, STARTING, WANTS_IN, State, StopReason
 
 AWAKE = RESIDENT - {State.UNLOADING}
+RETRY_FAILED_S = 30.0
+"""A replica whose load failed is not started again for saturation (or to be kept) before this long."""
 """What step 3 counts against a budget: resident and not already on its way out."""
 
 
@@ -29,7 +32,19 @@ class Pass:
     # model -> the arrival number of the newest waiter it still admits (-1: none); set by steps 4 and 7
     drain: dict[str, int] = field(default_factory=dict)
     blocked_since: float | None = None  # step 4: the oldest waiter of a load blocked behind busy models
+    room_pending: bool = False  # step 4: a waiter's load waits for room (no replica may take any then)
     cooling: list[float] = field(default_factory=list)  # step 4: when hot models holding it back cool down
+
+
+class _Wanting:
+    """The models whose waiters need one of their units brought in (step 4 asks ``model in wanting``)."""
+
+    def __init__(self, planner: Planner) -> None:
+        self._planner = planner
+
+    def __contains__(self, model: object) -> bool:
+        g = self._planner._groups.get(model) if isinstance(model, str) else None
+        return g is not None and self._planner._wants_in(g) is not None
 
 
 class Planner(Residency):
@@ -41,6 +56,7 @@ class Planner(Residency):
         self._grant(now, out)  # (2)
         self._trim(p)  # (3)
         self._plan_loads(p)  # (4)
+        self._scale(p)  # (4r)
         self._expire_ttl(p)  # (5)
         self._fit_host_budget(p)  # (6)
         self._drain(p)  # (7)
@@ -62,7 +78,7 @@ class Planner(Residency):
                 m.failures += 1
                 m.last_error = f"{TIMED_OUT}: not ready after {timeout:g}s"
                 self._stop(m, StopReason.LOAD_TIMEOUT, TIMED_OUT, p.now, p.out, force=True)
-                self._reject_waiters(m, 504, f"{TIMED_OUT} {m.name}: {m.last_error}", p.out)
+                self._fail_waiters(m, 504, f"{TIMED_OUT} {m.group}: {m.last_error}", p.out)
 
     # (2) and (8): Residency._grant. Serving first means a model about to be used is busy, so it is
     # never chosen as a victim in (3) to (6); serving again after (7) lets through what a lifted drain
@@ -93,15 +109,40 @@ class Planner(Residency):
         load that must wait for room blocks the ones after it (no overtaking), so a big model cannot
         starve behind small ones."""
         # only a model that is out (or asleep) can be brought in for its waiters (``_load_target``)
-        for first in self._waiting.in_planning_order([self._index.names_in(s) for s in WANTS_IN]):
-            target = self._load_target(self._models[first.model], first)
+        wanting: Sequence[Container[str]] = [self._index.names_in(s) for s in WANTS_IN]
+        if self._replicated:
+            wanting = [_Wanting(self)]
+        for first in self._waiting.in_planning_order(wanting):
+            target = self._load_target(self._groups[first.model], first)
             if target is not None and not self._plan_one(p, target, first):
+                p.room_pending = True
                 break
 
-    def _load_target(self, m: ModelRecord, first: Waiter) -> ModelRecord | None:
-        """What must come in for ``m``'s waiters: ``m``, or first its base. None when nothing can: it is
-        already in or on its way, or its base is on its way in or out (its adapters wait for it)."""
-        if m.state not in WANTS_IN:
+    def _wants_in(self, g: Group) -> ModelRecord | None:
+        """The unit to bring in for ``g``'s waiters when none of its units is loaded or on its way in: a
+        sleeping one first (a wake is quicker than a start), else the lowest replica that is out."""
+        if not g.replicated:
+            m = g.members[0]
+            return m if m.state in WANTS_IN else None
+        if any(u.state in (State.LOADED, *STARTING) for u in g.members):
+            return None
+        return self._next_unit(g)
+
+    @staticmethod
+    def _next_unit(g: Group, now: float | None = None) -> ModelRecord | None:
+        """The unit of ``g`` to bring in next: a sleeping one first, else the lowest replica that is out. With
+        ``now`` (a replica for saturation or for the ones kept, not for waiters), a unit whose load failed
+        less than ``RETRY_FAILED_S`` ago is not retried yet: a copy that cannot start does not crash-loop."""
+        out = [u for u in g.members if u.state in WANTS_IN
+               and (now is None or u.state is not State.FAILED or now - u.since >= RETRY_FAILED_S)]
+        return min(out, key=lambda u: (u.state is not State.SLEEPING, u.spec.replica), default=None)
+
+    def _load_target(self, g: Group, first: Waiter) -> ModelRecord | None:
+        """What must come in for ``g``'s waiters: one of its units, or first that unit's base. None when
+        nothing can: it is already in or on its way, or its base is on its way in or out (its adapters wait
+        for it)."""
+        m = self._wants_in(g)
+        if m is None:
             return None
         if m.base is not None:
             base = self._models[m.base]
@@ -165,12 +206,72 @@ class Planner(Residency):
                 p.drain[v] = min(p.drain.get(v, first.seq), first.seq)
         return False
 
+    # (4r) -----------------------------------------------------------------------------------------
+    def _scale(self, p: Pass) -> None:
+        """Replicas: a model keeps ``floor`` of them, and gets one more (up to ``replicas_max``) when its
+        loaded ones are saturated: their engines queue requests (``ReplicaPressure``), or more than
+        ``target_in_flight`` requests per loaded replica are outstanding. Never while a waiter's load waits
+        for room (step 4): another model's queued request is never made to wait longer; an extra replica
+        may only evict idle models nobody waits for. One extra replica starts at a time."""
+        if p.room_pending:
+            return
+        for g in self._replicated:
+            awake, want = self._wanted(g)
+            while len(awake) < want:
+                target = self._next_unit(g, p.now)
+                if target is None or not self._grow(p, g, target):
+                    break
+                awake.append(target)
+
+    def _wanted(self, g: Group) -> tuple[list[ModelRecord], int]:
+        """``g``'s units that are loaded or on their way in, and how many it wants."""
+        awake = [u for u in g.members if u.state in (State.LOADED, *STARTING)]
+        loaded = [u for u in awake if u.state is State.LOADED]
+        spec = g.members[0].spec
+        want = g.floor
+        if loaded and len(awake) == len(loaded) and (
+                g.saturated or sum(len(u.in_flight) for u in loaded) + self._waiting.count(g.name)
+                > spec.target_in_flight * len(loaded)):
+            want = max(want, len(awake) + 1)
+        return awake, min(want, spec.replicas_max)
+
+    def _growing(self) -> bool:
+        """Whether some replicated model wants more replicas than it has (step 4r would act)."""
+        for g in self._replicated:
+            awake, want = self._wanted(g)
+            if len(awake) < want:
+                return True
+        return False
+
+    def _grow(self, p: Pass, g: Group, target: ModelRecord) -> bool:
+        """Bring in ``target``, another replica of ``g``, if it fits, or once idle models nobody waits for
+        have made room (evicted now; the start comes with a later pass). True when it was brought in."""
+        options = [target.placed] if target.state is State.SLEEPING and target.placed else self._options(target)
+        need = target.memory_gb
+        placement, victims = choose_placement(need, self._index.held(None, but=target), [], self.budget, options)
+        if victims == []:
+            self._bring_in(target, placement, p.now, p.out)
+            return True
+        hot = {m.name for m in self._index.lru(None, State.LOADED) if self._hot(m, p.now)} \
+            if self.config.keep_idle > 0 else set()
+        candidates = (c for c in self._candidates(None, target, hot=hot)
+                      if self._models[c.name].group != g.name and not self._waiting.count(self._models[c.name].group))
+        _, victims = choose_placement(need, self._index.staying(None, but=target), candidates, self.budget, options)
+        for v in victims or []:
+            self._evict(self._models[v], f"evicted to make room for another replica of {g.name}", p.now, p.out)
+        return False
+
     # (5) ------------------------------------------------------------------------------------------
     def _expire_ttl(self, p: Pass) -> None:
-        """A model idle longer than its ttl, with nobody waiting for it, is unloaded."""
+        """A model idle longer than its ttl (an extra replica: than its model's ``replicas.idle``), with
+        nobody waiting for it, is unloaded."""
         for m in in_table_order(self._index.timed()):
-            if self._ttl_applies(m) and self._idle_for(m, p.now) >= m.spec.ttl and not self._waiting.count(m.name):
-                self._stop(m, StopReason.TTL, f"idle for {m.spec.ttl:g}s (ttl)", p.now, p.out)
+            ttl = self._ttl(m)
+            if self._ttl_applies(m) and self._idle_for(m, p.now) >= ttl and not self._waiting.count(m.group):
+                if m.extra:
+                    self._stop(m, StopReason.SCALE_DOWN, f"extra replica idle for {ttl:g}s", p.now, p.out)
+                else:
+                    self._stop(m, StopReason.TTL, f"idle for {ttl:g}s (ttl)", p.now, p.out)
 
     # (6) ------------------------------------------------------------------------------------------
     def _fit_host_budget(self, p: Pass) -> None:
@@ -216,7 +317,7 @@ class Planner(Residency):
         if p.blocked_since is not None and p.now - p.blocked_since < cfg.max_wait:
             deadlines.append(p.blocked_since + cfg.max_wait)
         deadlines += [t for t in p.cooling if t > p.now]
-        deadlines += [max(m.last_used, m.since) + m.spec.ttl for m in self._index.timed() if self._ttl_applies(m)]
+        deadlines += [max(m.last_used, m.since) + self._ttl(m) for m in self._index.timed() if self._ttl_applies(m)]
         when = min(deadlines) if deadlines else None
         if when is not None and when != self._timer:
             p.out.append(TimerAt(when))

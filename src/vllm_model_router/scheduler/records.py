@@ -37,10 +37,16 @@ class ModelRecord:
     last_arrival: float | None = None
     gap: float | None = None  # smoothed time between its requests: small means in steady use
     load_seconds: float | None = None  # how long its last cold load took: what evicting it would cost
+    extra: bool = False  # a replica beyond the ones its model keeps: evicted first, stopped when idle a while
 
     @property
     def memory_gb(self) -> float:
         return self.spec.memory_gb
+
+    @property
+    def group(self) -> str:
+        """The model this unit is a copy of (itself, for a model without replicas)."""
+        return self.spec.group or self.name
 
     @property
     def base(self) -> str | None:
@@ -55,12 +61,41 @@ class ModelRecord:
         return self.state is State.LOADED and (self.drain_seq is None or seq <= self.drain_seq)
 
 
+AFFINITY_ENTRIES = 4096  # prompt prefixes remembered per replicated model
+
+
+@dataclass(slots=True)
+class Group:
+    """A model and its replicas (units). A model without replicas is a group of one."""
+
+    name: str
+    members: list[ModelRecord] = field(default_factory=list)  # by replica number
+    floor: int = 0  # replicas kept resident (pinned): ``replicas.min``, or what an operator set
+    saturated: bool = False  # its engines report requests queued inside them (ReplicaPressure)
+    affinity: dict[int, str] = field(default_factory=dict)  # prompt-prefix hash -> the unit that last served it
+
+    @property
+    def replicated(self) -> bool:
+        return len(self.members) > 1
+
+    def served(self, key: int | None, unit: str) -> None:
+        """``unit`` was granted a request whose prompt starts like ``key``: remember it (bounded, oldest
+        forgotten first)."""
+        if key is None or not self.replicated:
+            return
+        self.affinity.pop(key, None)
+        self.affinity[key] = unit
+        if len(self.affinity) > AFFINITY_ENTRIES:
+            del self.affinity[next(iter(self.affinity))]
+
+
 @dataclass(slots=True)
 class Waiter:
     req_id: int
-    model: str
+    model: str  # the model (group) it waits for; it is granted on one of its units
     arrived: float
     seq: int  # arrival order
+    affinity: int | None = None  # hash of the prompt's start (see RequestArrived)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +122,9 @@ class ModelView:
     # is in its spec
     wakes: int = 0
     sleeps: int = 0
+    group: str = ""  # the model it is a replica of (its own name when it has no replicas)
+    replica: int = 0
+    extra: bool = False  # a replica beyond the ones kept: the first to go
 
     @property
     def resident(self) -> bool:
@@ -115,4 +153,7 @@ class ModelView:
             asleep_level=m.asleep_level,
             wakes=m.wakes,
             sleeps=m.sleeps,
+            group=m.group,
+            replica=m.spec.replica,
+            extra=m.extra,
         )

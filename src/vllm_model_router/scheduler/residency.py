@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from vllm_model_router.scheduler.effects import Effect, Grant, Reject, SleepModel, StartLoad, StopModel, WakeModel
 from vllm_model_router.scheduler.events import ModelSpec
 from vllm_model_router.scheduler.eviction import Budget, Candidate, Occupant
-from vllm_model_router.scheduler.index import TIMED, ModelIndex, in_table_order, occupant
-from vllm_model_router.scheduler.records import ModelRecord
+from vllm_model_router.scheduler.index import TIMED, ModelIndex, in_table_order, lru_key, occupant
+from vllm_model_router.scheduler.records import Group, ModelRecord
 from vllm_model_router.scheduler.states import (
     HOLDS_CAPACITY,
     LOADABLE,
@@ -60,6 +60,8 @@ class Residency:
         self.budget = Budget(config.max_resident, config.memory_gb, dict(config.gpu_memory_gb or {}))
         self._nominal = self.budget  # without what other processes hold (see GpuUsage)
         self._models: dict[str, ModelRecord] = {}
+        self._groups: dict[str, Group] = {}  # model -> its units (a model without replicas: one)
+        self._replicated: list[Group] = []  # the groups of more than one unit, in table order
         self._index = ModelIndex()  # who is in which state and domain: the passes never scan the table
         for name, spec in config.models.items():
             self._add(name, spec if isinstance(spec, ModelSpec) else ModelSpec(memory_gb=spec), now)
@@ -92,6 +94,13 @@ class Residency:
             m.state = State.LOADED
         self._models[name] = m
         self._index.added(m, self._models[spec.base] if spec.base is not None else None)
+        g = self._groups.get(m.group)
+        if g is None:
+            g = self._groups[m.group] = Group(m.group, floor=spec.replicas_min)
+        g.members.append(m)
+        if len(g.members) == 2:
+            self._replicated.append(g)
+        m.pinned = spec.replica < g.floor  # the replicas a model keeps are pinned
 
     def _children(self, base: ModelRecord) -> Sequence[ModelRecord]:
         return self._index.children(base)
@@ -101,6 +110,8 @@ class Residency:
         m.state = state
         m.since = now  # (before ``moved``: the eviction order reads it)
         self._index.moved(m)
+        if m.spec.group is not None:
+            self._rerank(self._group(m))
         if state not in STARTING:
             m.load_started = None
         if state in LOADABLE:
@@ -115,8 +126,54 @@ class Residency:
                     child.unload_requested = False
                     self._set_state(child, State.UNLOADED, now)
 
+    # ------------------------------------------------------------ replicas
+    def _group(self, m: ModelRecord) -> Group:
+        return self._groups[m.group]
+
+    def _rerank(self, g: Group) -> None:
+        """Which of ``g``'s units are extra: of those holding capacity (not on their way out), pinned ones
+        first, then awake ones, then by replica number, the first and the pinned ones are kept and the rest
+        are extra (evicted first, stopped when idle for ``replica_idle``)."""
+        holding = sorted((u for u in g.members if u.state in HOLDS_CAPACITY and u.state is not State.UNLOADING),
+                         key=lambda u: (not u.pinned, u.state in (State.SLEEPING, State.FALLING_ASLEEP),
+                                        u.spec.replica))
+        extra = {u.name for rank, u in enumerate(holding) if rank > 0 and not u.pinned}
+        for u in g.members:
+            if u.extra != (u.name in extra):
+                u.extra = u.name in extra
+                self._index.rekeyed(u)
+
+    def _pick(self, g: Group, seq: int, affinity: int | None = None) -> ModelRecord | None:
+        """The unit a request (the ``seq``-th to arrive) goes to: of the units that admit it, the one with
+        the fewest requests outstanding; among those, the one that last served the same prompt prefix, else
+        a kept one before an extra one (so that extras fall idle and go), else the lowest replica. None
+        when no unit admits it now."""
+        if not g.replicated:
+            m = g.members[0]
+            return m if self._servable(m, seq) else None
+        best: ModelRecord | None = None
+        best_key: tuple[int, bool, bool, int] | None = None
+        warm = g.affinity.get(affinity) if affinity is not None else None
+        for u in g.members:
+            if not self._servable(u, seq):
+                continue
+            key = (len(u.in_flight), u.name != warm, u.extra, u.spec.replica)
+            if best_key is None or key < best_key:
+                best, best_key = u, key
+        return best
+
+    def _fail_waiters(self, m: ModelRecord, status: int, message: str, out: list[Effect]) -> None:
+        """``m`` could not be brought in: its model's waiters get ``status``, unless another of its
+        replicas is loaded or on its way in to serve them."""
+        g = self._group(m)
+        if any(u is not m and u.state in (State.LOADED, *STARTING) for u in g.members):
+            return
+        self._reject_waiters(m, status, message, out)
+
     # ------------------------------------------------------------ requests
-    def _grant_one(self, req_id: int, m: ModelRecord, now: float) -> None:
+    def _grant_one(self, req_id: int, m: ModelRecord, now: float, affinity: int | None = None) -> None:
+        if affinity is not None:
+            self._group(m).served(affinity, m.name)
         self._granted[req_id] = m.name
         m.in_flight.add(req_id)
         self._index.used(m, now)
@@ -126,12 +183,18 @@ class Residency:
             self._index.used(base, now)
 
     def _grant(self, now: float, out: list[Effect]) -> None:
-        """Grant every waiter whose model (and base) admits it, in arrival order."""
-        for w in self._waiting.admitted(lambda model, seq: self._servable(self._models[model], seq),
-                                        self._index.names_in(State.LOADED)):
+        """Grant every waiter that one of its model's units (and their base) admits, in arrival order, each
+        on the unit ``_pick`` chooses at that moment (so that a batch of grants is spread)."""
+        loaded: Collection[str] = self._index.names_in(State.LOADED)
+        if self._replicated:
+            loaded = {self._models[name].group for name in loaded}
+        for w in self._waiting.admitted(lambda model, seq: self._pick(self._groups[model], seq) is not None,
+                                        loaded):
+            unit = self._pick(self._groups[w.model], w.seq, w.affinity)
+            assert unit is not None  # a grant never takes a unit's admission away from another waiter
             self._waiting.pop(w.req_id)
-            self._grant_one(w.req_id, self._models[w.model], now)
-            out.append(Grant(w.req_id, w.model))
+            self._grant_one(w.req_id, unit, now, w.affinity)
+            out.append(Grant(w.req_id, unit.name))
 
     def _release(self, req_id: int, now: float) -> None:
         if self._waiting.pop(req_id) is not None:
@@ -147,9 +210,10 @@ class Residency:
                 self._index.used(base, now)
 
     def _reject_waiters(self, m: ModelRecord, status: int, message: str, out: list[Effect]) -> None:
-        for w in self._waiting.of(m.name):
+        """Every request waiting for ``m``'s model gets ``status``."""
+        for w in self._waiting.of(m.group):
             self._waiting.pop(w.req_id)
-            out.append(Reject(w.req_id, m.name, status, message))
+            out.append(Reject(w.req_id, w.model, status, message))
 
     def _servable(self, m: ModelRecord, seq: int) -> bool:
         return m.admits(seq) and (m.base is None or self._models[m.base].admits(seq))
@@ -233,8 +297,8 @@ class Residency:
 
     # ------------------------------------------------------------ use over time
     def _lru(self, models: Iterable[ModelRecord]) -> list[ModelRecord]:
-        """Eviction order: lower priority first, then least recently used."""
-        return sorted(models, key=lambda m: (m.spec.priority, m.last_used, m.since, m.order))
+        """Eviction order: extra replicas first, then lower priority first, then least recently used."""
+        return sorted(models, key=lru_key)
 
     def _note_arrival(self, m: ModelRecord, now: float) -> None:
         if m.last_arrival is not None:
@@ -260,6 +324,11 @@ class Residency:
     def _idle_for(self, m: ModelRecord, now: float) -> float:
         return now - max(m.last_used, m.since)
 
+    @staticmethod
+    def _ttl(m: ModelRecord) -> float:
+        """How long ``m`` may stay idle: an extra replica its model's ``replicas.idle``, others their ttl."""
+        return m.spec.replica_idle if m.extra else m.spec.ttl
+
     def _ttl_applies(self, m: ModelRecord) -> bool:
         """Whether ``m``'s ttl clock runs now: it has one, is not pinned, is loaded or asleep, and idle."""
-        return m.spec.ttl > 0 and not m.pinned and m.state in TIMED and not self._busy(m)
+        return self._ttl(m) > 0 and not m.pinned and m.state in TIMED and not self._busy(m)

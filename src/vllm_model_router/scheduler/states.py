@@ -69,3 +69,4 @@ class StopReason(StrEnum):
     HOST_BUDGET = "host_budget"  # level-1 sleepers' weights over the host memory budget
     SLEEP_FAILED = "sleep_failed"  # could not be put to sleep
     WAKE_FAILED = "wake_failed"  # could not be woken (it comes back cold)
+    SCALE_DOWN = "scale_down"  # an extra replica idle for replicas.idle, or beyond what an operator set

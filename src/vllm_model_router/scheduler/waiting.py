@@ -11,7 +11,7 @@ reads only as far as the first load that has to wait.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Container, Iterator, Sequence
 
 from vllm_model_router.scheduler.records import Waiter
 
@@ -73,8 +73,9 @@ class WaitQueue:
         """Each model with waiters, and its oldest waiter."""
         return {model: next(iter(queue.values())) for model, queue in self._by_model.items()}
 
-    def in_planning_order(self, among: Sequence[Collection[str]]) -> Iterator[Waiter]:
-        """The first waiter of each model named in one of ``among`` (sets of names, looked at as it reads),
+    def in_planning_order(self, among: Sequence[Container[str]]) -> Iterator[Waiter]:
+        """The first waiter of each model named in one of ``among`` (sets of names, or anything that answers
+        ``in``, looked at as it reads),
         by its model's priority (highest first) and then in arrival order, read lazily: the caller must not
         change the queue while it reads."""
         for _, _, model in self._first_keys:
@@ -127,7 +128,7 @@ class ScanningWaitQueue(WaitQueue):
             out.setdefault(w.model, w)
         return out
 
-    def in_planning_order(self, among: Sequence[Collection[str]]) -> Iterator[Waiter]:
+    def in_planning_order(self, among: Sequence[Container[str]]) -> Iterator[Waiter]:
         firsts = [w for w in self.firsts().values() if any(w.model in names for names in among)]
         return iter(sorted(firsts, key=lambda w: (-self._priority[w.model], w.seq)))
 
