@@ -186,3 +186,30 @@ class Switch:
     def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
         inner = handler(schema)
         return {"anyOf": [{"type": "boolean"}, *inner.get("anyOf", [inner])]}
+
+
+@dataclass(frozen=True)
+class Shorthand:
+    """A section that can also be written as a whole number, which sets its key ``key`` (``replicas: 3`` is
+    ``replicas: {max: 3}``); ``expected``: the error for a value that is neither a number nor a mapping."""
+
+    key: str
+    expected: str
+
+    def check(self, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value.strip())
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {self.key: value}
+        if not isinstance(value, dict):
+            raise invalid(f"{self.expected}, got {value!r}")
+        return value
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_before_validator_function(self.check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        inner = handler(schema)
+        key = handler.resolve_ref_schema(inner).get("properties", {}).get(self.key, {})
+        number = {k: v for k, v in key.items() if k in ("type", "minimum", "maximum")}  # the key's own bounds
+        return {"anyOf": [number or {"type": "integer"}, inner]}

@@ -2,12 +2,14 @@
 
 Each key's own check is declared with it (schema.py); what is here needs several keys or several models:
 which keys an adapter may set, the command's flags that other keys depend on (``--enable-sleep-mode``,
-``--enable-lora``, ``--max-loras``), aliases that collide, bases that do not exist, a model that can never
-fit. It runs on what validation kept, so it reports its problems next to those of the keys themselves.
+``--enable-lora``, ``--max-loras``), aliases that collide, names taken by replicas (``chat@1``), bases that
+do not exist, a model that can never fit. It runs on what validation kept, so it reports its problems next to
+those of the keys themselves.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +19,8 @@ from vllm_model_router.config.section import Scope, accepts, applies, marker
 
 _REFUSED = {Scope.PROCESS: "not allowed on an adapter (it is loaded into its base's server)",
             Scope.ADAPTER: "only adapters (models with adapter:) have a {key}"}
+_UNIT_RE = re.compile(r"@\d+$")  # how replicas are named (``chat@1``): a configured name must not look like one
+_UNIT_NAME = "must not end in @<number>: replicas are named that way (chat@1, chat@2, ...)"
 
 
 def sort_model_keys(models: dict[Any, Any], problems: Problems) -> None:
@@ -50,6 +54,8 @@ def resolve_model(name: str, m: ModelConfig, problems: Problems) -> ModelConfig 
     loc: Loc = ("models", name)
     if name.startswith("@"):
         problems.add(loc, "model names must not start with '@' (reserved)")
+    if _UNIT_RE.search(name):
+        problems.add(loc, f"model names {_UNIT_NAME}")
     if problems.at((*loc, "adapter")):
         return None  # neither an adapter nor a server
     if m.is_adapter:
@@ -64,6 +70,8 @@ def resolve_model(name: str, m: ModelConfig, problems: Problems) -> ModelConfig 
         if m.cmd and "--enable-sleep-mode" not in m.cmd:
             problems.add((*loc, "cmd"), "must include --enable-sleep-mode (sleep: is set)")
         env.setdefault("VLLM_SERVER_DEV_MODE", "1")  # vLLM serves /sleep and /wake_up only in dev mode
+    if m.replicas.min > m.replicas.max:
+        problems.add((*loc, "replicas", "min"), f"must be <= max ({m.replicas.max}), got {m.replicas.min}")
     update: dict[str, object] = {"name": name, "env": env}
     loras = max_loras(m.cmd)
     if "max_adapters" not in m.model_fields_set and loras is not None:
@@ -81,12 +89,14 @@ def max_loras(cmd: tuple[str, ...]) -> int | None:
 
 
 def check_aliases(models: Mapping[str, ModelConfig], problems: Problems) -> None:
-    """An alias may name one model only, and never another model's name."""
+    """An alias may name one model only, never another model's name, and never look like a replica's."""
     owner: dict[str, str] = {}
     for m in models.values():
         for i, alias in enumerate(m.aliases):
             loc: Loc = ("models", m.name, "aliases", i)
-            if alias in m.aliases[:i]:
+            if _UNIT_RE.search(alias):
+                problems.add(loc, f"{alias!r} {_UNIT_NAME}")
+            elif alias in m.aliases[:i]:
                 problems.add(loc, f"duplicate alias {alias!r}")
             elif alias in models:
                 problems.add(loc, f"{alias!r} is already a model name")

@@ -27,6 +27,7 @@ from vllm_model_router.config.composites import (
     NullIsDefault,
     Route,
     Shape,
+    Shorthand,
     Switch,
 )
 from vllm_model_router.config.scalars import (
@@ -57,6 +58,24 @@ class Sleep(Section):
         1, description="1: weights are moved to host RAM (fast wake); 2: they are dropped (reloaded on wake).")
     warmup: Annotated[bool, Flag()] = Field(
         True, description="Send a 1-token request after a wake, before clients are let in.")
+
+
+class Replicas(Section):
+    """Copies of a model's server. Each copy is a unit of its own (its process, port, GPUs and memory, counted
+    like any model's) named ``<model>@<n>`` after the first, which keeps the model's name; clients name the
+    model and the scheduler picks the copy."""
+
+    min: Annotated[int, Whole(0)] = Field(
+        0, description="Copies kept resident: pinned, and loaded at startup while capacity allows.")
+    max: Annotated[int, Whole(1)] = Field(
+        1, description="Copies resident at most.")
+    target_in_flight: Annotated[int, Whole(1)] = Field(
+        32, description="Requests in flight per loaded copy above which another copy is started.")
+    idle: Annotated[float, Duration()] = Field(
+        60.0, description="A copy beyond min idle this long is stopped.")
+
+
+_REPLICAS = "expected a number of copies or a mapping of min, max, target_in_flight and idle"
 
 
 class ModelConfig(Section):
@@ -94,6 +113,10 @@ class ModelConfig(Section):
         None, description="Fixed GPUs (CUDA_VISIBLE_DEVICES), or auto: the router places it.")
     sleep: Annotated[Sleep | None, Switch(), Scope.PROCESS] = Field(
         None, description="vLLM sleep mode when evicted: true (level 1), false, or {level, warmup}.")
+    replicas: Annotated[Replicas, Shorthand("max", _REPLICAS), NullIsDefault(), Scope.PROCESS] = Field(
+        Replicas.model_construct(), description="Copies of its server run side by side: N (at most N at once) or "
+        "{min, max, target_in_flight, idle}. Each copy has its own port, GPUs and memory and counts against "
+        "max_resident and memory_gb; ${MODEL} stays this entry's name in every copy.")
     weights_gb: Annotated[float | None, Number(0), Scope.PROCESS] = Field(
         None, description="Host RAM a level-1 sleeper holds. Default: estimated from the weight files.")
     sleeping_memory_gb: Annotated[float, Number(0), NullIsDefault(), Scope.PROCESS] = Field(
@@ -131,9 +154,26 @@ class ModelConfig(Section):
         util = gpu_utilization(self.cmd)
         return util if util is not None and 0 < util <= 1 else None
 
+    @property
+    def copies(self) -> int:
+        """The units it runs as at most: its replicas, or 1 for an adapter (it lives in its base's server)."""
+        return 1 if self.is_adapter else self.replicas.max
+
+    def unit_names(self) -> tuple[str, ...]:
+        """The names of its units (``chat``, ``chat@1``, ...; an adapter's own name)."""
+        return unit_names(self.name, self.copies)
+
     def argv(self, port: int) -> list[str]:
         """The command with ``${PORT}`` and ``${MODEL}`` substituted, ready for exec (no shell)."""
         return [a.replace("${PORT}", str(port)).replace("${MODEL}", self.name) for a in self.cmd]
+
+
+def unit_names(model: str, copies: int) -> tuple[str, ...]:
+    """The unit names of ``copies`` replicas of ``model``, as the scheduler names them (imported here rather
+    than at the top so that reading a config does not load the scheduler; specs.py is what needs it)."""
+    from vllm_model_router.scheduler.events import replica_name
+
+    return tuple(replica_name(model, i) for i in range(copies))
 
 
 def gpu_utilization(cmd: tuple[str, ...]) -> float | None:
@@ -310,6 +350,12 @@ class RouterConfig(Settings, Listen, Capacity, Endpoint):
             if name in m.aliases:
                 return m
         return None
+
+    def units(self) -> dict[str, ModelConfig]:
+        """Every unit the router runs, by name, in config order, each with its model's settings: all the
+        replicas of a model (``chat``, ``chat@1``, ...) together; an adapter once, under its own name."""
+        return {unit: m for name, m in self.models.items()
+                for unit in unit_names(name, m.copies)}
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as ``check-config`` prints it: the file's layout, every key, each value
