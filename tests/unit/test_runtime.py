@@ -106,3 +106,27 @@ async def test_a_model_that_exits_on_its_own_is_noticed_and_loaded_again_on_dema
         driver.script("a", exit_after_s=None)
         rt.release(await rt.acquire("a"))
         assert state(rt, "a") == "loaded" and driver.calls == [("start", "a")] * 2
+
+
+async def test_replicas_kept_are_brought_in_at_start_and_requests_are_spread_over_them() -> None:
+    driver = FakeDriver(default=Script(load_s=0.02))
+    entries = {"m": {"cmd": ["never-started", "--port", "${PORT}"], "replicas": {"min": 2, "max": 3}}}
+    config = build_config({"state_dir": False, "models": entries, "capacity": {"max_resident": 3}}, env={},
+                          source="<test>")
+    rt = Runtime(config, driver=driver, probe=None)
+    await rt.start()
+    try:
+        assert rt.units("m") == ["m", "m@1", "m@2"]
+        await asyncio.wait_for(rt.wait_for(lambda: state(rt, "m") == state(rt, "m@1") == "loaded"), 5)
+        assert sorted(driver.calls) == [("start", "m"), ("start", "m@1")]
+        first, second = await rt.acquire("m"), await rt.acquire("m")
+        assert {rt.unit_of(first), rt.unit_of(second)} == {"m", "m@1"}  # the fewest outstanding each time
+        rt.release(first)
+        rt.release(second)
+        rt.set_replicas("m", 3)  # an operator wants three: the third comes in
+        await asyncio.wait_for(rt.wait_for(lambda: state(rt, "m@2") == "loaded"), 5)
+        await rt.unload("m")  # the model's name: every replica
+        assert {state(rt, u) for u in rt.units("m")} == {"unloaded"}
+        assert "scaled" in kinds(rt, "m")
+    finally:
+        await rt.close()

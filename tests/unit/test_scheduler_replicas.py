@@ -5,6 +5,7 @@ and prompt prefix, extra copies first to go, and an idle extra copy stopped afte
 from __future__ import annotations
 
 from vllm_model_router.scheduler import (
+    AdminUnload,
     Grant,
     LoadDone,
     ModelSpec,
@@ -184,3 +185,15 @@ def test_step0_a_replica_that_fails_to_load_leaves_the_waiters_to_the_others() -
     assert r.step(LoadDone("r@1", False, "out of memory"), at=1) == []  # no retry at once, nobody rejected
     assert r.step(RequestArrived(3, "r"), at=2) == [Grant(3, "r")]
     assert r.step(RequestArrived(4, "r"), at=31) == [Grant(4, "r"), StartLoad("r@1")]  # tried again later
+
+
+def test_step4r_kept_replicas_an_operator_unloads_stay_out_until_the_next_request() -> None:
+    r = Run(replicas(2, floor=2, target=100))
+    assert r.step(Tick()) == [StartLoad("r"), StartLoad("r@1")]
+    r.step(LoadDone("r", True))
+    r.step(LoadDone("r@1", True))
+    assert r.step(AdminUnload("r")) == [StopModel("r", StopReason.OPERATOR, "unloaded by operator"),
+                                        StopModel("r@1", StopReason.OPERATOR, "unloaded by operator")]
+    r.step(StopDone("r"))
+    assert r.step(StopDone("r@1")) == []  # not brought straight back
+    assert r.step(RequestArrived(1, "r")) == [StartLoad("r"), StartLoad("r@1")]  # in use again: both kept

@@ -26,6 +26,7 @@ from yarl import URL
 
 from vllm_model_router.config import ENGINE
 from vllm_model_router.errors import BadGateway, BadRequest, GatewayTimeout, NotFound, RequestTimeout, RouterError
+from vllm_model_router.http.affinity import prefix_key
 from vllm_model_router.http.request_body import is_multipart, parse_form_model, parse_json
 from vllm_model_router.routes import MULTIPART_ROUTES, OTHER, RouteTable
 from vllm_model_router.runtime.pump import Runtime, shutting_down
@@ -199,6 +200,7 @@ class Proxy:
             request.content.feed_eof()
             raise RequestTimeout(f"the request body was not received within {limit:g}s "
                                  "(limits.client_body_timeout)") from e
+        affinity: int | None = None
         if route in MULTIPART_ROUTES and is_multipart(request.content_type):
             form = parse_form_model(raw, request.headers.get("Content-Type", ""))
             target = await self.runtime.adapters.resolve(form.model)
@@ -210,6 +212,8 @@ class Proxy:
             if target.rewrite is not None:
                 payload["model"] = target.rewrite
                 raw = json.dumps(payload).encode()
+            if len(self.runtime.units(target.model)) > 1:
+                affinity = prefix_key(payload)
         model = target.model
         track = _TRACK.get()
         if track is not None:
@@ -217,13 +221,14 @@ class Proxy:
             track.wait_started = time.monotonic()
         retried = False
         while True:
-            lease = await self.runtime.acquire(model)
+            lease = await self.runtime.acquire(model, affinity)
             if track is not None and track.wait_started is not None and track.waited is None:
                 track.waited = time.monotonic() - track.wait_started
             try:
-                base = self.runtime.driver.endpoint(model)
+                unit = self.runtime.unit_of(lease)  # the replica it was granted on
+                base = self.runtime.driver.endpoint(unit)
                 if base is None:
-                    raise BadGateway(f"model {model} has no running server")
+                    raise BadGateway(f"model {unit} has no running server")
                 return await self._forward(request, base, route, model, raw, may_vanish=not retried)
             except _Vanished as e:
                 # the engine no longer has an adapter the router thought loaded: reload it once and retry

@@ -44,7 +44,7 @@ class AdapterSync:
     def default_driver(self) -> MultiDriver:
         """Configured processes, the engine (endpoint mode) and adapters, each with its own driver."""
         multi = MultiDriver()
-        processes = {n: m for n, m in self.config.models.items() if not m.is_adapter}
+        processes = {n: m for n, m in self.config.units().items() if not m.is_adapter}  # every replica
         if processes:
             multi.add(ProcessDriver(processes), list(processes))
         if self.config.endpoint is not None:

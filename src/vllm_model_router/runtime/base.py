@@ -33,5 +33,8 @@ class Pump(Protocol):
     def knows(self, model: str) -> bool:
         """The scheduler has this model (configured, or an adapter added since)."""
 
+    def units(self, model: str) -> list[str]:
+        """``model``'s units: its replicas (a model without replicas: itself)."""
+
     def resident(self) -> list[str]:
         """The models holding a place against ``max_resident``."""

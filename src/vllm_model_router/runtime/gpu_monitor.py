@@ -38,6 +38,11 @@ class GpuMonitor:
             log.info("GPUs: %s", ", ".join(f"{d.index}: {d.name} {d.total_gb:.1f} GB" for d in devices))
         self.needs = resolve_needs(config, devices)
         self.weights = {n: weights_need(m, self.needs[n]) for n, m in config.models.items() if m.sleep_level}
+        for unit, m in config.units().items():  # every replica needs what its model does
+            if m.name in self.needs:
+                self.needs.setdefault(unit, self.needs[m.name])
+            if m.name in self.weights:
+                self.weights.setdefault(unit, self.weights[m.name])
         self.budgets = gpu_budgets(config, devices)
         problems = check_fit(config, devices, self.needs)
         if problems:

@@ -40,6 +40,7 @@ from vllm_model_router.runtime.adapters import AdapterSync
 from vllm_model_router.runtime.catalog import Catalog
 from vllm_model_router.runtime.gpu_monitor import GpuMonitor
 from vllm_model_router.runtime.history import UsageRecorder
+from vllm_model_router.runtime.pressure import PressureWatch
 from vllm_model_router.runtime.tasks import ModelTasks
 from vllm_model_router.scheduler import (
     AdminUnload,
@@ -56,6 +57,7 @@ from vllm_model_router.scheduler import (
     Scheduler,
     SchedulerConfig,
     SetPinned,
+    SetReplicas,
     SleepModel,
     StartLoad,
     State,
@@ -104,6 +106,7 @@ class Runtime:
         self.adapters = AdapterSync(config, self.catalog, self.events, self)
         self.driver: Driver = driver if driver is not None else self.adapters.default_driver()
         self.history = UsageRecorder(config, self.events, self)
+        self.pressure = PressureWatch(config, self, self.events)
         self._scheduler = Scheduler(
             SchedulerConfig(
                 models=scheduler_specs(config, self.gpus.needs, self.gpus.weights),
@@ -122,11 +125,11 @@ class Runtime:
         )
         self._ids = itertools.count(1)
         self._futures: dict[int, asyncio.Future[str]] = {}
+        self._units: dict[int, str] = {}  # request -> the unit (replica) it was granted on
         self._tasks = ModelTasks(config, self.gpus, self.events, self)
         self._pending: deque[Event] = deque()
         self._busy = False
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_when = 0.0
         self._watchers: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._closing = False
         self.started_wall = time.time()
@@ -142,6 +145,8 @@ class Runtime:
         first += [n for n in self.history.to_restore() if n not in first]
         for name in first:  # in config order, while capacity allows (a Preload never evicts)
             self.submit(Preload(name))
+        self.submit(Tick())  # a first pass: it brings in the replicas models keep (replicas.min)
+        self.pressure.start()
         self.gpus.start()
         self.history.start()
         await self.adapters.start()
@@ -170,16 +175,21 @@ class Runtime:
     def resident(self) -> list[str]:
         return self._scheduler.resident()
 
+    def units(self, model: str) -> list[str]:
+        """``model``'s units (its replicas: ``chat``, ``chat@1``...; a model without replicas: itself)."""
+        return self._scheduler.units(model)
+
     # ------------------------------------------------------------ requests and operators
-    async def acquire(self, model: str) -> int:
-        """Wait until ``model`` is resident and this request holds an in-flight slot on it."""
+    async def acquire(self, model: str, affinity: int | None = None) -> int:
+        """Wait until ``model`` is resident and this request holds an in-flight slot on it (on one of its
+        replicas: ``unit_of`` says which). ``affinity``: a hash of the prompt's start (see RequestArrived)."""
         if self._closing:
             raise shutting_down()
         req_id = next(self._ids)
         self.history.record_request(model)
         fut: asyncio.Future[str] = self._loop.create_future()
         self._futures[req_id] = fut
-        self.submit(RequestArrived(req_id, model))
+        self.submit(RequestArrived(req_id, model, affinity))
         try:
             await fut
         except asyncio.CancelledError:
@@ -192,8 +202,13 @@ class Runtime:
             raise
         return req_id
 
+    def unit_of(self, req_id: int) -> str:
+        """The unit (replica) a granted request holds its slot on: where it is to be sent."""
+        return self._units[req_id]
+
     def release(self, req_id: int) -> None:
         self._futures.pop(req_id, None)
+        self._units.pop(req_id, None)
         self.submit(RequestFinished(req_id))
 
     async def load(self, model: str) -> None:
@@ -201,9 +216,17 @@ class Runtime:
         self.release(await self.acquire(model))
 
     async def unload(self, model: str, force: bool = False) -> None:
-        """Unload a model; gracefully waits for its in-flight requests unless ``force``."""
+        """Unload a model (all its replicas); gracefully waits for its in-flight requests unless ``force``."""
         self.submit(AdminUnload(model, force))
-        await self.wait_for(lambda: self._scheduler.state_of(model) not in (State.LOADED, State.UNLOADING))
+        units = self.units(model)
+        await self.wait_for(lambda: all(self._scheduler.state_of(u) not in (State.LOADED, State.UNLOADING)
+                                        for u in units))
+
+    def set_replicas(self, model: str, replicas: int) -> None:
+        """Keep ``replicas`` copies of ``model`` (within its replicas.min and max): pinned and brought in
+        when they fit; resident ones beyond stop once idle."""
+        self.events.emit(EventKind.SCALED, model, "operator", replicas=replicas)
+        self.submit(SetReplicas(model, replicas))
 
     def set_pinned(self, model: str, pinned: bool) -> None:
         """A pinned model is never evicted (an operator may still unload it); it counts against capacity."""
@@ -231,8 +254,8 @@ class Runtime:
             while self._pending:
                 ev = self._pending.popleft()
                 now = self._loop.time()
-                if isinstance(ev, Tick):
-                    now = max(now, self._timer_when)
+                if isinstance(ev, Tick) and ev.due is not None:
+                    now = max(now, ev.due)
                 for effect in self._scheduler.handle(ev, now):
                     self._execute(effect)
             for predicate, fut in list(self._watchers):
@@ -243,12 +266,13 @@ class Runtime:
 
     def _execute(self, effect: Effect) -> None:
         match effect:
-            case Grant(req_id, model):
+            case Grant(req_id, unit):
                 fut = self._futures.get(req_id)
                 if fut is None or fut.done():
                     self._pending.append(RequestFinished(req_id))  # its client is gone already
                 else:
-                    fut.set_result(model)
+                    self._units[req_id] = unit
+                    fut.set_result(unit)
             case Reject(req_id, model, status, message, retry_after):
                 fut = self._futures.pop(req_id, None)
                 if status == 504:
@@ -276,8 +300,7 @@ class Runtime:
             case TimerAt(when):
                 if self._timer is not None:
                     self._timer.cancel()
-                self._timer_when = when
-                self._timer = self._loop.call_at(when, self.submit, Tick())
+                self._timer = self._loop.call_at(when, self.submit, Tick(when))
             case _:
                 raise TypeError(f"unknown effect {effect!r}")
 
@@ -302,6 +325,7 @@ class Runtime:
         if self._timer is not None:
             self._timer.cancel()
         self.adapters.stop()
+        self.pressure.stop()
         self.history.stop()
         self.gpus.stop()
         for req_id, fut in list(self._futures.items()):
@@ -311,4 +335,5 @@ class Runtime:
         await self._tasks.cancel_all()
         await self.driver.close()
         await self.adapters.close()
+        await self.pressure.close()
         self.history.close()

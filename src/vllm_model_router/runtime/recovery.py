@@ -194,7 +194,7 @@ class Recovery:
     @classmethod
     async def open(cls, runtime: Runtime) -> Recovery:
         config = runtime.config
-        driver = process_driver(runtime.driver, config.models)
+        driver = process_driver(runtime.driver, config.units())
         if config.state_dir is None or driver is None:
             return cls()
         directory = Path(config.state_dir)
@@ -214,7 +214,7 @@ class Recovery:
         except BaseException:
             state.release()
             raise
-        recorder = GroupRecorder(state, driver_models(driver, config.models), kept)
+        recorder = GroupRecorder(state, driver_models(driver, config.units()), kept)
         recorder.save()
         driver.observer = recorder
         return recovery
@@ -261,8 +261,9 @@ class Recovery:
         """Why the live group ``r`` is not adopted, or None when it is."""
         config = runtime.config
         needs, budgets = runtime.gpus.needs, runtime.gpus.budgets
-        cfg = config.models.get(r.model)
-        if cfg is None or cfg.is_adapter or r.model not in driver_models(driver, config.models):
+        units = config.units()  # a replica keeps its identity: chat@1 is adopted as chat@1
+        cfg = units.get(r.model)
+        if cfg is None or cfg.is_adapter or r.model not in driver_models(driver, units):
             return "its model is no longer configured"
         if any(a.model == r.model for a in adopted):
             return "another server of the same model is adopted"
@@ -285,7 +286,7 @@ class Recovery:
         return problem
 
     async def _stop(self, runtime: Runtime, r: GroupRecord, reason: str) -> None:
-        cfg = runtime.config.models.get(r.model)
+        cfg = runtime.config.units().get(r.model)
         timeout = cfg.stop_timeout if cfg is not None and not cfg.is_adapter else DEFAULT_STOP_TIMEOUT
         log.warning("Stopping the process group %d of model %s left by a previous router: %s", r.pid, r.model, reason)
         killed = await procs.terminate_group(r.pid, timeout)

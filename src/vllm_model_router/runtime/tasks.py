@@ -104,7 +104,7 @@ class ModelTasks:
 
     async def _wake(self, model: str, level: int) -> None:
         started = time.monotonic()
-        cfg = self.config.models.get(model)
+        cfg = self.config.units().get(model)
         try:
             await self._pump.driver.wake(model, level, warmup=cfg.warmup if cfg else False)
         except asyncio.CancelledError:

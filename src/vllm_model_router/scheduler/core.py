@@ -114,6 +114,7 @@ class Scheduler(Planner):
                 if req_id in self._waiting or req_id in self._granted:
                     raise ValueError(f"duplicate request id {req_id}")
                 g = self._groups[model]
+                g.unloaded = False
                 self._note_arrivals(g, now)
                 if self._pick(g, self._seq + 1) is None and self._queue_full(g.members[0]):
                     out.append(Reject(req_id, model, 429, f"too many requests waiting for {model}; try again later",
@@ -176,6 +177,8 @@ class Scheduler(Planner):
                 if model not in self._models:
                     self._add(model, spec, now)
             case AdminUnload(model, force):
+                if model in self._groups:
+                    self._groups[model].unloaded = True
                 for unit in self.units(model):  # a model's name unloads all its replicas
                     self._admin_unload(self._models[unit], force, now, out)
             case SetPinned(model, pinned):
@@ -211,6 +214,7 @@ class Scheduler(Planner):
         brings them in when they fit; resident ones beyond ``n`` stop once idle."""
         spec = g.members[0].spec
         g.floor = max(spec.replicas_min, min(n, spec.replicas_max))
+        g.unloaded = False
         for u in g.members:
             u.pinned = u.spec.replica < g.floor
         self._rerank(g)
@@ -288,7 +292,7 @@ class Scheduler(Planner):
             if g is None or event.req_id in self._granted:
                 return None
             m = self._pick(g, self._seq + 1, event.affinity)
-            if m is None or (g.replicated and self._may_grow(g, m)):
+            if m is None or (g.replicated and (g.unloaded or self._may_grow(g, m))):
                 return None
             self._note_arrivals(g, now)
             self._seq += 1

@@ -174,7 +174,11 @@ class SetReplicas:
 
 @dataclass(frozen=True, slots=True)
 class Tick:
-    """Time passed (a TimerAt came due). Deadlines are checked on every event anyway."""
+    """Time passed (a TimerAt came due), or the shell wants a planning pass. Deadlines are checked on every
+    event anyway. ``due``: the time the timer was set for (the shell's business: a timer may fire a hair
+    early, and the shell then hands the scheduler that time instead of its clock's)."""
+
+    due: float | None = None
 
 
 Event = (

@@ -42,6 +42,9 @@ class EventKind(StrEnum):
     PINNED = "pinned"
     UNPINNED = "unpinned"
     PRELOAD = "preload"  # predicted from the usage history
+    SCALED = "scaled"  # an operator set the replicas a model keeps
+    SATURATED = "saturated"  # a replicated model's engines queue requests: another replica is wanted
+    UNSATURATED = "unsaturated"  # ... and no longer do
 
 
 @dataclass(frozen=True, slots=True)
