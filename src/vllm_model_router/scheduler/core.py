@@ -30,7 +30,9 @@ Then the planning pass (planning.py):
       (c) otherwise it must wait for busy models to drain; resident models keep being served, but once
           its oldest waiter has waited ``max_wait`` the busy victims stop taking newer requests, so the
           load cannot starve. Later loads wait behind a blocked one (no overtaking).
-  (5) ttl: a model idle longer than its ``ttl`` is unloaded.
+  (4r) replicas: a model gets the replicas it keeps, and one more when its loaded ones are saturated
+      (never while a waiter's load waits for room; evicting only idle models nobody waits for).
+  (5) ttl: a model idle longer than its ``ttl`` is unloaded (an extra replica: after ``replica_idle``).
   (6) host budget: past ``host_memory_gb``, the oldest level-1 sleepers are stopped.
   (7) drains: an operator's unload waits for in-flight requests (the model drains), then stops; the
       drains of (4c) and (7) take effect.
