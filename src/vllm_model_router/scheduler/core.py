@@ -110,7 +110,7 @@ class Scheduler(Planner):
     def _apply(self, event: Event, now: float, out: list[Effect]) -> None:
         """What the event does by itself, before the planning pass."""
         match event:
-            case RequestArrived(req_id, model, affinity):
+            case RequestArrived(req_id, model, affinity, eligible):
                 if model not in self._groups:
                     raise KeyError(f"unknown model {model!r}")
                 if req_id in self._waiting or req_id in self._granted:
@@ -118,12 +118,15 @@ class Scheduler(Planner):
                 g = self._groups[model]
                 g.unloaded = False
                 self._note_arrivals(g, now)
-                if self._pick(g, self._seq + 1) is None and self._queue_full(g.members[0]):
+                if self._unreachable(g, eligible):
+                    out.append(Reject(req_id, model, 502, f"no vLLM engine that serves {model} is reachable"))
+                elif self._pick(g, self._seq + 1, eligible=eligible) is None and self._queue_full(g.members[0]):
                     out.append(Reject(req_id, model, 429, f"too many requests waiting for {model}; try again later",
                                       retry_after=self.config.retry_after))
                 else:
                     self._seq += 1
-                    self._waiting.add(Waiter(req_id, model, now, self._seq, affinity), g.members[0].spec.priority)
+                    self._waiting.add(Waiter(req_id, model, now, self._seq, affinity, eligible),
+                                      g.members[0].spec.priority)
             case RequestCancelled(req_id) | RequestFinished(req_id):
                 self._release(req_id, now)
             case LoadDone(model, ok, error, status):
@@ -156,6 +159,8 @@ class Scheduler(Planner):
                     self._set_state(m, State.FAILED if failed else State.UNLOADED, now)
                     m.unload_requested = False
                     m.stop_reason = None
+            case ModelExited(model, reason, failed) if self._models[model].spec.external:
+                self._engine_down(self._models[model], reason, now, out)
             case ModelExited(model, reason, failed):
                 m = self._models[model]
                 awake_or_asleep = (State.LOADED, State.LOADING, State.FALLING_ASLEEP, State.SLEEPING, State.WAKING)
@@ -167,6 +172,11 @@ class Scheduler(Planner):
                     else:
                         m.out_of_band += 1
                     self._set_state(m, State.FAILED if failed else State.UNLOADED, now)
+            case ModelFound(model, gpus) if self._models[model].spec.external:
+                m = self._models[model]
+                if m.state is State.FAILED:  # an engine that answers again
+                    m.last_error = None
+                    self._set_state(m, State.LOADED, now)
             case ModelFound(model, gpus):
                 m = self._models[model]
                 base = self._models[m.base] if m.base else None
@@ -206,6 +216,22 @@ class Scheduler(Planner):
 
     def _queue_full(self, m: ModelRecord) -> bool:
         return self._waiting.count(m.group) >= m.spec.max_waiting or len(self._waiting) >= self.config.max_waiting_total
+
+    def _engine_down(self, m: ModelRecord, reason: str, now: float, out: list[Effect]) -> None:
+        """One of several external engines stopped answering: it takes its adapters with it, and the
+        requests that only an engine that is down could serve get 502 (the others go on elsewhere)."""
+        if m.state is not State.LOADED or not self._group(m).replicated:
+            return  # a single engine is never marked down: its requests get the proxy's 502 instead
+        m.failures += 1
+        m.last_error = reason
+        self._set_state(m, State.FAILED, now)
+        for model, first in self._waiting.firsts().items():
+            g = self._groups[model]
+            if self._unreachable(g, first.eligible):
+                for w in self._waiting.of(model):
+                    if self._unreachable(g, w.eligible):
+                        self._waiting.pop(w.req_id)
+                        out.append(Reject(w.req_id, model, 502, f"no vLLM engine that serves {model} is reachable"))
 
     def _note_arrivals(self, g: Group, now: float) -> None:
         for u in g.members:
@@ -293,7 +319,7 @@ class Scheduler(Planner):
             g = self._groups.get(event.model)
             if g is None or event.req_id in self._granted:
                 return None
-            m = self._pick(g, self._seq + 1, event.affinity)
+            m = self._pick(g, self._seq + 1, event.affinity, event.eligible)
             if m is None or (g.replicated and (g.unloaded or self._may_grow(g, m))):
                 return None
             self._note_arrivals(g, now)

@@ -40,6 +40,7 @@ class RequestArrived:
     req_id: int
     model: str
     affinity: int | None = None
+    eligible: frozenset[str] | None = None  # only these units may take it (engines that serve the model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +99,8 @@ class StopDone:
 @dataclass(frozen=True, slots=True)
 class ModelExited:
     """A loaded model went away by itself: its server died (the driver already reaped its process group;
-    ``failed``), or an adapter was unloaded behind the router's back (not ``failed``)."""
+    ``failed``), or an adapter was unloaded behind the router's back (not ``failed``), or one of several
+    external engines stopped answering (it is down until ``ModelFound``)."""
 
     model: str
     reason: str
@@ -107,8 +109,9 @@ class ModelExited:
 
 @dataclass(frozen=True, slots=True)
 class ModelFound:
-    """A model the router thought unloaded turned out to be loaded: an adapter loaded out of band, or a
-    server a previous router process started and this one adopted (on ``gpus``)."""
+    """A model the router thought unloaded turned out to be loaded: an adapter loaded out of band, a
+    server a previous router process started and this one adopted (on ``gpus``), or an external engine
+    that answers again."""
 
     model: str
     gpus: tuple[int, ...] = ()
@@ -190,3 +193,12 @@ Event = (
 def replica_name(model: str, replica: int) -> str:
     """The unit name of ``model``'s replica number ``replica`` (0 is the model's own name)."""
     return model if replica == 0 else f"{model}@{replica}"
+
+
+def split_unit(unit: str) -> tuple[str, int]:
+    """The model and replica number of a unit name (``chat@2`` → ``("chat", 2)``; ``chat`` → ``("chat", 0)``).
+    Configured names never end in ``@<digits>`` (the config refuses them), so this cannot misread one."""
+    model, sep, number = unit.rpartition("@")
+    if sep and model and number.isdigit():
+        return model, int(number)
+    return unit, 0

@@ -15,7 +15,7 @@ from vllm_model_router.scheduler.eviction import choose_placement
 from vllm_model_router.scheduler.index import in_table_order
 from vllm_model_router.scheduler.records import Group, ModelRecord, Waiter
 from vllm_model_router.scheduler.residency import TIMED_OUT, Residency
-from vllm_model_router.scheduler.states import RESIDENT, STARTING, WANTS_IN, State, StopReason
+from vllm_model_router.scheduler.states import HOLDS_CAPACITY, RESIDENT, STARTING, WANTS_IN, State, StopReason
 
 AWAKE = RESIDENT - {State.UNLOADING}
 RETRY_FAILED_S = 30.0
@@ -120,29 +120,39 @@ class Planner(Residency):
 
     def _wants_in(self, g: Group) -> ModelRecord | None:
         """The unit to bring in for ``g``'s waiters when none of its units is loaded or on its way in: a
-        sleeping one first (a wake is quicker than a start), else the lowest replica that is out."""
+        sleeping one first (a wake is quicker than a start), else the lowest replica that is out. An external
+        engine is never brought in (it is up or down by itself)."""
         if not g.replicated:
             m = g.members[0]
-            return m if m.state in WANTS_IN else None
+            return m if m.state in WANTS_IN and not m.spec.external else None
         if any(u.state in (State.LOADED, *STARTING) for u in g.members):
             return None
         return self._next_unit(g)
 
-    @staticmethod
-    def _next_unit(g: Group, now: float | None = None) -> ModelRecord | None:
-        """The unit of ``g`` to bring in next: a sleeping one first, else the lowest replica that is out. With
-        ``now`` (a replica for saturation or for the ones kept, not for waiters), a unit whose load failed
-        less than ``RETRY_FAILED_S`` ago is not retried yet: a copy that cannot start does not crash-loop."""
-        out = [u for u in g.members if u.state in WANTS_IN
+    def _next_unit(self, g: Group, now: float | None = None) -> ModelRecord | None:
+        """The unit of ``g`` to bring in next: a sleeping one first; an adapter on a base with a free slot
+        before one that must evict; else the lowest replica that is out. Never an external engine, nor an
+        adapter on one that is down. With ``now`` (a replica for saturation or for the ones kept, not for
+        waiters), a unit whose load failed less than ``RETRY_FAILED_S`` ago is not retried yet: a copy that
+        cannot start does not crash-loop."""
+        out = [u for u in g.members if u.state in WANTS_IN and not u.spec.external and not self._down(u)
                and (now is None or u.state is not State.FAILED or now - u.since >= RETRY_FAILED_S)]
-        return min(out, key=lambda u: (u.state is not State.SLEEPING, u.spec.replica), default=None)
+        return min(out, key=lambda u: (u.state is not State.SLEEPING, not self._slot_free(u), u.spec.replica),
+                   default=None)
+
+    def _slot_free(self, u: ModelRecord) -> bool:
+        """``u`` would fit in its domain without evicting anything (only asked of adapters: a base's
+        slots are a count)."""
+        if u.base is None:
+            return True
+        return self._index.count_holders(u.base, HOLDS_CAPACITY) < self._budget(u.base).max_resident
 
     def _load_target(self, g: Group, first: Waiter) -> ModelRecord | None:
         """What must come in for ``g``'s waiters: one of its units, or first that unit's base. None when
         nothing can: it is already in or on its way, or its base is on its way in or out (its adapters wait
         for it)."""
         m = self._wants_in(g)
-        if m is None:
+        if m is None or self._down(m):
             return None
         if m.base is not None:
             base = self._models[m.base]
@@ -246,18 +256,23 @@ class Planner(Residency):
 
     def _grow(self, p: Pass, g: Group, target: ModelRecord) -> bool:
         """Bring in ``target``, another replica of ``g``, if it fits, or once idle models nobody waits for
-        have made room (evicted now; the start comes with a later pass). True when it was brought in."""
+        have made room (evicted now; the start comes with a later pass). True when it was brought in. (An
+        adapter's replica goes in its base's domain; its base must be loaded.)"""
+        domain = target.base
+        if domain is not None and self._models[domain].state is not State.LOADED:
+            return False
+        budget = self._budget(domain)
         options = [target.placed] if target.state is State.SLEEPING and target.placed else self._options(target)
         need = target.memory_gb
-        placement, victims = choose_placement(need, self._index.held(None, but=target), [], self.budget, options)
+        placement, victims = choose_placement(need, self._index.held(domain, but=target), [], budget, options)
         if victims == []:
             self._bring_in(target, placement, p.now, p.out)
             return True
-        hot = {m.name for m in self._index.lru(None, State.LOADED) if self._hot(m, p.now)} \
+        hot = {m.name for m in self._index.lru(domain, State.LOADED) if self._hot(m, p.now)} \
             if self.config.keep_idle > 0 else set()
-        candidates = (c for c in self._candidates(None, target, hot=hot)
+        candidates = (c for c in self._candidates(domain, target, hot=hot)
                       if self._models[c.name].group != g.name and not self._waiting.count(self._models[c.name].group))
-        _, victims = choose_placement(need, self._index.staying(None, but=target), candidates, self.budget, options)
+        _, victims = choose_placement(need, self._index.staying(domain, but=target), candidates, budget, options)
         for v in victims or []:
             self._evict(self._models[v], f"evicted to make room for another replica of {g.name}", p.now, p.out)
         return False

@@ -97,6 +97,7 @@ class Waiter:
     arrived: float
     seq: int  # arrival order
     affinity: int | None = None  # hash of the prompt's start (see RequestArrived)
+    eligible: frozenset[str] | None = None  # the units that may take it (None: any of its model's)
 
 
 @dataclass(frozen=True, slots=True)

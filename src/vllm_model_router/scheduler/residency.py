@@ -134,7 +134,8 @@ class Residency:
         """Which of ``g``'s units are extra: of those holding capacity (not on their way out), pinned ones
         first, then awake ones, then by replica number, the first and the pinned ones are kept and the rest
         are extra (evicted first, stopped when idle for ``replica_idle``)."""
-        holding = sorted((u for u in g.members if u.state in HOLDS_CAPACITY and u.state is not State.UNLOADING),
+        holding = sorted((u for u in g.members if u.state in HOLDS_CAPACITY and u.state is not State.UNLOADING
+                          and not u.spec.external),
                          key=lambda u: (not u.pinned, u.state in (State.SLEEPING, State.FALLING_ASLEEP),
                                         u.spec.replica))
         extra = {u.name for rank, u in enumerate(holding) if rank > 0 and not u.pinned}
@@ -143,11 +144,12 @@ class Residency:
                 u.extra = u.name in extra
                 self._index.rekeyed(u)
 
-    def _pick(self, g: Group, seq: int, affinity: int | None = None) -> ModelRecord | None:
-        """The unit a request (the ``seq``-th to arrive) goes to: of the units that admit it, the one with
-        the fewest requests outstanding; among those, the one that last served the same prompt prefix, else
-        a kept one before an extra one (so that extras fall idle and go), else the lowest replica. None
-        when no unit admits it now."""
+    def _pick(self, g: Group, seq: int, affinity: int | None = None,
+              eligible: frozenset[str] | None = None) -> ModelRecord | None:
+        """The unit a request (the ``seq``-th to arrive) goes to: of the units that admit it (and are
+        ``eligible``), the one with the fewest requests outstanding; among those, the one that last served
+        the same prompt prefix, else a kept one before an extra one (so that extras fall idle and go), else
+        the lowest replica. None when no unit admits it now."""
         if not g.replicated:
             m = g.members[0]
             return m if self._servable(m, seq) else None
@@ -155,12 +157,23 @@ class Residency:
         best_key: tuple[int, bool, bool, int] | None = None
         warm = g.affinity.get(affinity) if affinity is not None else None
         for u in g.members:
-            if not self._servable(u, seq):
+            if not self._servable(u, seq) or (eligible is not None and u.name not in eligible):
                 continue
             key = (len(u.in_flight), u.name != warm, u.extra, u.spec.replica)
             if best_key is None or key < best_key:
                 best, best_key = u, key
         return best
+
+    def _down(self, m: ModelRecord) -> bool:
+        """``m`` is an external engine that is down, or lives on one (it cannot be served or brought in)."""
+        if m.spec.external:
+            return m.state is not State.LOADED
+        base = self._models[m.base] if m.base is not None else None
+        return base is not None and base.spec.external and base.state is not State.LOADED
+
+    def _unreachable(self, g: Group, eligible: frozenset[str] | None = None) -> bool:
+        """Every unit of ``g`` (that is ``eligible``) is an engine that is down, or lives on one."""
+        return all(self._down(u) for u in g.members if eligible is None or u.name in eligible)
 
     def _fail_waiters(self, m: ModelRecord, status: int, message: str, out: list[Effect]) -> None:
         """``m`` could not be brought in: its model's waiters get ``status``, unless another of its
@@ -188,9 +201,9 @@ class Residency:
         loaded: Collection[str] = self._index.names_in(State.LOADED)
         if self._replicated:
             loaded = {self._models[name].group for name in loaded}
-        for w in self._waiting.admitted(lambda model, seq: self._pick(self._groups[model], seq) is not None,
-                                        loaded):
-            unit = self._pick(self._groups[w.model], w.seq, w.affinity)
+        for w in self._waiting.admitted(
+                lambda w: self._pick(self._groups[w.model], w.seq, eligible=w.eligible) is not None, loaded):
+            unit = self._pick(self._groups[w.model], w.seq, w.affinity, w.eligible)
             assert unit is not None  # a grant never takes a unit's admission away from another waiter
             self._waiting.pop(w.req_id)
             self._grant_one(w.req_id, unit, now, w.affinity)
@@ -331,4 +344,4 @@ class Residency:
 
     def _ttl_applies(self, m: ModelRecord) -> bool:
         """Whether ``m``'s ttl clock runs now: it has one, is not pinned, is loaded or asleep, and idle."""
-        return self._ttl(m) > 0 and not m.pinned and m.state in TIMED and not self._busy(m)
+        return self._ttl(m) > 0 and not m.pinned and m.state in TIMED and not self._busy(m) and not m.spec.external

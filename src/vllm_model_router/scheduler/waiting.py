@@ -84,8 +84,8 @@ class WaitQueue:
                     yield next(iter(self._by_model[model].values()))
                     break
 
-    def admitted(self, admits: Callable[[str, int], bool], among: Collection[str]) -> list[Waiter]:
-        """The waiters that ``admits(model, seq)`` lets through, in arrival order, where only models in
+    def admitted(self, admits: Callable[[Waiter], bool], among: Collection[str]) -> list[Waiter]:
+        """The waiters that ``admits`` lets through, in arrival order, where only models in
         ``among`` may admit any (the loaded ones: a pass looks at the models both loaded and waited for,
         not at every model with waiters). A model admits its waiters up to some arrival (a drain holds
         back the newer ones), so they are the front of its queue: the walk stops at each model's first
@@ -93,7 +93,7 @@ class WaitQueue:
         out: list[Waiter] = []
         for model in self._by_model.keys() & among:  # (walks the smaller of the two)
             for w in self._by_model[model].values():
-                if not admits(model, w.seq):
+                if not admits(w):
                     break
                 out.append(w)
         return sorted(out, key=lambda w: w.seq)
@@ -132,8 +132,8 @@ class ScanningWaitQueue(WaitQueue):
         firsts = [w for w in self.firsts().values() if any(w.model in names for names in among)]
         return iter(sorted(firsts, key=lambda w: (-self._priority[w.model], w.seq)))
 
-    def admitted(self, admits: Callable[[str, int], bool], among: Collection[str]) -> list[Waiter]:
-        return [w for w in self._all.values() if admits(w.model, w.seq)]
+    def admitted(self, admits: Callable[[Waiter], bool], among: Collection[str]) -> list[Waiter]:
+        return [w for w in self._all.values() if admits(w)]
 
     def older_than(self, now: float, age: float) -> list[Waiter]:
         return [w for w in self._all.values() if now - w.arrived >= age]
