@@ -1,4 +1,5 @@
-"""Command-line client for a running router: ``status``, ``load``, ``unload``, ``logs``, ``pin``, ``unpin``.
+"""Command-line client for a running router: ``status``, ``load``, ``unload``, ``logs``, ``pin``, ``unpin``,
+``scale``.
 
 It talks to the admin API (``--url``, env ROUTER_URL, default http://localhost:8010) with the standard
 library only. An optional key (``--api-key``, env ROUTER_API_KEY) is sent as ``Authorization: Bearer``.
@@ -100,17 +101,37 @@ def _gb(x: float | None) -> str:
     return "-" if not x else f"{x:g} GB"
 
 
+def _process(r: dict[str, Any]) -> str:
+    """A replica's server: ``pid 123  port 8001  gpus 0,1``."""
+    parts = [f"{k} {r[k]}" for k in ("pid", "port") if r.get(k) is not None]
+    if r.get("gpus"):
+        parts.append("gpus " + ",".join(str(g) for g in r["gpus"]))
+    return "  ".join(parts)
+
+
+def _state(m: dict[str, Any], flags: tuple[str, ...]) -> str:
+    state = str(m.get("state", "?"))
+    shown = [f for f in flags if m.get(f)]
+    return state + (f" ({', '.join(shown)})" if shown else "")
+
+
 def status_table(data: dict[str, Any], now: float | None = None) -> str:
+    """One row per model; a replicated model's replicas each on a row of their own, indented under it, with
+    their server (the PROCESS column, shown only when some model has replicas)."""
     now = time.time() if now is None else now
-    header = ("MODEL", "STATE", "MEMORY", "IN FLIGHT", "WAITING", "LAST USED")
+    header: tuple[str, ...] = ("MODEL", "STATE", "MEMORY", "IN FLIGHT", "WAITING", "LAST USED")
+    models = data.get("models", [])
+    replicated = any(m.get("replicas") for m in models)
+    if replicated:
+        header = (*header, "PROCESS")
     rows = [header]
-    for m in data.get("models", []):
-        state = str(m.get("state", "?"))
-        flags = [f for f in ("pinned", "draining") if m.get(f)]
-        if flags:
-            state += f" ({', '.join(flags)})"
-        rows.append((str(m.get("name")), state, _gb(m.get("memory_gb")), str(m.get("in_flight", 0)),
-                     str(m.get("waiting", 0)), _ago(m.get("last_used"), now)))
+    for m in models:
+        row: tuple[str, ...] = (str(m.get("name")), _state(m, ("pinned", "draining")), _gb(m.get("memory_gb")),
+                                str(m.get("in_flight", 0)), str(m.get("waiting", 0)), _ago(m.get("last_used"), now))
+        rows.append((*row, "") if replicated else row)
+        for r in m.get("replicas") or ():
+            rows.append((f"  {r.get('name')}", _state(r, ("pinned", "extra")), "", str(r.get("in_flight", 0)), "",
+                         _ago(r.get("last_used"), now), _process(r)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     right = {2, 3, 4}
     lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
@@ -150,6 +171,14 @@ def cmd_unload(client: Client, args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_pin(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     print(_describe(client.json("POST", _path(args.name, args.action))), file=out)
+    return 0
+
+
+def cmd_scale(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    m = client.json("POST", _path(args.name, "scale") + f"?replicas={args.replicas}")
+    print(f"{m.get('name')}: keeping {args.replicas} replicas", file=out)
+    for r in m.get("replicas") or ():
+        print(f"  {_describe(r)}", file=out)
     return 0
 
 
@@ -202,6 +231,9 @@ def register_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
     lg.add_argument("name")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines as they come")
     lg.add_argument("-n", "--lines", type=int, default=100, help="how many of the last lines (default 100)")
+    sc = add("scale", cmd_scale, "set how many replicas of a model are kept (within its replicas.min and max)")
+    sc.add_argument("name")
+    sc.add_argument("replicas", type=int)
     for action, text in (("pin", "pin a model: it is never evicted"), ("unpin", "unpin a model")):
         p = add(action, cmd_pin, text)
         p.add_argument("name")

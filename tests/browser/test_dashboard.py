@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import CHAT, Router, chat_body, engine, threaded_router
+from tests.harness import CHAT, Router, chat_body, engine, threaded_router, wait_until_sync
 
 try:
     from playwright.sync_api import expect
@@ -133,5 +134,50 @@ def test_gpu_bars_show_where_models_sit_and_what_others_use(browser: Any, tmp_pa
             expect(gpu0.locator(".bar-text")).to_contain_text("70 GB / 76 GB reserved")
             expect(gpu1.locator('.seg[data-state="loaded"]')).to_have_count(0)
             page.screenshot(path=tmp_path / "dashboard-gpus.png")
+        finally:
+            ctx.close()
+
+
+def test_a_replicated_model_shows_each_replica_and_scales_from_the_page(browser: Any, tmp_path: Path) -> None:
+    models = {"chat": engine(memory_gb=10, replicas={"min": 2, "max": 3})}
+    with threaded_router(models, how="app", capacity={"max_resident": 3, "memory_gb": 40}) as r:
+        ctx = browser.new_context(base_url=r.url, viewport={"width": 1280, "height": 800})
+        page = ctx.new_page()
+        try:
+            page.goto("/ui")
+            replicas = page.locator('#models tr.replica[data-model-of="chat"]')
+            expect(page.locator("#models tbody tr[data-model]")).to_have_count(1)  # one model, not one per copy
+            expect(replicas).to_have_count(3)
+            rows = {name: page.locator(f'#models tr.replica[data-replica="{name}"]')
+                    for name in ("chat", "chat@1", "chat@2")}
+            expect(rows["chat"].locator(".state")).to_have_text("loaded", timeout=20000)
+            expect(rows["chat@1"].locator(".state")).to_have_text("loaded", timeout=20000)
+            expect(rows["chat@2"].locator(".state")).to_have_text("unloaded")
+            entry = next(m for m in http(r, "GET", "/admin/models")["models"] if m["name"] == "chat")
+            for unit in entry["replicas"][:2]:
+                expect(rows[unit["name"]].locator(".server")).to_have_text(f"pid {unit['pid']} · port {unit['port']}")
+            expect(rows["chat@2"].locator(".server")).to_have_text("\u2013")  # no server
+            model = page.locator('#models tr[data-model="chat"]')
+            expect(model.locator(".replica-count")).to_have_text("2/3 replicas · keep 2")
+            expect(page.locator("#memory-text")).to_have_text("20 GB / 40 GB")  # each copy holds its memory
+            expect(page.locator("#count-text")).to_have_text("2 / 3 resident")
+            expect(model.locator('button[data-scale="down"]')).to_be_disabled()  # at min
+
+            # one request in flight: the replica serving it shows it, and the model the sum
+            held = threading.Thread(target=http, args=(r, "POST", CHAT, chat_body("chat", fake={"delay": 2.0})))
+            held.start()
+            wait_until_sync(lambda: r.call(lambda: sum(v.in_flight for v in r.runtime.views())) == 1, 10,
+                            what="the request in flight")
+            page.evaluate("refresh()")  # a request is no lifecycle event: the page would see it at its next poll
+            expect(model.locator(".in-flight")).to_have_text("1")
+            expect(replicas.locator(".in-flight", has_text="1")).to_have_count(1)
+            held.join(30)
+
+            model.locator('button[data-scale="up"]').click()
+            expect(rows["chat@2"].locator(".state")).to_have_text("loaded", timeout=20000)
+            expect(model.locator(".replica-count")).to_have_text("3/3 replicas · keep 3")
+            expect(page.locator("#count-text")).to_have_text("3 / 3 resident")
+            expect(page.locator("#error")).to_be_hidden()
+            page.screenshot(path=tmp_path / "dashboard-replicas.png")
         finally:
             ctx.close()

@@ -79,7 +79,7 @@ async def test_metrics_follow_requests_loads_evictions_and_failures() -> None:
         assert val(before, "router_memory_budget_gb") == 40
         assert val(before, "router_memory_reserved_gb") == 0
         assert state_of(before, "alpha") == "unloaded"
-        assert val(before, "router_model_state", model="alpha", state="loaded") == 0
+        assert val(before, "router_model_state", model="alpha", replica="0", state="loaded") == 0
 
         # a cold model: one load, then two answers (one streamed), an unknown model, an unserved endpoint
         assert (await post(s, r.url + CHAT, chat("alpha")))[0] == 200
@@ -103,15 +103,16 @@ async def test_metrics_follow_requests_loads_evictions_and_failures() -> None:
         assert state_of(m, "alpha") == "loaded"
         assert val(m, "router_models_resident") == 1
         assert val(m, "router_memory_reserved_gb") == 10
-        assert val(m, "router_in_flight", model="alpha") == 0
+        assert val(m, "router_in_flight", model="alpha", replica="0") == 0
+        assert (val(m, "router_replicas", model="alpha"), val(m, "router_replicas", model="beta")) == (1, 0)
 
         # beta evicts alpha (capacity 1); then a request held in flight on beta while alpha waits for it
         assert (await post(s, r.url + CHAT, chat("beta")))[0] == 200
         held = asyncio.create_task(post(s, r.url + CHAT, chat("beta", fake={"delay": 1.5})))
-        await eventually(s, r.url, lambda m: val(m, "router_in_flight", model="beta") == 1)
+        await eventually(s, r.url, lambda m: val(m, "router_in_flight", model="beta", replica="0") == 1)
         waiter = asyncio.create_task(post(s, r.url + CHAT, chat("alpha")))
         m = await eventually(s, r.url, lambda m: val(m, "router_waiting", model="alpha") == 1)
-        assert val(m, "router_in_flight", model="beta") == 1
+        assert val(m, "router_in_flight", model="beta", replica="0") == 1
         assert val(m, "router_waiting", model="alpha") == 1
         assert val(m, "router_model_evictions_total", model="alpha", reason="lru") == 1
         assert state_of(m, "beta") == "loaded"
@@ -137,7 +138,7 @@ async def test_metrics_follow_requests_loads_evictions_and_failures() -> None:
         assert state_of(m, "broken") == "failed"
         assert state_of(m, "alpha") == "unloaded"
         assert val(m, "router_models_resident") == 0
-        assert val(m, "router_in_flight", model="beta") == 0
+        assert val(m, "router_in_flight", model="beta", replica="0") == 0
         assert val(m, "router_waiting", model="alpha") == 0
 
 
@@ -170,7 +171,7 @@ def test_eviction_labels_are_the_stop_reasons() -> None:
         StopReason.LRU: "lru", StopReason.OPERATOR: "operator", StopReason.OPERATOR_FORCED: "operator_forced",
         StopReason.LOAD_TIMEOUT: "load_timeout", StopReason.OVER_CAPACITY: "over_capacity",
         StopReason.TTL: "ttl", StopReason.HOST_BUDGET: "host_budget", StopReason.SLEEP_FAILED: "sleep_failed",
-        StopReason.WAKE_FAILED: "wake_failed",
+        StopReason.WAKE_FAILED: "wake_failed", StopReason.SCALE_DOWN: "scale_down",
     }
     assert eviction_label("") == "other"  # a stop without a cause
 

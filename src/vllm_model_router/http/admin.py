@@ -1,7 +1,8 @@
-"""Every ``/admin`` route: the models and capacity (``GET /admin/models``), load, unload, pin and unpin,
-a model's output (``/logs``, followed live with ``?follow=true``) and the lifecycle event stream
-(``/admin/events``). A model named in the path is resolved by the catalog's rules, restricted to the
-models the router manages (never the engine's own model in endpoint mode).
+"""Every ``/admin`` route: the models and capacity (``GET /admin/models``), load, unload, pin, unpin, scale
+(the replicas a replicated model keeps), a model's output (``/logs``, followed live with ``?follow=true``)
+and the lifecycle event stream (``/admin/events``). A model named in the path is resolved by the catalog's
+rules, restricted to the models the router manages (never the engine's own model in endpoint mode). A
+replicated model is one entry, its replicas (units ``chat``, ``chat@1``...) listed inside it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from vllm_model_router.errors import BadRequest
 from vllm_model_router.http.app_keys import RUNTIME, SCRUB
 from vllm_model_router.http.security import KeyScrubber
 from vllm_model_router.runtime.pump import Runtime
-from vllm_model_router.scheduler import ModelView
+from vllm_model_router.scheduler import ModelView, State
 from vllm_model_router.state.lifecycle import LifecycleEvent
 
 T = TypeVar("T")
@@ -29,8 +30,30 @@ TRUE = ("1", "true", "yes")
 
 
 # ------------------------------------------------------------------- models and capacity
-def model_admin_view(runtime: Runtime, v: ModelView) -> dict[str, Any]:
-    """One model as the admin API shows it (scrub it with :data:`SCRUB` before sending it)."""
+# A replicated model shows the state of its most useful replica: one that serves beats one on its way to
+# serving, which beats one on its way out; a failed or stopped copy matters only when no other is up.
+STATE_ORDER = (State.LOADED, State.WAKING, State.LOADING, State.FALLING_ASLEEP, State.SLEEPING, State.UNLOADING,
+               State.FAILED, State.UNLOADED)
+_RANK = {s: i for i, s in enumerate(STATE_ORDER)}
+# a unit's own fields, as each replica shows them (the driver adds its pid, port...)
+REPLICA_FIELDS = ("name", "replica", "state", "since", "last_used", "in_flight", "pinned", "extra", "gpus",
+                  "resident", "sleep_level", "last_error")
+
+
+def best(views: list[ModelView]) -> ModelView:
+    """The unit whose state stands for its model (``STATE_ORDER``; the lowest replica among equals)."""
+    return min(views, key=lambda v: _RANK.get(v.state, len(_RANK)))
+
+
+def by_model(views: list[ModelView]) -> dict[str, list[ModelView]]:
+    """The units of each model, in configuration order (a model without replicas: its one view)."""
+    groups: dict[str, list[ModelView]] = {}
+    for v in views:
+        groups.setdefault(v.group or v.name, []).append(v)
+    return groups
+
+
+def _unit_fields(runtime: Runtime, v: ModelView) -> dict[str, Any]:
     cfg = runtime.config.models.get(v.name)
     needs, weights = runtime.gpus.needs, runtime.gpus.weights
     return {
@@ -58,8 +81,54 @@ def model_admin_view(runtime: Runtime, v: ModelView) -> dict[str, Any]:
         "loads": v.loads,
         "failures": v.failures,
         "last_error": v.last_error,
-        **runtime.driver.info(v.name),
     }
+
+
+def model_admin_view(runtime: Runtime, v: ModelView) -> dict[str, Any]:
+    """One unit as the admin API shows it (scrub it with :data:`SCRUB` before sending it)."""
+    return {**_unit_fields(runtime, v), **runtime.driver.info(v.name)}
+
+
+def replica_view(runtime: Runtime, v: ModelView) -> dict[str, Any]:
+    """One replica of a replicated model: its own state, load and process."""
+    fields = {**_unit_fields(runtime, v), "replica": v.replica, "extra": v.extra}
+    return {**{k: fields[k] for k in REPLICA_FIELDS}, **runtime.driver.info(v.name)}
+
+
+def group_admin_view(runtime: Runtime, units: list[ModelView]) -> dict[str, Any]:
+    """A model as the admin API shows it: a model without replicas as its one unit; a replicated one with
+    its figures over its units (its best state, the sum of their requests...) and each unit under
+    ``replicas``. Its own pid and port are left out: each replica has its own."""
+    if len(units) == 1:
+        return model_admin_view(runtime, units[0])
+    first, chosen = units[0], best(units)
+    entry = _unit_fields(runtime, first)  # the model's own settings and the replica-0 view's waiters
+    used = [t for t in (runtime.wall_time(v.last_used) for v in units) if t is not None]
+    cfg = runtime.config.models.get(first.group or first.name)
+    entry.update({
+        "name": first.group or first.name,
+        "aliases": list(cfg.aliases) if cfg else [],
+        "state": chosen.state.value,
+        "since": runtime.wall_time(chosen.since),
+        "last_used": max(used) if used else None,
+        "sleep_level": chosen.asleep_level,
+        "in_flight": sum(v.in_flight for v in units),
+        "draining": any(v.draining for v in units),
+        "resident": any(v.resident for v in units),
+        "out_of_band": sum(v.out_of_band for v in units),
+        "sleeps": sum(v.sleeps for v in units),
+        "wakes": sum(v.wakes for v in units),
+        "gpus": sorted({g for v in units for g in v.gpus}),
+        "loads": sum(v.loads for v in units),
+        "failures": sum(v.failures for v in units),
+        "last_error": next((v.last_error for v in units if v.last_error), None),
+        "replicas": [replica_view(runtime, v) for v in units],
+    })
+    if cfg is not None:
+        r = cfg.replicas
+        entry["replicas_config"] = {"min": r.min, "max": r.max, "target_in_flight": r.target_in_flight,
+                                    "idle": r.idle}
+    return entry
 
 
 async def admin_models(request: web.Request) -> web.Response:
@@ -67,11 +136,11 @@ async def admin_models(request: web.Request) -> web.Response:
     cfg = runtime.config
     views = runtime.views()
     return web.json_response(request.app[SCRUB].value({
-        "models": [model_admin_view(runtime, v) for v in views],
+        "models": [group_admin_view(runtime, units) for units in by_model(views).values()],
         "capacity": {
             "max_resident": cfg.max_resident,
             "memory_gb": cfg.memory_gb,
-            "resident": [v.name for v in views if v.resident],
+            "resident": [v.name for v in views if v.resident],  # units: chat, chat@1...
             "resident_memory_gb": sum(v.memory_gb for v in views if v.resident),
             "memory_accounting": "measured per GPU (NVML)" if runtime.gpus.measured else "declarations only",
         },
@@ -87,8 +156,8 @@ async def _managed_model(request: web.Request) -> str:
 
 def _view(request: web.Request, name: str) -> dict[str, Any]:
     runtime = request.app[RUNTIME]
-    view = next(model_admin_view(runtime, v) for v in runtime.views() if v.name == name)
-    return request.app[SCRUB].value(view)
+    units = by_model(runtime.views())[name]
+    return request.app[SCRUB].value(group_admin_view(runtime, units))
 
 
 # ------------------------------------------------------------------- operators' commands
@@ -114,6 +183,33 @@ async def admin_pin(request: web.Request) -> web.Response:
 async def admin_unpin(request: web.Request) -> web.Response:
     name = await _managed_model(request)
     request.app[RUNTIME].set_pinned(name, False)
+    return web.json_response(_view(request, name))
+
+
+async def admin_scale(request: web.Request) -> web.Response:
+    """``?replicas=N``: keep N replicas of the model (pinned, brought in when they fit); N within its
+    ``replicas.min`` and ``max``."""
+    name = await _managed_model(request)
+    runtime = request.app[RUNTIME]
+    cfg = runtime.config.models.get(name)
+    if cfg is None or cfg.copies < 2:
+        raise BadRequest(f"{name} has no replicas to scale (its replicas.max is 1)", param="name")
+    limits = cfg.replicas
+    raw = request.query.get("replicas")
+    try:
+        replicas = int(raw) if raw is not None else None
+    except ValueError:
+        replicas = None
+    if raw is None:
+        raise BadRequest(f"?replicas=N is required: the replicas of {name} to keep, from {limits.min} to "
+                         f"{limits.max}", param="replicas")
+    if replicas is None:
+        raise BadRequest(f"'replicas' must be an integer from {limits.min} to {limits.max}, got {raw!r}",
+                         param="replicas")
+    if not limits.min <= replicas <= limits.max:
+        raise BadRequest(f"{name} keeps {limits.min} to {limits.max} replicas (replicas.min and max); "
+                         f"got {replicas}", param="replicas")
+    runtime.set_replicas(name, replicas)
     return web.json_response(_view(request, name))
 
 
@@ -266,5 +362,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/models/{name}/unload", admin_unload)
     app.router.add_post("/admin/models/{name}/pin", admin_pin)
     app.router.add_post("/admin/models/{name}/unpin", admin_unpin)
+    app.router.add_post("/admin/models/{name}/scale", admin_scale)
     app.router.add_get("/admin/models/{name}/logs", admin_logs)
     app.router.add_get("/admin/events", admin_events)

@@ -1,5 +1,6 @@
 """The routes that describe the router rather than forward to a model: ``/health``, ``GET /v1/models``
-(every name a client may use, with its state), the OpenAPI description and the dashboard's files."""
+(every name a client may use, with its state: a replicated model is one name, so one card), the OpenAPI
+description and the dashboard's files."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from aiohttp import web
 
 from vllm_model_router import __version__
 from vllm_model_router.config import ENGINE
+from vllm_model_router.http.admin import best, by_model
 from vllm_model_router.http.app_keys import RUNTIME
 from vllm_model_router.http.openapi import openapi_spec
 
@@ -40,16 +42,18 @@ async def list_models(request: web.Request) -> web.Response:
         status = "loaded" if engine.reachable else "unavailable"
         for name in catalog.engine_models:
             card(name, status)
-    for v in views:
+    for name, units in by_model(views).items():  # a replicated model is one card, in its best replica's state
+        v = units[0]
         if v.external:
             continue
         parent = v.base
         if parent == ENGINE:  # an adapter of the engine: its parent is the engine's own model
             parent = catalog.engine_model() or parent
-        card(v.name, v.state.value, parent)
-        cfg = runtime.config.models.get(v.name)
+        status = best(units).state.value
+        card(name, status, parent)
+        cfg = runtime.config.models.get(name)
         for alias in cfg.aliases if cfg else ():
-            card(alias, v.state.value, parent, root=v.name)
+            card(alias, status, parent, root=name)
     known = {v.name for v in views}
     for name in catalog.adapter_dir_names():  # adapters on disk, not loaded yet
         if name not in known:

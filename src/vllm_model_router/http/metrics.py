@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from vllm_model_router.http.admin import by_model
 from vllm_model_router.runtime.pump import Runtime
 from vllm_model_router.scheduler import State, StopReason
 from vllm_model_router.state.lifecycle import EventKind, LifecycleEvent
@@ -53,25 +54,33 @@ class _SchedulerCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         views = self.runtime.views()
         cfg = self.runtime.config
-        state = GaugeMetricFamily("router_model_state", "1 for the model's current state, 0 for the others",
-                                  labels=["model", "state"])
-        in_flight = GaugeMetricFamily("router_in_flight", "Requests being served by the model",
-                                      labels=["model"])
+        # ``model`` is the model clients name; ``replica`` says which of its copies (0 without replicas)
+        state = GaugeMetricFamily("router_model_state", "1 for the replica's current state, 0 for the others",
+                                  labels=["model", "replica", "state"])
+        in_flight = GaugeMetricFamily("router_in_flight", "Requests being served by the replica",
+                                      labels=["model", "replica"])
         waiting = GaugeMetricFamily("router_waiting", "Requests waiting for the model to be loaded",
                                     labels=["model"])
         pinned = GaugeMetricFamily("router_model_pinned", "1 when the model is pinned (never evicted)",
                                    labels=["model"])
+        replicas = GaugeMetricFamily("router_replicas", "Replicas of the model that are resident",
+                                     labels=["model"])
         for v in views:
+            model, replica = v.group or v.name, str(v.replica)
             for s in State:
-                state.add_metric([v.name, s.value], 1.0 if v.state is s else 0.0)
-            in_flight.add_metric([v.name], v.in_flight)
-            waiting.add_metric([v.name], v.waiting)
-            pinned.add_metric([v.name], 1.0 if v.pinned else 0.0)
+                state.add_metric([model, replica, s.value], 1.0 if v.state is s else 0.0)
+            in_flight.add_metric([model, replica], v.in_flight)
+            if v.replica == 0:  # a model's waiters and its pin are on its first unit
+                waiting.add_metric([model], v.waiting)
+                pinned.add_metric([model], 1.0 if v.pinned else 0.0)
+        for model, units in by_model(views).items():
+            replicas.add_metric([model], sum(1 for v in units if v.resident))
         resident = [v for v in views if v.resident]
         yield state
         yield in_flight
         yield waiting
         yield pinned
+        yield replicas
         yield GaugeMetricFamily("router_models_resident",
                                 "Models resident: loading, loaded, waking, falling asleep or still stopping",
                                 value=len(resident))

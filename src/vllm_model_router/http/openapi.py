@@ -140,6 +140,16 @@ def openapi_spec(version: str) -> dict[str, Any]:
             "unloaded by an operator).", "pinModel"),
         "/admin/models/{name}/unpin": _admin_action(
             "Unpin a model", "The model may be evicted again.", "unpinModel"),
+        "/admin/models/{name}/scale": {"post": {
+            "tags": ["admin"], "summary": "Set the replicas a model keeps", "operationId": "scaleModel",
+            "description": "For a model with `replicas`: keep N copies resident (pinned, loaded when they fit); "
+                           "copies beyond N stop once idle. Answers at once, with the model as it is then.",
+            "parameters": [NAME, {"name": "replicas", "in": "query", "required": True,
+                                  "description": "Copies to keep, from the model's `replicas.min` to its `max`",
+                                  "schema": {"type": "integer", "minimum": 0}}],
+            "responses": {"200": _json(_ref("AdminModel"), "The model afterwards"),
+                          **_errors("400", "401", "403", "404")},
+        }},
         "/admin/models/{name}/logs": {"get": {
             "tags": ["admin"], "summary": "The model process's output", "operationId": "modelLogs",
             "parameters": [
@@ -163,7 +173,7 @@ def openapi_spec(version: str) -> dict[str, Any]:
             "description": "The recent history first, then every event as it happens. Each message is "
                            "`id: <seq>`, `event: <kind>` and `data: <LifecycleEvent as JSON>`; comments are sent "
                            "as keep-alives. Kinds include load_started, loaded, load_failed, unloading, unloaded, "
-                           "exited, rejected, pinned, unpinned, found, gone, memory_not_released.",
+                           "exited, rejected, pinned, unpinned, scaled, found, gone, memory_not_released.",
             "parameters": [
                 {"name": "history", "in": "query", "required": False, "description": "How many past events first",
                  "schema": {"type": "integer", "minimum": 0, "default": 50}},
@@ -207,13 +217,32 @@ def openapi_spec(version: str) -> dict[str, Any]:
                          "loading, loaded, waking, falling asleep or still stopping"},
             "pinned": {"type": "boolean"}, "memory_gb": {"type": "number"}, "loads": {"type": "integer"},
             "failures": {"type": "integer"}, "last_error": {"type": "string", "nullable": True},
+            "pid": {"type": "integer", "nullable": True, "description": "Absent for a model with replicas"},
+            "port": {"type": "integer", "nullable": True, "description": "Absent for a model with replicas"},
+            "replicas": {"type": "array", "items": _ref("Replica"),
+                         "description": "Only for a model with replicas: each copy (its figures above are "
+                                        "over its copies, its state the best of theirs)"},
+            "replicas_config": {"type": "object", "description": "Only for a model with replicas",
+                                "properties": {"min": {"type": "integer"}, "max": {"type": "integer"},
+                                               "target_in_flight": {"type": "integer"},
+                                               "idle": {"type": "number", "description": "Seconds"}}}},
+            "additionalProperties": True},
+        "Replica": {"type": "object", "properties": {
+            "name": {"type": "string", "description": "The copy's unit name: `chat`, `chat@1`..."},
+            "replica": {"type": "integer"}, "state": {"type": "string", "enum": MODEL_STATES},
+            "since": {"type": "number"}, "last_used": {"type": "number", "nullable": True},
+            "in_flight": {"type": "integer"}, "pinned": {"type": "boolean"},
+            "extra": {"type": "boolean", "description": "Beyond the copies kept: stopped first, and once idle"},
+            "gpus": {"type": "array", "items": {"type": "integer"}}, "resident": {"type": "boolean"},
+            "sleep_level": {"type": "integer"}, "last_error": {"type": "string", "nullable": True},
             "pid": {"type": "integer", "nullable": True}, "port": {"type": "integer", "nullable": True}},
             "additionalProperties": True},
         "AdminModels": {"type": "object", "properties": {
             "models": {"type": "array", "items": _ref("AdminModel")},
             "capacity": {"type": "object", "properties": {
                 "max_resident": {"type": "integer"}, "memory_gb": {"type": "number", "nullable": True},
-                "resident": {"type": "array", "items": {"type": "string"}},
+                "resident": {"type": "array", "items": {"type": "string"},
+                             "description": "Resident units (a replica by its unit name: `chat@1`)"},
                 "resident_memory_gb": {"type": "number"}}}}},
         "ModelLogs": {"type": "object", "properties": {"model": {"type": "string"},
                                                        "lines": {"type": "array", "items": {"type": "string"}}}},

@@ -1,6 +1,7 @@
 // Dashboard of the vLLM Model Router: plain JS, no build step.
 // Live: an EventSource on /admin/events; every event re-fetches /admin/models. A slow poll covers a
-// broken stream. Load/unload/pin call the admin API with the admin key (if any) as a Bearer token.
+// broken stream. Load/unload/pin/scale call the admin API with the admin key (if any) as a Bearer token.
+// A replicated model is one row with a sub-row per replica (its own state, requests, pid and port).
 // An EventSource cannot send headers, so the event stream gets the key as ?key= (the router accepts a
 // key in the URL on its two read-only admin streams only).
 "use strict";
@@ -68,9 +69,15 @@ function ago(unixSeconds) {
 function gb(x) { return `${Number(x).toLocaleString(undefined, { maximumFractionDigits: 1 })} GB`; }
 
 // ------------------------------------------------------------------ rendering
+// each server the router runs: a model, or each replica of a replicated one (memory_gb is per copy)
+function units(data) {
+  return data.models.flatMap((m) => (m.replicas && m.replicas.length)
+    ? m.replicas.map((r) => ({ ...r, memory_gb: m.memory_gb })) : [m]);
+}
+
 function renderCapacity(data) {
   const cap = data.capacity;
-  const resident = data.models.filter((m) => m.resident);  // the router's own definition
+  const resident = units(data).filter((m) => m.resident);  // the router's own definition
   const memBar = $("#memory-bar");
   memBar.replaceChildren();
   const reserved = resident.reduce((sum, m) => sum + (m.memory_gb || 0), 0);
@@ -102,7 +109,7 @@ function renderGpus(data) {
   box.replaceChildren();
   for (const g of data.gpus || []) {
     const bar = el("div", { class: "bar", role: "img", "aria-label": `GPU ${g.index} memory` });
-    for (const m of data.models) {
+    for (const m of units(data)) {
       if (!(m.gpus || []).includes(g.index) || !m.memory_gb) continue;  // gpus: where it holds memory now
       bar.append(el("div", { class: "seg", "data-state": m.state, title: `${m.name}: ${gb(m.memory_gb)} (${m.state})`,
                              style: `width: ${Math.min(100, (100 * m.memory_gb) / g.total_gb)}%` }));
@@ -118,16 +125,64 @@ function renderGpus(data) {
   }
 }
 
-function actionButton(model, action, label, enabled) {
+function actionButton(model, action, label, enabled, query = "") {
   const id = `${model}:${action}`;
   return el("button", {
     type: "button", class: "action", "data-action": action, disabled: !enabled || busy.has(id),
-    onclick: () => act(model, action),
+    onclick: () => act(model, action, query),
   }, label);
 }
 
+function stateCell(m) {
+  const cell = el("td", {}, el("span", { class: "state", "data-state": m.state, text: m.state }));
+  if (m.draining) cell.append(el("span", { class: "detail", text: "draining" }));
+  if (m.last_error && m.state === "failed") {
+    cell.append(el("span", { class: "detail", title: m.last_error, text: m.last_error.split("\n")[0] }));
+  }
+  return cell;
+}
+
+function lastUsedCell(ts) {
+  return el("td", { class: "last-used", "data-ts": ts ?? "",
+                    title: ts ? new Date(ts * 1000).toLocaleString() : "", text: ago(ts) });
+}
+
+// a replicated model: how many replicas are kept (the pinned ones), and − / + to keep one fewer or more
+function scaleControl(m) {
+  const cfg = m.replicas_config || { min: 0, max: m.replicas.length };
+  const kept = m.replicas.filter((r) => r.pinned).length;
+  const running = m.replicas.filter((r) => r.resident).length;
+  const down = actionButton(m.name, "scale", "−", kept > cfg.min, `?replicas=${kept - 1}`);
+  const up = actionButton(m.name, "scale", "+", kept < cfg.max, `?replicas=${kept + 1}`);
+  down.dataset.scale = "down";
+  down.title = `keep ${kept - 1} replicas`;
+  up.dataset.scale = "up";
+  up.title = `keep ${kept + 1} replicas`;
+  return el("div", { class: "replicas-summary" },
+    el("span", { class: "replica-count", text: `${running}/${cfg.max} replicas · keep ${kept}` }), down, up);
+}
+
+// one sub-row per replica: its own state, requests and server
+function replicaRow(m, r, last) {
+  const nameCell = el("td", { class: "replica-name" }, el("span", { class: "name", text: r.name }));
+  if (r.pinned) nameCell.append(el("span", { class: "pin", title: "kept: never evicted", text: "kept" }));
+  if (r.extra) nameCell.append(el("span", { class: "pin", title: "beyond the replicas kept: stopped when idle",
+                                            text: "extra" }));
+  const server = [r.pid != null ? `pid ${r.pid}` : null, r.port != null ? `port ${r.port}` : null,
+                  (r.gpus || []).length ? `GPU ${r.gpus.join(",")}` : null].filter(Boolean).join(" · ");
+  return el("tr", { class: last ? "replica last" : "replica", "data-replica": r.name, "data-model-of": m.name },
+    nameCell,
+    stateCell(r),
+    el("td", { class: "num", text: r.resident && m.memory_gb ? gb(m.memory_gb) : "" }),
+    el("td", { class: "num in-flight", text: String(r.in_flight) }),
+    el("td", { class: "num waiting", text: "" }),
+    lastUsedCell(r.last_used),
+    el("td", { class: "actions server muted", text: server || "–" }));
+}
+
 function renderModels(data) {
-  const rows = data.models.map((m) => {
+  const rows = data.models.flatMap((m) => {
+    const replicas = m.replicas || [];
     const canLoad = m.state === "unloaded" || m.state === "failed";
     const canUnload = m.state === "loaded" || m.state === "loading";
     const nameCell = el("td", {}, el("span", { class: "name", text: m.name }));
@@ -136,24 +191,20 @@ function renderModels(data) {
       const label = m.aliases.length === 1 ? "alias" : "aliases";
       nameCell.append(el("div", { class: "aliases", text: `${label}: ${m.aliases.join(", ")}` }));
     }
-    const stateCell = el("td", {}, el("span", { class: "state", "data-state": m.state, text: m.state }));
-    if (m.draining) stateCell.append(el("span", { class: "detail", text: "draining" }));
-    if (m.last_error && m.state === "failed") {
-      stateCell.append(el("span", { class: "detail", title: m.last_error, text: m.last_error.split("\n")[0] }));
-    }
-    return el("tr", { "data-model": m.name },
+    if (replicas.length) nameCell.append(scaleControl(m));
+    const row = el("tr", { "data-model": m.name, class: replicas.length ? "replicated" : null },
       nameCell,
-      stateCell,
-      el("td", { class: "num", text: m.memory_gb ? gb(m.memory_gb) : "–" }),
+      stateCell(m),
+      el("td", { class: "num", text: m.memory_gb ? gb(m.memory_gb) + (replicas.length ? " each" : "") : "–" }),
       el("td", { class: "num in-flight", text: String(m.in_flight) }),
       el("td", { class: "num waiting", text: String(m.waiting) }),
-      el("td", { class: "last-used", "data-ts": m.last_used ?? "",
-                 title: m.last_used ? new Date(m.last_used * 1000).toLocaleString() : "", text: ago(m.last_used) }),
+      lastUsedCell(m.last_used),
       el("td", { class: "actions" },
         actionButton(m.name, "load", "Load", canLoad),
         actionButton(m.name, "unload", "Unload", canUnload),
         actionButton(m.name, m.pinned ? "unpin" : "pin", m.pinned ? "Unpin" : "Pin", true)),
     );
+    return [row, ...replicas.map((r, i) => replicaRow(m, r, i === replicas.length - 1))];
   });
   $("#models tbody").replaceChildren(...rows);
 }
@@ -191,13 +242,13 @@ function refreshSoon() {
   refreshTimer = setTimeout(() => { refreshTimer = null; refresh(); }, 50);
 }
 
-async function act(model, action) {
+async function act(model, action, query = "") {
   const id = `${model}:${action}`;
   busy.add(id);
   render();
   clearError();
   try {
-    const resp = await fetch(`/admin/models/${encodeURIComponent(model)}/${action}`,
+    const resp = await fetch(`/admin/models/${encodeURIComponent(model)}/${action}${query}`,
                              { method: "POST", headers: headers() });
     if (!resp.ok) showError(`${action} ${model}: ${await describeFailure(resp)}`);
   } catch (e) {
