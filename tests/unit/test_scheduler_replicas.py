@@ -81,7 +81,8 @@ def test_step4r_never_more_than_replicas_max() -> None:
 
 def test_step2_ties_go_to_the_replica_that_last_served_the_same_prompt_prefix() -> None:
     r = Run(replicas(2, target=100, floor=2))
-    assert r.step(Tick()) == [StartLoad("r"), StartLoad("r@1")]  # two kept: both brought in
+    assert r.step(Tick()) == []  # kept replicas come in once the shell starts the model (after recovery)
+    assert r.step(SetReplicas("r", 2, trim=False)) == [StartLoad("r"), StartLoad("r@1")]
     r.step(LoadDone("r", True))
     r.step(LoadDone("r@1", True))
     assert r.step(RequestArrived(1, "r", affinity=7)) == [Grant(1, "r")]  # a tie, no history: the first copy
@@ -189,7 +190,7 @@ def test_step0_a_replica_that_fails_to_load_leaves_the_waiters_to_the_others() -
 
 def test_step4r_kept_replicas_an_operator_unloads_stay_out_until_the_next_request() -> None:
     r = Run(replicas(2, floor=2, target=100))
-    assert r.step(Tick()) == [StartLoad("r"), StartLoad("r@1")]
+    assert r.step(SetReplicas("r", 2, trim=False)) == [StartLoad("r"), StartLoad("r@1")]
     r.step(LoadDone("r", True))
     r.step(LoadDone("r@1", True))
     assert r.step(AdminUnload("r")) == [StopModel("r", StopReason.OPERATOR, "unloaded by operator"),

@@ -145,7 +145,11 @@ class Runtime:
         first += [n for n in self.history.to_restore() if n not in first]
         for name in first:  # in config order, while capacity allows (a Preload never evicts)
             self.submit(Preload(name))
-        self.submit(Tick())  # a first pass: it brings in the replicas models keep (replicas.min)
+        for name, m in self.config.models.items():  # the replicas models keep, now that recovery adopted its
+            if m.replicas.min and m.copies > 1:     # share: kept ones still missing are brought in
+                self.submit(SetReplicas(name, m.replicas.min, trim=False))
+            elif m.replicas.min:  # one copy, kept: like preload and pinned
+                self.submit(Preload(name))
         self.pressure.start()
         self.gpus.start()
         self.history.start()
@@ -180,16 +184,17 @@ class Runtime:
         return self._scheduler.units(model)
 
     # ------------------------------------------------------------ requests and operators
-    async def acquire(self, model: str, affinity: int | None = None) -> int:
+    async def acquire(self, model: str, affinity: int | None = None, eligible: frozenset[str] | None = None) -> int:
         """Wait until ``model`` is resident and this request holds an in-flight slot on it (on one of its
-        replicas: ``unit_of`` says which). ``affinity``: a hash of the prompt's start (see RequestArrived)."""
+        replicas: ``unit_of`` says which). ``affinity``: a hash of the prompt's start; ``eligible``: the units that
+        may take it (see RequestArrived)."""
         if self._closing:
             raise shutting_down()
         req_id = next(self._ids)
         self.history.record_request(model)
         fut: asyncio.Future[str] = self._loop.create_future()
         self._futures[req_id] = fut
-        self.submit(RequestArrived(req_id, model, affinity))
+        self.submit(RequestArrived(req_id, model, affinity, eligible))
         try:
             await fut
         except asyncio.CancelledError:

@@ -116,7 +116,7 @@ class Scheduler(Planner):
                 if req_id in self._waiting or req_id in self._granted:
                     raise ValueError(f"duplicate request id {req_id}")
                 g = self._groups[model]
-                g.unloaded = False
+                g.dormant = False
                 self._note_arrivals(g, now)
                 if self._unreachable(g, eligible):
                     out.append(Reject(req_id, model, 502, f"no vLLM engine that serves {model} is reachable"))
@@ -190,7 +190,7 @@ class Scheduler(Planner):
                     self._add(model, spec, now)
             case AdminUnload(model, force):
                 if model in self._groups:
-                    self._groups[model].unloaded = True
+                    self._groups[model].dormant = True
                 for unit in self.units(model):  # a model's name unloads all its replicas
                     self._admin_unload(self._models[unit], force, now, out)
             case SetPinned(model, pinned):
@@ -198,8 +198,8 @@ class Scheduler(Planner):
                 m.pinned = pinned
                 if m.spec.group is not None:
                     self._rerank(self._group(m))
-            case SetReplicas(model, replicas):
-                self._set_replicas(self._groups[model], replicas, now, out)
+            case SetReplicas(model, replicas, trim):
+                self._set_replicas(self._groups[model], replicas, trim, now, out)
             case ReplicaPressure(model, saturated):
                 self._groups[model].saturated = saturated
             case Preload(model):
@@ -237,16 +237,16 @@ class Scheduler(Planner):
         for u in g.members:
             self._note_arrival(u, now)
 
-    def _set_replicas(self, g: Group, n: int, now: float, out: list[Effect]) -> None:
+    def _set_replicas(self, g: Group, n: int, trim: bool, now: float, out: list[Effect]) -> None:
         """Keep ``n`` replicas (clamped to the model's min and max): those are pinned, and the planning pass
         brings them in when they fit; resident ones beyond ``n`` stop once idle."""
         spec = g.members[0].spec
         g.floor = max(spec.replicas_min, min(n, spec.replicas_max))
-        g.unloaded = False
+        g.dormant = False
         for u in g.members:
             u.pinned = u.spec.replica < g.floor
         self._rerank(g)
-        for u in g.members[g.floor:]:
+        for u in g.members[g.floor:] if trim else ():
             if u.state in (State.LOADED, State.LOADING, State.WAKING, State.SLEEPING) and g.floor > 0:
                 self._admin_unload(u, False, now, out)
 
@@ -320,7 +320,7 @@ class Scheduler(Planner):
             if g is None or event.req_id in self._granted:
                 return None
             m = self._pick(g, self._seq + 1, event.affinity, event.eligible)
-            if m is None or (g.replicated and (g.unloaded or self._may_grow(g, m))):
+            if m is None or (g.replicated and (g.dormant or self._may_grow(g, m))):
                 return None
             self._note_arrivals(g, now)
             self._seq += 1

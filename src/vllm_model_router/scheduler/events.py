@@ -167,12 +167,14 @@ class ReplicaPressure:
 
 @dataclass(frozen=True, slots=True)
 class SetReplicas:
-    """Operator sets how many replicas of ``model`` are kept (within its ``replicas.min`` and ``max``):
+    """Operator sets how many replicas of ``model`` are kept (within its ``replicas.min`` and ``max``), or the
+    shell starts keeping ``replicas.min`` once restart recovery has adopted what it could:
     that many are pinned and brought in when they fit; resident copies beyond it are stopped once idle.
     Demand may still start more, up to ``max``."""
 
     model: str
     replicas: int
+    trim: bool = True  # resident copies beyond ``replicas`` stop once idle (not at startup: adopted ones stay)
 
 
 @dataclass(frozen=True, slots=True)

@@ -218,7 +218,8 @@ class Planner(Residency):
 
     # (4r) -----------------------------------------------------------------------------------------
     def _scale(self, p: Pass) -> None:
-        """Replicas: a model keeps ``floor`` of them (unless an operator unloaded it, until its next request),
+        """Replicas: a model keeps ``floor`` of them (once the shell has started it with ``SetReplicas``, and
+        unless an operator unloaded it, until its next request),
         and gets one more (up to ``replicas_max``) when its
         loaded ones are saturated: their engines queue requests (``ReplicaPressure``), or more than
         ``target_in_flight`` requests per loaded replica are outstanding. Never while a waiter's load waits
@@ -239,7 +240,7 @@ class Planner(Residency):
         awake = [u for u in g.members if u.state in (State.LOADED, *STARTING)]
         loaded = [u for u in awake if u.state is State.LOADED]
         spec = g.members[0].spec
-        want = 0 if g.unloaded else g.floor
+        want = 0 if g.dormant else g.floor
         if loaded and len(awake) == len(loaded) and (
                 g.saturated or sum(len(u.in_flight) for u in loaded) + self._waiting.count(g.name)
                 > spec.target_in_flight * len(loaded)):

@@ -72,7 +72,8 @@ class Group:
     members: list[ModelRecord] = field(default_factory=list)  # by replica number
     floor: int = 0  # replicas kept resident (pinned): ``replicas.min``, or what an operator set
     saturated: bool = False  # its engines report requests queued inside them (ReplicaPressure)
-    unloaded: bool = False  # an operator unloaded it: the replicas it keeps come back with its next request
+    dormant: bool = True  # not started yet (the shell's SetReplicas starts it), or an operator unloaded it:
+    # the replicas it keeps come back with its next request
     affinity: dict[int, str] = field(default_factory=dict)  # prompt-prefix hash -> the unit that last served it
 
     @property
