@@ -135,7 +135,9 @@ def test_every_key_the_parser_accepts_is_in_the_schema_and_in_check_config_outpu
         "auth": {"api_keys_file": "keys", "admin_keys_file": "keys"},
         "models": {"base": {"cmd": CMD, "sleep": True}, "lora": {"adapter": "/a", "base": "base"}},
     }))
-    dumps = [load_config(path, {}).to_dict(), build_config({"models": {"lora": {"adapter": "/a"}}}, {}).to_dict()]
+    engines = {"endpoint": {"urls": ["http://a:8000", "http://b:8000"]}}  # url is shown for one engine, urls for more
+    dumps = [load_config(path, {}).to_dict(), build_config({"models": {"lora": {"adapter": "/a"}}}, {}).to_dict(),
+             build_config(engines, {}).to_dict()]
     schema = json_schema()
     assert sorted(k for k in keys if not schema_has(schema, k)) == []
     assert sorted(k for k in keys if not shown(dumps, k)) == []

@@ -27,7 +27,9 @@ from vllm_model_router.config.problems import (
     where,
 )
 from vllm_model_router.config.rules import check_adapters, check_aliases, check_fit, resolve_model, sort_model_keys
+from vllm_model_router.config.scalars import BaseUrl
 from vllm_model_router.config.schema import (
+    DEFAULT_ENDPOINT,
     FLATTENED,
     AuthConfig,
     ConfigFile,
@@ -58,7 +60,7 @@ def build_config(data: object, env: Mapping[str, str] | None = None, source: str
     check_aliases(models, problems)
     values = _flat_values(file, env, problems)
     values |= _endpoint(engine, env, all(m.is_adapter for m in models.values()), problems)
-    check_adapters(models, values["endpoint"], problems)
+    check_adapters(models, values["endpoints"], problems)
     check_fit(models, values["memory_gb"], problems)
     auth = _auth(file.auth, env, source, problems)
     if problems:
@@ -83,7 +85,9 @@ def _flat_values(file: ConfigFile, env: Mapping[str, str], problems: Problems) -
     return values
 
 
-_ENGINE_KEYS = ("url", "adapter_dir")  # the endpoint keys that mean something only in endpoint mode
+_URL_KEYS = ("url", "urls")  # the engines: one, or several
+_ENGINE_KEYS = (*_URL_KEYS, "adapter_dir")  # the endpoint keys that mean something only in endpoint mode
+_ONE_URL = BaseUrl()  # an engine's URL as urls' items are checked
 
 
 def _endpoint(raw: object, env: Mapping[str, str], endpoint_mode: bool, problems: Problems) -> dict[str, Any]:
@@ -93,22 +97,64 @@ def _endpoint(raw: object, env: Mapping[str, str], endpoint_mode: bool, problems
         validated(Endpoint, raw, problems, at=("endpoint",))  # reports its shape; the environment still counts
     raw = dict(raw) if isinstance(raw, dict) else {}
     if not endpoint_mode:
-        if raw.get("url") is not None:
-            problems.add(("endpoint", "url"), "models with a cmd are started by the router; endpoint mode is for "
-                                              "a config without them")
+        for key in _URL_KEYS:
+            if raw.get(key) is not None:
+                problems.add(("endpoint", key), "models with a cmd are started by the router; endpoint mode is "
+                                                "for a config without them")
         for key in _ENGINE_KEYS:
             raw.pop(key, None)
     else:
         for key, name in Endpoint.keys().items():
             declared = marker(Endpoint.model_fields[name], Env)
             var = _first_set(declared, env)
-            if var is not None and declared.use == "replaces":
+            if var is not None and declared.use == "replaces" and key not in _URL_KEYS:
                 raw[key] = env[var]
+        _engine_urls(raw, env)
     section = validated(Endpoint, raw, problems, at=("endpoint",))
     for loc, message in unknown_keys(section, ("endpoint",)):
         problems.add(loc, message)
     values = {name: getattr(section, name) for name in Endpoint.model_fields}
-    return values if endpoint_mode else values | {"endpoint": None, "adapter_dir": None}
+    if not endpoint_mode:
+        return values | {"endpoint": None, "endpoints": (), "adapter_dir": None}
+    _check_engines(raw, problems)
+    engines: tuple[str, ...] = section.endpoints or (section.endpoint or DEFAULT_ENDPOINT,)
+    return values | {"endpoint": engines[0], "endpoints": engines}
+
+
+def _engine_urls(raw: dict[Any, Any], env: Mapping[str, str]) -> None:
+    """$VLLM_BASE_URL (declared on both url and urls) takes the place of whichever the file gave: one URL is
+    ``url``, several (comma-separated, blanks around the commas ignored) are ``urls``."""
+    var = _first_set(marker(Endpoint.model_fields["endpoint"], Env), env)
+    if var is None:
+        return
+    urls = [u.strip() for u in env[var].split(",") if u.strip()]
+    for key in _URL_KEYS:
+        raw.pop(key, None)
+    if len(urls) == 1:
+        raw["url"] = urls[0]
+    else:
+        raw["urls"] = urls
+
+
+def _check_engines(raw: dict[Any, Any], problems: Problems) -> None:
+    """What the engines' keys cannot check one by one: url and urls at once, an empty list, an engine listed
+    twice (compared as checked: ``http://a:8000/v1`` is ``http://a:8000``), each at its place in the file."""
+    urls = raw.get("urls")
+    if raw.get("url") is not None and urls is not None:
+        problems.add(("endpoint",), "give url or urls, not both")
+    if not isinstance(urls, list | tuple):
+        return
+    if not urls:
+        problems.add(("endpoint", "urls"), "must list at least one URL")
+    seen: dict[str, int] = {}
+    for i, url in enumerate(urls):
+        try:
+            url = _ONE_URL.validate(url)
+        except PydanticCustomError:
+            continue  # reported by the key's check
+        if url in seen:
+            problems.add(("endpoint", "urls", i), f"{url!r} is already urls[{seen[url]}]")
+        seen.setdefault(url, i)
 
 
 def _overridden(kind: type[Section], name: str, declared: Env, value: Any, env: Mapping[str, str],

@@ -104,19 +104,21 @@ def check_aliases(models: Mapping[str, ModelConfig], problems: Problems) -> None
                 problems.add(loc, f"{alias!r} is already an alias of {owner[alias]!r}")
 
 
-def check_adapters(models: dict[str, ModelConfig], endpoint: str | None, problems: Problems) -> None:
+def check_adapters(models: dict[str, ModelConfig], endpoints: tuple[str, ...], problems: Problems) -> None:
     """Adapters need a base the router starts, with ``--enable-lora`` (the router adds the environment
-    variable vLLM needs to load them at run time); in endpoint mode they load on the engine instead."""
+    variable vLLM needs to load them at run time); in endpoint mode (``endpoints``: the engines' URLs) they
+    load on the engines instead."""
+    engines = f"engine at {endpoints[0]}" if len(endpoints) == 1 else f"engines at {', '.join(endpoints)}"
     for m in models.values():
         if not m.is_adapter:
             continue
         loc: Loc = ("models", m.name, "base")
-        if endpoint is not None and m.base is not None:
+        if endpoints and m.base is not None:
             problems.add(loc, f"endpoint mode (no model has a cmd) has no managed bases; adapters load on the "
-                              f"engine at {endpoint}")
-        elif endpoint is None and m.base is None:
+                              f"{engines}")
+        elif not endpoints and m.base is None:
             problems.add(loc, "required (the model this adapter is loaded on)")
-        elif endpoint is None and m.base is not None:
+        elif not endpoints and m.base is not None:
             base = models.get(m.base)
             if base is None:
                 problems.add(loc, f"unknown model {m.base!r}")

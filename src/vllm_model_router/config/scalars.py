@@ -228,12 +228,12 @@ _URL_RE = re.compile(r"^https?://[^/\s]+")
 @dataclass(frozen=True)
 class BaseUrl(Check):
     """An http(s) URL of a vLLM server, kept without a trailing ``/`` or ``/v1`` (routes are appended);
-    an empty value (``""``, ``false``) means ``default``."""
+    an empty value (``""``, ``false``) means ``default`` where there is one (not for an item of a list)."""
 
-    default: str
+    default: str | None = None
 
     def validate(self, value: Any) -> str:
-        if not value:
+        if not value and self.default is not None:
             value = self.default
         if not isinstance(value, str) or not _URL_RE.match(value):
             raise invalid(f"expected an http(s) URL like http://vllm:8000, got {value!r}")

@@ -42,7 +42,8 @@ from vllm_model_router.config.scalars import (
 )
 from vllm_model_router.config.section import Env, Internal, Scope, Section, applies
 
-ENGINE = "@engine"  # the scheduler's name for the one running vLLM in endpoint mode
+ENGINE = "@engine"  # the scheduler's name for the (first) running vLLM in endpoint mode; the others are
+# its replicas' names, ``@engine@1``, ... (RouterConfig.engine_units)
 DEFAULT_ENDPOINT = "http://vllm:8000"
 
 
@@ -198,7 +199,7 @@ class Listen(Section):
 
 class Capacity(Section):
     max_resident: Annotated[int, Whole(1), Env("MAX_RESIDENT")] = Field(
-        2, description="Models (or, in endpoint mode, adapters) resident at once.")
+        2, description="Models resident at once; in endpoint mode, adapters resident at once per engine.")
     memory_gb: Annotated[float | None, Number(0)] = Field(
         None, description="Total GPU memory the resident models may reserve (per GPU when GPUs are detected).")
     memory_fraction: Annotated[float, Number(0.01, 1), NullIsDefault()] = Field(
@@ -211,17 +212,27 @@ class Capacity(Section):
         "stop", description="When host_memory_gb is exceeded: stop the oldest sleeper, or sleep at level 2.")
 
 
+_URLS = "expected a list of URLs like [http://vllm-0:8000, http://vllm-1:8000]"
+
+
 class Endpoint(Section):
-    """Endpoint mode (no model has a cmd): one running vLLM, with adapters loaded on demand."""
+    """Endpoint mode (no model has a cmd): running vLLM engines, with adapters loaded on demand. One engine is
+    ``url``; several are ``urls`` (load.py refuses both at once, an empty list and a URL listed twice)."""
 
     endpoint: Annotated[str | None, BaseUrl(DEFAULT_ENDPOINT), NullIsDefault(),
                         Env("VLLM_BASE_URL", use="replaces")] = Field(
         DEFAULT_ENDPOINT, alias="url", description="The running vLLM (a trailing /v1 is dropped).")
+    endpoints: Annotated[tuple[Annotated[str, BaseUrl()], ...], Shape("list", _URLS, one=False), NullIsDefault(),
+                         Env("VLLM_BASE_URL", use="replaces")] = Field(
+        (), alias="urls", json_schema_extra={"minItems": 1, "uniqueItems": True},
+        description="Several running vLLMs, instead of url: requests for their own models are balanced across "
+        "the engines that serve them, adapters are loaded on engines with free slots. A $VLLM_BASE_URL with "
+        "commas (http://a:8000,http://b:8000) lists them.")
     adapter_dir: Annotated[str | None, Text("expected a directory path", none=True),
                            Env("ADAPTER_DIR", use="replaces")] = Field(
         None, description="Requests for <name> load the adapter <adapter_dir>/<name> when it exists.")
     sync_interval: Annotated[float, Duration(positive=True)] = Field(
-        10.0, description="How often the router's view is reconciled with the engine's /v1/models.")
+        10.0, description="How often the router's view is reconciled with each engine's /v1/models.")
 
 
 class LimitsConfig(Section):
@@ -310,8 +321,8 @@ class ConfigFile(Settings):
         Capacity.model_construct(), description="How many models, and how much memory, may be resident.")
     limits: LimitsConfig = Field(LimitsConfig.model_construct(), description="Client and upstream limits.")
     auth: AuthConfig = Field(AuthConfig.model_construct(), description="Access keys; none: no access control.")
-    endpoint: Endpoint = Field(Endpoint.model_construct(), description="Endpoint mode (no model has a cmd): one "
-                               "running vLLM, with adapters loaded on demand.")
+    endpoint: Endpoint = Field(Endpoint.model_construct(), description="Endpoint mode (no model has a cmd): "
+                               "running vLLM engines, with adapters loaded on demand.")
     models: Annotated[dict[_ModelName, ModelConfig], Shape("mapping", "expected a mapping of model names to settings"),
                       NullIsDefault()] = Field(
         default_factory=dict, description="The models, by the name clients use. None: endpoint mode.")
@@ -321,8 +332,9 @@ FLATTENED = (Settings, Listen, Capacity, Endpoint)  # the sections whose keys ar
 
 
 class RouterConfig(Settings, Listen, Capacity, Endpoint):
-    """The validated configuration (built by load.py). ``endpoint`` is the URL of the running vLLM in endpoint
-    mode, else None; so is ``adapter_dir``."""
+    """The validated configuration (built by load.py). In endpoint mode ``endpoints`` are the URLs of the
+    running vLLMs in order and ``endpoint`` is the first (what code written for one engine reads); otherwise
+    they are empty and None, and so is ``adapter_dir``."""
 
     models: Mapping[str, ModelConfig] = Field(default_factory=dict)
     auth: AuthConfig = AuthConfig.model_construct()
@@ -357,6 +369,11 @@ class RouterConfig(Settings, Listen, Capacity, Endpoint):
         return {unit: m for name, m in self.models.items()
                 for unit in unit_names(name, m.copies)}
 
+    def engine_units(self) -> tuple[str, ...]:
+        """The scheduler's names of the engines, in the order of ``endpoints``: ``@engine``, ``@engine@1``, ...
+        (none outside endpoint mode); the engines are named as the replicas of one model are."""
+        return unit_names(ENGINE, len(self.endpoints))
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as ``check-config`` prints it: the file's layout, every key, each value
         as its check shows it (access keys as counts; the endpoint section only in endpoint mode)."""
@@ -366,9 +383,12 @@ class RouterConfig(Settings, Listen, Capacity, Endpoint):
                 continue
             if name == "models":
                 out[name] = {n: _model_dict(m) for n, m in self.models.items()}
+            elif field.annotation is Endpoint:
+                if self.endpoint_mode:  # url for one engine, urls for several: the output reads back
+                    out[name] = _dump(Endpoint, self)
+                    del out[name]["urls" if len(self.endpoints) <= 1 else "url"]
             elif field.annotation in FLATTENED:
-                if field.annotation is not Endpoint or self.endpoint_mode:
-                    out[name] = _dump(field.annotation, self)
+                out[name] = _dump(field.annotation, self)
             else:
                 out[name] = getattr(self, name).model_dump(mode="json", by_alias=True)
         return out
