@@ -13,7 +13,7 @@ the model to any of them. A model with at most one copy has no group, so its spe
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from vllm_model_router.config.schema import ENGINE, RouterConfig
@@ -31,6 +31,15 @@ class Need(Protocol):
     def gb(self) -> float: ...
 
 
+def adapter_specs(name: str, engines: Sequence[str]) -> dict[str, ModelSpec]:
+    """An adapter of endpoint mode: a unit per engine (``name`` on the first, ``name@1`` on the second...),
+    each in its engine's adapter slots, so it can be loaded where a slot is free, and on more than one
+    engine when it is hot. With one engine: the adapter itself, as a model of its own."""
+    n = len(engines)
+    return {replica_name(name, i): ModelSpec(base=engine, group=name if n > 1 else None, replica=i, replicas_max=n)
+            for i, engine in enumerate(engines)}
+
+
 def scheduler_specs(
     config: RouterConfig, needs: Mapping[str, Need], weights: Mapping[str, Need] | None = None
 ) -> dict[str, ModelSpec | float]:
@@ -38,12 +47,14 @@ def scheduler_specs(
     per unit in config order (a model's replicas together), bases before their adapters. ``needs``: GPU memory
     per model; ``weights``: host memory per level-1 sleeper (both by model name: every replica needs as much)."""
     specs: dict[str, ModelSpec | float] = {}
-    if config.endpoint_mode:
-        specs[ENGINE] = ModelSpec(external=True, max_adapters=config.max_resident)
+    engines = config.engine_units()
+    for i, engine in enumerate(engines):  # endpoint mode: each engine has max_resident adapter slots
+        specs[engine] = ModelSpec(external=True, max_adapters=config.max_resident,
+                                  group=ENGINE if len(engines) > 1 else None, replica=i, replicas_max=len(engines))
     shared = [f.name for f in dataclasses.fields(ModelSpec) if f.name not in COMPUTED]
     for name, m in config.models.items():
         if m.is_adapter:
-            specs[name] = ModelSpec(base=m.base or ENGINE)
+            specs.update(adapter_specs(name, engines) if m.base is None else {name: ModelSpec(base=m.base)})
             continue
         settings: dict[str, Any] = {key: getattr(m, key) for key in shared}
         r = m.replicas

@@ -67,11 +67,15 @@ class LoraDriver:
         base_of: Callable[[str], str],
         base_url: Callable[[str], str | None],
         path_of: Callable[[str], str],
+        name_of: Callable[[str], str] = lambda unit: unit,
+        unreachable: Callable[[str, str], None] = lambda base, error: None,
     ) -> None:
         self._session = session
         self._base_of = base_of
         self._base_url = base_url
         self._path_of = path_of
+        self._name_of = name_of  # the adapter's name on the engine (one adapter's copies share it)
+        self._unreachable = unreachable  # told when an engine cannot be reached (it may be marked down)
         self._logs: dict[str, deque[str]] = {}
 
     def set_exit_callback(self, callback: ExitCallback) -> None:
@@ -92,13 +96,16 @@ class LoraDriver:
         url = self._url(model)
         path = self._path_of(model)
         self._note(model, f"loading {path} on {url}")
-        body = {"lora_name": model, "lora_path": path}
+        body = {"lora_name": self._name_of(model), "lora_path": path}
         try:
             async with self._session().post(f"{url}/v1/load_lora_adapter", json=body, timeout=TIMEOUT) as resp:
                 text = await resp.text()
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             self._note(model, f"engine unreachable: {e!r}")
+            # first, so that with several engines the engine is down (and the load placed on another) before
+            # this load's failure reaches the scheduler
+            self._unreachable(self._base_of(model), repr(e))
             raise LoadError(f"cannot reach the vLLM engine at {url}: {e}", status=502) from e
         if status == 200:
             self._note(model, "loaded")
@@ -118,7 +125,7 @@ class LoraDriver:
             return  # the base is gone, and the adapter with it
         try:
             async with self._session().post(
-                f"{url}/v1/unload_lora_adapter", json={"lora_name": model}, timeout=TIMEOUT
+                f"{url}/v1/unload_lora_adapter", json={"lora_name": self._name_of(model)}, timeout=TIMEOUT
             ) as resp:
                 text = await resp.text()
                 status = resp.status

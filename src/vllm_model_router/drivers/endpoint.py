@@ -13,6 +13,7 @@ class EndpointDriver:
         self.url = url
         self.reachable: bool | None = None  # None: not checked yet
         self.last_error: str | None = None
+        self.down_since: float | None = None  # when it was last found unreachable (event loop clock)
 
     def set_exit_callback(self, callback: ExitCallback) -> None:
         pass

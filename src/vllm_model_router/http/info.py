@@ -39,8 +39,10 @@ async def list_models(request: web.Request) -> web.Response:
     views = runtime.views()
     engine = runtime.adapters.engine
     if engine is not None:  # endpoint mode: the engine's own models, as it reported them last
-        status = "loaded" if engine.reachable else "unavailable"
-        for name in catalog.engine_models:
+        adapters = runtime.adapters
+        for name in catalog.engine_models:  # loaded while an engine that serves it answers
+            status = "loaded" if any(adapters.engines[e].reachable for e, served in adapters.serves.items()
+                                     if name in served) else "unavailable"
             card(name, status)
     for name, units in by_model(views).items():  # a replicated model is one card, in its best replica's state
         v = units[0]

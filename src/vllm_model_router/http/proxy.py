@@ -30,6 +30,7 @@ from vllm_model_router.http.affinity import prefix_key
 from vllm_model_router.http.request_body import is_multipart, parse_form_model, parse_json
 from vllm_model_router.routes import MULTIPART_ROUTES, OTHER, RouteTable
 from vllm_model_router.runtime.pump import Runtime, shutting_down
+from vllm_model_router.scheduler.events import split_unit
 
 log = logging.getLogger("vllm_model_router.proxy")
 
@@ -203,7 +204,8 @@ class Proxy:
         affinity: int | None = None
         if route in MULTIPART_ROUTES and is_multipart(request.content_type):
             form = parse_form_model(raw, request.headers.get("Content-Type", ""))
-            target = await self.runtime.adapters.resolve(form.model)
+            name = form.model
+            target = await self.runtime.adapters.resolve(name)
             if target.rewrite is not None:  # an alias: the server knows the model by its configured name
                 raw = form.rewrite(raw, target.rewrite)
         else:
@@ -215,35 +217,45 @@ class Proxy:
             if len(self.runtime.units(target.model)) > 1:
                 affinity = prefix_key(payload)
         model = target.model
+        # several engines (endpoint mode): a model the engines serve themselves goes to one that lists it
+        eligible = self.runtime.adapters.eligible(name) if model == ENGINE else None
         track = _TRACK.get()
         if track is not None:
             track.model = model
             track.wait_started = time.monotonic()
-        retried = False
+        retried = moved = False
         while True:
-            lease = await self.runtime.acquire(model, affinity)
+            lease = await self.runtime.acquire(model, affinity, eligible)
             if track is not None and track.wait_started is not None and track.waited is None:
                 track.waited = time.monotonic() - track.wait_started
             try:
-                unit = self.runtime.unit_of(lease)  # the replica it was granted on
+                unit = self.runtime.unit_of(lease)  # the replica (or engine) it was granted on
                 base = self.runtime.driver.endpoint(unit)
                 if base is None:
                     raise BadGateway(f"model {unit} has no running server")
-                return await self._forward(request, base, route, model, raw, may_vanish=not retried)
+                return await self._forward(request, base, route, unit, raw, may_vanish=not retried)
             except _Vanished as e:
                 # the engine no longer has an adapter the router thought loaded: reload it once and retry
-                self.runtime.adapters.mark_gone(model, e.message)
+                self.runtime.adapters.mark_gone(unit, e.message)
                 retried = True
+            except _Unreachable:
+                # one of several engines does not answer: it is marked down, and the request (nothing of
+                # it sent back yet) is tried once more, on another engine
+                engine = self.runtime.adapters.engine_of(unit)
+                if moved or engine is None or not self.runtime.adapters.multi_engine:
+                    raise
+                self.runtime.adapters.unreachable(engine, "a request could not reach it")
+                moved = True
             finally:
                 self.runtime.release(lease)
 
     def _server(self, model: str, base: str | None) -> str:
-        if model == ENGINE or self.runtime.adapters.is_adapter(model):
+        if split_unit(model)[0] == ENGINE or self.runtime.adapters.is_adapter(model):
             return f"the vLLM engine at {base or self.runtime.driver.endpoint(model)} (model {model})"
         return f"model {model}'s server"
 
-    def _forward_auth(self, model: str) -> bool:
-        cfg = self.config.models.get(model)
+    def _forward_auth(self, unit: str) -> bool:
+        cfg = self.config.models.get(split_unit(unit)[0])
         if cfg is None:
             return False
         base = self.config.models.get(cfg.base) if cfg.base else None
@@ -269,7 +281,7 @@ class Proxy:
         except TimeoutError as e:
             raise self._no_first_byte(model, base) from e
         except (aiohttp.ClientError, OSError) as e:
-            raise BadGateway(f"cannot reach {self._server(model, base)}: {e}") from e
+            raise _Unreachable(f"cannot reach {self._server(model, base)}: {e}") from e
         try:
             ctype = upstream.headers.get("Content-Type", "")
             if upstream.status == 404 and ctype.startswith("application/json"):
@@ -338,6 +350,10 @@ class Proxy:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await resp.write_eof()
         return resp
+
+
+class _Unreachable(BadGateway):
+    """The upstream could not be reached: nothing was sent back to the client yet."""
 
 
 class _Vanished(Exception):

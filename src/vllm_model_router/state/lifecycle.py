@@ -45,6 +45,8 @@ class EventKind(StrEnum):
     SCALED = "scaled"  # an operator set the replicas a model keeps
     SATURATED = "saturated"  # a replicated model's engines queue requests: another replica is wanted
     UNSATURATED = "unsaturated"  # ... and no longer do
+    ENGINE_DOWN = "engine_down"  # one of the engines of endpoint mode stopped answering
+    ENGINE_UP = "engine_up"  # ... and answers again
 
 
 @dataclass(frozen=True, slots=True)
