@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.unit.scheduler_run import Run
 from vllm_model_router.scheduler import (
     AdminUnload,
-    Effect,
-    Event,
     GpuUsage,
     Grant,
     LoadDone,
@@ -51,30 +50,6 @@ OVER_CAPACITY = StopReason.OVER_CAPACITY
 TTL = StopReason.TTL
 SLEEP_FAILED = StopReason.SLEEP_FAILED
 WAKE_FAILED = StopReason.WAKE_FAILED
-
-
-class Run:
-    """A scheduler plus a fake clock; ``step`` returns the effects without TimerAt noise."""
-
-    def __init__(self, models: dict[str, float] | None = None, *, max_resident: int = 1,
-                 memory_gb: float | None = None, load_timeout: float = 600.0, max_wait: float = 30.0,
-                 keep_idle: float = 0.0, **more: object) -> None:
-        self.now = 0.0
-        self.s = Scheduler(SchedulerConfig(models or {"a": 0.0, "b": 0.0, "c": 0.0}, max_resident, memory_gb,
-                                           load_timeout, max_wait, keep_idle=keep_idle, **more))  # type: ignore[arg-type]
-        self.timers: list[float] = []  # every Tick asked for
-
-    def step(self, event: Event, at: float | None = None) -> list[Effect]:
-        if at is not None:
-            self.now = at
-        out = self.s.handle(event, self.now)
-        self.timers += [e.when for e in out if isinstance(e, TimerAt)]
-        return [e for e in out if not isinstance(e, TimerAt)]
-
-    def loaded(self, model: str, req: int) -> None:
-        """Bring ``model`` to loaded through request ``req`` (which stays in flight)."""
-        assert self.step(RequestArrived(req, model)) == [StartLoad(model)]
-        assert self.step(LoadDone(model, True)) == [Grant(req, model)]
 
 
 # ---------------------------------------------------------------- (0) the event itself

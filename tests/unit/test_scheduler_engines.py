@@ -8,6 +8,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.unit.scheduler_run import Run
 from vllm_model_router.scheduler import (
     Grant,
     LoadDone,
@@ -27,7 +28,6 @@ from vllm_model_router.scheduler import (
     Tick,
     TimerAt,
 )
-from vllm_model_router.scheduler.effects import Effect
 from vllm_model_router.scheduler.events import Event
 
 E, E1 = "@engine", "@engine@1"
@@ -42,19 +42,8 @@ def engines(*adapters: str, slots: int = 1, target: int = 32) -> dict[str, Model
     return specs
 
 
-class Run:
-    def __init__(self, models: dict[str, ModelSpec]) -> None:
-        self.now = 0.0
-        self.s = Scheduler(SchedulerConfig(models, 2, None, 600.0, 30.0))
-
-    def step(self, event: Event, at: float | None = None) -> list[Effect]:
-        if at is not None:
-            self.now = at
-        return [e for e in self.s.handle(event, self.now) if not isinstance(e, TimerAt)]
-
-
 def test_requests_for_the_engines_own_models_are_spread_over_the_engines_that_serve_them() -> None:
-    r = Run(engines())
+    r = Run(engines(), max_resident=2)
     assert r.step(RequestArrived(1, E)) == [Grant(1, E)]
     assert r.step(RequestArrived(2, E)) == [Grant(2, E1)]  # fewest outstanding
     assert r.step(RequestArrived(3, E)) == [Grant(3, E)]
@@ -64,7 +53,7 @@ def test_requests_for_the_engines_own_models_are_spread_over_the_engines_that_se
 
 
 def test_an_adapter_goes_to_an_engine_with_a_free_slot_before_evicting_one() -> None:
-    r = Run(engines("x", "y"))
+    r = Run(engines("x", "y"), max_resident=2)
     assert r.step(RequestArrived(1, "y")) == [StartLoad("y")]  # both free: the first engine
     r.step(LoadDone("y", True))
     r.step(RequestFinished(1), at=1)  # y idle on the first engine, which has one slot
@@ -74,7 +63,7 @@ def test_an_adapter_goes_to_an_engine_with_a_free_slot_before_evicting_one() -> 
 
 
 def test_a_hot_adapter_is_loaded_on_a_second_engine() -> None:
-    r = Run(engines("x", slots=2, target=1))
+    r = Run(engines("x", slots=2, target=1), max_resident=2)
     r.step(RequestArrived(1, "x"))
     r.step(RequestArrived(2, "x"))
     assert r.step(LoadDone("x", True)) == [Grant(1, "x"), Grant(2, "x"), StartLoad("x@1")]
@@ -83,7 +72,7 @@ def test_a_hot_adapter_is_loaded_on_a_second_engine() -> None:
 
 
 def test_an_engine_that_stops_answering_is_down_until_it_answers_again() -> None:
-    r = Run(engines("x", slots=2))
+    r = Run(engines("x", slots=2), max_resident=2)
     r.step(RequestArrived(1, "x"))
     assert r.step(LoadDone("x", True)) == [Grant(1, "x")]
     r.step(RequestFinished(1))
@@ -102,7 +91,7 @@ def test_an_engine_that_stops_answering_is_down_until_it_answers_again() -> None
 
 
 def test_with_every_engine_down_waiting_requests_get_502_and_new_ones_at_once() -> None:
-    r = Run(engines("x", slots=1))
+    r = Run(engines("x", slots=1), max_resident=2)
     assert r.step(RequestArrived(1, "x")) == [StartLoad("x")]
     # x was loading on E: it goes with it, and its waiter is served by the other engine
     assert r.step(ModelExited(E, "unreachable")) == [StartLoad("x@1")]
@@ -113,7 +102,7 @@ def test_with_every_engine_down_waiting_requests_get_502_and_new_ones_at_once() 
 
 
 def test_engines_are_never_stopped_nor_started_and_an_idle_extra_adapter_goes() -> None:
-    r = Run(engines("x", slots=2, target=1))
+    r = Run(engines("x", slots=2, target=1), max_resident=2)
     r.step(RequestArrived(1, "x"))
     r.step(RequestArrived(2, "x"))
     r.step(LoadDone("x", True))

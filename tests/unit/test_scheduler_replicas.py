@@ -4,6 +4,7 @@ and prompt prefix, extra copies first to go, and an idle extra copy stopped afte
 
 from __future__ import annotations
 
+from tests.unit.scheduler_run import Run
 from vllm_model_router.scheduler import (
     AdminUnload,
     Grant,
@@ -12,8 +13,6 @@ from vllm_model_router.scheduler import (
     ReplicaPressure,
     RequestArrived,
     RequestFinished,
-    Scheduler,
-    SchedulerConfig,
     SetReplicas,
     StartLoad,
     State,
@@ -21,10 +20,11 @@ from vllm_model_router.scheduler import (
     StopModel,
     StopReason,
     Tick,
-    TimerAt,
 )
-from vllm_model_router.scheduler.effects import Effect
-from vllm_model_router.scheduler.events import Event
+
+
+def run(models: dict[str, ModelSpec], max_resident: int = 3, **more: object) -> Run:
+    return Run(models, max_resident=max_resident, **more)
 
 
 def replicas(n: int = 3, *, floor: int = 0, target: int = 2, idle: float = 60.0, gb: float = 10.0,
@@ -34,26 +34,8 @@ def replicas(n: int = 3, *, floor: int = 0, target: int = 2, idle: float = 60.0,
                          replica_idle=idle, **more) for i, u in enumerate(names)}  # type: ignore[arg-type]
 
 
-class Run:
-    def __init__(self, models: dict[str, ModelSpec], max_resident: int = 3, memory_gb: float | None = None,
-                 **more: object) -> None:
-        self.now = 0.0
-        self.s = Scheduler(SchedulerConfig(models, max_resident, memory_gb, 600.0, 30.0, **more))  # type: ignore[arg-type]
-        self.timers: list[float] = []
-
-    def step(self, event: Event, at: float | None = None) -> list[Effect]:
-        if at is not None:
-            self.now = at
-        out = self.s.handle(event, self.now)
-        self.timers += [e.when for e in out if isinstance(e, TimerAt)]
-        return [e for e in out if not isinstance(e, TimerAt)]
-
-    def in_flight(self) -> dict[str, int]:
-        return {v.name: v.in_flight for v in self.s.view() if v.in_flight}
-
-
 def test_step4r_a_saturated_replica_brings_up_another_and_new_requests_go_to_the_least_busy() -> None:
-    r = Run(replicas(target=2))
+    r = run(replicas(target=2))
     assert r.step(RequestArrived(1, "r")) == [StartLoad("r")]
     r.step(RequestArrived(2, "r"))
     r.step(RequestArrived(3, "r"))
@@ -70,7 +52,7 @@ def test_step4r_a_saturated_replica_brings_up_another_and_new_requests_go_to_the
 
 
 def test_step4r_never_more_than_replicas_max() -> None:
-    r = Run(replicas(2, target=1))
+    r = run(replicas(2, target=1))
     r.step(RequestArrived(1, "r"))
     r.step(RequestArrived(2, "r"))
     assert r.step(LoadDone("r", True)) == [Grant(1, "r"), Grant(2, "r"), StartLoad("r@1")]
@@ -80,7 +62,7 @@ def test_step4r_never_more_than_replicas_max() -> None:
 
 
 def test_step2_ties_go_to_the_replica_that_last_served_the_same_prompt_prefix() -> None:
-    r = Run(replicas(2, target=100, floor=2))
+    r = run(replicas(2, target=100, floor=2))
     assert r.step(Tick()) == []  # kept replicas come in once the shell starts the model (after recovery)
     assert r.step(SetReplicas("r", 2, trim=False)) == [StartLoad("r"), StartLoad("r@1")]
     r.step(LoadDone("r", True))
@@ -96,7 +78,7 @@ def test_step2_ties_go_to_the_replica_that_last_served_the_same_prompt_prefix() 
 
 
 def test_step5_an_idle_extra_replica_stops_after_replica_idle_and_the_kept_one_stays() -> None:
-    r = Run(replicas(2, target=1, idle=60.0))
+    r = run(replicas(2, target=1, idle=60.0))
     r.step(RequestArrived(1, "r"))
     r.step(RequestArrived(2, "r"))
     assert r.step(LoadDone("r", True)) == [Grant(1, "r"), Grant(2, "r"), StartLoad("r@1")]
@@ -112,7 +94,7 @@ def test_step5_an_idle_extra_replica_stops_after_replica_idle_and_the_kept_one_s
 
 
 def test_step4b_a_newcomer_takes_an_idle_extra_replica_before_anything_else() -> None:
-    r = Run({**replicas(2, target=1), "b": ModelSpec(10), "c": ModelSpec(10)}, max_resident=3)
+    r = run({**replicas(2, target=1), "b": ModelSpec(10), "c": ModelSpec(10)}, max_resident=3)
     r.step(RequestArrived(1, "b"), at=0)
     r.step(LoadDone("b", True))
     r.step(RequestFinished(1), at=1)  # b: least recently used
@@ -128,7 +110,7 @@ def test_step4b_a_newcomer_takes_an_idle_extra_replica_before_anything_else() ->
 
 
 def test_step4r_an_extra_replica_evicts_only_idle_models_nobody_waits_for() -> None:
-    r = Run({**replicas(2, target=1), "b": ModelSpec(10)}, max_resident=2)
+    r = run({**replicas(2, target=1), "b": ModelSpec(10)}, max_resident=2)
     r.step(RequestArrived(1, "b"))
     r.step(LoadDone("b", True))  # b is busy with request 1
     r.step(RequestArrived(2, "r"))
@@ -140,7 +122,7 @@ def test_step4r_an_extra_replica_evicts_only_idle_models_nobody_waits_for() -> N
 
 
 def test_step4r_no_extra_replica_while_another_models_request_waits_for_room() -> None:
-    r = Run({**replicas(2, target=1), "b": ModelSpec(10), "c": ModelSpec(10)}, max_resident=2)
+    r = run({**replicas(2, target=1), "b": ModelSpec(10), "c": ModelSpec(10)}, max_resident=2)
     r.step(RequestArrived(1, "b"))
     r.step(LoadDone("b", True))
     r.step(RequestArrived(2, "r"))
@@ -153,7 +135,7 @@ def test_step4r_no_extra_replica_while_another_models_request_waits_for_room() -
 
 
 def test_step4r_engines_saturated_bring_up_another_replica_below_target_in_flight() -> None:
-    r = Run(replicas(2, target=32))
+    r = run(replicas(2, target=32))
     r.step(RequestArrived(1, "r"))
     assert r.step(LoadDone("r", True)) == [Grant(1, "r")]
     assert r.step(ReplicaPressure("r", True)) == [StartLoad("r@1")]
@@ -162,7 +144,7 @@ def test_step4r_engines_saturated_bring_up_another_replica_below_target_in_fligh
 
 
 def test_step0_an_operator_sets_the_replicas_kept() -> None:
-    r = Run(replicas(3, target=100), max_resident=3)
+    r = run(replicas(3, target=100), max_resident=3)
     r.step(RequestArrived(1, "r"))
     r.step(LoadDone("r", True))
     assert r.step(SetReplicas("r", 2)) == [StartLoad("r@1")]  # kept: pinned and brought in
@@ -179,7 +161,7 @@ def test_step0_an_operator_sets_the_replicas_kept() -> None:
 
 
 def test_step0_a_replica_that_fails_to_load_leaves_the_waiters_to_the_others() -> None:
-    r = Run(replicas(2, target=1))
+    r = run(replicas(2, target=1))
     r.step(RequestArrived(1, "r"))
     r.step(RequestArrived(2, "r"))
     assert r.step(LoadDone("r", True)) == [Grant(1, "r"), Grant(2, "r"), StartLoad("r@1")]
@@ -189,7 +171,7 @@ def test_step0_a_replica_that_fails_to_load_leaves_the_waiters_to_the_others() -
 
 
 def test_step4r_kept_replicas_an_operator_unloads_stay_out_until_the_next_request() -> None:
-    r = Run(replicas(2, floor=2, target=100))
+    r = run(replicas(2, floor=2, target=100))
     assert r.step(SetReplicas("r", 2, trim=False)) == [StartLoad("r"), StartLoad("r@1")]
     r.step(LoadDone("r", True))
     r.step(LoadDone("r@1", True))
