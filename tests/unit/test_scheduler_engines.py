@@ -222,3 +222,15 @@ def test_engines_up_and_down_never_start_or_stop_an_engine_and_answer_every_requ
             break
     assert not waiting
     assert all(answers.get(r) == 1 for r in range(1, next_id)), answers
+
+
+def test_an_adapter_goes_where_an_idle_adapter_can_make_room_at_once() -> None:
+    r = Run(engines("a", "b", "c"), max_resident=2)
+    assert r.step(RequestArrived(1, "a")) == [StartLoad("a")]
+    r.step(LoadDone("a", True))  # a busy on the first engine
+    assert r.step(RequestArrived(2, "b")) == [StartLoad("b@1")]
+    r.step(LoadDone("b@1", True))
+    r.step(RequestFinished(2), at=1)  # b idle on the second engine
+    # no free slot anywhere: the engine with an idle adapter is used, not the first one (a is busy there)
+    assert r.step(RequestArrived(3, "c"), at=2) == [StopModel("b@1", StopReason.LRU, "evicted to make room for c@1")]
+    assert r.step(StopDone("b@1")) == [StartLoad("c@1")]

@@ -9,10 +9,12 @@ from vllm_model_router.scheduler import (
     AdminUnload,
     Grant,
     LoadDone,
+    ModelExited,
     ModelSpec,
     ReplicaPressure,
     RequestArrived,
     RequestFinished,
+    SetPinned,
     SetReplicas,
     StartLoad,
     State,
@@ -180,3 +182,52 @@ def test_step4r_kept_replicas_an_operator_unloads_stay_out_until_the_next_reques
     r.step(StopDone("r"))
     assert r.step(StopDone("r@1")) == []  # not brought straight back
     assert r.step(RequestArrived(1, "r")) == [StartLoad("r"), StartLoad("r@1")]  # in use again: both kept
+
+
+def test_step0_scaling_down_keeps_the_copies_that_serve_and_scaling_up_again_cancels_the_drain() -> None:
+    r = run(replicas(3, target=100))
+    assert r.step(SetReplicas("r", 3)) == [StartLoad("r"), StartLoad("r@1"), StartLoad("r@2")]
+    for u in ("r", "r@1", "r@2"):
+        r.step(LoadDone(u, True))
+    r.step(ModelExited("r", "crashed"))  # the first copy is gone; the others serve
+    for req in (1, 2):
+        r.step(RequestArrived(req, "r"))
+    assert r.in_flight() == {"r@1": 1, "r@2": 1}
+    # down to one: a copy that serves is kept (not the failed first one), the other drains
+    assert r.step(SetReplicas("r", 1)) == []
+    assert {v.name for v in r.s.view() if v.pinned} == {"r@1"}
+    assert r.step(RequestArrived(3, "r")) == [Grant(3, "r@1")]  # served at once, not held back
+    # back to three before the drain ends: nothing is stopped, and the crashed copy comes back (not at once:
+    # a copy that just failed is not restarted for 30 s)
+    assert r.step(SetReplicas("r", 3)) == []
+    assert r.step(RequestFinished(2)) == []
+    assert r.step(RequestArrived(4, "r")) == [Grant(4, "r@2")]
+    assert r.step(Tick(), at=30) == [StartLoad("r")]
+
+
+def test_step0_unpinning_a_kept_copy_leaves_it_kept() -> None:
+    r = run(replicas(2, floor=2, target=100))
+    r.step(SetReplicas("r", 2, trim=False))
+    r.step(LoadDone("r", True))
+    r.step(LoadDone("r@1", True))
+    r.step(SetPinned("r", False))
+    assert {v.name for v in r.s.view() if v.pinned} == {"r", "r@1"}
+    assert r.step(Tick(), at=1000) == []  # neither is an idle extra copy
+
+
+def test_step4r_one_copy_at_a_time_on_saturation_until_it_is_seen_again() -> None:
+    r = run(replicas(3, target=100))
+    r.step(RequestArrived(1, "r"))
+    r.step(LoadDone("r", True))
+    assert r.step(ReplicaPressure("r", True)) == [StartLoad("r@1")]
+    assert r.step(LoadDone("r@1", True)) == []  # not a cascade to max: the new copy must be seen saturated
+    assert r.step(ReplicaPressure("r", True)) == [StartLoad("r@2")]
+
+
+def test_step9_a_kept_copy_that_failed_to_load_is_tried_again_by_the_timer() -> None:
+    r = run(replicas(2, floor=2, target=100))
+    assert r.step(SetReplicas("r", 2, trim=False)) == [StartLoad("r"), StartLoad("r@1")]
+    r.step(LoadDone("r", True))
+    assert r.step(LoadDone("r@1", False, "boom"), at=2) == []
+    assert 32.0 in r.timers
+    assert r.step(Tick(), at=32) == [StartLoad("r@1")]

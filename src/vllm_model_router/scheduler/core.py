@@ -69,7 +69,7 @@ from vllm_model_router.scheduler.events import (
 from vllm_model_router.scheduler.eviction import Budget, choose_placement
 from vllm_model_router.scheduler.planning import Planner
 from vllm_model_router.scheduler.records import Group, ModelRecord, ModelView, Waiter
-from vllm_model_router.scheduler.states import LOADABLE, WANTS_IN, State, StopReason
+from vllm_model_router.scheduler.states import HOLDS_CAPACITY, LOADABLE, WANTS_IN, State, StopReason
 
 
 class Scheduler(Planner):
@@ -148,6 +148,7 @@ class Scheduler(Planner):
                         m.asleep_level = 0
                         m.last_error = None
                         self._set_state(m, State.LOADED, now)
+                        self._group(m).saturated = False
                     else:  # fall back to stop + cold start: the waiters stay and bring it back cold
                         m.failures += 1
                         m.last_error = f"wake failed: {error}"
@@ -195,7 +196,8 @@ class Scheduler(Planner):
                     self._admin_unload(self._models[unit], force, now, out)
             case SetPinned(model, pinned):
                 m = self._models[model]
-                m.pinned = pinned
+                m.pin = pinned
+                m.pinned = m.pin or m.kept  # unpinning a kept replica leaves it kept
                 if m.spec.group is not None:
                     self._rerank(self._group(m))
             case SetReplicas(model, replicas, trim):
@@ -238,16 +240,25 @@ class Scheduler(Planner):
             self._note_arrival(u, now)
 
     def _set_replicas(self, g: Group, n: int, trim: bool, now: float, out: list[Effect]) -> None:
-        """Keep ``n`` replicas (clamped to the model's min and max): those are pinned, and the planning pass
-        brings them in when they fit; resident ones beyond ``n`` stop once idle."""
+        """Keep ``n`` replicas (clamped to the model's min and max). The ones kept are those serving now
+        (awake first, then asleep, then by number), so that scaling down never takes away the copies that
+        serve; they are pinned, and step 4r brings in the missing ones. With ``trim``, the others stop:
+        at once when idle, after their requests when busy (they take no new ones meanwhile)."""
         spec = g.members[0].spec
         g.floor = max(spec.replicas_min, min(n, spec.replicas_max))
         g.dormant = False
-        for u in g.members:
-            u.pinned = u.spec.replica < g.floor
+        self._track_kept(g)
+        awake = (State.LOADED, State.LOADING, State.WAKING)
+        order = sorted(g.members, key=lambda u: (u.state not in awake, u.state not in HOLDS_CAPACITY
+                                                 or u.state is State.UNLOADING, u.spec.replica))
+        for rank, u in enumerate(order):
+            u.kept = rank < g.floor
+            u.pinned = u.pin or u.kept
+            if u.kept:
+                u.unload_requested = False  # kept again: an earlier scale-down's drain is off
         self._rerank(g)
-        for u in g.members[g.floor:] if trim else ():
-            if u.state in (State.LOADED, State.LOADING, State.WAKING, State.SLEEPING) and g.floor > 0:
+        for u in order[g.floor:] if trim and g.floor > 0 else ():
+            if u.state in (*awake, State.SLEEPING) and not u.pin:
                 self._admin_unload(u, False, now, out)
 
     def _load_done(self, m: ModelRecord, ok: bool, error: str, status: int, now: float, out: list[Effect]) -> None:
@@ -259,6 +270,7 @@ class Scheduler(Planner):
             if m.load_started is not None:
                 m.load_seconds = now - m.load_started
             self._set_state(m, State.LOADED, now)
+            self._group(m).saturated = False  # a new copy: saturation must be seen again before another
             return
         m.failures += 1
         m.last_error = error or "model failed to load"
@@ -333,7 +345,7 @@ class Scheduler(Planner):
             chain = [self._models[model]]
             if chain[0].base is not None:
                 chain.append(self._models[chain[0].base])
-            if any(x.spec.ttl > 0 or x.spec.group is not None or x.unload_requested for x in chain) or \
+            if any(self._ttl(x) > 0 or x.unload_requested for x in chain) or \
                     (self._replicated and self._growing()):  # (a model that falls idle may make room)
                 return None
             self._release(event.req_id, now)

@@ -137,8 +137,13 @@ class Planner(Residency):
         cannot start does not crash-loop."""
         out = [u for u in g.members if u.state in WANTS_IN and not u.spec.external and not self._down(u)
                and (now is None or u.state is not State.FAILED or now - u.since >= RETRY_FAILED_S)]
-        return min(out, key=lambda u: (u.state is not State.SLEEPING, not self._slot_free(u), u.spec.replica),
-                   default=None)
+        return min(out, key=lambda u: (u.state is not State.SLEEPING, not self._slot_free(u),
+                                       not self._room_by_eviction(u), u.spec.replica), default=None)
+
+    def _room_by_eviction(self, u: ModelRecord) -> bool:
+        """An adapter's base has an idle adapter that could make room for it (asked only when no base of
+        its model has a free slot: an engine where room can be made at once beats one that must drain)."""
+        return u.base is None or next(iter(self._candidates(u.base, u)), None) is not None
 
     def _slot_free(self, u: ModelRecord) -> bool:
         """``u`` would fit in its domain without evicting anything (only asked of adapters: a base's
@@ -227,7 +232,7 @@ class Planner(Residency):
         may only evict idle models nobody waits for. One extra replica starts at a time."""
         if p.room_pending:
             return
-        for g in self._replicated:
+        for g in self._may_want_more():
             awake, want = self._wanted(g)
             while len(awake) < want:
                 target = self._next_unit(g, p.now)
@@ -247,9 +252,21 @@ class Planner(Residency):
             want = max(want, len(awake) + 1)
         return awake, min(want, spec.replicas_max)
 
+    def _may_want_more(self) -> list[Group]:
+        """The replicated models that may want another replica: those with a loaded one (saturation) and
+        those that keep some (their floor), in table order. The others want none: looking at these only
+        keeps the step's cost in proportion to what is loaded, not to the number of models (with several
+        engines, every adapter is a replicated model)."""
+        groups = {g.name: g for g in self._kept}
+        for name in self._index.names_in(State.LOADED):
+            m = self._models[name]
+            if m.spec.group is not None and not m.spec.external:
+                groups.setdefault(m.group, self._groups[m.group])
+        return sorted(groups.values(), key=lambda g: g.members[0].order)
+
     def _growing(self) -> bool:
         """Whether some replicated model wants more replicas than it has (step 4r would act)."""
-        for g in self._replicated:
+        for g in self._may_want_more():
             awake, want = self._wanted(g)
             if len(awake) < want:
                 return True
@@ -271,6 +288,7 @@ class Planner(Residency):
             return True
         hot = {m.name for m in self._index.lru(domain, State.LOADED) if self._hot(m, p.now)} \
             if self.config.keep_idle > 0 else set()
+        p.cooling += [self._hot_until(self._models[name]) for name in hot]  # then they may make room
         candidates = (c for c in self._candidates(domain, target, hot=hot)
                       if self._models[c.name].group != g.name and not self._waiting.count(self._models[c.name].group))
         _, victims = choose_placement(need, self._index.staying(domain, but=target), candidates, budget, options)
@@ -335,6 +353,9 @@ class Planner(Residency):
             deadlines.append(p.blocked_since + cfg.max_wait)
         deadlines += [t for t in p.cooling if t > p.now]
         deadlines += [max(m.last_used, m.since) + self._ttl(m) for m in self._index.timed() if self._ttl_applies(m)]
+        for g in self._kept:  # a kept replica whose load failed is tried again after RETRY_FAILED_S
+            deadlines += [u.since + RETRY_FAILED_S for u in g.members
+                          if u.state is State.FAILED and u.kept and u.since + RETRY_FAILED_S > p.now]
         when = min(deadlines) if deadlines else None
         if when is not None and when != self._timer:
             p.out.append(TimerAt(when))

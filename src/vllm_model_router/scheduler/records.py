@@ -29,7 +29,9 @@ class ModelRecord:
     drain_seq: int | None = None  # while set, waiters that arrived after this one are held back
     unload_requested: bool = False
     stop_reason: StopReason | None = None  # why it is on its way out (stopping or falling asleep)
-    pinned: bool = False
+    pinned: bool = False  # never evicted: pinned by an operator (or the config), or kept by its model's replicas
+    pin: bool = False  # pinned by an operator or the config
+    kept: bool = False  # one of the replicas its model keeps (``Group.floor``)
     placed: tuple[int, ...] = ()  # the GPUs it holds memory on while loading, loaded or stopping
     asleep_level: int = 0  # the level of the current sleep (falling asleep, sleeping, or stopped asleep); 0: awake
     wakes: int = 0

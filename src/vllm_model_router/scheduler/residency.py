@@ -62,6 +62,7 @@ class Residency:
         self._models: dict[str, ModelRecord] = {}
         self._groups: dict[str, Group] = {}  # model -> its units (a model without replicas: one)
         self._replicated: list[Group] = []  # the groups of more than one unit, in table order
+        self._kept: list[Group] = []  # the replicated groups that keep some replicas (floor > 0), in table order
         self._index = ModelIndex()  # who is in which state and domain: the passes never scan the table
         for name, spec in config.models.items():
             self._add(name, spec if isinstance(spec, ModelSpec) else ModelSpec(memory_gb=spec), now)
@@ -100,7 +101,8 @@ class Residency:
         g.members.append(m)
         if len(g.members) == 2:
             self._replicated.append(g)
-        m.pinned = spec.replica < g.floor  # the replicas a model keeps are pinned
+            self._track_kept(g)
+        m.kept = m.pinned = spec.replica < g.floor  # the replicas a model keeps are pinned
 
     def _children(self, base: ModelRecord) -> Sequence[ModelRecord]:
         return self._index.children(base)
@@ -129,6 +131,14 @@ class Residency:
     # ------------------------------------------------------------ replicas
     def _group(self, m: ModelRecord) -> Group:
         return self._groups[m.group]
+
+    def _track_kept(self, g: Group) -> None:
+        """Keep ``_kept`` (the replicated groups with a floor) up to date after ``g``'s floor changed."""
+        if g.floor > 0 and g.replicated and g not in self._kept:
+            self._kept.append(g)
+            self._kept.sort(key=lambda k: k.members[0].order)
+        elif g.floor == 0 and g in self._kept:
+            self._kept.remove(g)
 
     def _rerank(self, g: Group) -> None:
         """Which of ``g``'s units are extra: of those holding capacity (not on their way out), pinned ones
