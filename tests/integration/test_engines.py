@@ -274,3 +274,20 @@ async def test_an_adapter_load_on_an_engine_nobody_knows_is_dead_goes_to_the_oth
         assert reply.status == 200, reply.body
         assert await engines[1].adapters() == ["y"]
         assert await engine_states(r) == {E0: "failed", E1: "loaded"}
+
+
+async def test_a_request_whose_engine_dies_while_working_on_it_is_answered_by_the_other(
+    start_router: StartRouter, marker: str, adapter_dir: Path
+) -> None:
+    """Not only a refused connection: an engine that dies with the request in hand has sent nothing back
+    either, so the request is tried once on the other engine (never on the same one again)."""
+    async with fake_vllms(marker) as engines:
+        r = await engines_router(start_router, engines, adapter_dir)
+        first = asyncio.create_task(r.chat("base-llm", fake={"delay": 1.0}))
+        second = asyncio.create_task(r.chat("base-llm", fake={"delay": 1.0}))
+        await wait_until(lambda: all(e.proc is not None for e in engines), 5)
+        await asyncio.sleep(0.4)  # both in hand, one on each engine (fewest outstanding)
+        engines[1].kill()
+        replies = await asyncio.gather(first, second)
+        assert [x.status for x in replies] == [200, 200], [x.body for x in replies]
+        assert await engines[0].served() == 2

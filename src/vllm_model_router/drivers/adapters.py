@@ -103,9 +103,10 @@ class LoraDriver:
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             self._note(model, f"engine unreachable: {e!r}")
-            # first, so that with several engines the engine is down (and the load placed on another) before
-            # this load's failure reaches the scheduler
-            self._unreachable(self._base_of(model), repr(e))
+            if isinstance(e, aiohttp.ClientConnectorError):
+                # no connection at all: first, so that with several engines the engine is down (and the
+                # load placed on another) before this load's failure reaches the scheduler
+                self._unreachable(self._base_of(model), repr(e))
             raise LoadError(f"cannot reach the vLLM engine at {url}: {e}", status=502) from e
         if status == 200:
             self._note(model, "loaded")

@@ -238,13 +238,19 @@ class Proxy:
                 # the engine no longer has an adapter the router thought loaded: reload it once and retry
                 self.runtime.adapters.mark_gone(unit, e.message)
                 retried = True
-            except _Unreachable:
-                # one of several engines does not answer: it is marked down, and the request (nothing of
-                # it sent back yet) is tried once more, on another engine
-                engine = self.runtime.adapters.engine_of(unit)
-                if moved or engine is None or not self.runtime.adapters.multi_engine:
+            except _Unreachable as e:
+                # one of several engines failed before answering: the request (nothing of it sent back yet)
+                # is tried once more, on another engine; an engine that refused the connection is down
+                adapters = self.runtime.adapters
+                engine = adapters.engine_of(unit)
+                if moved or engine is None or not adapters.multi_engine:
                     raise
-                self.runtime.adapters.unreachable(engine, "a request could not reach it")
+                if e.connect:
+                    adapters.unreachable(engine, "a request could not connect to it")
+                else:  # a broken connection: down only if it does not answer its health check either
+                    await adapters.confirm_down(engine, e.message)
+                if model == ENGINE:  # not the same engine again
+                    eligible = (eligible or frozenset(adapters.engines)) - {engine}
                 moved = True
             finally:
                 self.runtime.release(lease)
@@ -280,8 +286,9 @@ class Proxy:
                                  f"{limits.upstream_connect_timeout:g}s (limits.upstream_connect_timeout)") from e
         except TimeoutError as e:
             raise self._no_first_byte(model, base) from e
-        except (aiohttp.ClientError, OSError) as e:
-            raise _Unreachable(f"cannot reach {self._server(model, base)}: {e}") from e
+        except (aiohttp.ClientError, OSError) as e:  # before the answer's head: nothing sent to the client
+            raise _Unreachable(f"cannot reach {self._server(model, base)}: {e}",
+                               connect=isinstance(e, aiohttp.ClientConnectorError)) from e
         try:
             ctype = upstream.headers.get("Content-Type", "")
             if upstream.status == 404 and ctype.startswith("application/json"):
@@ -353,7 +360,13 @@ class Proxy:
 
 
 class _Unreachable(BadGateway):
-    """The upstream could not be reached: nothing was sent back to the client yet."""
+    """The upstream failed before the head of its answer: nothing was sent back to the client yet, so the
+    request may be tried on another engine. ``connect``: no connection could be made at all (the engine is
+    down); otherwise one broke (a stale pooled connection, an engine that died while working on it)."""
+
+    def __init__(self, message: str, connect: bool) -> None:
+        super().__init__(message)
+        self.connect = connect
 
 
 class _Vanished(Exception):

@@ -41,6 +41,7 @@ class AdapterSync:
         self.engine: EndpointDriver | None = None  # endpoint mode: the first engine
         self.engines: dict[str, EndpointDriver] = {}  # endpoint mode: every engine, by its scheduler name
         self.serves: dict[str, list[str]] = {}  # engine -> its own models, as its /v1/models said last
+        self._misnamed: set[str] = set()  # adapters found with a replica-like name (warned about once)
         self._multi: MultiDriver | None = None
         self._lora: LoraDriver | None = None
         self._task: asyncio.Task[None] | None = None
@@ -112,6 +113,20 @@ class AdapterSync:
         if self.multi_engine:
             self._pump.submit(ModelExited(engine, f"unreachable: {error}"))
 
+    async def confirm_down(self, engine: str, error: str) -> None:
+        """A request's connection to ``engine`` broke: it is marked down if its ``/health`` does not answer
+        either (a stale pooled connection is no reason to route around an engine)."""
+        driver = self.engines.get(engine)
+        if driver is None:
+            return
+        try:
+            async with self._http().get(driver.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                if resp.status == 200:
+                    return
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            pass
+        self.unreachable(engine, error)
+
     def _reachable_again(self, engine: str, asked: float) -> None:
         """``engine`` answered a fetch begun at ``asked`` (one begun before it was found down proves
         nothing)."""
@@ -179,6 +194,12 @@ class AdapterSync:
             replica = split_unit(base)[1] if base in self.engines else 0
             views = {v.name: v for v in self._pump.views()}
             for adapter, path in cards.adapters.items():
+                if split_unit(adapter)[1]:  # named like a replica (x@2): the router could not tell them apart
+                    if adapter not in self._misnamed:
+                        self._misnamed.add(adapter)
+                        log.warning("Adapter %s on %s is ignored: names ending in @<number> are the router's "
+                                    "names for replicas", adapter, base)
+                    continue
                 if adapter not in views:
                     if self.catalog.configured(adapter) is not None:
                         continue  # the engine uses a configured model's name for something else

@@ -52,6 +52,12 @@ class Saturation:
         self._since: dict[str, float] = {}  # model -> when its engines were first seen queueing
         self.saturated: set[str] = set()
 
+    def restart(self, model: str) -> None:
+        """``model`` got another replica: the scheduler forgot its saturation, and so does this; it must be
+        seen queueing for ``sustain`` seconds again before another replica is asked for."""
+        self._since.pop(model, None)
+        self.saturated.discard(model)
+
     def note(self, model: str, waiting: float, now: float) -> bool | None:
         """Take a reading; the new verdict when it changed, else None."""
         if waiting > 0:
@@ -79,6 +85,7 @@ class PressureWatch:
         self.models = [name for name, m in config.models.items() if m.copies > 1]
         self.interval = interval
         self.saturation = Saturation(sustain)
+        self._loaded: dict[str, int] = {}  # model -> how many replicas were loaded at the last reading
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -111,8 +118,11 @@ class PressureWatch:
         """One reading of every replicated model's loaded replicas."""
         loaded = {v.name for v in self._pump.views() if v.state is State.LOADED}
         for model in self.models:
-            endpoints = [url for u in self._pump.units(model) if u in loaded
-                         and (url := self._pump.driver.endpoint(u)) is not None]
+            units = [u for u in self._pump.units(model) if u in loaded]
+            if len(units) > self._loaded.get(model, 0):
+                self.saturation.restart(model)  # the scheduler clears it when a replica comes in
+            self._loaded[model] = len(units)
+            endpoints = [url for u in units if (url := self._pump.driver.endpoint(u)) is not None]
             waiting = sum(await asyncio.gather(*(self._queued(url) for url in endpoints))) if endpoints else 0.0
             self._note(model, waiting)
 

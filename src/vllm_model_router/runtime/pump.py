@@ -200,10 +200,12 @@ class Runtime:
         except asyncio.CancelledError:
             # the client went away while waiting (or was granted in the same instant): give it back
             self._futures.pop(req_id, None)
+            self._units.pop(req_id, None)
             self.submit(RequestCancelled(req_id))
             raise
         except BaseException:
             self._futures.pop(req_id, None)
+            self._units.pop(req_id, None)
             raise
         return req_id
 
