@@ -275,6 +275,7 @@ def run_world(
     limit = memory if not gpus else (memory or 50.0)
     specs: dict[str, ModelSpec | float] = {
         m: ModelSpec(g, max_adapters=MAX_ADAPTERS, gpus=(0, 1) if gpus and m == "d" else None,
+                     gpu_count=2 if gpus and m == "b" and policies else 1,  # tensor parallel: both GPUs
                      sleep_level=sleep if m in ("a", "b", "c") else 0, weights_gb=g / 2, sleeping_gb=1.0,
                      ttl=30.0 if policies and m in ("b", "e") else 0.0, priority=3 if policies and m == "c" else 0,
                      max_waiting=2 if policies and m == "a" else 100)

@@ -300,6 +300,8 @@ class Scheduler(Planner):
         if m.state not in WANTS_IN or m.base is not None:
             return
         options = [m.placed] if m.state is State.SLEEPING and m.placed else self._options(m)
+        if not options:
+            return  # no node has the GPUs it needs
         placement, victims = choose_placement(m.memory_gb, self._index.held(None, but=m), [], self.budget, options)
         if victims == []:
             self._bring_in(m, placement, now, out)

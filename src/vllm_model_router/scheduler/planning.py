@@ -176,6 +176,10 @@ class Planner(Residency):
         budget = self._budget(domain)
         waking = target.state is State.SLEEPING
         options = [target.placed] if waking and target.placed else self._options(target)
+        if not options:  # no node has gpu_count GPUs: waiting would not help
+            target.last_error = f"needs {target.spec.gpu_count} GPUs on one machine; no machine has that many"
+            self._fail_waiters(target, 503, f"Failed to load model {target.group}: {target.last_error}", p.out)
+            return True
         need = target.memory_gb
         if target.base is None and budget is not self._nominal and all(
             any(need > budget.gpu_memory_gb.get(g, 0.0) + 1e-9 for g in placement) for placement in options if placement
@@ -281,6 +285,8 @@ class Planner(Residency):
             return False
         budget = self._budget(domain)
         options = [target.placed] if target.state is State.SLEEPING and target.placed else self._options(target)
+        if not options:
+            return False
         need = target.memory_gb
         placement, victims = choose_placement(need, self._index.held(domain, but=target), [], budget, options)
         if victims == []:

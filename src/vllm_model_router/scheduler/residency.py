@@ -44,6 +44,7 @@ class SchedulerConfig:
     load_timeout: float
     max_wait: float
     gpu_memory_gb: Mapping[int, float] | None = None  # per-GPU budgets when GPUs are known
+    gpu_nodes: Mapping[int, str] | None = None  # which node (machine) each GPU is on; None: all on one
     host_memory_gb: float | None = None  # what level-1 sleepers' weights may take in host RAM
     host_overflow: str = "stop"  # host budget full: "stop" the oldest level-1 sleeper, or sleep at "level2"
     keep_idle: float = 0.0  # a model in steady use is kept this long after its last request (0: off)
@@ -310,13 +311,31 @@ class Residency:
                 yield Candidate(occupant(m))
 
     def _options(self, m: ModelRecord) -> list[tuple[int, ...]]:
-        """Where ``m`` may go: its fixed GPUs, any one GPU, or (no GPUs known, or an adapter) nowhere in
-        particular."""
+        """Where ``m`` may go: its fixed GPUs, any one GPU, ``gpu_count`` GPUs of one node (on each node
+        the ones with the most memory free: a tensor-parallel model wants them all to have its share), or
+        (no GPUs known, or an adapter) nowhere in particular."""
         if m.base is not None or not self.budget.gpu_memory_gb:
             return [()]
         if m.spec.gpus:
             return [m.spec.gpus]
-        return [(g,) for g in sorted(self.budget.gpu_memory_gb)]
+        k = m.spec.gpu_count
+        if k <= 1:
+            return [(g,) for g in sorted(self.budget.gpu_memory_gb)]
+        budgets, held = self.budget.gpu_memory_gb, self._index.held(None, but=m).gpu_gb
+        options = []
+        for gpus in self._nodes().values():
+            if len(gpus) >= k:
+                freest = sorted(gpus, key=lambda g: (held.get(g, 0.0) - budgets.get(g, 0.0), g))[:k]
+                options.append(tuple(sorted(freest)))
+        return options
+
+    def _nodes(self) -> dict[str, list[int]]:
+        """The GPUs of each node (machine), in GPU order; without a topology, all on one."""
+        nodes: dict[str, list[int]] = {}
+        where = self.config.gpu_nodes or {}
+        for g in sorted(self.budget.gpu_memory_gb):
+            nodes.setdefault(where.get(g, ""), []).append(g)
+        return nodes
 
     # ------------------------------------------------------------ use over time
     def _lru(self, models: Iterable[ModelRecord]) -> list[ModelRecord]:

@@ -1,0 +1,59 @@
+"""GPUs on several machines (nodes), and models on more than one GPU (tensor parallelism): a model with
+``gpu_count`` k is placed on k GPUs of one node, those with the most memory free, and evicts only what
+frees memory there."""
+
+from __future__ import annotations
+
+from tests.unit.scheduler_run import Run
+from vllm_model_router.scheduler import (
+    Grant,
+    LoadDone,
+    ModelSpec,
+    Reject,
+    RequestArrived,
+    RequestFinished,
+    StartLoad,
+    StopDone,
+    StopModel,
+    StopReason,
+)
+
+# two nodes of two 80 GB GPUs: GPUs 0 and 1 on "a", 2 and 3 on "b"
+NODES = {0: "a", 1: "a", 2: "b", 3: "b"}
+BUDGETS = {g: 80.0 for g in NODES}
+
+
+def cluster(**models: ModelSpec) -> Run:
+    return Run(models, max_resident=10, gpu_memory_gb=BUDGETS, gpu_nodes=NODES)
+
+
+def test_a_tensor_parallel_model_goes_on_gpus_of_one_node() -> None:
+    r = cluster(small=ModelSpec(60), tp=ModelSpec(60, gpu_count=2))
+    assert r.step(RequestArrived(1, "small")) == [StartLoad("small", (0,))]
+    r.step(LoadDone("small", True))
+    # node a has one GPU with 20 GB free: both GPUs of node b
+    assert r.step(RequestArrived(2, "tp")) == [StartLoad("tp", (2, 3))]
+    assert r.step(LoadDone("tp", True)) == [Grant(2, "tp")]
+    assert {v.name: v.gpus for v in r.s.view() if v.gpus} == {"small": (0,), "tp": (2, 3)}
+
+
+def test_it_evicts_on_one_node_only_what_frees_its_gpus() -> None:
+    r = cluster(x=ModelSpec(60), y=ModelSpec(60), z=ModelSpec(60), w=ModelSpec(60),
+                tp=ModelSpec(60, gpu_count=2))
+    for i, name in enumerate("xyzw"):
+        r.step(RequestArrived(i, name), at=i)
+        r.step(LoadDone(name, True))
+        r.step(RequestFinished(i), at=i + 0.5)
+    # every GPU holds one model; x (GPU 0) and y (GPU 1) are the least recently used, on node a
+    assert {v.name: v.gpus for v in r.s.view() if v.gpus} == {"x": (0,), "y": (1,), "z": (2,), "w": (3,)}
+    assert r.step(RequestArrived(9, "tp"), at=10) == [
+        StopModel("x", StopReason.LRU, "evicted to make room for tp"),
+        StopModel("y", StopReason.LRU, "evicted to make room for tp")]
+    r.step(StopDone("x"))
+    assert r.step(StopDone("y")) == [StartLoad("tp", (0, 1))]
+
+
+def test_a_model_no_node_can_hold_is_refused_at_once() -> None:
+    r = cluster(huge=ModelSpec(60, gpu_count=4))
+    assert r.step(RequestArrived(1, "huge")) == [
+        Reject(1, "huge", 503, "Failed to load model huge: needs 4 GPUs on one machine; no machine has that many")]
