@@ -2,9 +2,9 @@
 
 Each key's own check is declared with it (schema.py); what is here needs several keys or several models:
 which keys an adapter may set, the command's flags that other keys depend on (``--enable-sleep-mode``,
-``--enable-lora``, ``--max-loras``), aliases that collide, names taken by replicas (``chat@1``), bases that
-do not exist, a model that can never fit. It runs on what validation kept, so it reports its problems next to
-those of the keys themselves.
+``--enable-lora``, ``--max-loras``, the parallel sizes behind ``gpu_count``), aliases that collide, names
+taken by replicas (``chat@1``), bases that do not exist, a model that can never fit. It runs on what
+validation kept, so it reports its problems next to those of the keys themselves.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ _REFUSED = {Scope.PROCESS: "not allowed on an adapter (it is loaded into its bas
             Scope.ADAPTER: "only adapters (models with adapter:) have a {key}"}
 _UNIT_RE = re.compile(r"@\d+$")  # how replicas are named (``chat@1``): a configured name must not look like one
 _UNIT_NAME = "must not end in @<number>: replicas are named that way (chat@1, chat@2, ...)"
+_PARALLEL = (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"))  # their product: the
+# GPUs one vLLM server uses (data parallelism is left out: across machines it is not all on this one)
 
 
 def sort_model_keys(models: dict[Any, Any], problems: Problems) -> None:
@@ -76,16 +78,48 @@ def resolve_model(name: str, m: ModelConfig, problems: Problems) -> ModelConfig 
     loras = max_loras(m.cmd)
     if "max_adapters" not in m.model_fields_set and loras is not None:
         update["max_adapters"] = loras
+    parallel = parallel_size(m.cmd, problems, (*loc, "cmd"))
+    if "gpu_count" not in m.model_fields_set:
+        update["gpu_count"] = len(m.gpus) if m.gpus is not None else parallel
+    elif m.gpus is not None and m.gpu_count != len(m.gpus):
+        problems.add((*loc, "gpu_count"), f"must equal the number of gpus ({len(m.gpus)}) when both are set, "
+                                          f"got {m.gpu_count}")
     return m.model_copy(update=update)
+
+
+def flag_value(cmd: tuple[str, ...], *names: str) -> str | None:
+    """The value of an option in a command, as vLLM's parser reads it: ``--name V`` or ``--name=V`` (a long
+    name also spelled with underscores), under any of ``names``; the last one given wins; "" when the value
+    is missing."""
+    found = None
+    for i, arg in enumerate(cmd):
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--"):
+            flag = "--" + flag[2:].replace("_", "-")
+        if flag in names:
+            found = value if eq else (cmd[i + 1] if i + 1 < len(cmd) else "")
+    return found
 
 
 def max_loras(cmd: tuple[str, ...]) -> int | None:
     """``--max-loras N`` in a command: the default for ``max_adapters``."""
-    for i, arg in enumerate(cmd):
-        if arg == "--max-loras" or arg.startswith("--max-loras="):
-            value = arg.partition("=")[2] or (cmd[i + 1] if i + 1 < len(cmd) else "")
-            return int(value) if value.isdigit() and int(value) > 0 else None
-    return None
+    value = flag_value(cmd, "--max-loras")
+    return int(value) if value is not None and value.isdecimal() and int(value) > 0 else None
+
+
+def parallel_size(cmd: tuple[str, ...], problems: Problems, loc: Loc) -> int:
+    """The GPUs the command's server spreads over: ``--tensor-parallel-size`` (``-tp``) x
+    ``--pipeline-parallel-size`` (``-pp``), 1 for each not given: the default for ``gpu_count``."""
+    size = 1
+    for names in _PARALLEL:
+        value = flag_value(cmd, *names)
+        if value is None:
+            continue
+        if not value.isdecimal() or int(value) < 1:
+            problems.add(loc, f"{names[0]} must be an integer >= 1, got {value!r}")
+        else:
+            size *= int(value)
+    return size
 
 
 def check_aliases(models: Mapping[str, ModelConfig], problems: Problems) -> None:

@@ -112,6 +112,9 @@ class ModelConfig(Section):
         4, description="Adapters loaded on it at once. Default: --max-loras in cmd, else 4.")
     gpus: Annotated[tuple[int, ...] | None, Gpus(), Scope.PROCESS] = Field(
         None, description="Fixed GPUs (CUDA_VISIBLE_DEVICES), or auto: the router places it.")
+    gpu_count: Annotated[int, Whole(1), NullIsDefault(), Scope.PROCESS] = Field(
+        1, description="GPUs of one machine it is placed on, each holding memory_gb. Default: the number of gpus, "
+        "else --tensor-parallel-size x --pipeline-parallel-size in cmd, else 1; set, it wins over cmd.")
     sleep: Annotated[Sleep | None, Switch(), Scope.PROCESS] = Field(
         None, description="vLLM sleep mode when evicted: true (level 1), false, or {level, warmup}.")
     replicas: Annotated[Replicas, Shorthand("max", _REPLICAS), NullIsDefault(), Scope.PROCESS] = Field(

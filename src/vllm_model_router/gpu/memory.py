@@ -2,7 +2,8 @@
 
 Sources, in order: ``memory_gb`` as declared; ``--gpu-memory-utilization U`` in the model's command x
 the total memory of the GPU it runs on (vLLM reserves exactly that); with no GPU detected, U x
-``capacity.memory_gb``; otherwise nothing is counted. ``check-config`` and ``/admin/models`` show the
+``capacity.memory_gb``; otherwise nothing is counted. A model on several GPUs (``gpu_count``, tensor or
+pipeline parallel) needs that much on each of them. ``check-config`` and ``/admin/models`` show the
 source next to the figure, because a wrong figure is the usual reason for an OOM or a needless eviction.
 """
 
@@ -84,7 +85,8 @@ def gpu_budgets(config: RouterConfig, devices: list[GpuMemory]) -> dict[int, flo
 
 
 def check_fit(config: RouterConfig, devices: list[GpuMemory], needs: dict[str, MemoryNeed]) -> list[str]:
-    """Problems that make a model impossible to place on the detected GPUs."""
+    """Problems that make a model impossible to place on the detected GPUs (this machine's: the router
+    places a model's ``gpu_count`` GPUs on one machine, so more than it has can never be found)."""
     problems: list[str] = []
     budgets = gpu_budgets(config, devices)
     if budgets is None:
@@ -97,8 +99,12 @@ def check_fit(config: RouterConfig, devices: list[GpuMemory], needs: dict[str, M
             if missing:
                 problems.append(f"models.{name}.gpus: no GPU {missing} (detected: {sorted(budgets)})")
                 continue
-        where = m.gpus if m.gpus is not None else tuple(budgets)
-        best = max(budgets[g] for g in where) if m.gpus is None else min(budgets[g] for g in where)
+            best = min(budgets[g] for g in m.gpus)
+        elif m.gpu_count > len(budgets):
+            problems.append(f"models.{name}.gpu_count: needs {m.gpu_count} GPUs, this machine has {len(budgets)}")
+            continue
+        else:  # the gpu_count roomiest GPUs: it needs its memory on each
+            best = sorted(budgets.values(), reverse=True)[m.gpu_count - 1]
         if needs[name].gb > best + 1e-9:
             problems.append(f"models.{name}: needs {needs[name].gb:.1f} GB per GPU ({needs[name].source}), more "
                             f"than the budget of its GPUs ({best:.1f} GB)")
