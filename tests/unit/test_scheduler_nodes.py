@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from tests.unit.scheduler_run import Run
 from vllm_model_router.scheduler import (
+    Capacity,
     Grant,
     LoadDone,
     ModelSpec,
@@ -57,3 +58,18 @@ def test_a_model_no_node_can_hold_is_refused_at_once() -> None:
     r = cluster(huge=ModelSpec(60, gpu_count=4))
     assert r.step(RequestArrived(1, "huge")) == [
         Reject(1, "huge", 503, "Failed to load model huge: needs 4 GPUs on one machine; no machine has that many")]
+
+
+def test_a_node_that_leaves_takes_its_gpus_and_one_that_joins_gives_room() -> None:
+    r = cluster(x=ModelSpec(60), y=ModelSpec(60), z=ModelSpec(60))
+    for i, name in enumerate("xy"):
+        r.step(RequestArrived(i, name))
+        r.step(LoadDone(name, True))  # x on GPU 0 (node a), y on GPU 1 (node a): both busy
+    # node b leaves: its GPUs are gone, and z waits for room on node a instead of going there
+    assert r.step(Capacity(((0, 80.0), (1, 80.0)), ((0, "a"), (1, "a")))) == []
+    assert r.step(RequestArrived(2, "z")) == []
+    # a node c joins with two fresh GPUs: z goes there at once
+    out = r.step(Capacity(((0, 80.0), (1, 80.0), (4, 80.0), (5, 80.0)),
+                          ((0, "a"), (1, "a"), (4, "c"), (5, "c"))))
+    assert out == [StartLoad("z", (4,))]
+    assert r.step(LoadDone("z", True)) == [Grant(2, "z")]

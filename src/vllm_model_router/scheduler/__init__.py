@@ -13,6 +13,7 @@ from vllm_model_router.scheduler.effects import (
 )
 from vllm_model_router.scheduler.events import (
     AdminUnload,
+    Capacity,
     Event,
     GpuUsage,
     LoadDone,
@@ -47,6 +48,7 @@ __all__ = [
     "HOLDS_CAPACITY",
     "RESIDENT",
     "AdminUnload",
+    "Capacity",
     "Effect",
     "Event",
     "GpuUsage",

@@ -48,6 +48,7 @@ from __future__ import annotations
 from vllm_model_router.scheduler.effects import Effect, Grant, Reject
 from vllm_model_router.scheduler.events import (
     AdminUnload,
+    Capacity,
     Event,
     GpuUsage,
     LoadDone,
@@ -207,14 +208,24 @@ class Scheduler(Planner):
             case Preload(model):
                 self._preload(self._models[model], now, out)
             case GpuUsage(foreign):
-                taken = dict(foreign)
-                nominal = self.config.gpu_memory_gb or {}
-                self.budget = Budget(self.config.max_resident, self.config.memory_gb,
-                                     {g: max(0.0, b - taken.get(g, 0.0)) for g, b in nominal.items()})
+                self._foreign = dict(foreign)
+                self._rebudget()
+            case Capacity(gpus, nodes):
+                self._nominal = Budget(self.config.max_resident, self.config.memory_gb, dict(gpus))
+                self._gpu_nodes = dict(nodes)
+                self._rebudget()
             case Tick():
                 self._timer = None  # always re-arm: a timer may fire a hair before its deadline
             case _:
                 raise TypeError(f"unknown event {event!r}")
+
+    def _rebudget(self) -> None:
+        """The GPUs' budgets: the nominal ones (the config's, or the cluster's) less what others hold."""
+        taken = self._foreign
+        self.budget = Budget(self.config.max_resident, self.config.memory_gb,
+                             {g: max(0.0, b - taken.get(g, 0.0)) for g, b in self._nominal.gpu_memory_gb.items()})
+        if not taken:
+            self.budget = self._nominal
 
     def _queue_full(self, m: ModelRecord) -> bool:
         return self._waiting.count(m.group) >= m.spec.max_waiting or len(self._waiting) >= self.config.max_waiting_total

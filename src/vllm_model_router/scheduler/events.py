@@ -151,6 +151,16 @@ class GpuUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class Capacity:
+    """The GPUs changed: a node joined or left the cluster. Every GPU's budget and the node it is on; a GPU
+    not listed is gone. The shell reports the units that were on a lost node (``ModelExited``): this only
+    changes the books that placement reads."""
+
+    gpu_memory_gb: tuple[tuple[int, float], ...]
+    gpu_nodes: tuple[tuple[int, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Preload:
     """Load (or wake) a model ahead of demand, only if it fits without evicting anything."""
 
@@ -189,7 +199,8 @@ class Tick:
 
 Event = (
     RequestArrived | RequestCancelled | RequestFinished | LoadDone | StopDone | SleepDone | WakeDone | ModelExited
-    | ModelFound | ModelAdded | AdminUnload | SetPinned | Preload | GpuUsage | ReplicaPressure | SetReplicas | Tick
+    | ModelFound | ModelAdded | AdminUnload | SetPinned | Preload | GpuUsage | Capacity | ReplicaPressure | SetReplicas
+    | Tick
 )
 
 

@@ -60,6 +60,8 @@ class Residency:
         self.config = config
         self.budget = Budget(config.max_resident, config.memory_gb, dict(config.gpu_memory_gb or {}))
         self._nominal = self.budget  # without what other processes hold (see GpuUsage)
+        self._gpu_nodes: dict[int, str] = dict(config.gpu_nodes or {})  # which node each GPU is on (Capacity)
+        self._foreign: dict[int, float] = {}  # what other processes hold per GPU (GpuUsage)
         self._models: dict[str, ModelRecord] = {}
         self._groups: dict[str, Group] = {}  # model -> its units (a model without replicas: one)
         self._replicated: list[Group] = []  # the groups of more than one unit, in table order
@@ -332,7 +334,7 @@ class Residency:
     def _nodes(self) -> dict[str, list[int]]:
         """The GPUs of each node (machine), in GPU order; without a topology, all on one."""
         nodes: dict[str, list[int]] = {}
-        where = self.config.gpu_nodes or {}
+        where = self._gpu_nodes
         for g in sorted(self.budget.gpu_memory_gb):
             nodes.setdefault(where.get(g, ""), []).append(g)
         return nodes
