@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Creates (or reuses) the project's virtual environment in .venv with the router and its test tools.
-# Reinstalls only when pyproject.toml changed. Usage: scripts/setup_dev.sh [--no-test-deps]
+# Creates (or reuses) the project's virtual environment in .venv with the router, its test tools and Ray
+# (the ray extra: the cluster backend's tests need it). Reinstalls only when pyproject.toml changed.
+# Usage: scripts/setup_dev.sh [--no-test-deps]   (--no-test-deps: the router alone, without Ray either)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-extras="[test]"
+extras="[test,ray]"
 [[ "${1:-}" == "--no-test-deps" ]] && extras=""
 if [[ ! -x .venv/bin/python ]]; then
   echo "==> creating .venv with $($PY --version)"

@@ -21,7 +21,7 @@ from vllm_model_router.scheduler import ModelSpec, SchedulerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CMD = "vllm serve x --port ${PORT} --enable-lora --enable-sleep-mode"
-SECTIONS = ["", "listen", "capacity", "limits", "endpoint", "models.m", "models.m.sleep"]
+SECTIONS = ["", "listen", "capacity", "limits", "endpoint", "cluster", "models.m", "models.m.sleep"]
 
 
 @pytest.fixture(scope="module")

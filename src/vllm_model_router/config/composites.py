@@ -45,6 +45,18 @@ class Command(Check):
         return " ".join(shlex.quote(a) for a in value)
 
 
+def gpu_utilization(cmd: tuple[str, ...]) -> float | None:
+    """The value of ``--gpu-memory-utilization U`` / ``=U`` in a command; -1 when it is not a number."""
+    for i, arg in enumerate(cmd):
+        if arg == "--gpu-memory-utilization" or arg.startswith("--gpu-memory-utilization="):
+            value = arg.partition("=")[2] or (cmd[i + 1] if i + 1 < len(cmd) else "")
+            try:
+                return float(value)
+            except ValueError:
+                return -1.0
+    return None
+
+
 @dataclass(frozen=True)
 class Gpus(Check):
     """Fixed GPU indexes (``0`` or ``[0, 1]``), or ``auto`` / null: the router places the model."""
@@ -110,6 +122,27 @@ class BearerKey(Check):
 
     def schema(self) -> JsonDict:
         return {"type": "string", "pattern": _KEY_RE.pattern}
+
+
+_RAY_COUNTED = ("CPU", "GPU")  # Ray's own counts, which it refuses among an actor's custom resources
+
+
+@dataclass(frozen=True)
+class ResourceName(Check):
+    """The name of a Ray resource a model's server needs on its node (a mapping key: its error names it).
+    CPU and GPU are refused: the router asks for the GPUs (``gpu_count``) itself, and Ray takes neither
+    among custom resources."""
+
+    def validate(self, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise invalid(f"resource names must be non-empty strings, got {value!r}")
+        if value in _RAY_COUNTED:
+            raise invalid(f"{value!r} is not a placement constraint: the router asks Ray for the model's CPU "
+                          f"and GPUs (gpu_count) itself")
+        return value
+
+    def schema(self) -> JsonDict:
+        return {"type": "string", "minLength": 1, "not": {"enum": list(_RAY_COUNTED)}}
 
 
 @dataclass(frozen=True)

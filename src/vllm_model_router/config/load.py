@@ -18,6 +18,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import PydanticCustomError
 
+from vllm_model_router.config.cluster import Cluster
 from vllm_model_router.config.composites import BearerKey
 from vllm_model_router.config.problems import (
     ConfigError,
@@ -26,7 +27,14 @@ from vllm_model_router.config.problems import (
     validated,
     where,
 )
-from vllm_model_router.config.rules import check_adapters, check_aliases, check_fit, resolve_model, sort_model_keys
+from vllm_model_router.config.rules import (
+    check_adapters,
+    check_aliases,
+    check_cluster,
+    check_fit,
+    resolve_model,
+    sort_model_keys,
+)
 from vllm_model_router.config.scalars import BaseUrl
 from vllm_model_router.config.schema import (
     DEFAULT_ENDPOINT,
@@ -62,10 +70,13 @@ def build_config(data: object, env: Mapping[str, str] | None = None, source: str
     values |= _endpoint(engine, env, all(m.is_adapter for m in models.values()), problems)
     check_adapters(models, values["endpoints"], problems)
     check_fit(models, values["memory_gb"], problems)
+    cluster = file.cluster.model_copy(update=_env_values(Cluster, file.cluster, env, problems))
+    check_cluster(cluster, models, values["memory_gb"], problems)
     auth = _auth(file.auth, env, source, problems)
     if problems:
         raise ConfigError(problems.messages)
-    return RouterConfig.model_construct(**values, models=models, auth=auth, limits=file.limits, source=source)
+    return RouterConfig.model_construct(**values, models=models, auth=auth, limits=file.limits, cluster=cluster,
+                                        source=source)
 
 
 def _flat_values(file: ConfigFile, env: Mapping[str, str], problems: Problems) -> dict[str, Any]:
@@ -75,13 +86,20 @@ def _flat_values(file: ConfigFile, env: Mapping[str, str], problems: Problems) -
                  if field.annotation in FLATTENED and field.annotation not in (Settings, Endpoint)]
     values: dict[str, Any] = {}
     for kind, section in sections:
-        for name, field in kind.model_fields.items():
-            values[name] = getattr(section, name)
-            declared = marker(field, Env)
-            if declared is not None and declared.use == "overrides":
-                values[name] = _overridden(kind, name, declared, values[name], env, problems)
+        values |= _env_values(kind, section, env, problems)
     if "state_dir" not in file.model_fields_set:  # the one key whose default comes from the environment
         values["state_dir"] = default_state_dir(env)
+    return values
+
+
+def _env_values(kind: type[Section], section: Section, env: Mapping[str, str], problems: Problems) -> dict[str, Any]:
+    """The values of the keys of ``kind`` in ``section``, each overridden by the variable it declares, if set."""
+    values: dict[str, Any] = {}
+    for name, field in kind.model_fields.items():
+        values[name] = getattr(section, name)
+        declared = marker(field, Env)
+        if declared is not None and declared.use == "overrides":
+            values[name] = _overridden(kind, name, declared, values[name], env, problems)
     return values
 
 

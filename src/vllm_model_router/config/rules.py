@@ -3,7 +3,8 @@
 Each key's own check is declared with it (schema.py); what is here needs several keys or several models:
 which keys an adapter may set, the command's flags that other keys depend on (``--enable-sleep-mode``,
 ``--enable-lora``, ``--max-loras``, the parallel sizes behind ``gpu_count``), aliases that collide, names
-taken by replicas (``chat@1``), bases that do not exist, a model that can never fit. It runs on what
+taken by replicas (``chat@1``), bases that do not exist, a model that can never fit, settings that need
+the other cluster backend. It runs on what
 validation kept, so it reports its problems next to those of the keys themselves.
 """
 
@@ -13,8 +14,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from vllm_model_router.config.cluster import Cluster
+from vllm_model_router.config.composites import gpu_utilization
 from vllm_model_router.config.problems import Loc, Problems
-from vllm_model_router.config.schema import ModelConfig, gpu_utilization
+from vllm_model_router.config.schema import ModelConfig
 from vllm_model_router.config.section import Scope, accepts, applies, marker
 
 _REFUSED = {Scope.PROCESS: "not allowed on an adapter (it is loaded into its base's server)",
@@ -175,3 +178,29 @@ def check_fit(models: Mapping[str, ModelConfig], budget: float | None, problems:
         if m.memory_gb > budget:
             problems.add(("models", m.name, "memory_gb"),
                          f"{m.memory_gb:g} GB can never fit in capacity.memory_gb ({budget:g} GB)")
+
+
+def check_cluster(cluster: Cluster, models: Mapping[str, ModelConfig], budget: float | None,
+                  problems: Problems) -> None:
+    """What the backend (``cluster.backend``) asks of the rest: ``resources`` are Ray placement constraints,
+    meaningless for servers started here; the ray backend starts servers, which endpoint mode (no model
+    with a cmd) has none of; and it needs each GPU's memory (Ray counts GPUs, not their memory), unless
+    every figure it would be used for is given: the budget (``capacity.memory_gb``) and each model's own."""
+    started = [m for m in models.values() if not m.is_adapter]
+    if not cluster.ray:
+        for m in started:
+            if m.resources:
+                problems.add(("models", m.name, "resources"), "resources are Ray placement constraints: only "
+                                                              "with cluster.backend ray")
+        return
+    if not started:
+        problems.add(("cluster", "backend"), "the ray backend starts the models' servers on the cluster; endpoint "
+                                             "mode (no model has a cmd) fronts engines that are already running")
+    elif cluster.gpu_memory_gb is None and (budget is None or any(m.memory_gb <= 0 for m in started)):
+        problems.add(("cluster", "gpu_memory_gb"), "required with backend ray (Ray counts GPUs, not their "
+                                                   "memory), unless capacity.memory_gb and every model's "
+                                                   "memory_gb are set")
+    for m in started:
+        if cluster.gpu_memory_gb is not None and m.memory_gb > cluster.gpu_memory_gb:
+            problems.add(("models", m.name, "memory_gb"), f"{m.memory_gb:g} GB can never fit on a GPU of "
+                                                          f"cluster.gpu_memory_gb ({cluster.gpu_memory_gb:g} GB)")

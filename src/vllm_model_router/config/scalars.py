@@ -126,25 +126,29 @@ class Whole(Check):
 
 @dataclass(frozen=True)
 class Number(Check):
-    """A number (not a string, not a boolean) within bounds, stored as a float; None where the key allows
-    it (``null`` for an optional figure)."""
+    """A number (not a string, not a boolean) within bounds, stored as a float. ``positive``: the minimum
+    itself is refused (a figure that must be more than 0); ``none``: null is allowed (``null`` for an
+    optional figure), not where a number must be given (a mapping's values)."""
 
     minimum: float
     maximum: float | None = None
+    positive: bool = False
+    none: bool = True
 
     def validate(self, value: Any) -> float | None:
-        if value is None:
+        if value is None and self.none:
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise invalid(f"expected a number, got {value!r}")
-        if value < self.minimum:
-            raise invalid(f"must be >= {self.minimum:g}, got {value!r}")
+        if value < self.minimum or (self.positive and value == self.minimum):
+            raise invalid(f"must be {'>' if self.positive else '>='} {self.minimum:g}, got {value!r}")
         if self.maximum is not None and value > self.maximum:
             raise invalid(f"must be <= {self.maximum:g}, got {value:g}")
         return float(value)
 
     def schema(self) -> JsonDict:
-        return {"type": ["number", "null"], "minimum": self.minimum,
+        return {"type": ["number", "null"] if self.none else "number",
+                "exclusiveMinimum" if self.positive else "minimum": self.minimum,
                 **({"maximum": self.maximum} if self.maximum is not None else {})}
 
 

@@ -7,7 +7,8 @@ a value is checked (scalars.py, composites.py), which environment variable sets 
 for a model key whether it applies to adapters (:class:`Scope`).
 
 :class:`RouterConfig`, what the rest of the router reads, is the file flattened: the keys of ``listen``,
-``capacity`` and ``endpoint`` are attributes of their own (``config.port``, ``config.max_resident``).
+``capacity`` and ``endpoint`` are attributes of their own (``config.port``, ``config.max_resident``);
+``limits``, ``auth`` and ``cluster`` (declared in cluster.py) stay sections (``config.cluster.backend``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import ConfigDict, Field, PlainSerializer
 from pydantic.json_schema import SkipJsonSchema
 
+from vllm_model_router.config.cluster import CLUSTER, RESOURCES, Cluster, Resources
 from vllm_model_router.config.composites import (
     BearerKey,
     Command,
@@ -29,6 +31,7 @@ from vllm_model_router.config.composites import (
     Shape,
     Shorthand,
     Switch,
+    gpu_utilization,
 )
 from vllm_model_router.config.scalars import (
     BaseUrl,
@@ -115,6 +118,7 @@ class ModelConfig(Section):
     gpu_count: Annotated[int, Whole(1), NullIsDefault(), Scope.PROCESS] = Field(
         1, description="GPUs of one machine it is placed on, each holding memory_gb. Default: the number of gpus, "
         "else --tensor-parallel-size x --pipeline-parallel-size in cmd, else 1; set, it wins over cmd.")
+    resources: Resources = Field(default_factory=dict, description=RESOURCES)
     sleep: Annotated[Sleep | None, Switch(), Scope.PROCESS] = Field(
         None, description="vLLM sleep mode when evicted: true (level 1), false, or {level, warmup}.")
     replicas: Annotated[Replicas, Shorthand("max", _REPLICAS), NullIsDefault(), Scope.PROCESS] = Field(
@@ -178,18 +182,6 @@ def unit_names(model: str, copies: int) -> tuple[str, ...]:
     from vllm_model_router.scheduler.events import replica_name
 
     return tuple(replica_name(model, i) for i in range(copies))
-
-
-def gpu_utilization(cmd: tuple[str, ...]) -> float | None:
-    """The value of ``--gpu-memory-utilization U`` / ``=U`` in a command; -1 when it is not a number."""
-    for i, arg in enumerate(cmd):
-        if arg == "--gpu-memory-utilization" or arg.startswith("--gpu-memory-utilization="):
-            value = arg.partition("=")[2] or (cmd[i + 1] if i + 1 < len(cmd) else "")
-            try:
-                return float(value)
-            except ValueError:
-                return -1.0
-    return None
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -326,6 +318,7 @@ class ConfigFile(Settings):
     auth: AuthConfig = Field(AuthConfig.model_construct(), description="Access keys; none: no access control.")
     endpoint: Endpoint = Field(Endpoint.model_construct(), description="Endpoint mode (no model has a cmd): "
                                "running vLLM engines, with adapters loaded on demand.")
+    cluster: Cluster = Field(Cluster.model_construct(), description=CLUSTER)
     models: Annotated[dict[_ModelName, ModelConfig], Shape("mapping", "expected a mapping of model names to settings"),
                       NullIsDefault()] = Field(
         default_factory=dict, description="The models, by the name clients use. None: endpoint mode.")
@@ -342,6 +335,7 @@ class RouterConfig(Settings, Listen, Capacity, Endpoint):
     models: Mapping[str, ModelConfig] = Field(default_factory=dict)
     auth: AuthConfig = AuthConfig.model_construct()
     limits: LimitsConfig = LimitsConfig.model_construct()
+    cluster: Cluster = Cluster.model_construct()
     source: str = "<defaults>"
 
     @property
