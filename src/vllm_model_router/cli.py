@@ -136,6 +136,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _run(_serve(cfg))
     except ListenError:  # already logged
         return 1
+    except ConfigError as e:  # found once the machine is known (GPUs too small, a backend it cannot run)
+        log.error("%s: %s", path or "configuration", e)
+        return 1
     return 0
 
 

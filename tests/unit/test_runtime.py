@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from vllm_model_router.config import build_config
+from vllm_model_router.config import ConfigError, build_config
 from vllm_model_router.errors import RouterError
 from vllm_model_router.runtime.pump import Runtime
 from vllm_model_router.scheduler import ModelView
@@ -130,3 +130,11 @@ async def test_replicas_kept_are_brought_in_at_start_and_requests_are_spread_ove
         assert "scaled" in kinds(rt, "m")
     finally:
         await rt.close()
+
+
+async def test_the_ray_backend_is_refused_by_serve_not_quietly_run_locally() -> None:
+    entries = {"m": {"cmd": ["never-started", "--port", "${PORT}"], "memory_gb": 10}}
+    config = build_config({"state_dir": False, "models": entries, "capacity": {"memory_gb": 40},
+                           "cluster": {"backend": "ray", "gpu_memory_gb": 80}}, env={}, source="<test>")
+    with pytest.raises(ConfigError, match="cluster.backend"):
+        Runtime(config, probe=None)

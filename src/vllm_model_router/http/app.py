@@ -60,13 +60,13 @@ def build_app(
     app[SCRUB] = scrubber(config.auth)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        runtime = Runtime(config, driver, probe)  # first: it refuses a config this machine cannot serve
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, enable_cleanup_closed=False),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.limits.upstream_connect_timeout),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
-        runtime = Runtime(config, driver, probe)
         metrics = RouterMetrics(runtime)  # counts lifecycle events from the first one on
         app[RUNTIME] = runtime
         app[METRICS] = metrics

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from vllm_model_router.config import RouterConfig
+from vllm_model_router.config import ConfigError, RouterConfig
 from vllm_model_router.config.specs import scheduler_specs
 from vllm_model_router.drivers.base import Driver
 from vllm_model_router.errors import (
@@ -98,6 +98,11 @@ class Runtime:
 
     def __init__(self, config: RouterConfig, driver: Driver | None = None,
                  probe: GpuProbe | str | None = AUTO) -> None:
+        if config.cluster.backend != "local" and driver is None:
+            # the configuration is accepted (check-config), but serving from a cluster is not: say so rather
+            # than quietly start every engine on this machine
+            raise ConfigError([f"cluster.backend: {config.cluster.backend!r} cannot serve yet: in this version "
+                               "the router starts engines on its own machine only (backend local)"])
         self.config = config
         self._loop = asyncio.get_running_loop()
         self.gpus = GpuMonitor(config, NvmlProbe.create() if isinstance(probe, str) else probe, self)
