@@ -136,5 +136,5 @@ async def test_the_ray_backend_is_refused_by_serve_not_quietly_run_locally() -> 
     entries = {"m": {"cmd": ["never-started", "--port", "${PORT}"], "memory_gb": 10}}
     config = build_config({"state_dir": False, "models": entries, "capacity": {"memory_gb": 40},
                            "cluster": {"backend": "ray", "gpu_memory_gb": 80}}, env={}, source="<test>")
-    with pytest.raises(ConfigError, match="cluster.backend"):
+    with pytest.raises(ConfigError, match=r"cluster\.backend"):
         Runtime(config, probe=None)
