@@ -1,0 +1,166 @@
+"""The cluster's GPUs as Ray reports them, in the scheduler's terms: global GPU ids, a memory budget per
+GPU, and the node each GPU is on.
+
+The scheduler places a unit on global GPU ids (``SchedulerConfig.gpu_memory_gb`` / ``gpu_nodes``); Ray
+knows nodes and how many GPUs each has. The ids must stay stable for as long as the router runs: a
+node's GPUs get the next free ids the first time the node is seen and keep them, and the ids of a node
+that left are never handed to another, so a unit placed on GPU 5 can never silently land on another
+machine's GPU 5 after a node comes and goes. A node that comes back under the same Ray node id gets its
+old ids back.
+
+Ray counts GPUs, not memory: the memory of each GPU is the configured ``gpu_memory_gb``.
+
+Ray is imported lazily, only by :meth:`RayNodes.snapshot` and :meth:`RayNodes.poll`: importing this
+module (and running the local backend) never needs the ``ray`` extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+
+class RayUnavailable(RuntimeError):
+    """The Ray backend was asked for but the ``ray`` package is not installed."""
+
+
+def import_ray() -> ModuleType:
+    """``ray``, imported on first use (through importlib, so that type checking does not need Ray either)."""
+    try:
+        return importlib.import_module("ray")
+    except ImportError as e:
+        raise RayUnavailable(
+            "the Ray backend needs the ray package: pip install 'vllm-model-router[ray]'") from e
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one look at the cluster found: the nodes that joined and left since the previous look, and
+    the GPUs of the nodes alive now, ready for the scheduler's ``Capacity``."""
+
+    joined: tuple[str, ...]  # node ids alive now and not at the previous look (first seen or back)
+    lost: tuple[str, ...]  # node ids alive at the previous look and dead or gone now
+    budgets: dict[int, float]  # global GPU id -> memory budget (GB), alive nodes only
+    nodes: dict[int, str]  # global GPU id -> node id, alive nodes only
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.joined or self.lost)
+
+
+def _gpu_count(resources: Mapping[str, Any] | None) -> int:
+    # Ray reports whole GPUs per node as a float ("GPU": 2.0); a node without GPUs has no "GPU" key
+    try:
+        return max(0, int(float((resources or {}).get("GPU", 0) or 0)))
+    except (TypeError, ValueError):
+        return 0
+
+
+class RayNodes:
+    """The stable mapping from Ray's nodes to global GPU ids, updated by each look at ``ray.nodes()``.
+
+    Nodes without GPUs (a CPU-only head) are tracked (joined, lost, address) but contribute no GPUs.
+    """
+
+    def __init__(self, gpu_memory_gb: float) -> None:
+        if gpu_memory_gb <= 0:
+            raise ValueError(f"gpu_memory_gb must be positive, got {gpu_memory_gb}")
+        self.gpu_memory_gb = float(gpu_memory_gb)
+        self._ids: dict[str, list[int]] = {}  # node id -> every global id it ever had, in local order
+        self._count: dict[str, int] = {}  # node id -> how many GPUs it has now (the first of its ids)
+        self._owner: dict[int, str] = {}  # global id -> node id, never forgotten (ids are never reused)
+        self._address: dict[str, str] = {}  # node id -> last NodeManagerAddress seen
+        self._alive: set[str] = set()
+        self._next = 0
+        self._lock = threading.Lock()  # poll() reads in a worker thread; two looks must not interleave
+
+    def read(self, nodes: Iterable[Mapping[str, Any]]) -> Change:
+        """Take what ``ray.nodes()`` returns (dicts with ``NodeID``, ``Alive``, ``Resources``,
+        ``NodeManagerAddress``) and return what changed since the previous call.
+
+        A node missing from the list counts as dead, like one reported with ``Alive: False`` (Ray drops
+        dead nodes from the list after a while). A dead node's entry has no resources: its GPU count is
+        kept from when it was alive.
+        """
+        with self._lock:
+            alive_now: dict[str, int] = {}
+            for entry in nodes:
+                node_id = str(entry.get("NodeID") or "")
+                if not node_id:
+                    continue
+                if address := entry.get("NodeManagerAddress"):
+                    self._address[node_id] = str(address)
+                if entry.get("Alive"):
+                    alive_now[node_id] = _gpu_count(entry.get("Resources"))
+            for node_id in sorted(alive_now):  # a stable order when several nodes join in one look
+                self._assign(node_id, alive_now[node_id])
+            joined = tuple(sorted(set(alive_now) - self._alive))
+            lost = tuple(sorted(self._alive - set(alive_now)))
+            self._alive = set(alive_now)
+            nodes_now = {g: n for n in sorted(self._alive) for g in self._ids[n][:self._count[n]]}
+            return Change(joined, lost, {g: self.gpu_memory_gb for g in nodes_now}, nodes_now)
+
+    def _assign(self, node_id: str, count: int) -> None:
+        """Give ``node_id`` ids for ``count`` GPUs: the ones it had, then fresh ones if it has more now."""
+        ids = self._ids.setdefault(node_id, [])
+        while len(ids) < count:
+            ids.append(self._next)
+            self._owner[self._next] = node_id
+            self._next += 1
+        self._count[node_id] = count
+
+    def alive(self, node_id: str) -> bool:
+        """Whether the node was alive at the last look."""
+        return node_id in self._alive
+
+    def address_of(self, node_id: str) -> str:
+        """The node's IP address (Ray's ``NodeManagerAddress``), also for a node that has left."""
+        try:
+            return self._address[node_id]
+        except KeyError:
+            raise KeyError(f"unknown Ray node {node_id!r}") from None
+
+    def node_of(self, gpu_id: int) -> str:
+        """The node that GPU ``gpu_id`` is (or was) on."""
+        try:
+            return self._owner[gpu_id]
+        except KeyError:
+            raise KeyError(f"GPU {gpu_id} is on no known Ray node") from None
+
+    def local_gpus(self, gpu_ids: Iterable[int]) -> tuple[str, tuple[int, ...]]:
+        """Translate a placement on global ids back to one node: ``(node id, local GPU indices)``.
+
+        A placement is always on one node (the scheduler keeps a unit's GPUs together); ids on several
+        nodes, or ids no node has, are a bug upstream and raise ``ValueError``. The node may have left
+        since: ids are never reused, so the answer is still the machine the unit was on.
+        """
+        ids = tuple(gpu_ids)
+        if not ids:
+            raise ValueError("a placement needs at least one GPU")
+        unknown = [g for g in ids if g not in self._owner]
+        if unknown:
+            raise ValueError(f"GPUs {unknown} are on no known Ray node")
+        owners = {self._owner[g] for g in ids}
+        if len(owners) > 1:
+            raise ValueError(f"GPUs {list(ids)} are on several nodes: {sorted(owners)}")
+        node_id = owners.pop()
+        local = self._ids[node_id]
+        return node_id, tuple(local.index(g) for g in ids)
+
+    def snapshot(self) -> Change:
+        """Look at the cluster now (``ray.nodes()``) and :meth:`read` it.
+
+        Blocking: ``ray.nodes()`` is a call to Ray's control store and can take a while when the cluster
+        is busy or the head is unreachable. The event loop must not call this directly: use :meth:`poll`
+        (which runs it in a thread). Needs a connected driver (``ray.init``).
+        """
+        return self.read(import_ray().nodes())
+
+    async def poll(self) -> Change:
+        """:meth:`snapshot` in a worker thread, so the event loop keeps serving while Ray answers."""
+        return await asyncio.to_thread(self.snapshot)

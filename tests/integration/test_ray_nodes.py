@@ -1,0 +1,207 @@
+"""The cluster's GPUs as the scheduler sees them, from what Ray reports: stable global GPU ids, budgets
+and nodes of the alive machines only, and the way back from a placement to one machine's GPUs.
+
+First from synthetic ``ray.nodes()`` answers (no Ray needed), then against a real simulated Ray cluster
+on loopback: a CPU-only head and two nodes of two GPUs, one of which leaves and another joins.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.harness.ray_cluster import RayCluster, ray_cluster
+from tests.harness.waiting import wait_until_sync
+from vllm_model_router.gpu.ray_nodes import Change, RayNodes, RayUnavailable
+
+GB = 80.0
+
+
+def node(node_id: str, gpus: float | None = 2, alive: bool = True, address: str = "10.0.0.1") -> dict[str, Any]:
+    """One entry of ``ray.nodes()``, as Ray writes it (a dead node's resources are empty)."""
+    resources: dict[str, float] = {"CPU": 8.0, "memory": 1e10}
+    if gpus is not None:
+        resources["GPU"] = float(gpus)
+    return {"NodeID": node_id, "Alive": alive, "Resources": resources if alive else {},
+            "NodeManagerAddress": address}
+
+
+def gpus_of(change: Change, node_id: str) -> set[int]:
+    return {g for g, n in change.nodes.items() if n == node_id}
+
+
+# --- from synthetic answers ---------------------------------------------------------------------------
+
+
+def test_each_gpu_gets_a_global_id_and_the_configured_budget() -> None:
+    r = RayNodes(GB)
+    c = r.read([node("a", 2), node("b", 2), node("head", None, address="10.0.0.9")])
+    assert c.joined == ("a", "b", "head") and c.lost == () and c.changed
+    assert c.nodes == {0: "a", 1: "a", 2: "b", 3: "b"}  # the head has no GPUs: tracked, but no ids
+    assert c.budgets == {0: GB, 1: GB, 2: GB, 3: GB}
+    assert r.alive("head") and r.address_of("head") == "10.0.0.9"
+
+
+def test_ids_stay_the_same_from_one_look_to_the_next() -> None:
+    r = RayNodes(GB)
+    first = r.read([node("a"), node("b")])
+    again = r.read([node("b"), node("a")])  # another order: the same ids
+    assert again.nodes == first.nodes and again.budgets == first.budgets
+    assert again.joined == () and again.lost == () and not again.changed
+
+
+def test_a_lost_node_takes_its_gpus_out_of_the_budgets() -> None:
+    r = RayNodes(GB)
+    r.read([node("a"), node("b")])
+    dead = r.read([node("a", alive=False), node("b")])
+    assert dead.lost == ("a",) and dead.joined == ()
+    assert dead.nodes == {2: "b", 3: "b"} and dead.budgets == {2: GB, 3: GB}
+    assert not r.alive("a")
+    # a node Ray no longer lists at all is as gone as one it reports dead
+    gone = r.read([])
+    assert gone.lost == ("b",) and gone.nodes == {} and gone.budgets == {}
+
+
+def test_a_node_back_under_its_id_gets_its_old_gpu_ids() -> None:
+    r = RayNodes(GB)
+    r.read([node("a"), node("b")])
+    r.read([node("b")])
+    back = r.read([node("b"), node("a")])
+    assert back.joined == ("a",) and back.lost == ()
+    assert back.nodes == {0: "a", 1: "a", 2: "b", 3: "b"}
+
+
+def test_a_new_node_gets_fresh_ids_never_those_of_a_node_that_left() -> None:
+    r = RayNodes(GB)
+    r.read([node("a"), node("b")])
+    r.read([node("b")])
+    c = r.read([node("b"), node("c", 4)])
+    assert c.joined == ("c",) and c.lost == ()
+    assert gpus_of(c, "c") == {4, 5, 6, 7} and 0 not in c.nodes and 1 not in c.nodes
+    # a placement made on GPU 0 before "a" left still points at "a", not at the newcomer
+    assert r.node_of(0) == "a" and r.local_gpus((0, 1)) == ("a", (0, 1))
+
+
+def test_a_node_with_more_gpus_keeps_its_ids_and_gets_fresh_ones_for_the_rest() -> None:
+    r = RayNodes(GB)
+    r.read([node("a", 2), node("b", 2)])
+    c = r.read([node("a", 3), node("b", 2)])
+    assert gpus_of(c, "a") == {0, 1, 4} and gpus_of(c, "b") == {2, 3}
+    assert r.local_gpus((4,)) == ("a", (2,))
+    fewer = r.read([node("a", 1), node("b", 2)])
+    assert gpus_of(fewer, "a") == {0}
+
+
+def test_a_placement_translates_back_to_one_nodes_local_gpus() -> None:
+    r = RayNodes(GB)
+    r.read([node("a", 2, address="10.0.0.1"), node("b", 2, address="10.0.0.2")])
+    assert r.local_gpus((3,)) == ("b", (1,))
+    assert r.local_gpus([2, 3]) == ("b", (0, 1))
+    assert r.address_of("b") == "10.0.0.2"
+    with pytest.raises(ValueError, match="several nodes"):
+        r.local_gpus((1, 2))
+    with pytest.raises(ValueError, match="no known Ray node"):
+        r.local_gpus((9,))
+    with pytest.raises(ValueError, match="at least one GPU"):
+        r.local_gpus(())
+    with pytest.raises(KeyError, match="unknown Ray node"):
+        r.address_of("z")
+
+
+def test_several_joining_at_once_get_ids_in_node_id_order() -> None:
+    r = RayNodes(GB)
+    c = r.read([node("z", 1), node("m", 1), node("a", 1)])
+    assert c.nodes == {0: "a", 1: "m", 2: "z"}
+
+
+def test_a_budget_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        RayNodes(0)
+
+
+def test_the_module_imports_without_ray_and_asks_for_the_extra_when_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    # importing the module (and the package's GPU layer) must not import Ray: the local backend never needs it
+    code = ("import sys, vllm_model_router.gpu, vllm_model_router.gpu.ray_nodes; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
+    with pytest.raises(RayUnavailable, match=r"vllm-model-router\[ray\]"):
+        RayNodes(GB).snapshot()
+
+
+# --- against a simulated Ray cluster ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RayCluster]:
+    """One cluster for the whole file (starting one takes seconds on a small machine): a CPU-only head
+    and two nodes of two GPUs."""
+    with ray_cluster(f"ray-nodes-{uuid.uuid4().hex}") as c:
+        c.add_node(num_gpus=2)
+        c.add_node(num_gpus=2)
+        yield c
+
+
+def look_until(r: RayNodes, done: Any, what: str) -> Change:
+    """Look at the cluster until a look satisfies ``done``; Ray may take a moment to notice a change."""
+    seen: list[Change] = []
+
+    def look() -> Change | None:
+        seen.append(r.snapshot())
+        return seen[-1] if done(seen[-1]) else None
+
+    return wait_until_sync(look, 20.0, what, interval=0.1)
+
+
+async def test_a_poll_reads_the_clusters_gpus_off_the_event_loop(cluster: RayCluster) -> None:
+    r = RayNodes(GB)
+    threads: list[str] = []
+    real = r.snapshot
+
+    def snapshot() -> Change:
+        threads.append(threading.current_thread().name)
+        return real()
+
+    r.snapshot = snapshot  # type: ignore[method-assign]
+    c = await r.poll()
+    assert threads and threads[0] != threading.main_thread().name  # ray.nodes() blocks: not on the loop
+    workers = [cluster.node_id(n) for n in cluster.cluster.worker_nodes]
+    head = cluster.node_id(cluster.cluster.head_node)
+    assert set(c.joined) == {head, *workers}
+    assert sorted(c.budgets) == list(range(2 * len(workers))) and set(c.budgets.values()) == {GB}
+    assert set(c.nodes.values()) == set(workers)  # the CPU-only head has no GPU
+    assert all(r.address_of(n) == "127.0.0.1" for n in c.joined)  # everything on loopback
+
+
+def test_nodes_leaving_and_joining_a_real_cluster(cluster: RayCluster) -> None:
+    r = RayNodes(GB)
+    first = r.snapshot()
+    a, b = sorted(cluster.cluster.worker_nodes, key=cluster.node_id)
+    a_id, b_id = cluster.node_id(a), cluster.node_id(b)
+    head = cluster.node_id(cluster.cluster.head_node)
+    assert set(first.joined) == {head, a_id, b_id} and first.lost == ()
+    assert sorted(first.nodes) == [0, 1, 2, 3]
+    a_gpus, b_gpus = gpus_of(first, a_id), gpus_of(first, b_id)
+    assert len(a_gpus) == len(b_gpus) == 2
+    assert r.local_gpus(sorted(a_gpus)) == (a_id, (0, 1))
+
+    cluster.remove_node(a)
+    lost = look_until(r, lambda c: a_id in c.lost, "the removed node reported lost")
+    assert lost.joined == () and lost.lost == (a_id,)
+    assert set(lost.nodes) == set(lost.budgets) == b_gpus and not r.alive(a_id)
+
+    c_node = cluster.add_node(num_gpus=2)
+    c_id = cluster.node_id(c_node)
+    joined = look_until(r, lambda c: c_id in c.joined, "the added node reported joined")
+    assert joined.joined == (c_id,) and joined.lost == ()
+    assert gpus_of(joined, c_id) == {4, 5}  # fresh ids: a's GPUs 0-3 are never handed out again
+    assert set(joined.budgets) == b_gpus | {4, 5}
+    assert r.local_gpus((5,)) == (c_id, (1,))
+    assert r.local_gpus(sorted(a_gpus)) == (a_id, (0, 1))  # the old placement still names the old machine
