@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -74,8 +74,9 @@ class _Instance:
 
 class ProcessDriver:
     def __init__(self, models: Mapping[str, ModelConfig], host: str = "127.0.0.1", log_dir: Path | None = None,
-                 max_log_bytes: int = engine_log.MAX_LOG_BYTES) -> None:
+                 max_log_bytes: int = engine_log.MAX_LOG_BYTES, preexec: Callable[[], None] | None = None) -> None:
         self._models = models
+        self._preexec = preexec  # run in each server between fork and exec (ray_actor.py ties it to its actor)
         self._host = host
         self._log_dir = log_dir  # None: a private temporary directory, made on first use
         self._private_log_dir: Path | None = None
@@ -134,6 +135,7 @@ class ProcessDriver:
                 stderr=asyncio.subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=self._preexec,
             )
         except OSError as e:
             output.close()
