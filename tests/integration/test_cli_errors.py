@@ -56,19 +56,3 @@ def test_a_yaml_error_in_auth_is_reported_without_quoting_the_file(tmp_path: Pat
            "(while parsing a block mapping started at line 3)" in out, out
     assert len(out.splitlines()) <= 3, out
 
-
-def test_serve_refuses_a_backend_it_cannot_run_in_one_line_without_starting_anything(
-        tmp_path: Path, marker: str) -> None:
-    data: dict[str, Any] = router_data({"a": engine(preload=True)}, marker, state_dir=False)
-    data["cluster"] = {"backend": "ray", "gpu_memory_gb": 80}
-    data["capacity"] = {"memory_gb": 40}
-    data["models"]["a"]["memory_gb"] = 10
-    config = tmp_path / "router.yaml"
-    config.write_text(yaml.safe_dump(data, sort_keys=False))
-    assert router_cli("check-config", str(config)).returncode == 0  # the configuration itself is valid
-    result = router_cli("serve", "--config", str(config))
-    out = result.stdout + result.stderr
-    assert result.returncode == 1, out
-    assert "Traceback" not in out and "Unclosed" not in out and len(out.splitlines()) <= 2, out
-    assert "cluster.backend" in out
-    assert_no_processes_left_sync(marker)

@@ -104,7 +104,7 @@ class RayEngineDriver:
                           f"{num_gpus:g} reserved from Ray)")
         # no CPUs: what places a unit is its GPUs (and the resources asked for), never Ray's CPU count
         options = {"name": model, "namespace": self._namespace, "lifetime": "detached", "max_restarts": 0,
-                   "num_cpus": 0, "num_gpus": num_gpus, "resources": self._resources,
+                   "num_cpus": 0, "num_gpus": num_gpus, "resources": dict(cfg.resources) or self._resources,
                    "scheduling_strategy": NodeAffinitySchedulingStrategy(placement.node_id, soft=False)}
         creating = asyncio.ensure_future(asyncio.to_thread(_create_actor, options, model, cfg))
         try:
@@ -272,6 +272,11 @@ class RayEngineDriver:
         return adopted
 
     # ------------------------------------------------------------------ views
+    def placement_of(self, model: str) -> Placement:
+        """Where a running unit is (an adopted one: as its actor reported)."""
+        unit = self._units.get(model)
+        return unit.placement if unit is not None else Placement("")
+
     def endpoint(self, model: str) -> str | None:
         unit = self._units.get(model)
         return unit.endpoint if unit is not None and not unit.stopping else None

@@ -152,6 +152,11 @@ class RayNodes:
         local = self._ids[node_id]
         return node_id, tuple(local.index(g) for g in ids)
 
+    def global_gpus(self, node_id: str, local: Iterable[int]) -> tuple[int, ...]:
+        """The global ids of a node's GPUs by their local indices (what an adopted engine reports)."""
+        ids = self._ids.get(node_id, [])
+        return tuple(ids[i] for i in local if 0 <= i < len(ids))
+
     def snapshot(self) -> Change:
         """Look at the cluster now (``ray.nodes()``) and :meth:`read` it.
 

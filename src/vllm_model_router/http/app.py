@@ -60,7 +60,15 @@ def build_app(
     app[SCRUB] = scrubber(config.auth)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        runtime = Runtime(config, driver, probe)  # first: it refuses a config this machine cannot serve
+        cluster = None
+        if config.cluster.backend == "ray" and driver is None:
+            from vllm_model_router.runtime.cluster import RayCluster  # imports Ray: only with this backend
+
+            cluster = RayCluster(config)
+        if cluster is not None:  # the engines run on the cluster's nodes, placed on its GPUs
+            runtime = Runtime(config, cluster.driver, None, topology=cluster.topology())
+        else:
+            runtime = Runtime(config, driver, probe)  # first: it refuses a config this machine cannot serve
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, enable_cleanup_closed=False),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.limits.upstream_connect_timeout),
@@ -73,11 +81,15 @@ def build_app(
         app[PROXY] = Proxy(runtime, session, observer=metrics)
         recovery = await Recovery.open(runtime)  # process groups left by a router that died
         try:
+            if cluster is not None:
+                await cluster.start(runtime, runtime.events)  # engines left on the cluster; its nodes watched
             await runtime.start()
             # one log line per lifecycle event from here on: what recovery and startup did is told by
             # their own log lines, so that a router that cannot even listen says so in a few lines
             runtime.events.add_listener(log_lifecycle_event)
             yield
+            if cluster is not None:
+                cluster.stop()
             await runtime.close()
             await session.close()
         finally:

@@ -33,6 +33,9 @@ class Pump(Protocol):
     def knows(self, model: str) -> bool:
         """The scheduler has this model (configured, or an adapter added since)."""
 
+    def model_exited(self, model: str, reason: str) -> None:
+        """A model's server went away by itself (the driver reaped what was left of it)."""
+
     def units(self, model: str) -> list[str]:
         """``model``'s units: its replicas (a model without replicas: itself)."""
 

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from vllm_model_router.config import ConfigError, RouterConfig
 from vllm_model_router.config.specs import scheduler_specs
@@ -97,12 +97,12 @@ class Runtime:
     slow effects, and the lifecycle event log (``events``)."""
 
     def __init__(self, config: RouterConfig, driver: Driver | None = None,
-                 probe: GpuProbe | str | None = AUTO) -> None:
+                 probe: GpuProbe | str | None = AUTO,
+                 topology: tuple[Mapping[int, float], Mapping[int, str]] | None = None) -> None:
+        """``topology``: the GPUs of a cluster (budgets, and the node each is on) instead of this machine's."""
         if config.cluster.backend != "local" and driver is None:
-            # the configuration is accepted (check-config), but serving from a cluster is not: say so rather
-            # than quietly start every engine on this machine
-            raise ConfigError([f"cluster.backend: {config.cluster.backend!r} cannot serve yet: in this version "
-                               "the router starts engines on its own machine only (backend local)"])
+            # never quietly start every engine on this machine when the config says a cluster
+            raise ConfigError([f"cluster.backend: {config.cluster.backend!r} needs the cluster's driver"])
         self.config = config
         self._loop = asyncio.get_running_loop()
         self.gpus = GpuMonitor(config, NvmlProbe.create() if isinstance(probe, str) else probe, self)
@@ -120,7 +120,8 @@ class Runtime:
                 keep_idle=config.keep_idle,
                 max_waiting_total=config.max_waiting,
                 last_used=self.history.last_used(self._loop.time()),
-                gpu_memory_gb=self.gpus.budgets,
+                gpu_memory_gb=topology[0] if topology is not None else self.gpus.budgets,
+                gpu_nodes=topology[1] if topology is not None else None,
                 max_resident=config.max_resident,
                 memory_gb=config.memory_gb,
                 load_timeout=config.load_timeout,
@@ -138,7 +139,7 @@ class Runtime:
         self._watchers: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._closing = False
         self.started_wall = time.time()
-        self.driver.set_exit_callback(self._model_exited)
+        self.driver.set_exit_callback(self.model_exited)
         for name, m in config.models.items():
             if m.pinned:
                 self.submit(SetPinned(name, True))
@@ -316,7 +317,8 @@ class Runtime:
             case _:
                 raise TypeError(f"unknown effect {effect!r}")
 
-    def _model_exited(self, model: str, reason: str) -> None:
+    def model_exited(self, model: str, reason: str) -> None:
+        """A model's server went away by itself (the driver reaped what was left of it)."""
         self.events.emit(EventKind.EXITED, model, reason)
         self.submit(ModelExited(model, reason))
 

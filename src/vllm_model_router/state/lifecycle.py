@@ -47,6 +47,8 @@ class EventKind(StrEnum):
     UNSATURATED = "unsaturated"  # ... and no longer do
     ENGINE_DOWN = "engine_down"  # one of the engines of endpoint mode stopped answering
     ENGINE_UP = "engine_up"  # ... and answers again
+    NODE_JOINED = "node_joined"  # a node of the Ray cluster joined (its GPUs give room)
+    NODE_LOST = "node_lost"  # ... or was lost, with the engines it ran
 
 
 @dataclass(frozen=True, slots=True)

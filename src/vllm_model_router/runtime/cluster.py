@@ -1,0 +1,132 @@
+"""``cluster.backend: ray``: the runtime's side of running the engines on a Ray cluster.
+
+- Connects to the cluster (``cluster.address``, or ``RAY_ADDRESS``; Ray's token authentication applies
+  when ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` are set) in ``cluster.namespace``.
+- The cluster's nodes are the scheduler's GPUs (gpu/ray_nodes.py): every alive node's GPUs, each with
+  ``cluster.gpu_memory_gb``, with the node each one is on, so a unit's GPUs are always on one machine.
+- The units run in Ray actors (drivers/ray_engine.py) on the node the scheduler chose; a unit that uses
+  one GPU only in part reserves that fraction from Ray (its ``memory_gb`` of the GPU's), so several small
+  models share a GPU in Ray's books as in the router's.
+- Every ``NODE_POLL_S`` the nodes are read again: a node that joined gives room (``Capacity``), one that
+  left takes its GPUs off the books (its units' actors die with it, and the driver reports them gone).
+- A restarted router adopts the actors its predecessor left running (``ModelFound`` on their GPUs).
+
+Ray is imported only here and in the modules above, and only with this backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+from vllm_model_router.config import ConfigError, ModelConfig, RouterConfig
+from vllm_model_router.drivers.ray_engine import Placement, RayEngineDriver
+from vllm_model_router.gpu.ray_nodes import Change, RayNodes, import_ray
+from vllm_model_router.runtime.base import Pump
+from vllm_model_router.scheduler import Capacity, ModelFound
+from vllm_model_router.state.lifecycle import EventKind, EventLog
+
+log = logging.getLogger("vllm_model_router.cluster")
+NODE_POLL_S = 2.0
+
+
+class RayCluster:
+    """The connection, the nodes as GPUs, the driver that runs the units there, and the watch on nodes."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        cluster = config.cluster
+        try:
+            ray = import_ray()
+            if not ray.is_initialized():
+                ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=False,
+                         logging_level=logging.WARNING)
+        except Exception as e:  # no Ray installed, no cluster there, a token refused: one line, exit 1
+            raise ConfigError([f"cluster.address: cannot join the Ray cluster at {cluster.address}: {e}"]) from e
+        gpu_gb = cluster.gpu_memory_gb or max((m.memory_gb for m in config.models.values()), default=1.0) or 1.0
+        self.nodes = RayNodes(gpu_gb)
+        self.change: Change = self.nodes.snapshot()  # at startup, before the event loop serves anything
+        self._units: Mapping[str, ModelConfig] = {u: m for u, m in config.units().items() if not m.is_adapter}
+        self.driver = RayEngineDriver(self._units, self.where, namespace=cluster.namespace)
+        self._pump: Pump | None = None
+        self._events: EventLog | None = None
+        self._task: asyncio.Task[None] | None = None
+        log.info("Ray cluster at %s: %d nodes with GPUs, %d GPUs of %.0f GB", cluster.address,
+                 len(set(self.change.nodes.values())), len(self.change.budgets), gpu_gb)
+
+    def topology(self) -> tuple[dict[int, float], dict[int, str]]:
+        """The GPUs' budgets and nodes now: what the scheduler starts with."""
+        return dict(self.change.budgets), dict(self.change.nodes)
+
+    def where(self, unit: str, gpus: tuple[int, ...]) -> Placement:
+        """The node and local GPUs of a placement; a fraction of the GPU when a unit uses one only in part."""
+        node, local = self.nodes.local_gpus(gpus)
+        need = self._units[unit].memory_gb
+        share = need / self.nodes.gpu_memory_gb if len(local) == 1 and 0 < need < self.nodes.gpu_memory_gb else None
+        return Placement(node, local, None if share is None else round(share, 4))
+
+    async def start(self, pump: Pump, events: EventLog) -> None:
+        """Adopt what a previous router left running, then watch the nodes."""
+        self._pump, self._events = pump, events
+        self.driver.set_exit_callback(self._exited)
+        for unit, endpoint in (await self.driver.adopt()).items():
+            placed = self.driver.info(unit)
+            node = str(placed.get("node") or "")
+            gpus = self.nodes.global_gpus(node, self._local_of(unit))
+            log.info("Adopted model %s left running by a previous router: %s on node %s", unit, endpoint, node)
+            events.emit(EventKind.ADOPTED, unit, "left running on the cluster by a previous router process",
+                        node=node, endpoint=endpoint)
+            pump.submit(ModelFound(unit, gpus))
+        self._task = asyncio.get_running_loop().create_task(self._watch(), name="ray-nodes")
+
+    def _exited(self, unit: str, reason: str) -> None:
+        """A unit's engine or actor is gone. When its node may be gone too, the nodes are read again first,
+        so that the scheduler re-plans the unit's requests on the GPUs that are still there."""
+        if self._pump is None:
+            return
+        if "actor" in reason.lower():  # the actor died (its node lost, or it crashed): look at the nodes
+            try:
+                self.note(self.nodes.snapshot())
+            except Exception as e:  # the next regular look will tell
+                log.warning("Cannot read the Ray cluster's nodes: %r", e)
+        self._pump.model_exited(unit, reason)
+
+    def _local_of(self, unit: str) -> tuple[int, ...]:
+        return tuple(self.driver.placement_of(unit).gpus)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(NODE_POLL_S)
+            try:
+                change = await self.nodes.poll()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the head may be unreachable a while: try again
+                log.warning("Cannot read the Ray cluster's nodes: %r", e)
+                continue
+            self.note(change)
+
+    def note(self, change: Change) -> None:
+        """Tell the scheduler about nodes that joined or left."""
+        if not change.changed or self._pump is None or self._events is None:
+            return
+        self.change = change
+        for node in change.joined:
+            log.info("Ray node %s joined (%s)", node, self.nodes.address_of(node))
+            self._events.emit(EventKind.NODE_JOINED, None, node, node=node)
+        for node in change.lost:
+            log.warning("Ray node %s was lost: its engines are gone with it", node)
+            self._events.emit(EventKind.NODE_LOST, None, node, node=node)
+        self._pump.submit(Capacity(tuple(sorted(change.budgets.items())), tuple(sorted(change.nodes.items()))))
+
+    def nodes_view(self) -> list[dict[str, object]]:
+        """The nodes with GPUs, for the admin view: id, address, GPUs (global ids)."""
+        by_node: dict[str, list[int]] = {}
+        for gpu, node in sorted(self.change.nodes.items()):
+            by_node.setdefault(node, []).append(gpu)
+        return [{"node": n, "address": self.nodes.address_of(n), "gpus": g} for n, g in by_node.items()]
+
+    def stop(self) -> None:
+        """Stop watching the nodes (the runtime's close stops the engines through the driver)."""
+        if self._task is not None:
+            self._task.cancel()

@@ -1,0 +1,81 @@
+"""``serve`` with ``cluster.backend: ray`` on a simulated cluster (a CPU-only head and two nodes of two
+GPUs, on loopback): the engines run in Ray actors on the nodes the scheduler chose, a tensor-parallel
+model gets two GPUs of one node, requests are answered through the router, and a node that is lost takes
+its engines with it while the next request is re-planned onto the node that is left."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import engine, free_port, launch_router
+from tests.harness.ray_cluster import RayCluster, ray_cluster
+
+from .conftest import StartRouter
+
+
+@pytest.fixture
+def cluster(marker: str) -> Iterator[RayCluster]:
+    # a marker of its own: the router's check at its stop must not count the cluster's processes, and the
+    # cluster's check at its stop (after the router's) covers the engines its actors started
+    with ray_cluster(marker + "-ray") as c:
+        yield c
+
+
+def placed(models: list[dict[str, Any]]) -> dict[str, list[int]]:
+    return {m["name"]: m["gpus"] for m in models if m["state"] == "loaded"}
+
+
+async def test_models_run_on_the_cluster_and_a_lost_node_is_planned_around(
+    cluster: RayCluster, start_router: StartRouter, marker: str
+) -> None:
+    first, second = cluster.add_node(num_gpus=2), cluster.add_node(num_gpus=2)
+    r = await start_router(
+        {"a": engine(memory_gb=60), "b": engine(memory_gb=60), "tp": engine(memory_gb=60, gpu_count=2)},
+        capacity={"max_resident": 10},
+        cluster={"backend": "ray", "address": cluster.cluster.address, "namespace": f"t-{marker[:8]}",
+                 "gpu_memory_gb": 80})
+    for name in ("a", "b", "tp"):
+        reply = await r.chat(name)
+        assert reply.status == 200 and reply.json()["model"] == name, reply.body
+    models = list((await r.models()).values())
+    where = placed(models)
+    # 60 of 80 GB each: a and b one GPU each; tp two GPUs of the same node, the one left with both free
+    assert len(where["a"]) == len(where["b"]) == 1 and where["a"] != where["b"]
+    assert len(where["tp"]) == 2
+    by_model = {m["name"]: m for m in models}
+    assert by_model["tp"]["node"] not in (None, "") and by_model["a"]["pid"] is None  # a remote process
+    # the node running tp is lost: tp is gone with it, and its next request lands on the other node,
+    # evicting the idle a and b there
+    lost = first if by_model["tp"]["node"] == cluster.node_id(first) else second
+    cluster.remove_node(lost)
+    await r.wait_model("tp", lambda v: v["state"] != "loaded", 30, "gone with its node")
+    reply = await r.chat("tp")
+    assert reply.status == 200, reply.body
+    assert "node_lost" in [e["kind"] for e in await r.events()]
+
+
+async def test_a_router_killed_with_9_leaves_its_engines_to_the_next_one(
+    cluster: RayCluster, marker: str, tmp_path: Path
+) -> None:
+    cluster.add_node(num_gpus=2)
+    settings: dict[str, Any] = {
+        "capacity": {"max_resident": 10}, "state_dir": False,
+        "cluster": {"backend": "ray", "address": cluster.cluster.address, "namespace": f"t-{marker[:8]}",
+                    "gpu_memory_gb": 80}}
+    models = {"a": engine(memory_gb=60)}
+    async with launch_router(models, marker, "process", workdir=tmp_path, name="first", port=free_port(),
+                             leave_processes=True, **settings) as first:
+        assert (await first.chat("a")).status == 200
+        before = await first.model("a")
+        first.proc.kill()  # kill -9: the engine's actor is detached, it stays
+        await first.proc.wait()
+    async with launch_router(models, marker, "process", workdir=tmp_path, name="second", port=free_port(),
+                             **settings) as second:
+        after = await second.wait_state("a", "loaded", timeout=30)
+        assert after["remote_pid"] == before["remote_pid"] and after["port"] == before["port"]  # adopted
+        assert (await second.chat("a")).status == 200
+        assert "adopted" in [e["kind"] for e in await second.events() if e["model"] == "a"]
