@@ -43,6 +43,9 @@ async def test_models_run_on_the_cluster_and_a_lost_node_is_planned_around(
         assert reply.status == 200 and reply.json()["model"] == name, reply.body
     models = list((await r.models()).values())
     where = placed(models)
+    nodes = (await r.get("/admin/models")).json()["nodes"]
+    assert sorted(len(n["gpus"]) for n in nodes) == [2, 2] and all(n["address"] == "127.0.0.1" for n in nodes)
+    assert "router_nodes 2.0" in (await r.get("/metrics")).body.decode()
     # 60 of 80 GB each: a and b one GPU each; tp two GPUs of the same node, the one left with both free
     assert len(where["a"]) == len(where["b"]) == 1 and where["a"] != where["b"]
     assert len(where["tp"]) == 2
@@ -56,6 +59,8 @@ async def test_models_run_on_the_cluster_and_a_lost_node_is_planned_around(
     reply = await r.chat("tp")
     assert reply.status == 200, reply.body
     assert "node_lost" in [e["kind"] for e in await r.events()]
+    assert [len(n["gpus"]) for n in (await r.get("/admin/models")).json()["nodes"]] == [2]
+    assert "router_nodes 1.0" in (await r.get("/metrics")).body.decode()
 
 
 async def test_a_router_killed_with_9_leaves_its_engines_to_the_next_one(

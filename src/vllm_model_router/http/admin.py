@@ -145,6 +145,7 @@ async def admin_models(request: web.Request) -> web.Response:
             "memory_accounting": "measured per GPU (NVML)" if runtime.gpus.measured else "declarations only",
         },
         "gpus": runtime.gpus.view(),
+        **({"nodes": nodes} if (nodes := runtime.nodes()) else {}),  # cluster.backend ray
     }))
 
 

@@ -82,6 +82,7 @@ def build_app(
         recovery = await Recovery.open(runtime)  # process groups left by a router that died
         try:
             if cluster is not None:
+                runtime.nodes = cluster.nodes_view
                 await cluster.start(runtime, runtime.events)  # engines left on the cluster; its nodes watched
             await runtime.start()
             # one log line per lifecycle event from here on: what recovery and startup did is told by

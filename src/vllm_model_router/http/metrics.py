@@ -85,6 +85,12 @@ class _SchedulerCollector(Collector):
                                 "Models resident: loading, loaded, waking, falling asleep or still stopping",
                                 value=len(resident))
         yield GaugeMetricFamily("router_max_resident", "Configured capacity.max_resident", value=cfg.max_resident)
+        if cfg.cluster.backend != "local":
+            nodes = self.runtime.nodes()
+            yield GaugeMetricFamily("router_nodes", "Nodes of the cluster with GPUs, alive at the last look",
+                                    value=len(nodes))
+            yield GaugeMetricFamily("router_cluster_gpus", "GPUs of the cluster's alive nodes",
+                                    value=sum(len(n["gpus"]) for n in nodes))
         yield GaugeMetricFamily("router_memory_reserved_gb", "Declared memory_gb of the resident models",
                                 value=math.fsum(v.memory_gb for v in resident))
         if cfg.memory_gb is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 from vllm_model_router.config import ConfigError, ModelConfig, RouterConfig
 from vllm_model_router.drivers.ray_engine import Placement, RayEngineDriver
@@ -119,7 +120,7 @@ class RayCluster:
             self._events.emit(EventKind.NODE_LOST, None, node, node=node)
         self._pump.submit(Capacity(tuple(sorted(change.budgets.items())), tuple(sorted(change.nodes.items()))))
 
-    def nodes_view(self) -> list[dict[str, object]]:
+    def nodes_view(self) -> list[dict[str, Any]]:
         """The nodes with GPUs, for the admin view: id, address, GPUs (global ids)."""
         by_node: dict[str, list[int]] = {}
         for gpu, node in sorted(self.change.nodes.items()):

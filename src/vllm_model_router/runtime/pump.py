@@ -23,6 +23,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from vllm_model_router.config import ConfigError, RouterConfig
 from vllm_model_router.config.specs import scheduler_specs
@@ -139,6 +140,8 @@ class Runtime:
         self._watchers: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._closing = False
         self.started_wall = time.time()
+        # the cluster's nodes with GPUs (cluster.backend ray: node, address, GPUs); none on one machine
+        self.nodes: Callable[[], list[dict[str, Any]]] = list
         self.driver.set_exit_callback(self.model_exited)
         for name, m in config.models.items():
             if m.pinned:
