@@ -22,7 +22,7 @@ RAY = {"backend": "ray", "gpu_memory_gb": 80}
 
 
 def config(cluster: Any = None, env: dict[str, str] | None = None, **models: dict[str, Any]) -> RouterConfig:
-    data: dict[str, Any] = {"models": models or {"m": {"cmd": CMD}}}
+    data: dict[str, Any] = {"models": models or {"m": {"cmd": CMD, "memory_gb": 10}}}
     if cluster is not None:
         data["cluster"] = cluster
     return build_config(data, env or {})
@@ -45,7 +45,7 @@ def test_the_default_is_the_local_backend_with_no_constraints() -> None:
 def test_ray_backend_takes_its_address_from_the_environment() -> None:
     cfg = config({**RAY, "address": "ray://file:10001", "namespace": "team-a"},
                  {"RAY_ADDRESS": "ray://head:10001"},
-                 m={"cmd": CMD, "resources": {"accelerator_type:H100": 0.001, "big_disk": 2}})
+                 m={"cmd": CMD, "memory_gb": 10, "resources": {"accelerator_type:H100": 0.001, "big_disk": 2}})
     assert cfg.cluster.ray
     assert (cfg.cluster.address, cfg.cluster.namespace, cfg.cluster.gpu_memory_gb) == (
         "ray://head:10001", "team-a", 80.0)
@@ -74,13 +74,14 @@ def test_bad_cluster_values_are_refused_by_key(cluster: Any, expected: str) -> N
 
 def test_resources_are_only_for_the_ray_backend() -> None:
     want = "models.m.resources: resources are Ray placement constraints: only with cluster.backend ray"
-    assert problems(m={"cmd": CMD, "resources": {"accelerator_type:H100": 0.001}}) == [want]
-    assert problems({"backend": "local"}, m={"cmd": CMD, "resources": {"x": 1}}) == [want]
-    assert config(m={"cmd": CMD, "resources": {}}).models["m"].resources == {}  # none given: nothing to refuse
+    assert problems(m={"cmd": CMD, "memory_gb": 10, "resources": {"accelerator_type:H100": 0.001}}) == [want]
+    assert problems({"backend": "local"}, m={"cmd": CMD, "memory_gb": 10, "resources": {"x": 1}}) == [want]
+    # none given: nothing to refuse
+    assert config(m={"cmd": CMD, "memory_gb": 10, "resources": {}}).models["m"].resources == {}
 
 
 def test_resources_are_refused_on_an_adapter() -> None:
-    found = problems(RAY, m={"cmd": CMD}, lora={"adapter": "/a", "base": "m", "resources": {"x": 1}})
+    found = problems(RAY, m={"cmd": CMD, "memory_gb": 10}, lora={"adapter": "/a", "base": "m", "resources": {"x": 1}})
     assert found == ["models.lora.resources: not allowed on an adapter (it is loaded into its base's server)"]
 
 
@@ -97,7 +98,7 @@ def test_resources_are_refused_on_an_adapter() -> None:
     (["x"], "models.m.resources: expected a mapping of Ray resource names to amounts"),
 ], ids=["empty-name", "gpu", "cpu", "zero", "negative", "below-ray-unit", "string", "null", "bool", "list"])
 def test_bad_resources_are_refused(resources: Any, expected: str) -> None:
-    found = problems(RAY, m={"cmd": CMD, "resources": resources})
+    found = problems(RAY, m={"cmd": CMD, "memory_gb": 10, "resources": resources})
     assert len(found) == 1 and found[0].startswith(expected), found
 
 
@@ -110,17 +111,14 @@ def test_ray_backend_is_not_for_endpoint_mode() -> None:
     assert e.value.problems == [want]
 
 
-def test_ray_backend_needs_the_gpus_memory_unless_every_figure_is_given() -> None:
-    want = ["cluster.gpu_memory_gb: required with backend ray (Ray counts GPUs, not their memory), unless "
-            "capacity.memory_gb and every model's memory_gb are set"]
-    assert problems({"backend": "ray"}) == want
-    declared = {"cmd": CMD, "memory_gb": 30}
-    ok = build_config({"cluster": {"backend": "ray"}, "capacity": {"memory_gb": 70}, "models": {"m": declared}}, {})
-    assert ok.cluster.gpu_memory_gb is None
-    with pytest.raises(ConfigError) as e:  # one model's figure is derived: it needs the GPU's size
-        build_config({"cluster": {"backend": "ray"}, "capacity": {"memory_gb": 70},
-                      "models": {"m": declared, "n": {"cmd": CMD + " --gpu-memory-utilization 0.5"}}}, {})
-    assert e.value.problems == want
+def test_ray_backend_needs_the_gpus_memory_and_every_models_memory() -> None:
+    """The router cannot read the nodes' GPUs: each GPU's size and each model's share are declared."""
+    assert problems({"backend": "ray"}) == [
+        "cluster.gpu_memory_gb: required with backend ray (Ray counts GPUs, not their memory)"]
+    assert problems(RAY, m={"cmd": CMD + " --gpu-memory-utilization 0.5"}) == [
+        "models.m.memory_gb: required with backend ray: the router cannot read the nodes' GPUs to derive it "
+        "from --gpu-memory-utilization"]
+    assert config(RAY, m={"cmd": CMD, "memory_gb": 30}).cluster.gpu_memory_gb == 80
     assert problems(RAY, m={"cmd": CMD, "memory_gb": 90}) == [
         "models.m.memory_gb: 90 GB can never fit on a GPU of cluster.gpu_memory_gb (80 GB)"]
 
@@ -133,14 +131,15 @@ def test_check_config_and_the_schema_show_every_cluster_key(tmp_path: Path, caps
     assert keys == ["address", "backend", "gpu_memory_gb", "namespace"]
     path = tmp_path / "router.yaml"
     path.write_text(yaml.safe_dump({"cluster": {**RAY, "address": "ray://head:10001"},
-                                    "models": {"m": {"cmd": CMD, "resources": {"accelerator_type:H100": 0.001}}}}))
+                                    "models": {"m": {"cmd": CMD, "memory_gb": 10,
+                                                     "resources": {"accelerator_type:H100": 0.001}}}}))
     assert main(["check-config", str(path)]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["cluster"] == {"backend": "ray", "address": "ray://head:10001", "namespace": "vllm-model-router",
                                   "gpu_memory_gb": 80.0}
     assert printed["models"]["m"]["resources"] == {"accelerator_type:H100": 0.001}
     resources = printed["models"]["m"]["resources"]
-    again = {"cluster": printed["cluster"], "models": {"m": {"cmd": CMD, "resources": resources}}}
+    again = {"cluster": printed["cluster"], "models": {"m": {"cmd": CMD, "memory_gb": 10, "resources": resources}}}
     assert build_config(again, {}).to_dict() == build_config(yaml.safe_load(path.read_text()), {}).to_dict()
     schema = json_schema()
     cluster = schema["$defs"]["Cluster"]
@@ -152,12 +151,13 @@ def test_check_config_and_the_schema_show_every_cluster_key(tmp_path: Path, caps
     for bad in ({"backend": "slurm"}, {"namespace": ""}, {"gpu_memory_gb": 0}, {"address": "a b"}):
         assert not validator.is_valid({"cluster": bad}), bad
     for resources in ({"GPU": 1}, {"x": 0}, {"": 1}):
-        assert not validator.is_valid({"models": {"m": {"cmd": CMD, "resources": resources}}}), resources
+        model = {"cmd": CMD, "memory_gb": 10, "resources": resources}
+        assert not validator.is_valid({"models": {"m": model}}), resources
 
 
 def test_reading_a_ray_config_never_imports_ray() -> None:
     """Ray is an optional extra: the router's modules and the config, even a ray one, do without it."""
-    data = {"cluster": RAY, "models": {"m": {"cmd": CMD, "resources": {"x": 1}}}}
+    data = {"cluster": RAY, "models": {"m": {"cmd": CMD, "memory_gb": 10, "resources": {"x": 1}}}}
     code = ("import sys, vllm_model_router.cli, vllm_model_router.http.app\n"
             "from vllm_model_router.config import build_config\n"
             f"assert build_config({data!r}, {{}}).cluster.ray\n"

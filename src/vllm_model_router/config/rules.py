@@ -184,8 +184,8 @@ def check_cluster(cluster: Cluster, models: Mapping[str, ModelConfig], budget: f
                   problems: Problems) -> None:
     """What the backend (``cluster.backend``) asks of the rest: ``resources`` are Ray placement constraints,
     meaningless for servers started here; the ray backend starts servers, which endpoint mode (no model
-    with a cmd) has none of; and it needs each GPU's memory (Ray counts GPUs, not their memory), unless
-    every figure it would be used for is given: the budget (``capacity.memory_gb``) and each model's own."""
+    with a cmd) has none of; and the router cannot read the nodes' GPUs, so it needs each GPU's memory (Ray
+    counts GPUs, not their memory) and each model's ``memory_gb`` (a share of a GPU it cannot measure)."""
     started = [m for m in models.values() if not m.is_adapter]
     if not cluster.ray:
         for m in started:
@@ -196,11 +196,14 @@ def check_cluster(cluster: Cluster, models: Mapping[str, ModelConfig], budget: f
     if not started:
         problems.add(("cluster", "backend"), "the ray backend starts the models' servers on the cluster; endpoint "
                                              "mode (no model has a cmd) fronts engines that are already running")
-    elif cluster.gpu_memory_gb is None and (budget is None or any(m.memory_gb <= 0 for m in started)):
+    elif cluster.gpu_memory_gb is None:
         problems.add(("cluster", "gpu_memory_gb"), "required with backend ray (Ray counts GPUs, not their "
-                                                   "memory), unless capacity.memory_gb and every model's "
-                                                   "memory_gb are set")
+                                                   "memory)")
     for m in started:
+        if m.memory_gb <= 0:
+            problems.add(("models", m.name, "memory_gb"), "required with backend ray: the router cannot read "
+                                                          "the nodes' GPUs to derive it from "
+                                                          "--gpu-memory-utilization")
         if cluster.gpu_memory_gb is not None and m.memory_gb > cluster.gpu_memory_gb:
             problems.add(("models", m.name, "memory_gb"), f"{m.memory_gb:g} GB can never fit on a GPU of "
                                                           f"cluster.gpu_memory_gb ({cluster.gpu_memory_gb:g} GB)")

@@ -1,7 +1,8 @@
 """``cluster.backend: ray``: the runtime's side of running the engines on a Ray cluster.
 
-- Connects to the cluster (``cluster.address``, or ``RAY_ADDRESS``; Ray's token authentication applies
-  when ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` are set) in ``cluster.namespace``.
+- Connects to the cluster (``cluster.address``, or ``RAY_ADDRESS``) in ``cluster.namespace``; with Ray's
+  token authentication, the router's environment needs ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` (or
+  ``RAY_AUTH_TOKEN_PATH``), which Ray reads itself.
 - The cluster's nodes are the scheduler's GPUs (gpu/ray_nodes.py): every alive node's GPUs, each with
   ``cluster.gpu_memory_gb``, with the node each one is on, so a unit's GPUs are always on one machine.
 - The units run in Ray actors (drivers/ray_engine.py) on the node the scheduler chose; a unit that uses
@@ -44,7 +45,7 @@ class RayCluster:
                          logging_level=logging.WARNING)
         except Exception as e:  # no Ray installed, no cluster there, a token refused: one line, exit 1
             raise ConfigError([f"cluster.address: cannot join the Ray cluster at {cluster.address}: {e}"]) from e
-        gpu_gb = cluster.gpu_memory_gb or max((m.memory_gb for m in config.models.values()), default=1.0) or 1.0
+        gpu_gb = cluster.gpu_memory_gb or 1.0  # required with this backend (config/rules.py)
         self.nodes = RayNodes(gpu_gb)
         self.change: Change = self.nodes.snapshot()  # at startup, before the event loop serves anything
         self._units: Mapping[str, ModelConfig] = {u: m for u, m in config.units().items() if not m.is_adapter}
