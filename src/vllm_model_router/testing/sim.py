@@ -166,7 +166,7 @@ def scheduler_config(trace: Trace, *, max_wait: float = DEFAULT_MAX_WAIT,
 
 
 @dataclass(slots=True)
-class _RouterSim:
+class RouterSim:
     trace: Trace
     scheduler: Scheduler
     load_time: float
@@ -291,7 +291,7 @@ def simulate_router(trace: Trace, load_time: float, *, stop_time: float = DEFAUL
     seconds. ``config`` (default: ``scheduler_config(trace, ...)``) and ``make_scheduler`` let a caller
     try other settings or policies. Waits are arrival -> grant, in the order requests were granted."""
     cfg = config or scheduler_config(trace, max_wait=max_wait, load_timeout=load_timeout)
-    return _RouterSim(trace, make_scheduler(cfg), load_time, stop_time).run()
+    return RouterSim(trace, make_scheduler(cfg), load_time, stop_time).run()
 
 
 # ------------------------------------------------------------------------------------------ a report
