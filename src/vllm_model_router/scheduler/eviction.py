@@ -6,6 +6,7 @@ looks at, not to the number of models in the domain."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -175,6 +176,65 @@ def choose_placement(
     """
     if not options:
         return (), plan_eviction(need_gb, occupied, idle, budget)
+    if budget.gpu_memory_gb and occupied.count + 1 <= budget.max_resident and all(len(p) == 1 for p in options):
+        return _choose_one_gpu(need_gb, occupied, idle, budget, options)
+    return _choose_general(need_gb, occupied, idle, budget, options)
+
+
+def _choose_one_gpu(
+    need_gb: float, occupied: Usage, idle: Iterable[Occupant | Candidate], budget: Budget,
+    options: Sequence[tuple[int, ...]],
+) -> tuple[tuple[int, ...], list[str] | None]:
+    """``_choose_general``'s answer when every option is one GPU and the count is not what binds (a cluster:
+    hundreds of GPUs). There, each option's plan is its own GPU's, so one walk of the candidates builds
+    every plan at once: the cost is GPUs + candidates instead of GPUs x candidates. The arithmetic is the
+    general one's, step for step (same additions in the same order), so the decision is the same: a
+    property test holds the two to it."""
+    caps = budget.gpu_memory_gb
+    best: tuple[float, tuple[int, ...]] | None = None
+    for p in options:
+        g = p[0]
+        held = occupied.gpu_gb.get(g, 0.0)
+        if held + need_gb <= caps.get(g, 0.0) + 1e-9:
+            key = (caps.get(g, 0.0) - held - need_gb, p)
+            if best is None or key < best:
+                best = key
+    if best is not None:
+        return best[1], []
+    usage = {p[0]: occupied.gpu_gb.get(p[0], 0.0) for p in options}  # the GPUs not planned yet
+    victims: dict[int, list[str]] = {g: [] for g in usage}
+    plans: list[tuple[int, int, tuple[int, ...], list[str]]] = []
+    fewest = math.inf  # the fewest victims of a plan found: a later plan must have fewer to win
+    for i, cand in enumerate(idle):
+        c = _candidate(cand)
+        o, after = c.occupant, c.after
+        if not o.memory_gb > (after.memory_gb if after is not None else 0.0):
+            continue  # frees no memory (and the count is not over): no plan takes it
+        for g in o.gpus:
+            if g not in usage:
+                continue
+            u = usage[g] - o.memory_gb  # (Usage.remove, then Usage.add of what it keeps asleep)
+            if after is not None and g in after.gpus:
+                u += after.memory_gb
+            usage[g] = u
+            victims[g].append(c.name)
+            if u + need_gb <= caps.get(g, 0.0) + 1e-9:
+                plans.append((len(victims[g]), i, (g,), victims[g]))
+                fewest = min(fewest, len(victims[g]))
+                del usage[g]  # planned: later candidates do not change it
+        # a plan of one victim beats any that ends later (more victims, or as many but later in the order)
+        if not usage or fewest == 1:
+            break
+    if plans:
+        _, _, p, chosen = min(plans)
+        return p, chosen
+    return options[0], None
+
+
+def _choose_general(
+    need_gb: float, occupied: Usage, idle: Iterable[Occupant | Candidate], budget: Budget,
+    options: Sequence[tuple[int, ...]],
+) -> tuple[tuple[int, ...], list[str] | None]:
     free_fits: list[tuple[float, tuple[int, ...]]] = []
     for p in options:
         if fits(occupied, need_gb, budget, p):

@@ -62,6 +62,7 @@ class Residency:
         self._nominal = self.budget  # without what other processes hold (see GpuUsage)
         self._gpu_nodes: dict[int, str] = dict(config.gpu_nodes or {})  # which node each GPU is on (Capacity)
         self._foreign: dict[int, float] = {}  # what other processes hold per GPU (GpuUsage)
+        self._layout_cache: tuple[Budget, dict[int, str], list[tuple[int, ...]], dict[str, list[int]]] | None = None
         self._models: dict[str, ModelRecord] = {}
         self._groups: dict[str, Group] = {}  # model -> its units (a model without replicas: one)
         self._replicated: list[Group] = []  # the groups of more than one unit, in table order
@@ -322,7 +323,7 @@ class Residency:
             return [m.spec.gpus]
         k = m.spec.gpu_count
         if k <= 1:
-            return [(g,) for g in sorted(self.budget.gpu_memory_gb)]
+            return self._layout()[0]
         budgets, held = self.budget.gpu_memory_gb, self._index.held(None, but=m).gpu_gb
         options = []
         for gpus in self._nodes().values():
@@ -333,11 +334,19 @@ class Residency:
 
     def _nodes(self) -> dict[str, list[int]]:
         """The GPUs of each node (machine), in GPU order; without a topology, all on one."""
-        nodes: dict[str, list[int]] = {}
-        where = self._gpu_nodes
-        for g in sorted(self.budget.gpu_memory_gb):
-            nodes.setdefault(where.get(g, ""), []).append(g)
-        return nodes
+        return self._layout()[1]
+
+    def _layout(self) -> tuple[list[tuple[int, ...]], dict[str, list[int]]]:
+        """Every GPU as a one-GPU option, and the GPUs of each node: worked out again only when the budgets
+        (a new Budget: GpuUsage, Capacity) or the nodes change, not on every plan (a cluster has hundreds)."""
+        cache = self._layout_cache  # (kept with the very objects it was made from: no id is ever reused)
+        if cache is None or cache[0] is not self.budget or cache[1] is not self._gpu_nodes:
+            gpus = sorted(self.budget.gpu_memory_gb)
+            nodes: dict[str, list[int]] = {}
+            for g in gpus:
+                nodes.setdefault(self._gpu_nodes.get(g, ""), []).append(g)
+            cache = self._layout_cache = (self.budget, self._gpu_nodes, [(g,) for g in gpus], nodes)
+        return cache[2], cache[3]
 
     # ------------------------------------------------------------ use over time
     def _lru(self, models: Iterable[ModelRecord]) -> list[ModelRecord]:
