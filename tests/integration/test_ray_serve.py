@@ -5,6 +5,7 @@ its engines with it while the next request is re-planned onto the node that is l
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,3 +85,21 @@ async def test_a_router_killed_with_9_leaves_its_engines_to_the_next_one(
         assert after["remote_pid"] == before["remote_pid"] and after["port"] == before["port"]  # adopted
         assert (await second.chat("a")).status == 200
         assert "adopted" in [e["kind"] for e in await second.events() if e["model"] == "a"]
+
+
+async def test_a_request_in_hand_when_its_node_is_lost_is_answered_from_another_node(
+    cluster: RayCluster, start_router: StartRouter, marker: str
+) -> None:
+    nodes = [cluster.add_node(num_gpus=1), cluster.add_node(num_gpus=1)]
+    r = await start_router(
+        {"a": engine(memory_gb=60)}, capacity={"max_resident": 10},
+        cluster={"backend": "ray", "address": cluster.cluster.address, "namespace": f"t-{marker[:8]}",
+                 "gpu_memory_gb": 80})
+    assert (await r.chat("a")).status == 200
+    where = (await r.model("a"))["node"]
+    slow = asyncio.create_task(r.chat("a", fake={"delay": 3.0}))
+    await asyncio.sleep(1.0)  # in the engine's hands
+    cluster.remove_node(next(n for n in nodes if cluster.node_id(n) == where))
+    reply = await slow  # nothing of it had come back: it is planned again, on the node that is left
+    assert reply.status == 200, reply.body
+    assert (await r.model("a"))["node"] not in (None, where)

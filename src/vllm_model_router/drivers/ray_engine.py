@@ -271,6 +271,18 @@ class RayEngineDriver:
             log.info("Model %s adopted: %s on node %s", name, adopted[name], unit.placement.node_id)
         return adopted
 
+    async def alive(self, model: str) -> bool:
+        """Whether the unit's actor still answers with its engine serving (a request's connection to it
+        broke: its node may be gone, which the watcher will report)."""
+        unit = self._units.get(model)
+        if unit is None or unit.stopping:
+            return False
+        try:
+            status = await asyncio.wait_for(_awaited(unit.actor.status.remote()), CALL_TIMEOUT_S)
+        except (RayError, TimeoutError):
+            return False
+        return bool(status.get("endpoint"))
+
     # ------------------------------------------------------------------ views
     def placement_of(self, model: str) -> Placement:
         """Where a running unit is (an adopted one: as its actor reported)."""

@@ -243,7 +243,13 @@ class Proxy:
                 # is tried once more, on another engine; an engine that refused the connection is down
                 adapters = self.runtime.adapters
                 engine = adapters.engine_of(unit)
-                if moved or engine is None or not adapters.multi_engine:
+                if engine is None or not adapters.multi_engine:
+                    # a server of its own: planned again only when it is gone (a cluster node lost)
+                    if moved or not await self.runtime.gone(unit):
+                        raise
+                    moved = True
+                    continue
+                if moved:
                     raise
                 if e.connect:
                     adapters.unreachable(engine, "a request could not connect to it")

@@ -17,6 +17,7 @@ its public side (``submit``, ``views``, ``now``...; see base.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -237,6 +238,17 @@ class Runtime:
         units = self.units(model)
         await self.wait_for(lambda: all(self._scheduler.state_of(u) not in (State.LOADED, State.UNLOADING)
                                         for u in units))
+
+    async def gone(self, unit: str, within: float = 10.0) -> bool:
+        """A request's connection to ``unit`` broke before it answered: whether its server is gone (a
+        cluster node lost with it), in which case the scheduler is given ``within`` seconds to hear it, so
+        that the request can be planned again elsewhere. Drivers that cannot tell say no."""
+        alive = getattr(self.driver, "alive", None)
+        if alive is None or await alive(unit):
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wait_for(lambda: self._scheduler.state_of(unit) is not State.LOADED), within)
+        return self._scheduler.state_of(unit) is not State.LOADED
 
     def set_replicas(self, model: str, replicas: int) -> None:
         """Keep ``replicas`` copies of ``model`` (within its replicas.min and max): pinned and brought in
