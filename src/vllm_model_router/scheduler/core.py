@@ -317,16 +317,11 @@ class Scheduler(Planner):
         if victims == []:
             self._bring_in(m, placement, now, out)
 
-    def _may_grow(self, g: Group, m: ModelRecord) -> bool:
-        """Whether a grant on ``m`` could let step 4r start another replica of ``g``: the fast path then
-        leaves the request to a full pass."""
-        spec = m.spec
-        awake = [u for u in g.members if u.state in (State.LOADED, State.LOADING, State.WAKING)]
-        if len(awake) >= spec.replicas_max:
-            return False
-        loaded = [u for u in awake if u.state is State.LOADED]
-        return g.saturated or len(awake) < g.floor or sum(len(u.in_flight) for u in loaded) + 1 > \
-            spec.target_in_flight * len(loaded)
+    def _may_grow(self, g: Group) -> bool:
+        """Whether step 4r would start another replica of ``g`` once one more request is granted: the fast
+        path then leaves the request to a full pass (step 4r's own rule, asked ahead)."""
+        awake, want = self._wanted(g, more=1)
+        return len(awake) < want
 
     # ------------------------------------------------------------ fast path
     def _fast_path(self, event: Event, now: float) -> list[Effect] | None:
@@ -345,7 +340,7 @@ class Scheduler(Planner):
             if g is None or event.req_id in self._granted:
                 return None
             m = self._pick(g, self._seq + 1, event.affinity, event.eligible)
-            if m is None or (g.replicated and (g.dormant or self._may_grow(g, m))):
+            if m is None or (g.replicated and (g.dormant or self._may_grow(g))):
                 return None
             self._note_arrivals(g, now)
             self._seq += 1

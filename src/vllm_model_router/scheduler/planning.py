@@ -244,14 +244,15 @@ class Planner(Residency):
                     break
                 awake.append(target)
 
-    def _wanted(self, g: Group) -> tuple[list[ModelRecord], int]:
-        """``g``'s units that are loaded or on their way in, and how many it wants."""
+    def _wanted(self, g: Group, more: int = 0) -> tuple[list[ModelRecord], int]:
+        """``g``'s units that are loaded or on their way in, and how many it wants (with ``more`` requests
+        outstanding than now: what a grant would make of it)."""
         awake = [u for u in g.members if u.state in (State.LOADED, *STARTING)]
         loaded = [u for u in awake if u.state is State.LOADED]
         spec = g.members[0].spec
         want = 0 if g.dormant else g.floor
         if loaded and len(awake) == len(loaded) and (
-                g.saturated or sum(len(u.in_flight) for u in loaded) + self._waiting.count(g.name)
+                g.saturated or sum(len(u.in_flight) for u in loaded) + self._waiting.count(g.name) + more
                 > spec.target_in_flight * len(loaded)):
             want = max(want, len(awake) + 1)
         return awake, min(want, spec.replicas_max)
