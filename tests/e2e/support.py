@@ -297,6 +297,31 @@ def stop_router(router: Router) -> None:
     assert not left, "processes left after the router stopped:\n" + "\n".join(map(str, left))
 
 
+def make_room(router: Router) -> None:
+    """Unload what ``router`` holds, so that a second router's engines have the machine's two cores."""
+    for m in router.get("/admin/models", timeout=10).json()["models"]:
+        if m["state"] == "loaded":
+            router.post(f"/admin/models/{m['name']}/unload", None, timeout=120)
+
+
+def stop_second_router(router: Router, model: str, grace: float = 20) -> None:
+    """SIGTERM a router started beside the suite's shared one (``stop_router``'s check would count the shared
+    one, still running, as left behind): it must exit and leave no process of ``model`` behind."""
+    print(f"\nrouter log: {router.log_path}\n{router.log(40)}")
+    router.proc.send_signal(signal.SIGTERM)
+    try:
+        router.proc.wait(timeout=120)
+    finally:
+        stop_process(router.proc, 5)
+    with contextlib.suppress(pytest.fail.Exception):
+        wait_until_sync(lambda: not model_processes(model), grace, interval=0.2)
+    left = model_processes(model)
+    for p in left:  # do not leak them into the next run, but fail
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGKILL)
+    assert not left, f"processes of {model} left after its router stopped:\n" + "\n".join(map(str, left))
+
+
 # ----------------------------------------------------------------------------- LiteLLM
 @dataclass
 class LiteLLM:

@@ -4,9 +4,6 @@ a simulated cluster (a CPU-only head and one node, on loopback), answered and st
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import uuid
 from collections.abc import Iterator
 
@@ -15,17 +12,17 @@ from openai import OpenAI
 
 from tests.harness import free_port
 from tests.harness.ray_cluster import RayCluster, ray_cluster
-from tests.harness.waiting import wait_until_sync
 
 from .support import (
     RUN_ID,
     RUN_VAR,
     Router,
+    make_room,
     model_entry,
     model_processes,
     router_config,
     start_router,
-    stop_process,
+    stop_second_router,
 )
 
 pytestmark = pytest.mark.e2e
@@ -42,9 +39,7 @@ def cluster() -> Iterator[RayCluster]:
 
 @pytest.fixture(scope="module")
 def on_ray(router: Router, cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
-    for m in router.get("/admin/models", timeout=10).json()["models"]:  # make room on the machine
-        if m["state"] == "loaded":
-            router.post(f"/admin/models/{m['name']}/unload", None, timeout=120)
+    make_room(router)
     config = router_config(free_port())
     # tagged like the suite's other engines (the actor's environment is the cluster's, not the router's)
     config["models"] = {MODEL: {**model_entry(MODEL, env={RUN_VAR: RUN_ID}), "memory_gb": 10}}
@@ -54,20 +49,8 @@ def on_ray(router: Router, cluster: RayCluster, tmp_path_factory: pytest.TempPat
     try:
         yield r
     finally:
-        print(f"\nrouter log: {r.log_path}\n{r.log(40)}")
         running = model_processes(MODEL)
-        r.proc.send_signal(signal.SIGTERM)
-        try:
-            r.proc.wait(timeout=120)
-        finally:
-            stop_process(r.proc, 5)
-        with contextlib.suppress(pytest.fail.Exception):
-            wait_until_sync(lambda: not model_processes(MODEL), 20, interval=0.2)
-        left = model_processes(MODEL)
-        for p in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-        assert not left, "engine processes left after the router stopped:\n" + "\n".join(map(str, left))
+        stop_second_router(r, MODEL)
         assert running, "the engine's processes were never seen: the check above would prove nothing"
 
 

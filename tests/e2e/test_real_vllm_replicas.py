@@ -8,9 +8,6 @@ unload what it holds first, so that no more than two vLLM servers share the mach
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import os
-import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,11 +20,11 @@ from .support import (
     LOAD_TIMEOUT_S,
     Router,
     http,
+    make_room,
     model_entry,
-    model_processes,
     router_config,
     start_router,
-    stop_process,
+    stop_second_router,
 )
 
 pytestmark = pytest.mark.e2e
@@ -37,30 +34,14 @@ MODEL = "tiny-chat-b"
 
 @pytest.fixture(scope="module")
 def replicated(router: Router, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
-    for m in router.get("/admin/models", timeout=10).json()["models"]:  # make room on the machine
-        if m["state"] == "loaded":
-            router.post(f"/admin/models/{m['name']}/unload", None, timeout=120)
+    make_room(router)
     config = router_config(free_port(), max_resident=2)
     config["models"] = {MODEL: {**model_entry(MODEL), "replicas": {"min": 2, "max": 2}}}
     r = start_router(tmp_path_factory.mktemp("replicas"), config)
     try:
         yield r
     finally:
-        # stop_router's check would count the suite's shared router, still running, as left behind: this
-        # router must exit on SIGTERM and leave no process of either copy of its model
-        print(f"\nrouter log: {r.log_path}\n{r.log(40)}")
-        r.proc.send_signal(signal.SIGTERM)
-        try:
-            r.proc.wait(timeout=120)
-        finally:
-            stop_process(r.proc, 5)
-        with contextlib.suppress(pytest.fail.Exception):
-            wait_until_sync(lambda: not model_processes(MODEL), 10, interval=0.2)
-        left = model_processes(MODEL)
-        for p in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-        assert not left, "processes of the replicas left after the router stopped:\n" + "\n".join(map(str, left))
+        stop_second_router(r, MODEL, grace=10)
 
 
 def served(port: int) -> float:
