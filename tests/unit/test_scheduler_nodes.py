@@ -21,7 +21,15 @@ from vllm_model_router.scheduler import (
     StopModel,
     StopReason,
 )
-from vllm_model_router.scheduler.eviction import Budget, Candidate, Occupant, Usage, _choose_general, choose_placement
+from vllm_model_router.scheduler.eviction import (
+    Budget,
+    Candidate,
+    FreeOrder,
+    Occupant,
+    Usage,
+    _choose_general,
+    choose_placement,
+)
 
 # two nodes of two 80 GB GPUs: GPUs 0 and 1 on "a", 2 and 3 on "b"
 NODES = {0: "a", 1: "a", 2: "b", 3: "b"}
@@ -64,6 +72,41 @@ def test_a_model_no_node_can_hold_is_refused_at_once() -> None:
         Reject(1, "huge", 503, "Failed to load model huge: needs 4 GPUs on one machine; no machine has that many")]
 
 
+def test_a_model_that_needs_node_resources_goes_only_where_they_are() -> None:
+    # node b offers "accelerator_type:H100"; node a does not, and has the most room
+    r = cluster(h100=ModelSpec(60, needs=frozenset({"accelerator_type:H100"})), any=ModelSpec(60))
+    r.s.handle(Capacity(tuple(BUDGETS.items()), tuple(NODES.items()),
+                        (("a", frozenset()), ("b", frozenset({"accelerator_type:H100", "CPU"})))), 0.0)
+    assert r.step(RequestArrived(1, "any")) == [StartLoad("any", (0,))]
+    r.step(LoadDone("any", True))
+    assert r.step(RequestArrived(2, "h100")) == [StartLoad("h100", (2,))]
+
+
+def test_a_model_whose_resources_no_node_offers_is_refused_at_once_and_placed_when_one_joins() -> None:
+    r = cluster(h100=ModelSpec(60, needs=frozenset({"accelerator_type:H100"})))
+    assert r.step(RequestArrived(1, "h100")) == [Reject(
+        1, "h100", 503, "Failed to load model h100: needs a node with the resources accelerator_type:H100; "
+        "no node has them")]
+    out = r.step(Capacity(tuple(BUDGETS.items()), tuple(NODES.items()),
+                          (("b", frozenset({"accelerator_type:H100"})),)))
+    assert out == []
+    assert r.step(RequestArrived(2, "h100")) == [StartLoad("h100", (2,))]
+
+
+def test_a_tensor_parallel_model_that_needs_resources_evicts_only_on_nodes_that_offer_them() -> None:
+    r = Run({"x": ModelSpec(60), "y": ModelSpec(60), "z": ModelSpec(60), "w": ModelSpec(60),
+             "tp": ModelSpec(60, gpu_count=2, needs=frozenset({"fast"}))}, max_resident=10,
+            gpu_memory_gb=BUDGETS, gpu_nodes=NODES, node_resources={"a": (), "b": ("fast",)})
+    for i, name in enumerate("xyzw"):
+        r.step(RequestArrived(i, name), at=i)
+        r.step(LoadDone(name, True))
+        r.step(RequestFinished(i), at=i + 0.5)
+    # x and y (node a) are the least recently used, but tp may only go on node b: z and w make room
+    assert r.step(RequestArrived(9, "tp"), at=10) == [
+        StopModel("z", StopReason.LRU, "evicted to make room for tp"),
+        StopModel("w", StopReason.LRU, "evicted to make room for tp")]
+
+
 def test_a_node_that_leaves_takes_its_gpus_and_one_that_joins_gives_room() -> None:
     r = cluster(x=ModelSpec(60), y=ModelSpec(60), z=ModelSpec(60))
     for i, name in enumerate("xy"):
@@ -79,7 +122,7 @@ def test_a_node_that_leaves_takes_its_gpus_and_one_that_joins_gives_room() -> No
     assert r.step(LoadDone("z", True)) == [Grant(2, "z")]
 
 
-# ---------------------------------------------------------------- one walk for one-GPU placements
+# ---------------------------------------------------------------- one walk for placements that share no GPU
 occupants = st.lists(st.tuples(st.sampled_from([10.0, 20.0, 30.0, 40.0, 70.0]),
                                st.lists(st.integers(0, 5), min_size=1, max_size=2, unique=True),
                                st.sampled_from([None, 1.0, 5.0])), max_size=12)
@@ -103,3 +146,95 @@ def test_one_gpu_placement_decides_as_the_general_one(
     opts = [(g,) for g in options]
     assert choose_placement(need, occupied, iter(cands), budget, opts) == \
         _choose_general(need, occupied, iter(cands), budget, opts)
+
+
+@given(need=st.sampled_from([10.0, 30.0, 60.0, 80.0]),
+       held=st.lists(st.tuples(st.sampled_from([10.0, 20.0, 40.0, 70.0]),
+                               st.lists(st.integers(0, 7), min_size=1, max_size=3, unique=True),
+                               st.sampled_from([None, 1.0, 5.0])), max_size=14),
+       idle=st.lists(st.tuples(st.sampled_from([10.0, 20.0, 40.0, 70.0]),
+                               st.lists(st.integers(0, 7), min_size=1, max_size=3, unique=True),
+                               st.sampled_from([None, 1.0, 5.0])), max_size=14),
+       caps=st.lists(st.sampled_from([40.0, 80.0]), min_size=8, max_size=8),
+       groups=st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=4, unique=True), min_size=1, max_size=5),
+       disjoint=st.booleans())
+def test_multi_gpu_placement_decides_as_the_general_one(
+        need: float, held: list[tuple[float, list[int], float | None]],
+        idle: list[tuple[float, list[int], float | None]], caps: list[float], groups: list[list[int]],
+        disjoint: bool) -> None:
+    """Options of several GPUs each (a tensor-parallel model: the freest GPUs of each node), which may
+    share GPUs (then the general way is taken): the same placement and victims as the general way."""
+    occupied = Usage.of(Occupant(f"h{i}", gb, tuple(gpus)) for i, (gb, gpus, _) in enumerate(held))
+    cands = [Candidate(Occupant(f"c{i}", gb, tuple(gpus)),
+                       None if asleep is None else Occupant(f"c{i}", asleep, tuple(gpus), counts=False))
+             for i, (gb, gpus, asleep) in enumerate(idle)]
+    for c in cands:
+        occupied.add(c.occupant)
+    budget = Budget(100, None, dict(enumerate(caps)))
+    if disjoint:  # one option per node, as the scheduler makes them: no GPU in two
+        seen: set[int] = set()
+        for group in groups:
+            group[:] = [g for g in group if g not in seen]
+            seen.update(group)
+    opts = list(dict.fromkeys(tuple(sorted(g)) for g in groups if g))
+    assert choose_placement(need, occupied, iter(cands), budget, opts) == \
+        _choose_general(need, occupied, iter(cands), budget, opts)
+
+
+@given(need=st.sampled_from([10.0, 20.0, 30.0, 60.0, 79.9, 80.0]),
+       held=st.lists(st.tuples(st.sampled_from([10.0, 20.0, 30.0, 40.0, 70.0, 0.1]), st.integers(0, 11)), max_size=16),
+       changes=st.lists(st.tuples(st.sampled_from([-30.0, -10.0, 10.0, 20.0, 0.3]), st.integers(0, 11)), max_size=4),
+       caps=st.lists(st.sampled_from([40.0, 80.0, 79.9]), min_size=12, max_size=12))
+def test_the_free_order_finds_the_best_fit_a_full_read_finds(
+        need: float, held: list[tuple[float, int]], changes: list[tuple[float, int]], caps: list[float]) -> None:
+    """The order made once (``FreeOrder``) and asked about a usage that differs on a few GPUs (what earlier
+    loads reserved) answers as reading every GPU does."""
+    budget = Budget(100, None, dict(enumerate(caps)))
+    base = Usage.of(Occupant(f"h{i}", gb, (g,)) for i, (gb, g) in enumerate(held))
+    order = FreeOrder(base, budget, budget.gpu_memory_gb)
+    usage = base.copy()
+    for gb, g in changes:
+        usage.add(Occupant("r", gb, (g,)))
+    placement, victims = choose_placement(need, usage, [], budget, [(g,) for g in sorted(budget.gpu_memory_gb)])
+    assert order.best_fit(need, usage, budget, {g for _, g in changes}) == (placement if victims == [] else None)
+
+
+def test_loads_that_evict_on_different_gpus_swap_at_the_same_time() -> None:
+    r = cluster(x=ModelSpec(60), y=ModelSpec(60), z=ModelSpec(60), w=ModelSpec(60),
+                n1=ModelSpec(60), n2=ModelSpec(60))
+    for i, name in enumerate("xyzw"):
+        r.step(RequestArrived(i, name), at=i)
+        r.step(LoadDone(name, True))
+        r.step(RequestFinished(i), at=i + 0.5)
+    # every GPU is full; n1 evicts x (the least recently used), and n2, behind it, evicts y at once
+    # instead of waiting for n1's swap to end
+    assert r.step(RequestArrived(10, "n1"), at=10) == [StopModel("x", StopReason.LRU, "evicted to make room for n1")]
+    assert r.step(RequestArrived(11, "n2"), at=11) == [StopModel("y", StopReason.LRU, "evicted to make room for n2")]
+    # the first room to come free goes to the oldest waiter's load
+    assert r.step(StopDone("y")) == [StartLoad("n1", (1,))]
+    assert r.step(StopDone("x")) == [StartLoad("n2", (0,))]
+
+
+def test_a_later_load_never_takes_the_room_an_earlier_one_evicted_for() -> None:
+    # one node of two GPUs: big evicts x on GPU 0; small, behind it, would fit in that room and must not
+    # take it: it makes its own room on GPU 1 instead
+    r = Run({"x": ModelSpec(60), "y": ModelSpec(60), "big": ModelSpec(70), "small": ModelSpec(50)},
+            max_resident=10, gpu_memory_gb={0: 80.0, 1: 80.0}, gpu_nodes={0: "a", 1: "a"})
+    for i, name in enumerate("xy"):
+        r.step(RequestArrived(i, name), at=i)
+        r.step(LoadDone(name, True))
+        r.step(RequestFinished(i), at=i + 0.5)
+    assert r.step(RequestArrived(10, "big"), at=10) == [StopModel("x", StopReason.LRU, "evicted to make room for big")]
+    assert r.step(StopDone("x"), at=11) == [StartLoad("big", (0,))]
+    r2 = Run({"x": ModelSpec(60), "y": ModelSpec(60), "big": ModelSpec(70), "small": ModelSpec(50)},
+             max_resident=10, gpu_memory_gb={0: 80.0, 1: 80.0}, gpu_nodes={0: "a", 1: "a"})
+    for i, name in enumerate("xy"):
+        r2.step(RequestArrived(i, name), at=i)
+        r2.step(LoadDone(name, True))
+        r2.step(RequestFinished(i), at=i + 0.5)
+    assert r2.step(RequestArrived(10, "big"), at=10) == [StopModel("x", StopReason.LRU, "evicted to make room for big")]
+    # while x stops, small arrives: GPU 0's room is big's, so small evicts y on GPU 1
+    assert r2.step(RequestArrived(11, "small"), at=10.5) == [
+        StopModel("y", StopReason.LRU, "evicted to make room for small")]
+    assert r2.step(StopDone("x"), at=11) == [StartLoad("big", (0,))]
+    assert r2.step(StopDone("y"), at=11.5) == [StartLoad("small", (1,))]

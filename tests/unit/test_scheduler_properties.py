@@ -50,6 +50,7 @@ from vllm_model_router.scheduler import (
     WakeDone,
     WakeModel,
 )
+from vllm_model_router.scheduler.passes import Pass
 from vllm_model_router.scheduler.states import holds_residue_only
 
 MODELS = {"a": 10.0, "b": 20.0, "c": 30.0, "d": 40.0, "e": 5.0}
@@ -368,4 +369,31 @@ def test_fast_path_decides_as_a_full_pass(
     sleep: int, host: float | None, keep_idle: float, policies: bool, replicas: int,
 ) -> None:
     run_world(CheckedFastPath, ops, max_resident, memory, max_wait, gpus, sleep, host, keep_idle, policies,
+              replicas, world=SameWorld)
+
+
+# ---------------------------------------------------------------- step 4's decision, kept while it stands
+class PlansEveryPass(Scheduler):
+    """The scheduler planning step 4 on every pass, never reusing the last decision."""
+
+    def _plan_loads(self, p: Pass) -> None:
+        self._step4 = None
+        super()._plan_loads(p)
+
+
+class CheckedStep4(CheckedFastPath):
+    """The scheduler, shadowed by one that plans step 4 on every pass: the same effects, models and timers
+    (no earlier or later Tick either) after every event."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        super().__init__(config)
+        self.shadow = PlansEveryPass(config)
+
+
+@given(ops=ops, **settings)
+def test_a_kept_step_4_decision_is_what_planning_again_decides(
+    ops: list[tuple[int, int, float]], max_resident: int, memory: float | None, max_wait: float, gpus: bool,
+    sleep: int, host: float | None, keep_idle: float, policies: bool, replicas: int,
+) -> None:
+    run_world(CheckedStep4, ops, max_resident, memory, max_wait, gpus, sleep, host, keep_idle, policies,
               replicas, world=SameWorld)

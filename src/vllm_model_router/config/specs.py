@@ -20,7 +20,7 @@ from vllm_model_router.config.schema import ENGINE, RouterConfig
 from vllm_model_router.scheduler import ModelSpec
 from vllm_model_router.scheduler.events import replica_name
 
-COMPUTED = frozenset({"memory_gb", "sleeping_gb", "weights_gb", "ttl", "base", "external",
+COMPUTED = frozenset({"needs", "memory_gb", "sleeping_gb", "weights_gb", "ttl", "base", "external",
                       "group", "replica", "replicas_min", "replicas_max", "target_in_flight", "replica_idle"})
 
 
@@ -71,5 +71,6 @@ def scheduler_specs(
                 replicas_max=r.max,
                 target_in_flight=r.target_in_flight,
                 replica_idle=r.idle,
+                needs=frozenset(m.resources),
             )
     return dict(sorted(specs.items(), key=lambda kv: isinstance(kv[1], ModelSpec) and kv[1].base is not None))

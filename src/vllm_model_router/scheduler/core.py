@@ -110,6 +110,8 @@ class Scheduler(Planner):
     # ------------------------------------------------------------------ (0)
     def _apply(self, event: Event, now: float, out: list[Effect]) -> None:
         """What the event does by itself, before the planning pass."""
+        if not isinstance(event, RequestArrived | RequestFinished | RequestCancelled):
+            self._plan_gen += 1  # (a request's own moves reach step 4 through the index and the queue)
         match event:
             case RequestArrived(req_id, model, affinity, eligible):
                 if model not in self._groups:
@@ -210,9 +212,10 @@ class Scheduler(Planner):
             case GpuUsage(foreign):
                 self._foreign = dict(foreign)
                 self._rebudget()
-            case Capacity(gpus, nodes):
+            case Capacity(gpus, nodes, offers):
                 self._nominal = Budget(self.config.max_resident, self.config.memory_gb, dict(gpus))
                 self._gpu_nodes = dict(nodes)
+                self._node_resources = dict(offers)
                 self._rebudget()
             case Tick():
                 self._timer = None  # always re-arm: a timer may fire a hair before its deadline

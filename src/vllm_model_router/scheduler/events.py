@@ -15,6 +15,7 @@ class ModelSpec:
     external: bool = False  # always resident and never managed (the engine in endpoint mode)
     gpus: tuple[int, ...] | None = None  # fixed GPUs (memory_gb needed on each); None: the router places it
     gpu_count: int = 1  # GPUs it is placed on when the router places it (tensor x pipeline parallel), one node
+    needs: frozenset[str] = frozenset()  # node resources it must be placed with (a cluster's; see Capacity)
     sleep_level: int = 0  # configured: 0 stopped to make room; 1 or 2 put to sleep (vLLM sleep mode) instead
     sleeping_gb: float = 1.0  # what a sleeping model still holds on each of its GPUs
     weights_gb: float = 0.0  # host memory a level-1 sleeper holds (its weights, moved to host RAM)
@@ -158,6 +159,7 @@ class Capacity:
 
     gpu_memory_gb: tuple[tuple[int, float], ...]
     gpu_nodes: tuple[tuple[int, str], ...] = ()
+    node_resources: tuple[tuple[str, frozenset[str]], ...] = ()  # what each node offers (a model ``needs`` it)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,10 @@ looks at, not to the number of models in the domain."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from bisect import bisect_left
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,43 +168,60 @@ def choose_placement(
     idle: Iterable[Occupant | Candidate],
     budget: Budget,
     options: Sequence[tuple[int, ...]],
+    fits_nowhere: bool = False,
 ) -> tuple[tuple[int, ...], list[str] | None]:
     """Where a model that may go on any of ``options`` should go, and what that evicts.
 
     Best fit among the placements that need no eviction (the least memory left over, so that large
     holes stay for large models); otherwise the placement whose idle victims are fewest and least
     recently used. With no option that works even by evicting every idle model, the first option and
-    ``None``. ``idle`` is read lazily, and only if no placement fits as it is.
+    ``None``. ``idle`` is read lazily, and only if no placement fits as it is. ``fits_nowhere``: the caller
+    knows already that none does (``FreeOrder``).
     """
     if not options:
         return (), plan_eviction(need_gb, occupied, idle, budget)
-    if budget.gpu_memory_gb and occupied.count + 1 <= budget.max_resident and all(len(p) == 1 for p in options):
-        return _choose_one_gpu(need_gb, occupied, idle, budget, options)
+    if budget.gpu_memory_gb and occupied.count + 1 <= budget.max_resident and all(options):
+        return _choose_disjoint(need_gb, occupied, idle, budget, options, fits_nowhere)
     return _choose_general(need_gb, occupied, idle, budget, options)
 
 
-def _choose_one_gpu(
+def _choose_disjoint(
     need_gb: float, occupied: Usage, idle: Iterable[Occupant | Candidate], budget: Budget,
-    options: Sequence[tuple[int, ...]],
+    options: Sequence[tuple[int, ...]], fits_nowhere: bool = False,
 ) -> tuple[tuple[int, ...], list[str] | None]:
-    """``_choose_general``'s answer when every option is one GPU and the count is not what binds (a cluster:
-    hundreds of GPUs). There, each option's plan is its own GPU's, so one walk of the candidates builds
-    every plan at once: the cost is GPUs + candidates instead of GPUs x candidates. The arithmetic is the
-    general one's, step for step (same additions in the same order), so the decision is the same: a
-    property test holds the two to it."""
-    caps = budget.gpu_memory_gb
+    """``_choose_general``'s answer when the options share no GPU and the count is not what binds (a cluster:
+    each GPU, or each node's freest GPUs for a tensor-parallel model). There, each option's plan depends on
+    its own GPUs only, so one walk of the candidates builds every plan at once: the cost is GPUs +
+    candidates instead of options x candidates. The arithmetic is the general one's, step for step (same
+    additions in the same order), so the decision is the same: a property test holds the two to it.
+    Options that do share a GPU go the general way."""
+    caps, held = budget.gpu_memory_gb, occupied.gpu_gb
     best: tuple[float, tuple[int, ...]] | None = None
-    for p in options:
-        g = p[0]
-        held = occupied.gpu_gb.get(g, 0.0)
-        if held + need_gb <= caps.get(g, 0.0) + 1e-9:
-            key = (caps.get(g, 0.0) - held - need_gb, p)
+    for p in () if fits_nowhere else options:
+        if len(p) == 1:  # (the common case, without a generator per option)
+            g = p[0]
+            used = held.get(g, 0.0)
+            if used + need_gb <= caps.get(g, 0.0) + 1e-9:
+                one: tuple[float, tuple[int, ...]] = (caps.get(g, 0.0) - used - need_gb, p)
+                if best is None or one < best:
+                    best = one
+        elif all(held.get(g, 0.0) + need_gb <= caps.get(g, 0.0) + 1e-9 for g in p):
+            key = (min(caps.get(g, 0.0) - held.get(g, 0.0) for g in p) - need_gb, p)
             if best is None or key < best:
                 best = key
     if best is not None:
         return best[1], []
-    usage = {p[0]: occupied.gpu_gb.get(p[0], 0.0) for p in options}  # the GPUs not planned yet
-    victims: dict[int, list[str]] = {g: [] for g in usage}
+    owner: dict[int, int] = {}  # GPU -> the option it is in, while that option is not planned yet
+    for i, p in enumerate(options):
+        for g in p:
+            if g in owner:
+                return _choose_general(need_gb, occupied, idle, budget, options)
+            owner[g] = i
+    # each option's GPUs as its plan has left them so far, and those still over budget: made when a
+    # candidate first frees memory there (most options are never touched before a plan wins)
+    usage: dict[int, dict[int, float]] = {}
+    over: dict[int, set[int]] = {}
+    victims: dict[int, list[str]] = {}
     plans: list[tuple[int, int, tuple[int, ...], list[str]]] = []
     fewest = math.inf  # the fewest victims of a plan found: a later plan must have fewer to win
     for i, cand in enumerate(idle):
@@ -210,20 +229,30 @@ def _choose_one_gpu(
         o, after = c.occupant, c.after
         if not o.memory_gb > (after.memory_gb if after is not None else 0.0):
             continue  # frees no memory (and the count is not over): no plan takes it
-        for g in o.gpus:
-            if g not in usage:
-                continue
-            u = usage[g] - o.memory_gb  # (Usage.remove, then Usage.add of what it keeps asleep)
-            if after is not None and g in after.gpus:
-                u += after.memory_gb
-            usage[g] = u
-            victims[g].append(c.name)
-            if u + need_gb <= caps.get(g, 0.0) + 1e-9:
-                plans.append((len(victims[g]), i, (g,), victims[g]))
-                fewest = min(fewest, len(victims[g]))
-                del usage[g]  # planned: later candidates do not change it
+        for j in {owner[g] for g in o.gpus if g in owner}:
+            if j not in usage:
+                usage[j] = {g: held.get(g, 0.0) for g in options[j]}
+                over[j] = {g for g in options[j] if held.get(g, 0.0) + need_gb > caps.get(g, 0.0) + 1e-9}
+                victims[j] = []
+            if over[j].isdisjoint(o.gpus):
+                continue  # frees nothing this option still lacks (``_helps``)
+            u = usage[j]
+            for g in o.gpus:  # (Usage.remove, then Usage.add of what it keeps asleep)
+                if g in u:
+                    u[g] = u[g] - o.memory_gb
+            if after is not None:
+                for g in after.gpus:
+                    if g in u:
+                        u[g] = u[g] + after.memory_gb
+            victims[j].append(c.name)
+            over[j] = {g for g in u if u[g] + need_gb > caps.get(g, 0.0) + 1e-9}
+            if not over[j]:
+                plans.append((len(victims[j]), i, options[j], victims[j]))
+                fewest = min(fewest, len(victims[j]))
+                for g in options[j]:
+                    del owner[g]  # planned: later candidates do not change it
         # a plan of one victim beats any that ends later (more victims, or as many but later in the order)
-        if not usage or fewest == 1:
+        if not owner or fewest == 1:
             break
     if plans:
         _, _, p, chosen = min(plans)
@@ -254,3 +283,41 @@ def _choose_general(
         _, _, p, victims = min(plans)
         return p, victims
     return options[0], None
+
+
+class FreeOrder:
+    """Best fit among one-GPU placements without reading every GPU: the GPUs sorted by the memory left free
+    next to a ``Usage``, made once and asked for many loads while that usage and the budget stand (on a
+    cluster of hundreds of GPUs, every waiting load asks the same question of nearly the same usage). The
+    GPUs whose use differs in the usage asked about (``changed``: what one load reserved, the target's own
+    share) are read from that usage instead. The answer is ``choose_placement``'s, exactly: the walk starts
+    just below the need and reads on only while a GPU could still fit better."""
+
+    def __init__(self, usage: Usage, budget: Budget, gpus: Iterable[int]) -> None:
+        caps, held = budget.gpu_memory_gb, usage.gpu_gb
+        self.gpus = frozenset(gpus)
+        self._order = sorted((caps.get(g, 0.0) - held.get(g, 0.0), g) for g in self.gpus)
+
+    def best_fit(self, need_gb: float, usage: Usage, budget: Budget,
+                 changed: Collection[int]) -> tuple[int, ...] | None:
+        """The GPU ``choose_placement`` would put a model needing ``need_gb`` on without evicting, next to
+        ``usage`` (equal to the usage this was made from but on the ``changed`` GPUs); None: none fits."""
+        caps, held = budget.gpu_memory_gb, usage.gpu_gb
+        best: tuple[float, tuple[int, ...]] | None = None
+        for g in changed:
+            if g in self.gpus and held.get(g, 0.0) + need_gb <= caps.get(g, 0.0) + 1e-9:
+                key = (caps.get(g, 0.0) - held.get(g, 0.0) - need_gb, (g,))
+                if best is None or key < best:
+                    best = key
+        # a GPU with less free than the need less a margin far above rounding cannot pass the check below
+        for free, g in islice(self._order, bisect_left(self._order, (need_gb - 1e-6,)), None):
+            if best is not None and free - need_gb > best[0]:
+                break  # (the key grows with what is free: nothing further on fits better)
+            if g in changed:
+                continue
+            used = held.get(g, 0.0)
+            if used + need_gb <= caps.get(g, 0.0) + 1e-9:
+                key = (caps.get(g, 0.0) - used - need_gb, (g,))
+                if best is None or key < best:
+                    best = key
+        return best[1] if best is not None else None

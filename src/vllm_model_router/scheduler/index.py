@@ -100,9 +100,11 @@ class ModelIndex:
         self._lru_key: dict[str, LruKey] = {}
         self._stale: set[str] = set()  # used since their key was filed: refiled when the order is next read
         self._records: dict[str, ModelRecord] = {}
+        self.version = 0  # bumped by every move and rekey: what step 4 read is unchanged while it is
 
     # ------------------------------------------------------------------ upkeep
     def added(self, m: ModelRecord, base: ModelRecord | None) -> None:
+        self.version += 1
         if base is not None:
             self._adapters.setdefault(base.name, []).append(m)
             self._bases[base.name] = base
@@ -131,6 +133,7 @@ class ModelIndex:
         self._timed.pop(m.name, None)
 
     def moved(self, m: ModelRecord) -> None:
+        self.version += 1
         self._enter(m)
 
     def used(self, m: ModelRecord, now: float) -> None:
@@ -142,6 +145,7 @@ class ModelIndex:
 
     def rekeyed(self, m: ModelRecord) -> None:
         """Something in ``m``'s eviction key other than a use changed (whether it is an extra replica)."""
+        self.version += 1
         if m.name in self._lru_key:
             self._stale.add(m.name)
 
@@ -209,6 +213,11 @@ class ModelIndex:
         """What the models holding capacity in ``domain`` (but ``but``) hold, in total: a copy."""
         return self._total(self._held, 0, domain, but)
 
+    def counted(self, m: ModelRecord) -> Occupant | None:
+        """What ``m`` is counted as holding in its domain now (None: nothing)."""
+        counted = self._occupants.get(m.name)
+        return counted[0] if counted is not None else None
+
     def staying(self, domain: str | None, but: ModelRecord | None = None) -> Usage:
         """What they (but ``but``) will still hold once what is stopping or falling asleep has gone."""
         return self._total(self._staying, 1, domain, but)
@@ -252,19 +261,22 @@ class ScanningIndex(ModelIndex):
         self._table = table
 
     def added(self, m: ModelRecord, base: ModelRecord | None) -> None:
-        pass
+        self.version += 1
 
     def moving(self, m: ModelRecord) -> None:
         pass
 
     def moved(self, m: ModelRecord) -> None:
-        pass
+        self.version += 1
 
     def used(self, m: ModelRecord, now: float) -> None:
         m.last_used = now
 
     def rekeyed(self, m: ModelRecord) -> None:
-        pass
+        self.version += 1
+
+    def counted(self, m: ModelRecord) -> Occupant | None:
+        return occupant(m) if holds_capacity(m) else None
 
     def held(self, domain: str | None, but: ModelRecord | None = None) -> Usage:
         return Usage.of(occupant(m) for m in self.holders(domain) if m is not but)

@@ -7,12 +7,13 @@ number them the same way, and the scheduler tests are named after the step they 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Container, Sequence
-from dataclasses import dataclass, field
 
 from vllm_model_router.scheduler.effects import Effect, Reject, TimerAt
-from vllm_model_router.scheduler.eviction import choose_placement
+from vllm_model_router.scheduler.eviction import Budget, FreeOrder, Occupant, Usage, choose_placement
 from vllm_model_router.scheduler.index import in_table_order
+from vllm_model_router.scheduler.passes import Hot, Pass, Step4, plus
 from vllm_model_router.scheduler.records import Group, ModelRecord, Waiter
 from vllm_model_router.scheduler.residency import TIMED_OUT, Residency
 from vllm_model_router.scheduler.states import HOLDS_CAPACITY, RESIDENT, STARTING, WANTS_IN, State, StopReason
@@ -21,19 +22,6 @@ AWAKE = RESIDENT - {State.UNLOADING}
 RETRY_FAILED_S = 30.0
 """A replica whose load failed is not started again for saturation (or to be kept) before this long."""
 """What step 3 counts against a budget: resident and not already on its way out."""
-
-
-@dataclass(slots=True)
-class Pass:
-    """What one planning pass carries from step to step."""
-
-    now: float
-    out: list[Effect]
-    # model -> the arrival number of the newest waiter it still admits (-1: none); set by steps 4 and 7
-    drain: dict[str, int] = field(default_factory=dict)
-    blocked_since: float | None = None  # step 4: the oldest waiter of a load blocked behind busy models
-    room_pending: bool = False  # step 4: a waiter's load waits for room (no replica may take any then)
-    cooling: list[float] = field(default_factory=list)  # step 4: when hot models holding it back cool down
 
 
 class _Wanting:
@@ -49,6 +37,8 @@ class _Wanting:
 
 class Planner(Residency):
     """The planning pass, one method per step."""
+
+    _step4: Step4 | None = None  # step 4's last decision, while it stands (``_plan_loads``)
 
     def _pump(self, now: float, out: list[Effect]) -> None:
         p = Pass(now, out)
@@ -105,18 +95,40 @@ class Planner(Residency):
 
     # (4) ------------------------------------------------------------------------------------------
     def _plan_loads(self, p: Pass) -> None:
-        """Bring in what waiters need, by priority and then in the order of each model's oldest waiter. A
-        load that must wait for room blocks the ones after it (no overtaking), so a big model cannot
-        starve behind small ones."""
+        """Bring in what waiters need, by priority and then in the order of each model's oldest waiter. A load
+        that evicts, or waits for room already on its way, reserves that room: the loads after it plan
+        around it (on a cluster, swaps on other GPUs go on at the same time) and can never take it. A load
+        blocked behind busy models blocks the ones after it (no overtaking), so a big model cannot starve
+        behind small ones.
+
+        When the last pass changed nothing here (every load waited) and nothing it read has changed since
+        (the models' states, the first waiter of each model, the budgets, and, if it read the eviction
+        candidates, which models are idle), the same decision stands without planning again: with
+        hundreds of GPUs, most events (a request granted or finished on a resident model) change none of it."""
         # only a model that is out (or asleep) can be brought in for its waiters (``_load_target``)
         wanting: Sequence[Container[str]] = [self._index.names_in(s) for s in WANTS_IN]
         if self._replicated:
             wanting = [_Wanting(self)]
-        for first in self._waiting.in_planning_order(wanting):
+        firsts = list(self._waiting.in_planning_order(wanting))
+        key: tuple[object, ...] = (self._plan_gen, self._index.version, self.budget,
+                                   tuple((w.model, w.seq) for w in firsts))
+        memo = self._step4
+        if memo is not None and p.now < memo.until and memo.key[:-1] == key \
+                and memo.key[-1] in (None, self._idle_gen):
+            p.room_pending, p.blocked_since = True, memo.blocked_since
+            p.cooling.extend(memo.cooling)
+            return
+        emitted = len(p.out)
+        for first in firsts:
             target = self._load_target(self._groups[first.model], first)
             if target is not None and not self._plan_one(p, target, first):
-                p.room_pending = True
                 break
+        self._step4 = None
+        if p.room_pending and len(p.out) == emitted and not p.drain and not self._draining:
+            until = min([*p.cooling, p.blocked_since + self.config.max_wait if p.blocked_since is not None
+                         else math.inf])
+            self._step4 = Step4((*key, self._idle_gen if p.read_candidates else None), until,
+                                 p.blocked_since, tuple(p.cooling))
 
     def _wants_in(self, g: Group) -> ModelRecord | None:
         """The unit to bring in for ``g``'s waiters when none of its units is loaded or on its way in: a
@@ -168,16 +180,17 @@ class Planner(Residency):
         return m
 
     def _plan_one(self, p: Pass, target: ModelRecord, first: Waiter) -> bool:
-        """(a) it fits next to everything that holds capacity (loading, loaded, still stopping) → start
-        or wake it; (b) evicting idle models makes it fit → evict them, and start when their StopDone or
-        SleepDone arrives (never while a victim still holds the memory); (c) otherwise wait for busy models
-        to drain. False when the load waits (later loads wait behind it)."""
+        """(a) it fits next to everything that holds capacity (loading, loaded, still stopping) and the room
+        earlier loads reserved → start or wake it; (b) evicting idle models makes it fit → evict them, and
+        start when their StopDone or SleepDone arrives (never while a victim still holds the memory); (c)
+        otherwise wait for busy models to drain. False when the load is blocked (c): later loads wait behind
+        it. In (b), and while the room it evicted for is on its way, it reserves that room."""
         domain = target.base
         budget = self._budget(domain)
         waking = target.state is State.SLEEPING
         options = [target.placed] if waking and target.placed else self._options(target)
         if not options:  # no node has gpu_count GPUs: waiting would not help
-            target.last_error = f"needs {target.spec.gpu_count} GPUs on one machine; no machine has that many"
+            target.last_error = self._unplaceable(target)
             self._fail_waiters(target, 503, f"Failed to load model {target.group}: {target.last_error}", p.out)
             return True
         need = target.memory_gb
@@ -187,36 +200,42 @@ class Planner(Residency):
             # others' use leaves no GPU where it could ever fit: plan as if it were not there, and let the
             # start-time check name the processes that hold the memory (a 503, not a long wait)
             budget = self._nominal
+        reserved = p.reserved.get(domain)
         # (a sleeper's own residue becomes its need: ``but=target``)
-        placement, victims = choose_placement(need, self._index.held(domain, but=target), [], budget, options)
+        held = plus(self._index.held(domain, but=target), reserved)
+        ordered, fit = self._free_fit(False, need, held, budget, options, target, reserved)
+        placement, victims = (fit or (), [] if fit else None) if ordered else \
+            choose_placement(need, held, [], budget, options)
         if victims == []:  # (a)
             self._bring_in(target, placement, p.now, p.out)
             return True
         # what is already stopping (or falling asleep) will free its share: only evict more if that is
         # not enough
-        staying = self._index.staying(domain, but=target)
-        hot: set[str] = set()
-        if p.now - first.arrived < self.config.max_wait and self.config.keep_idle > 0:
-            # before the fairness bound models in steady use stay
-            for m in self._index.lru(domain, State.LOADED):
-                if not m.pinned and not self._busy(m) and self._hot(m, p.now):
-                    hot.add(m.name)
-                    p.cooling.append(self._hot_until(m))
-        placement, victims = choose_placement(need, staying, self._candidates(domain, target, hot=hot), budget,
-                                              options)
+        staying = plus(self._index.staying(domain, but=target), reserved)
+        ordered, fit = self._free_fit(True, need, staying, budget, options, target, reserved)
+        # before the fairness bound models in steady use stay
+        hot: Container[str] = Hot(self, p.now, p.cooling) \
+            if p.now - first.arrived < self.config.max_wait and self.config.keep_idle > 0 else ()
+        if fit:
+            placement, victims = fit, []
+        else:
+            placement, victims = choose_placement(need, staying, self._candidates(domain, target, hot=hot), budget,
+                                                  options, fits_nowhere=ordered)
         sleep = True
         if victims is None:  # residues in the way: stopping instead of sleeping may be enough
             sleep = False
             placement, victims = choose_placement(
-                need, staying, self._candidates(domain, target, sleep=False, hot=hot), budget, options)
-        if victims == []:  # room is on its way: start on the StopDone / SleepDone
-            return False
-        if victims:  # (b)
+                need, staying, self._candidates(domain, target, sleep=False, hot=hot), budget, options,
+                fits_nowhere=ordered)
+        p.room_pending = True
+        if victims is not None:  # (b), or room already on its way: start on the StopDone / SleepDone
             for v in victims:
                 self._evict(self._models[v], f"evicted to make room for {target.name}", p.now, p.out, sleep)
-            return False
+            self._reserve(p, target, placement, need)
+            return True
         # (c) resident models keep being served, but once the oldest waiter has waited max_wait the busy
         # victims stop taking requests newer than it (they drain), so the load cannot starve
+        p.read_candidates = True
         p.blocked_since = first.arrived
         if p.now - first.arrived >= self.config.max_wait:
             _, needed = choose_placement(need, staying, self._candidates(domain, target, busy_too=True), budget,
@@ -224,6 +243,32 @@ class Planner(Residency):
             for v in needed or []:
                 p.drain[v] = min(p.drain.get(v, first.seq), first.seq)
         return False
+
+    def _free_fit(self, staying: bool, need: float, usage: Usage, budget: Budget, options: list[tuple[int, ...]],
+                  target: ModelRecord, reserved: Usage | None) -> tuple[bool, tuple[int, ...] | None]:
+        """``choose_placement``'s answer without evicting (the GPU, or None: none fits), found with a
+        ``FreeOrder`` of what every model holds (``staying``: once what is on its way out has gone), for a
+        model that may go on any one GPU; the order is made again only after a model has moved. False
+        first when the order does not apply (then ``choose_placement`` reads every option)."""
+        if target.base is not None or budget is not self.budget or not budget.gpu_memory_gb \
+                or usage.count + 1 > budget.max_resident or options is not self._layout()[0]:
+            return False, None
+        cached = self._free_orders.get(staying)
+        if cached is None or cached[0] != self._index.version or cached[1] is not budget:
+            base = self._index.staying(None) if staying else self._index.held(None)
+            cached = (self._index.version, budget, FreeOrder(base, budget, budget.gpu_memory_gb))
+            self._free_orders[staying] = cached
+        changed = set(reserved.gpu_gb) if reserved is not None else set()
+        if (mine := self._index.counted(target)) is not None:
+            changed.update(mine.gpus)
+        return True, cached[2].best_fit(need, usage, budget, changed)
+
+    def _reserve(self, p: Pass, target: ModelRecord, placement: tuple[int, ...], need: float) -> None:
+        """Count ``target`` as placed on ``placement`` for the rest of the pass: the room it waits for."""
+        usage = p.reserved.setdefault(target.base, Usage())
+        usage.add(Occupant(target.name, need, placement))
+        if (mine := self._index.counted(target)) is not None:  # (a sleeper's residue becomes its need)
+            usage.remove(mine)
 
     # (4r) -----------------------------------------------------------------------------------------
     def _scale(self, p: Pass) -> None:
@@ -293,9 +338,8 @@ class Planner(Residency):
         if victims == []:
             self._bring_in(target, placement, p.now, p.out)
             return True
-        hot = {m.name for m in self._index.lru(domain, State.LOADED) if self._hot(m, p.now)} \
-            if self.config.keep_idle > 0 else set()
-        p.cooling += [self._hot_until(self._models[name]) for name in hot]  # then they may make room
+        hot: Container[str] = Hot(self, p.now, p.cooling) if self.config.keep_idle > 0 else ()  # (then they
+        # may make room)
         candidates = (c for c in self._candidates(domain, target, hot=hot)
                       if self._models[c.name].group != g.name and not self._waiting.count(self._models[c.name].group))
         _, victims = choose_placement(need, self._index.staying(domain, but=target), candidates, budget, options)

@@ -13,12 +13,12 @@ models. ``_set_state`` is the one place a model changes state, and it keeps the 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from vllm_model_router.scheduler.effects import Effect, Grant, Reject, SleepModel, StartLoad, StopModel, WakeModel
 from vllm_model_router.scheduler.events import ModelSpec
-from vllm_model_router.scheduler.eviction import Budget, Candidate, Occupant
+from vllm_model_router.scheduler.eviction import Budget, Candidate, FreeOrder, Occupant
 from vllm_model_router.scheduler.index import TIMED, ModelIndex, in_table_order, lru_key, occupant
 from vllm_model_router.scheduler.records import Group, ModelRecord
 from vllm_model_router.scheduler.states import (
@@ -45,6 +45,7 @@ class SchedulerConfig:
     max_wait: float
     gpu_memory_gb: Mapping[int, float] | None = None  # per-GPU budgets when GPUs are known
     gpu_nodes: Mapping[int, str] | None = None  # which node (machine) each GPU is on; None: all on one
+    node_resources: Mapping[str, Collection[str]] | None = None  # what each node offers (``ModelSpec.needs``)
     host_memory_gb: float | None = None  # what level-1 sleepers' weights may take in host RAM
     host_overflow: str = "stop"  # host budget full: "stop" the oldest level-1 sleeper, or sleep at "level2"
     keep_idle: float = 0.0  # a model in steady use is kept this long after its last request (0: off)
@@ -61,8 +62,11 @@ class Residency:
         self.budget = Budget(config.max_resident, config.memory_gb, dict(config.gpu_memory_gb or {}))
         self._nominal = self.budget  # without what other processes hold (see GpuUsage)
         self._gpu_nodes: dict[int, str] = dict(config.gpu_nodes or {})  # which node each GPU is on (Capacity)
+        self._node_resources: dict[str, frozenset[str]] = {
+            n: frozenset(r) for n, r in (config.node_resources or {}).items()}  # what each node offers (Capacity)
         self._foreign: dict[int, float] = {}  # what other processes hold per GPU (GpuUsage)
-        self._layout_cache: tuple[Budget, dict[int, str], list[tuple[int, ...]], dict[str, list[int]]] | None = None
+        self._layout_cache: tuple[Budget, dict[int, str], dict[str, frozenset[str]], dict[
+            frozenset[str], tuple[list[tuple[int, ...]], dict[str, list[int]]]]] | None = None
         self._models: dict[str, ModelRecord] = {}
         self._groups: dict[str, Group] = {}  # model -> its units (a model without replicas: one)
         self._replicated: list[Group] = []  # the groups of more than one unit, in table order
@@ -78,6 +82,11 @@ class Residency:
         self._seq = 0
         self._draining: set[str] = set()  # the models step 7 left draining
         self._timer: float | None = None  # when the last TimerAt asked for a Tick
+        # what step 4 decided last, and what it read (``Planner._plan_loads``): bumped by every event but a
+        # request's arrival or end (``_plan_gen``), and by every request's end (``_idle_gen``)
+        self._plan_gen = 0
+        self._idle_gen = 0
+        self._free_orders: dict[bool, tuple[int, Budget, FreeOrder]] = {}  # (``Planner._free_fit``)
 
     # ------------------------------------------------------------------ queries
     def resident(self) -> list[str]:
@@ -228,6 +237,7 @@ class Residency:
             return
         model = self._granted.pop(req_id, None)
         if model is not None:
+            self._idle_gen += 1  # a model may have fallen idle: a candidate for eviction step 4 had not
             m = self._models[model]
             m.in_flight.discard(req_id)
             self._index.used(m, now)
@@ -298,13 +308,13 @@ class Residency:
         return self.budget if domain is None else Budget(self._models[domain].spec.max_adapters, None)
 
     def _candidates(self, domain: str | None, target: ModelRecord, sleep: bool = True, busy_too: bool = False,
-                    hot: Collection[str] = ()) -> Iterator[Candidate]:
+                    hot: Container[str] = ()) -> Iterator[Candidate]:
         """Ways to make room in ``domain`` for ``target``, in order, read lazily: idle awake models (or all
         awake ones, ``busy_too``) but the ``hot`` ones, least recently used first (put to sleep when they
         can sleep and ``sleep``, else stopped), then sleepers, least recently used first (stopped). Pinned
         models are never candidates."""
         for m in self._index.lru(domain, State.LOADED):
-            if m.pinned or (not busy_too and (m.name in hot or self._busy(m))):
+            if m.pinned or (not busy_too and (self._busy(m) or m.name in hot)):
                 continue
             asleep = Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False) if sleep and m.spec.sleep_level \
                 else None
@@ -316,37 +326,47 @@ class Residency:
     def _options(self, m: ModelRecord) -> list[tuple[int, ...]]:
         """Where ``m`` may go: its fixed GPUs, any one GPU, ``gpu_count`` GPUs of one node (on each node
         the ones with the most memory free: a tensor-parallel model wants them all to have its share), or
-        (no GPUs known, or an adapter) nowhere in particular."""
+        (no GPUs known, or an adapter) nowhere in particular. On a cluster, only nodes that offer what it
+        ``needs`` (none: it cannot be placed)."""
         if m.base is not None or not self.budget.gpu_memory_gb:
             return [()]
         if m.spec.gpus:
             return [m.spec.gpus]
         k = m.spec.gpu_count
+        one_gpu, nodes = self._layout(m.spec.needs)
         if k <= 1:
-            return self._layout()[0]
+            return one_gpu
         budgets, held = self.budget.gpu_memory_gb, self._index.held(None, but=m).gpu_gb
         options = []
-        for gpus in self._nodes().values():
+        for gpus in nodes.values():
             if len(gpus) >= k:
                 freest = sorted(gpus, key=lambda g: (held.get(g, 0.0) - budgets.get(g, 0.0), g))[:k]
                 options.append(tuple(sorted(freest)))
         return options
 
-    def _nodes(self) -> dict[str, list[int]]:
-        """The GPUs of each node (machine), in GPU order; without a topology, all on one."""
-        return self._layout()[1]
-
-    def _layout(self) -> tuple[list[tuple[int, ...]], dict[str, list[int]]]:
-        """Every GPU as a one-GPU option, and the GPUs of each node: worked out again only when the budgets
-        (a new Budget: GpuUsage, Capacity) or the nodes change, not on every plan (a cluster has hundreds)."""
+    def _layout(self, needs: frozenset[str] = frozenset()) -> tuple[list[tuple[int, ...]], dict[str, list[int]]]:
+        """Every GPU as a one-GPU option, and the GPUs of each node, of the nodes that offer ``needs``: worked
+        out again only when the budgets (a new Budget: GpuUsage, Capacity) or the nodes change, not on every
+        plan (a cluster has hundreds)."""
         cache = self._layout_cache  # (kept with the very objects it was made from: no id is ever reused)
-        if cache is None or cache[0] is not self.budget or cache[1] is not self._gpu_nodes:
-            gpus = sorted(self.budget.gpu_memory_gb)
+        if cache is None or cache[0] is not self.budget or cache[1] is not self._gpu_nodes \
+                or cache[2] is not self._node_resources:
+            cache = self._layout_cache = (self.budget, self._gpu_nodes, self._node_resources, {})
+        by_needs = cache[3]
+        if needs not in by_needs:
             nodes: dict[str, list[int]] = {}
-            for g in gpus:
-                nodes.setdefault(self._gpu_nodes.get(g, ""), []).append(g)
-            cache = self._layout_cache = (self.budget, self._gpu_nodes, [(g,) for g in gpus], nodes)
-        return cache[2], cache[3]
+            for g in sorted(self.budget.gpu_memory_gb):
+                node = self._gpu_nodes.get(g, "")
+                if needs <= self._node_resources.get(node, frozenset()):
+                    nodes.setdefault(node, []).append(g)
+            by_needs[needs] = (sorted((g,) for gpus in nodes.values() for g in gpus), nodes)
+        return by_needs[needs]
+
+    def _unplaceable(self, m: ModelRecord) -> str:
+        """Why ``m`` has no option (``_options`` is empty): what no node has."""
+        if m.spec.needs and not self._layout(m.spec.needs)[1]:
+            return f"needs a node with the resources {', '.join(sorted(m.spec.needs))}; no node has them"
+        return f"needs {m.spec.gpu_count} GPUs on one machine; no machine has that many"
 
     # ------------------------------------------------------------ use over time
     def _lru(self, models: Iterable[ModelRecord]) -> list[ModelRecord]:

@@ -1,0 +1,64 @@
+"""What a planning pass carries from step to step (``Pass``), and what step 4 keeps between passes and reads
+as it plans (``Step4``, ``Hot``, ``plus``): see ``Planner._plan_loads``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm_model_router.scheduler.effects import Effect
+from vllm_model_router.scheduler.eviction import Usage
+from vllm_model_router.scheduler.residency import Residency
+
+
+@dataclass(slots=True)
+class Pass:
+    """What one planning pass carries from step to step."""
+
+    now: float
+    out: list[Effect]
+    # model -> the arrival number of the newest waiter it still admits (-1: none); set by steps 4 and 7
+    drain: dict[str, int] = field(default_factory=dict)
+    blocked_since: float | None = None  # step 4: the oldest waiter of a load blocked behind busy models
+    room_pending: bool = False  # step 4: a waiter's load waits for room (no replica may take any then)
+    cooling: list[float] = field(default_factory=list)  # step 4: when hot models holding it back cool down
+    # step 4: the room the loads planned so far wait for (their memory where they will go, less what they
+    # hold now), per domain; later loads plan around it
+    reserved: dict[str | None, Usage] = field(default_factory=dict)
+    read_candidates: bool = False  # step 4 walked the eviction candidates (a model falling idle matters)
+
+
+@dataclass(frozen=True, slots=True)
+class Step4:
+    """What step 4 decided when it changed nothing (every load waits), and what that decision read: while
+    none of it changes, the same pass would decide the same, and is not run again."""
+
+    key: tuple[object, ...]
+    until: float  # a waiter's fairness bound or a hot model's cooling: the decision may change then
+    blocked_since: float | None
+    cooling: tuple[float, ...]
+
+
+class Hot:
+    """The models protected from eviction at ``now`` (``Residency._hot``), asked of each candidate as the
+    eviction order is read (not of every loaded model up front); each one found is noted with when it
+    cools down (the timer of step 9)."""
+
+    def __init__(self, planner: Residency, now: float, cooling: list[float]) -> None:
+        self._planner, self._now, self._cooling = planner, now, cooling
+
+    def __contains__(self, name: object) -> bool:
+        m = self._planner._models[name] if isinstance(name, str) else None
+        if m is None or not self._planner._hot(m, self._now):
+            return False
+        self._cooling.append(self._planner._hot_until(m))
+        return True
+
+
+def plus(usage: Usage, reserved: Usage | None) -> Usage:
+    """``usage`` (a copy, changed in place) with the room that loads planned earlier in the pass reserve."""
+    if reserved is not None:
+        usage.count += reserved.count
+        usage.pool_gb += reserved.pool_gb
+        for g, gb in reserved.gpu_gb.items():
+            usage.gpu_gb[g] = usage.gpu_gb.get(g, 0.0) + gb
+    return usage
