@@ -55,6 +55,7 @@ def test_a_request_through_the_api_shows_up_live_and_unload_unloads(page: Any, r
     expect(page.locator("#models tbody tr")).to_have_count(2)
     expect(alpha.locator(".state")).to_have_text("unloaded")
     expect(page.locator("#live")).to_have_text("live")
+    expect(page.locator("#nodes-card")).to_be_hidden()  # one machine: no nodes to show
     page.evaluate("window.__notReloaded = true")
 
     # a request through the OpenAI API (by alias) loads the model: the page follows without a reload
@@ -179,5 +180,56 @@ def test_a_replicated_model_shows_each_replica_and_scales_from_the_page(browser:
             expect(page.locator("#count-text")).to_have_text("3 / 3 resident")
             expect(page.locator("#error")).to_be_hidden()
             page.screenshot(path=tmp_path / "dashboard-replicas.png")
+        finally:
+            ctx.close()
+
+
+def test_on_a_cluster_each_node_shows_its_state_memory_and_units(browser: Any, tmp_path: Path) -> None:
+    """The nodes of a synthetic cluster (Ray's node list as ``RayNodes`` reads it, no Ray needed) whose
+    GPUs are the fake GPUs' ids: a holds GPU 0, b GPU 1, c was lost. What each node reserves follows
+    where the scheduler places the models, live."""
+    from vllm_model_router.gpu.probe import FakeProbe
+    from vllm_model_router.gpu.ray_nodes import RayNodes, node_views
+
+    def ray_node(node_id: str, address: str, alive: bool = True, **custom: float) -> dict[str, Any]:
+        return {"NodeID": node_id, "Alive": alive, "NodeManagerAddress": address,
+                "Resources": {"CPU": 4.0, "GPU": 1.0, "node:" + address: 1.0, **custom} if alive else {}}
+
+    nodes = RayNodes(80.0)
+    a_id = "a" * 56  # as long as Ray's ids
+    nodes.read([ray_node(a_id, "10.0.0.1", special=1.0), ray_node("b", "10.0.0.2"), ray_node("c", "10.0.0.3")])
+    nodes.read([ray_node(a_id, "10.0.0.1", special=1.0), ray_node("b", "10.0.0.2"),
+                ray_node("c", "10.0.0.3", alive=False)])
+    models = {"big": engine(memory_gb=50), "small": engine(memory_gb=20)}
+    with threaded_router(models, how="app", probe=FakeProbe([80.0, 80.0]), capacity={"max_resident": 2}) as r:
+        runtime = r.runtime
+        r.call(lambda: setattr(runtime, "nodes", lambda: node_views(nodes.known(), 80.0, runtime.views())))
+        ctx = browser.new_context(base_url=r.url, viewport={"width": 1280, "height": 800})
+        page = ctx.new_page()
+        try:
+            page.goto("/ui")
+            expect(page.locator("#nodes-card")).to_be_visible()
+            rows = page.locator("#nodes tbody tr")
+            expect(rows).to_have_count(3)
+            a, b, c = (page.locator(f'#nodes tr[data-node="{n}"]') for n in (a_id, "b", "c"))
+            expect(a.locator(".node-id")).to_have_text("aaaaaaaaaaaa…offers special")  # short id, what it offers
+            expect(a.locator(".address")).to_have_text("10.0.0.1")
+            expect(a.locator(".node-state")).to_have_text("alive")
+            expect(a.locator(".gpus")).to_have_text("0")
+            expect(a.locator(".memory-text")).to_have_text("0 GB / 80 GB")
+            expect(a.locator(".units")).to_have_text("\u2013")
+            expect(c.locator(".node-state")).to_have_text("lost")
+            expect(c.locator(".gpus")).to_have_text("2")
+            expect(c.locator(".memory-text")).to_have_text("\u2013")
+
+            http(r, "POST", CHAT, chat_body("big"))
+            http(r, "POST", CHAT, chat_body("small"))  # best fit: next to big on GPU 0, node a
+            expect(a.locator(".units")).to_have_text("big, small", timeout=15000)
+            expect(a.locator(".memory-text")).to_have_text("70 GB / 80 GB")
+            expect(a.locator('.bar .seg')).to_have_count(1)
+            expect(b.locator(".units")).to_have_text("\u2013")
+            expect(b.locator(".memory-text")).to_have_text("0 GB / 80 GB")
+            expect(page.locator("#memory-text")).to_have_text("70 GB (budgets per node below)")
+            page.screenshot(path=tmp_path / "dashboard-nodes.png")
         finally:
             ctx.close()

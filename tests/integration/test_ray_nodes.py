@@ -18,14 +18,16 @@ import pytest
 
 from tests.harness.ray_cluster import RayCluster, ray_cluster
 from tests.harness.waiting import wait_until_sync
-from vllm_model_router.gpu.ray_nodes import Change, RayNodes, RayUnavailable
+from vllm_model_router.gpu.ray_nodes import LOST_LISTED, Change, RayNodes, RayUnavailable, node_views
+from vllm_model_router.scheduler import Capacity, ModelView, State
 
 GB = 80.0
 
 
-def node(node_id: str, gpus: float | None = 2, alive: bool = True, address: str = "10.0.0.1") -> dict[str, Any]:
+def node(node_id: str, gpus: float | None = 2, alive: bool = True, address: str = "10.0.0.1",
+         **custom: float) -> dict[str, Any]:
     """One entry of ``ray.nodes()``, as Ray writes it (a dead node's resources are empty)."""
-    resources: dict[str, float] = {"CPU": 8.0, "memory": 1e10}
+    resources: dict[str, float] = {"CPU": 8.0, "memory": 1e10, **custom}
     if gpus is not None:
         resources["GPU"] = float(gpus)
     return {"NodeID": node_id, "Alive": alive, "Resources": resources if alive else {},
@@ -118,6 +120,76 @@ def test_several_joining_at_once_get_ids_in_node_id_order() -> None:
     r = RayNodes(GB)
     c = r.read([node("z", 1), node("m", 1), node("a", 1)])
     assert c.nodes == {0: "a", 1: "m", 2: "z"}
+
+
+def test_each_nodes_resource_names_go_to_the_scheduler_with_its_gpus() -> None:
+    r = RayNodes(GB)
+    c = r.read([node("a", 1, special=1.0), node("b", 1, **{"accelerator_type:H100": 1.0, "spent": 0.0}),
+                node("head", None)])
+    # the names with a positive amount: what the node offers at all
+    assert c.resources == {"a": frozenset({"CPU", "memory", "GPU", "special"}),
+                           "b": frozenset({"CPU", "memory", "GPU", "accelerator_type:H100"}),
+                           "head": frozenset({"CPU", "memory"})}
+    assert c.capacity() == Capacity(((0, GB), (1, GB)), ((0, "a"), (1, "b")),
+                                    (("a", c.resources["a"]), ("b", c.resources["b"]), ("head", c.resources["head"])))
+    # a lost node's resources leave with it; the next look says so even when no node joins or leaves
+    lost = r.read([node("b", 1, **{"accelerator_type:H100": 1.0})])
+    assert set(lost.resources) == {"b"} and lost.capacity().node_resources == (("b", lost.resources["b"]),)
+
+
+def test_a_node_whose_resources_or_gpus_change_is_a_change_for_the_scheduler() -> None:
+    r = RayNodes(GB)
+    r.read([node("a", 1)])
+    assert not r.read([node("a", 1)]).changed
+    relabelled = r.read([node("a", 1, special=2.0)])
+    assert relabelled.changed and relabelled.joined == relabelled.lost == ()
+    assert "special" in relabelled.resources["a"]
+    assert not r.read([node("a", 1, special=1.0)]).changed  # amounts are Ray's business: the same names
+    grown = r.read([node("a", 2, special=1.0)])
+    assert grown.changed and grown.nodes == {0: "a", 1: "a"}
+
+
+def test_lost_nodes_stay_known_as_lost_with_their_gpus_and_the_latest_ones_only() -> None:
+    r = RayNodes(GB)
+    r.read([node("a", 2, special=1.0), node("b", 2, address="10.0.0.2"), node("head", None)])
+    r.read([node("b", 2, address="10.0.0.2"), node("head", None)])
+    known = {k.node: k for k in r.known()}
+    assert set(known) == {"a", "b"}  # the head has no GPUs: not a place for a model, not listed
+    assert not known["a"].alive and known["a"].gpus == (0, 1) and "special" in known["a"].resources
+    assert known["b"].alive and known["b"].gpus == (2, 3) and known["b"].address == "10.0.0.2"
+    r.read([node("b", 2), node("head", None), node("a", 2)])
+    assert all(k.alive for k in r.known())  # back: alive again, not listed twice
+    many = [node(f"n{i:02}", 1) for i in range(LOST_LISTED + 3)]
+    r.read(many)
+    for i in range(len(many)):  # they leave one at a time: the earliest losses drop off the list
+        r.read(many[i + 1:])
+    lost = [k.node for k in r.known() if not k.alive]
+    assert lost == [f"n{i:02}" for i in range(3, LOST_LISTED + 3)]
+
+
+def unit(name: str, gpus: tuple[int, ...], memory_gb: float, state: State = State.LOADED) -> ModelView:
+    return ModelView(name=name, state=state, since=0.0, last_used=None, in_flight=0, waiting=0, memory_gb=memory_gb,
+                     loads=1, failures=0, last_error=None, draining=False, pinned=False, gpus=gpus)
+
+
+def test_the_per_node_view_adds_up_what_the_units_placed_there_reserve() -> None:
+    r = RayNodes(GB)
+    r.read([node("a", 2, address="10.0.0.1"), node("b", 2, address="10.0.0.2", special=1.0),
+            node("c", 1, address="10.0.0.3")])
+    r.read([node("a", 2, address="10.0.0.1"), node("b", 2, address="10.0.0.2", special=1.0)])
+    views = node_views(r.known(), GB, [
+        unit("tp", (0, 1), 60),  # tensor-parallel: 60 GB on each of a's GPUs
+        unit("chat", (2,), 30), unit("chat@1", (2,), 20),  # two sharing one of b's GPUs
+        unit("gone", (4,), 50),  # the scheduler has not heard yet that c is lost
+        unit("idle", (), 10, State.UNLOADED), unit("stopped", (3,), 10, State.UNLOADED)])
+    assert views == [
+        {"node": "a", "address": "10.0.0.1", "alive": True, "gpus": [0, 1], "gpu_memory_gb": 2 * GB,
+         "reserved_gb": 120.0, "units": ["tp"], "resources": ["CPU", "GPU", "memory"]},
+        {"node": "b", "address": "10.0.0.2", "alive": True, "gpus": [2, 3], "gpu_memory_gb": 2 * GB,
+         "reserved_gb": 50.0, "units": ["chat", "chat@1"], "resources": ["CPU", "GPU", "memory", "special"]},
+        {"node": "c", "address": "10.0.0.3", "alive": False, "gpus": [4], "gpu_memory_gb": 0.0,
+         "reserved_gb": 50.0, "units": ["gone"], "resources": ["CPU", "GPU", "memory"]},
+    ]
 
 
 def test_a_budget_must_be_positive() -> None:

@@ -1,7 +1,8 @@
 """``serve`` with ``cluster.backend: ray`` on a simulated cluster (a CPU-only head and two nodes of two
 GPUs, on loopback): the engines run in Ray actors on the nodes the scheduler chose, a tensor-parallel
-model gets two GPUs of one node, requests are answered through the router, and a node that is lost takes
-its engines with it while the next request is re-planned onto the node that is left."""
+model gets two GPUs of one node, a model that asks for a node's resources goes where they are, requests
+are answered through the router, the admin view and the metrics show each node, and a node that is lost
+takes its engines with it while the next request is re-planned onto the node that is left."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pytest
 
 from tests.harness import engine, free_port, launch_router
 from tests.harness.ray_cluster import RayCluster, ray_cluster
+from vllm_model_router.gpu.probe import GIB
+from vllm_model_router.http.metrics import families
 
 from .conftest import StartRouter
 
@@ -28,6 +31,12 @@ def cluster(marker: str) -> Iterator[RayCluster]:
 
 def placed(models: list[dict[str, Any]]) -> dict[str, list[int]]:
     return {m["name"]: m["gpus"] for m in models if m["state"] == "loaded"}
+
+
+async def per_node(r: Any, metric: str) -> dict[str, float]:
+    """A per-node metric's value by node id."""
+    text = (await r.get("/metrics")).body.decode()
+    return {labels["node"]: value for name, labels, value in families(text) if name == metric}
 
 
 async def test_models_run_on_the_cluster_and_a_lost_node_is_planned_around(
@@ -52,6 +61,15 @@ async def test_models_run_on_the_cluster_and_a_lost_node_is_planned_around(
     assert len(where["tp"]) == 2
     by_model = {m["name"]: m for m in models}
     assert by_model["tp"]["node"] not in (None, "") and by_model["a"]["pid"] is None  # a remote process
+    # each node: what is placed there and what it reserves, as the actors' nodes say
+    tp_node, ab_node = by_model["tp"]["node"], by_model["a"]["node"]
+    assert by_model["b"]["node"] == ab_node != tp_node
+    by_node = {n["node"]: n for n in nodes}
+    assert (by_node[tp_node]["units"], by_node[ab_node]["units"]) == (["tp"], ["a", "b"])
+    assert by_node[tp_node]["reserved_gb"] == by_node[ab_node]["reserved_gb"] == 120
+    assert all(n["alive"] and n["gpu_memory_gb"] == 160 for n in nodes)
+    assert await per_node(r, "router_node_gpu_memory_reserved_bytes") == {tp_node: 120 * GIB, ab_node: 120 * GIB}
+    assert await per_node(r, "router_node_units") == {tp_node: 1, ab_node: 2}
     # the node running tp is lost: tp is gone with it, and its next request lands on the other node,
     # evicting the idle a and b there
     lost = first if by_model["tp"]["node"] == cluster.node_id(first) else second
@@ -60,8 +78,37 @@ async def test_models_run_on_the_cluster_and_a_lost_node_is_planned_around(
     reply = await r.chat("tp")
     assert reply.status == 200, reply.body
     assert "node_lost" in [e["kind"] for e in await r.events()]
-    assert [len(n["gpus"]) for n in (await r.get("/admin/models")).json()["nodes"]] == [2]
+    # the lost node stays listed, as lost, with nothing placed there; tp is on the other one now
+    by_node = {n["node"]: n for n in (await r.get("/admin/models")).json()["nodes"]}
+    assert set(by_node) == {tp_node, ab_node} and (await r.model("tp"))["node"] == ab_node
+    assert not by_node[tp_node]["alive"] and by_node[tp_node]["units"] == [] and len(by_node[tp_node]["gpus"]) == 2
+    assert by_node[ab_node]["alive"] and by_node[ab_node]["units"] == ["tp"]
     assert "router_nodes 1.0" in (await r.get("/metrics")).body.decode()
+    assert await per_node(r, "router_node_up") == {tp_node: 0, ab_node: 1}
+
+
+async def test_a_model_that_needs_a_resource_goes_to_the_node_that_has_it(
+    cluster: RayCluster, start_router: StartRouter, marker: str
+) -> None:
+    plain = cluster.add_node(num_gpus=2)
+    special = cluster.add_node(num_gpus=1, resources={"special": 1})
+    r = await start_router(
+        {"tp": engine(memory_gb=30, gpu_count=2), "s": engine(memory_gb=20, resources={"special": 0.01}),
+         "nowhere": engine(memory_gb=20, resources={"absent": 1})},
+        capacity={"max_resident": 10},
+        cluster={"backend": "ray", "address": cluster.cluster.address, "namespace": f"t-{marker[:8]}",
+                 "gpu_memory_gb": 80})
+    assert (await r.chat("tp")).status == 200  # the one node with two GPUs: 50 GB left on each
+    assert (await r.model("tp"))["node"] == cluster.node_id(plain)
+    # best fit alone would put s on the plain node (30 GB left over there, 60 on the special node's GPU)
+    assert (await r.chat("s")).status == 200
+    s = await r.model("s")
+    assert s["node"] == cluster.node_id(special) and s["ray_resources"]["special"] == 0.01
+    nodes = {n["node"]: n for n in (await r.get("/admin/models")).json()["nodes"]}
+    assert "special" in nodes[cluster.node_id(special)]["resources"]
+    assert "special" not in nodes[cluster.node_id(plain)]["resources"]
+    refused = await r.chat("nowhere")  # no node has the resource: at once, not after the placement timeout
+    assert refused.status == 503 and "absent" in refused.error["message"] and refused.elapsed < 5
 
 
 async def test_a_router_killed_with_9_leaves_its_engines_to_the_next_one(

@@ -132,9 +132,10 @@ class RayEngineDriver:
         try:
             unit.placed = await asyncio.wait_for(_awaited(unit.actor.place.remote()), self._placement_timeout)
         except TimeoutError:
+            wanted = dict(cfg.resources) or self._resources
+            lacks = f"{num_gpus:g} free GPU(s)" + (f" or the resources {wanted}" if wanted else "")
             raise LoadError(f"Ray did not start its actor on node {node} within {self._placement_timeout:g}s: "
-                            f"the node lacks {num_gpus:g} free GPU(s) or the resources {self._resources}, "
-                            "or it is gone") from None
+                            f"the node lacks {lacks} (another unit may hold them), or it is gone") from None
         except RayError as e:
             raise LoadError(f"its Ray actor could not be started on node {node}: {_brief(e)}") from e
         try:

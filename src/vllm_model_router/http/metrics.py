@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -24,6 +25,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from vllm_model_router.gpu.probe import GIB
 from vllm_model_router.http.admin import by_model
 from vllm_model_router.runtime.pump import Runtime
 from vllm_model_router.scheduler import State, StopReason
@@ -85,12 +87,14 @@ class _SchedulerCollector(Collector):
                                 "Models resident: loading, loaded, waking, falling asleep or still stopping",
                                 value=len(resident))
         yield GaugeMetricFamily("router_max_resident", "Configured capacity.max_resident", value=cfg.max_resident)
-        if cfg.cluster.backend != "local":
-            nodes = self.runtime.nodes()
+        nodes = self.runtime.nodes()  # a cluster's nodes with GPUs, alive or lost; none on one machine
+        if nodes or cfg.cluster.backend != "local":
+            alive = [n for n in nodes if n["alive"]]
             yield GaugeMetricFamily("router_nodes", "Nodes of the cluster with GPUs, alive at the last look",
-                                    value=len(nodes))
+                                    value=len(alive))
             yield GaugeMetricFamily("router_cluster_gpus", "GPUs of the cluster's alive nodes",
-                                    value=sum(len(n["gpus"]) for n in nodes))
+                                    value=sum(len(n["gpus"]) for n in alive))
+            yield from self._per_node(nodes)
         yield GaugeMetricFamily("router_memory_reserved_gb", "Declared memory_gb of the resident models",
                                 value=math.fsum(v.memory_gb for v in resident))
         if cfg.memory_gb is not None:
@@ -113,6 +117,28 @@ class _SchedulerCollector(Collector):
                 for key, family in families.items():
                     family.add_metric([str(g["index"]), g["name"]], g[key])
             yield from families.values()
+
+    @staticmethod
+    def _per_node(nodes: list[dict[str, Any]]) -> Iterator[Metric]:
+        """Per node of the cluster (label ``node``: Ray's node id), in base units. A lost node stays, with
+        ``router_node_up`` 0 and nothing offered (so sums over nodes are the cluster's alive capacity)."""
+        families = {
+            key: GaugeMetricFamily(f"router_node_{key}", doc, labels=["node"])
+            for key, doc in (
+                ("up", "1 while the node is alive, 0 once it is lost"),
+                ("gpus", "GPUs the node offers (0 once lost)"),
+                ("gpu_memory_bytes", "GPU memory the node offers: its GPUs' budgets (0 once lost)"),
+                ("gpu_memory_reserved_bytes", "GPU memory reserved by the units placed on the node"),
+                ("units", "Units (models, replicas) placed on the node"),
+            )
+        }
+        for n in nodes:
+            values = {"up": 1.0 if n["alive"] else 0.0, "gpus": len(n["gpus"]) if n["alive"] else 0,
+                      "gpu_memory_bytes": n["gpu_memory_gb"] * GIB, "gpu_memory_reserved_bytes": n["reserved_gb"] * GIB,
+                      "units": len(n["units"])}
+            for key, family in families.items():
+                family.add_metric([n["node"]], values[key])
+        yield from families.values()
 
 
 class RouterMetrics:

@@ -4,12 +4,14 @@
   token authentication, the router's environment needs ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` (or
   ``RAY_AUTH_TOKEN_PATH``), which Ray reads itself.
 - The cluster's nodes are the scheduler's GPUs (gpu/ray_nodes.py): every alive node's GPUs, each with
-  ``cluster.gpu_memory_gb``, with the node each one is on, so a unit's GPUs are always on one machine.
+  ``cluster.gpu_memory_gb``, with the node each one is on, so a unit's GPUs are always on one machine,
+  and each node's resource names, so a model that asks for ``resources`` goes only where they are.
 - The units run in Ray actors (drivers/ray_engine.py) on the node the scheduler chose; a unit that uses
   one GPU only in part reserves that fraction from Ray (its ``memory_gb`` of the GPU's), so several small
   models share a GPU in Ray's books as in the router's.
 - Every ``NODE_POLL_S`` the nodes are read again: a node that joined gives room (``Capacity``), one that
   left takes its GPUs off the books (its units' actors die with it, and the driver reports them gone).
+  A lost node stays in the admin view and the metrics, as lost.
 - A restarted router adopts the actors its predecessor left running (``ModelFound`` on their GPUs).
 
 Ray is imported only here and in the modules above, and only with this backend.
@@ -19,14 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from vllm_model_router.config import ConfigError, ModelConfig, RouterConfig
 from vllm_model_router.drivers.ray_engine import Placement, RayEngineDriver
-from vllm_model_router.gpu.ray_nodes import Change, RayNodes, import_ray
+from vllm_model_router.gpu.ray_nodes import Change, RayNodes, import_ray, node_views
 from vllm_model_router.runtime.base import Pump
-from vllm_model_router.scheduler import Capacity, ModelFound
+from vllm_model_router.scheduler import ModelFound
 from vllm_model_router.state.lifecycle import EventKind, EventLog
 
 log = logging.getLogger("vllm_model_router.cluster")
@@ -56,9 +58,9 @@ class RayCluster:
         log.info("Ray cluster at %s: %d nodes with GPUs, %d GPUs of %.0f GB", cluster.address,
                  len(set(self.change.nodes.values())), len(self.change.budgets), gpu_gb)
 
-    def topology(self) -> tuple[dict[int, float], dict[int, str]]:
-        """The GPUs' budgets and nodes now: what the scheduler starts with."""
-        return dict(self.change.budgets), dict(self.change.nodes)
+    def topology(self) -> tuple[dict[int, float], dict[int, str], dict[str, Collection[str]]]:
+        """The GPUs' budgets and nodes, and the nodes' resource names, now: what the scheduler starts with."""
+        return dict(self.change.budgets), dict(self.change.nodes), dict(self.change.resources)
 
     def where(self, unit: str, gpus: tuple[int, ...]) -> Placement:
         """The node and local GPUs of a placement; a fraction of the GPU when a unit uses one only in part."""
@@ -109,7 +111,7 @@ class RayCluster:
             self.note(change)
 
     def note(self, change: Change) -> None:
-        """Tell the scheduler about nodes that joined or left."""
+        """Tell the scheduler about nodes that joined or left, or whose GPUs or resources changed."""
         if not change.changed or self._pump is None or self._events is None:
             return
         self.change = change
@@ -119,14 +121,13 @@ class RayCluster:
         for node in change.lost:
             log.warning("Ray node %s was lost: its engines are gone with it", node)
             self._events.emit(EventKind.NODE_LOST, None, node, node=node)
-        self._pump.submit(Capacity(tuple(sorted(change.budgets.items())), tuple(sorted(change.nodes.items()))))
+        self._pump.submit(change.capacity())
 
     def nodes_view(self) -> list[dict[str, Any]]:
-        """The nodes with GPUs, for the admin view: id, address, GPUs (global ids)."""
-        by_node: dict[str, list[int]] = {}
-        for gpu, node in sorted(self.change.nodes.items()):
-            by_node.setdefault(node, []).append(gpu)
-        return [{"node": n, "address": self.nodes.address_of(n), "gpus": g} for n, g in by_node.items()]
+        """The nodes with GPUs, alive or lost, for the admin view and the metrics: id, address, GPUs
+        (global ids), memory offered and reserved, the units placed there (see ``node_views``)."""
+        units = self._pump.views() if self._pump is not None else []
+        return node_views(self.nodes.known(), self.nodes.gpu_memory_gb, units)
 
     def stop(self) -> None:
         """Stop watching the nodes (the runtime's close stops the engines through the driver)."""

@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from vllm_model_router.config import ConfigError, RouterConfig
@@ -100,8 +100,10 @@ class Runtime:
 
     def __init__(self, config: RouterConfig, driver: Driver | None = None,
                  probe: GpuProbe | str | None = AUTO,
-                 topology: tuple[Mapping[int, float], Mapping[int, str]] | None = None) -> None:
-        """``topology``: the GPUs of a cluster (budgets, and the node each is on) instead of this machine's."""
+                 topology: tuple[Mapping[int, float], Mapping[int, str], Mapping[str, Collection[str]]] | None = None,
+                 ) -> None:
+        """``topology``: the GPUs of a cluster (budgets, and the node each is on) instead of this machine's,
+        and the resource names each node offers."""
         if config.cluster.backend != "local" and driver is None:
             # never quietly start every engine on this machine when the config says a cluster
             raise ConfigError([f"cluster.backend: {config.cluster.backend!r} needs the cluster's driver"])
@@ -124,6 +126,7 @@ class Runtime:
                 last_used=self.history.last_used(self._loop.time()),
                 gpu_memory_gb=topology[0] if topology is not None else self.gpus.budgets,
                 gpu_nodes=topology[1] if topology is not None else None,
+                node_resources=topology[2] if topology is not None else None,
                 max_resident=config.max_resident,
                 memory_gb=config.memory_gb,
                 load_timeout=config.load_timeout,

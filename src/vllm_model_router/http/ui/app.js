@@ -2,6 +2,8 @@
 // Live: an EventSource on /admin/events; every event re-fetches /admin/models. A slow poll covers a
 // broken stream. Load/unload/pin/scale call the admin API with the admin key (if any) as a Bearer token.
 // A replicated model is one row with a sub-row per replica (its own state, requests, pid and port).
+// On a cluster (the answer has "nodes") a table shows each node: alive or lost, its GPUs, the memory the
+// units placed there reserve out of what it offers, and those units; on one machine it stays hidden.
 // An EventSource cannot send headers, so the event stream gets the key as ?key= (the router accepts a
 // key in the URL on its two read-only admin streams only).
 "use strict";
@@ -88,6 +90,8 @@ function renderCapacity(data) {
                                 style: `width: ${Math.min(100, (100 * m.memory_gb) / cap.memory_gb)}%` }));
     }
     $("#memory-text").textContent = `${gb(reserved)} / ${gb(cap.memory_gb)}`;
+  } else if ((data.nodes || []).length) {  // a cluster: no GPU is measured, each node has its budget
+    $("#memory-text").textContent = `${gb(reserved)} (budgets per node below)`;
   } else if ((data.gpus || []).length) {
     $("#memory-text").textContent = `${gb(reserved)} (budgets per GPU below)`;
   } else {
@@ -123,6 +127,41 @@ function renderGpus(data) {
       el("span", { class: "bar-label", text: `GPU ${g.index}`, title: g.name }), bar,
       el("span", { class: "bar-text", text })));
   }
+}
+
+// Ray's own resources every node has; the others (accelerator_type:..., custom ones) say what a node offers
+const RAY_BUILTIN = new Set(["CPU", "GPU", "memory", "object_store_memory"]);
+
+function nodeRow(n) {
+  const id = n.node.length > 12 ? n.node.slice(0, 12) + "…" : n.node;
+  const idCell = el("td", { class: "node-id", title: n.node }, el("span", { class: "name", text: id }));
+  const offers = (n.resources || []).filter((r) => !RAY_BUILTIN.has(r) && !r.startsWith("node:"));
+  if (offers.length) idCell.append(el("div", { class: "resources muted", text: "offers " + offers.join(", ") }));
+  const memory = el("div", { class: "memory-cell" });
+  if (n.alive) {
+    const bar = el("div", { class: "bar", role: "img", "aria-label": `node ${id} memory` });
+    if (n.gpu_memory_gb > 0 && n.reserved_gb > 0) {
+      bar.append(el("div", { class: "seg", "data-state": "loaded",
+                             style: `width: ${Math.min(100, (100 * n.reserved_gb) / n.gpu_memory_gb)}%` }));
+    }
+    memory.append(bar, el("span", { class: "memory-text", text: `${gb(n.reserved_gb)} / ${gb(n.gpu_memory_gb)}` }));
+  } else {
+    memory.append(el("span", { class: "memory-text muted", text: "–" }));  // it offers nothing any more
+  }
+  const state = n.alive ? "alive" : "lost";
+  return el("tr", { "data-node": n.node, "data-state": state },
+    idCell,
+    el("td", { class: "address", text: n.address || "–" }),
+    el("td", {}, el("span", { class: "state node-state", "data-state": state, text: state })),
+    el("td", { class: "gpus", title: "the router's GPU ids", text: n.gpus.join(", ") || "–" }),
+    el("td", { class: "memory" }, memory),
+    el("td", { class: "units", text: n.units.join(", ") || "–" }));
+}
+
+function renderNodes(data) {
+  const nodes = data.nodes || [];
+  $("#nodes-card").hidden = nodes.length === 0;
+  $("#nodes tbody").replaceChildren(...nodes.map(nodeRow));
 }
 
 function actionButton(model, action, label, enabled, query = "") {
@@ -212,6 +251,7 @@ function renderModels(data) {
 function render() {
   if (!latest) return;
   renderCapacity(latest);
+  renderNodes(latest);
   renderModels(latest);
 }
 
