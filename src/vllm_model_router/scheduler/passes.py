@@ -1,12 +1,13 @@
 """What a planning pass carries from step to step (``Pass``), and what step 4 keeps between passes and reads
-as it plans (``Step4``, ``Hot``, ``plus``): see ``Planner._plan_loads``."""
+as it plans (``Step4``, ``Hot``, ``plus``, ``noting_sleepers``): see ``Planner._plan_loads``."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from vllm_model_router.scheduler.effects import Effect
-from vllm_model_router.scheduler.eviction import Usage
+from vllm_model_router.scheduler.eviction import Candidate, Usage
 from vllm_model_router.scheduler.residency import Residency
 
 
@@ -62,3 +63,12 @@ def plus(usage: Usage, reserved: Usage | None) -> Usage:
         for g, gb in reserved.gpu_gb.items():
             usage.gpu_gb[g] = usage.gpu_gb.get(g, 0.0) + gb
     return usage
+
+
+def noting_sleepers(candidates: Iterator[Candidate], asleep: list[bool]) -> Iterator[Candidate]:
+    """``candidates`` as they are, noting in ``asleep`` each that would be put to sleep: when none would,
+    walking them again as stops decides nothing new."""
+    for c in candidates:
+        if c.after is not None:
+            asleep.append(True)
+        yield c

@@ -13,7 +13,7 @@ from collections.abc import Container, Sequence
 from vllm_model_router.scheduler.effects import Effect, Reject, TimerAt
 from vllm_model_router.scheduler.eviction import Budget, FreeOrder, Occupant, Usage, choose_placement
 from vllm_model_router.scheduler.index import in_table_order
-from vllm_model_router.scheduler.passes import Hot, Pass, Step4, plus
+from vllm_model_router.scheduler.passes import Hot, Pass, Step4, noting_sleepers, plus
 from vllm_model_router.scheduler.records import Group, ModelRecord, Waiter
 from vllm_model_router.scheduler.residency import TIMED_OUT, Residency
 from vllm_model_router.scheduler.states import HOLDS_CAPACITY, RESIDENT, STARTING, WANTS_IN, State, StopReason
@@ -216,13 +216,14 @@ class Planner(Residency):
         # before the fairness bound models in steady use stay
         hot: Container[str] = Hot(self, p.now, p.cooling) \
             if p.now - first.arrived < self.config.max_wait and self.config.keep_idle > 0 else ()
+        asleep: list[bool] = []  # whether a candidate read would be put to sleep (it keeps a residue)
         if fit:
             placement, victims = fit, []
         else:
-            placement, victims = choose_placement(need, staying, self._candidates(domain, target, hot=hot), budget,
-                                                  options, fits_nowhere=ordered)
+            candidates = noting_sleepers(self._candidates(domain, target, hot=hot), asleep)
+            placement, victims = choose_placement(need, staying, candidates, budget, options, fits_nowhere=ordered)
         sleep = True
-        if victims is None:  # residues in the way: stopping instead of sleeping may be enough
+        if victims is None and asleep:  # residues in the way: stopping instead of sleeping may be enough
             sleep = False
             placement, victims = choose_placement(
                 need, staying, self._candidates(domain, target, sleep=False, hot=hot), budget, options,
