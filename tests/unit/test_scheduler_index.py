@@ -67,6 +67,9 @@ class CheckedIndexes(Scheduler):
                     assert totals(mine) == totals(scanned), f"{where}: what {domain} holds but {m}"
             for s in (State.LOADED, State.SLEEPING):
                 assert list(index.lru(domain, s)) == list(scan.lru(domain, s)), f"{where}: {domain} {s} by lru"
+                for gpus in ((0,), (1,), (0, 1), (1, 2, 3)):
+                    assert list(index.lru_on(domain, s, gpus)) == list(scan.lru_on(domain, s, gpus)), \
+                        f"{where}: {domain} {s} by lru on GPUs {gpus}"
         for s in State:
             assert set(index.names_in(s)) == set(scan.names_in(s)), f"{where}: names {s}"
         assert {m.name for m in index.timed()} == {m.name for m in scan.timed()}, f"{where}: timed"

@@ -4,22 +4,27 @@ frees memory there."""
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.scheduler_run import Run
 from vllm_model_router.scheduler import (
     Capacity,
+    Event,
     Grant,
     LoadDone,
     ModelSpec,
     Reject,
     RequestArrived,
     RequestFinished,
+    Scheduler,
+    SchedulerConfig,
     StartLoad,
     StopDone,
     StopModel,
     StopReason,
+    Tick,
+    TimerAt,
 )
 from vllm_model_router.scheduler.eviction import (
     Budget,
@@ -30,6 +35,7 @@ from vllm_model_router.scheduler.eviction import (
     _choose_general,
     choose_placement,
 )
+from vllm_model_router.scheduler.passes import Pass
 
 # two nodes of two 80 GB GPUs: GPUs 0 and 1 on "a", 2 and 3 on "b"
 NODES = {0: "a", 1: "a", 2: "b", 3: "b"}
@@ -210,9 +216,9 @@ def test_loads_that_evict_on_different_gpus_swap_at_the_same_time() -> None:
     # instead of waiting for n1's swap to end
     assert r.step(RequestArrived(10, "n1"), at=10) == [StopModel("x", StopReason.LRU, "evicted to make room for n1")]
     assert r.step(RequestArrived(11, "n2"), at=11) == [StopModel("y", StopReason.LRU, "evicted to make room for n2")]
-    # the first room to come free goes to the oldest waiter's load
-    assert r.step(StopDone("y")) == [StartLoad("n1", (1,))]
-    assert r.step(StopDone("x")) == [StartLoad("n2", (0,))]
+    # each starts in the room it evicted for, as soon as that room is free
+    assert r.step(StopDone("y")) == [StartLoad("n2", (1,))]
+    assert r.step(StopDone("x")) == [StartLoad("n1", (0,))]
 
 
 def test_a_later_load_never_takes_the_room_an_earlier_one_evicted_for() -> None:
@@ -238,3 +244,66 @@ def test_a_later_load_never_takes_the_room_an_earlier_one_evicted_for() -> None:
         StopModel("y", StopReason.LRU, "evicted to make room for small")]
     assert r2.step(StopDone("x"), at=11) == [StartLoad("big", (0,))]
     assert r2.step(StopDone("y"), at=11.5) == [StartLoad("small", (1,))]
+
+
+# ---------------------------------------------------------------- a cluster's shortcuts against planning in full
+class _InFull(Scheduler):
+    """Plans step 4 in full on every pass: no kept decision, no kept finding that a load is blocked."""
+
+    def _plan_loads(self, p: Pass) -> None:
+        self._step4 = None
+        self._blocked.clear()
+        super()._plan_loads(p)
+
+
+CLUSTER_MODELS = {**{f"m{i}": ModelSpec(gb) for i, gb in enumerate((40.0, 70.0, 40.0, 70.0, 20.0, 70.0, 40.0))},
+                  "t0": ModelSpec(70.0, gpu_count=2), "t1": ModelSpec(40.0, gpu_count=2),
+                  "t2": ModelSpec(70.0, gpu_count=2)}
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 9), st.sampled_from([0.0, 0.5, 3.0])),
+                    min_size=40, max_size=150),
+       keep_idle=st.sampled_from([0.0, 10.0]))
+def test_on_a_cluster_the_shortcuts_decide_as_planning_in_full(ops: list[tuple[int, int, float]],
+                                                               keep_idle: float) -> None:
+    """Three nodes of two GPUs, one-GPU and two-GPU models, requests that come and go: the scheduler with
+    its shortcuts (a kept step 4, a load found blocked looked at again only where GPUs were touched, rooms)
+    and one planning in full emit the same effects and show the same models after every event."""
+    gpus = {g: 80.0 for g in range(6)}
+    nodes = {g: "abc"[g // 2] for g in range(6)}
+    cfg = SchedulerConfig(CLUSTER_MODELS, 20, None, 600.0, 30.0, gpu_memory_gb=gpus, gpu_nodes=nodes,
+                          keep_idle=keep_idle)
+    fast, full = Scheduler(cfg), _InFull(cfg)
+    names = sorted(CLUSTER_MODELS)
+    now, next_id = 0.0, 1
+    granted: list[int] = []
+    loading: list[str] = []
+    stopping: list[str] = []
+
+    def both(event: Event) -> None:
+        a, b = fast.handle(event, now), full.handle(event, now)
+        assert [e for e in a if not isinstance(e, TimerAt)] == [e for e in b if not isinstance(e, TimerAt)], \
+            f"{event} at {now}: {a} vs {b}"
+        assert fast.view() == full.view()
+        for e in a:
+            if isinstance(e, Grant):
+                granted.append(e.req_id)
+            elif isinstance(e, StartLoad):
+                loading.append(e.model)
+            elif isinstance(e, StopModel):
+                stopping.append(e.model)
+
+    for kind, i, dt in ops:
+        now += dt
+        if kind <= 2:  # (arrivals outnumber the rest: the GPUs fill with busy models, and loads block)
+            both(RequestArrived(next_id, names[i % len(names)]))
+            next_id += 1
+        elif kind == 3 and granted:
+            both(RequestFinished(granted.pop(i % len(granted))))
+        elif kind == 4 and loading:
+            both(LoadDone(loading.pop(i % len(loading)), True))
+        elif kind == 5 and stopping:
+            both(StopDone(stopping.pop(i % len(stopping))))
+        else:
+            both(Tick())

@@ -374,10 +374,12 @@ def test_fast_path_decides_as_a_full_pass(
 
 # ---------------------------------------------------------------- step 4's decision, kept while it stands
 class PlansEveryPass(Scheduler):
-    """The scheduler planning step 4 on every pass, never reusing the last decision."""
+    """The scheduler planning step 4 on every pass in full, never reusing the last decision nor the finding
+    that a load is blocked."""
 
     def _plan_loads(self, p: Pass) -> None:
         self._step4 = None
+        self._blocked.clear()
         super()._plan_loads(p)
 
 

@@ -112,6 +112,8 @@ class Scheduler(Planner):
         """What the event does by itself, before the planning pass."""
         if not isinstance(event, RequestArrived | RequestFinished | RequestCancelled):
             self._plan_gen += 1  # (a request's own moves reach step 4 through the index and the queue)
+        if isinstance(event, SetPinned | SetReplicas | AdminUnload | ModelAdded):
+            self._rules_gen += 1  # what may be evicted changed without a move (``Shortcuts._still_blocked``)
         match event:
             case RequestArrived(req_id, model, affinity, eligible):
                 if model not in self._groups:

@@ -21,6 +21,7 @@ hold the index to.
 
 from __future__ import annotations
 
+import heapq
 from bisect import bisect_left, insort
 from collections.abc import Collection, Iterable, KeysView, Mapping, Sequence
 
@@ -97,6 +98,7 @@ class ModelIndex:
         self._occupants: dict[str, tuple[Occupant, Occupant | None]] = {}  # what each holder was counted as
         # (domain, loaded or sleeping) -> its holders' eviction keys, sorted; and each one's current key
         self._lru: dict[tuple[str | None, State], list[LruKey]] = {}
+        self._lru_gpu: dict[tuple[str | None, State, int], list[LruKey]] = {}  # the same, per GPU it is placed on
         self._lru_key: dict[str, LruKey] = {}
         self._stale: set[str] = set()  # used since their key was filed: refiled when the order is next read
         self._records: dict[str, ModelRecord] = {}
@@ -130,6 +132,9 @@ class ModelIndex:
             if key is not None:
                 keys = self._lru[m.base, m.state]
                 del keys[bisect_left(keys, key)]
+                for g in m.placed:
+                    keys = self._lru_gpu[m.base, m.state, g]
+                    del keys[bisect_left(keys, key)]
         self._timed.pop(m.name, None)
 
     def moved(self, m: ModelRecord) -> None:
@@ -154,9 +159,14 @@ class ModelIndex:
         for name in self._stale:
             m = self._records[name]
             keys = self._lru[m.base, m.state]
-            del keys[bisect_left(keys, self._lru_key[name])]
+            old = self._lru_key[name]
+            del keys[bisect_left(keys, old)]
             self._lru_key[name] = key = lru_key(m)
             insort(keys, key)
+            for g in m.placed:
+                keys = self._lru_gpu[m.base, m.state, g]
+                del keys[bisect_left(keys, old)]
+                insort(keys, key)
         self._stale.clear()
 
     def _enter(self, m: ModelRecord) -> None:
@@ -177,6 +187,8 @@ class ModelIndex:
             if m.state in LRU_STATES:
                 self._lru_key[m.name] = key = lru_key(m)
                 insort(self._lru.setdefault((m.base, m.state), []), key)
+                for g in m.placed:
+                    insort(self._lru_gpu.setdefault((m.base, m.state, g), []), key)
         if has_idle_clock(m) and m.state in TIMED:
             self._timed[m.name] = m
 
@@ -237,6 +249,17 @@ class ModelIndex:
         self._refile()
         return (self._records[key[-1]] for key in self._lru.get((domain, state), ()))
 
+    def lru_on(self, domain: str | None, state: State, gpus: Sequence[int]) -> Iterable[ModelRecord]:
+        """``lru``, of the models placed on any of ``gpus`` only: what can make room there, read without
+        reading the others (a cluster has thousands)."""
+        self._refile()
+        lists = [self._lru_gpu.get((domain, state, g), ()) for g in gpus]
+        last = None
+        for key in heapq.merge(*lists) if len(lists) > 1 else lists[0] if lists else ():
+            if key != last:  # (a model on several of the GPUs is in each one's list)
+                last = key
+                yield self._records[key[-1]]
+
     def names_in(self, state: State) -> KeysView[str]:
         """The names of the models in ``state``: a live view."""
         return self._by_state[state].keys()
@@ -286,6 +309,9 @@ class ScanningIndex(ModelIndex):
 
     def lru(self, domain: str | None, state: State) -> Iterable[ModelRecord]:
         return sorted((m for m in self.holders(domain) if m.state is state), key=lru_key)
+
+    def lru_on(self, domain: str | None, state: State, gpus: Sequence[int]) -> Iterable[ModelRecord]:
+        return [m for m in self.lru(domain, state) if set(m.placed) & set(gpus)]
 
     def names_in(self, state: State) -> KeysView[str]:
         return {m.name: m for m in self._table.values() if m.state is state}.keys()

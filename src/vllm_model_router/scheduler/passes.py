@@ -26,6 +26,7 @@ class Pass:
     # hold now), per domain; later loads plan around it
     reserved: dict[str | None, Usage] = field(default_factory=dict)
     read_candidates: bool = False  # step 4 walked the eviction candidates (a model falling idle matters)
+    rooms: dict[str, tuple[int, ...]] = field(default_factory=dict)  # step 4: where each load reserved room
 
 
 @dataclass(frozen=True, slots=True)

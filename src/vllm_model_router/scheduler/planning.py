@@ -11,11 +11,12 @@ import math
 from collections.abc import Container, Sequence
 
 from vllm_model_router.scheduler.effects import Effect, Reject, TimerAt
-from vllm_model_router.scheduler.eviction import Budget, FreeOrder, Occupant, Usage, choose_placement
+from vllm_model_router.scheduler.eviction import choose_placement, fits
 from vllm_model_router.scheduler.index import in_table_order
 from vllm_model_router.scheduler.passes import Hot, Pass, Step4, noting_sleepers, plus
 from vllm_model_router.scheduler.records import Group, ModelRecord, Waiter
-from vllm_model_router.scheduler.residency import TIMED_OUT, Residency
+from vllm_model_router.scheduler.residency import TIMED_OUT
+from vllm_model_router.scheduler.shortcuts import Shortcuts
 from vllm_model_router.scheduler.states import HOLDS_CAPACITY, RESIDENT, STARTING, WANTS_IN, State, StopReason
 
 AWAKE = RESIDENT - {State.UNLOADING}
@@ -35,7 +36,7 @@ class _Wanting:
         return g is not None and self._planner._wants_in(g) is not None
 
 
-class Planner(Residency):
+class Planner(Shortcuts):
     """The planning pass, one method per step."""
 
     _step4: Step4 | None = None  # step 4's last decision, while it stands (``_plan_loads``)
@@ -99,7 +100,8 @@ class Planner(Residency):
         that evicts, or waits for room already on its way, reserves that room: the loads after it plan
         around it (on a cluster, swaps on other GPUs go on at the same time) and can never take it. A load
         blocked behind busy models blocks the ones after it (no overtaking), so a big model cannot starve
-        behind small ones.
+        behind small ones. A load keeps its room from pass to pass while the room is still on its way, and
+        is not planned again: it starts there once the room is free.
 
         When the last pass changed nothing here (every load waited) and nothing it read has changed since
         (the models' states, the first waiter of each model, the budgets, and, if it read the eviction
@@ -124,6 +126,7 @@ class Planner(Residency):
             if target is not None and not self._plan_one(p, target, first):
                 break
         self._step4 = None
+        self._rooms = p.rooms  # (a load not planned this pass, or started, keeps no room)
         if p.room_pending and len(p.out) == emitted and not p.drain and not self._draining:
             until = min([*p.cooling, p.blocked_since + self.config.max_wait if p.blocked_since is not None
                          else math.inf])
@@ -184,15 +187,31 @@ class Planner(Residency):
         earlier loads reserved → start or wake it; (b) evicting idle models makes it fit → evict them, and
         start when their StopDone or SleepDone arrives (never while a victim still holds the memory); (c)
         otherwise wait for busy models to drain. False when the load is blocked (c): later loads wait behind
-        it. In (b), and while the room it evicted for is on its way, it reserves that room."""
+        it. In (b), and while the room it evicted for is on its way, it reserves that room; it keeps it
+        (``_rooms``) and starts there."""
         domain = target.base
         budget = self._budget(domain)
+        reserved = p.reserved.get(domain)
+        room = self._rooms.get(target.name)
+        if room is not None and budget is self.budget:  # it evicted for this room: it waits for it there
+            if fits(plus(self._index.held(domain, but=target), reserved), target.memory_gb, budget, room):
+                self._bring_in(target, room, p.now, p.out)
+                return True
+            if fits(plus(self._index.staying(domain, but=target), reserved), target.memory_gb, budget, room):
+                p.room_pending = True  # still on its way
+                self._reserve(p, target, room, target.memory_gb)
+                return True
+            # (the room was taken after all: a model found running there, a node gone; plan afresh)
         waking = target.state is State.SLEEPING
         options = [target.placed] if waking and target.placed else self._options(target)
         if not options:  # no node has gpu_count GPUs: waiting would not help
             target.last_error = self._unplaceable(target)
             self._fail_waiters(target, 503, f"Failed to load model {target.group}: {target.last_error}", p.out)
             return True
+        if self._still_blocked(p, target, first, options, reserved, budget):
+            p.room_pending = p.read_candidates = True
+            p.blocked_since = first.arrived
+            return False
         need = target.memory_gb
         if target.base is None and budget is not self._nominal and all(
             any(need > budget.gpu_memory_gb.get(g, 0.0) + 1e-9 for g in placement) for placement in options if placement
@@ -200,7 +219,6 @@ class Planner(Residency):
             # others' use leaves no GPU where it could ever fit: plan as if it were not there, and let the
             # start-time check name the processes that hold the memory (a 503, not a long wait)
             budget = self._nominal
-        reserved = p.reserved.get(domain)
         # (a sleeper's own residue becomes its need: ``but=target``)
         held = plus(self._index.held(domain, but=target), reserved)
         ordered, fit = self._free_fit(False, need, held, budget, options, target, reserved)
@@ -216,6 +234,7 @@ class Planner(Residency):
         # before the fairness bound models in steady use stay
         hot: Container[str] = Hot(self, p.now, p.cooling) \
             if p.now - first.arrived < self.config.max_wait and self.config.keep_idle > 0 else ()
+        cooled_from = len(p.cooling)
         asleep: list[bool] = []  # whether a candidate read would be put to sleep (it keeps a residue)
         if fit:
             placement, victims = fit, []
@@ -236,6 +255,7 @@ class Planner(Residency):
             return True
         # (c) resident models keep being served, but once the oldest waiter has waited max_wait the busy
         # victims stop taking requests newer than it (they drain), so the load cannot starve
+        self._note_blocked(p, target, first, reserved, cooled_from)
         p.read_candidates = True
         p.blocked_since = first.arrived
         if p.now - first.arrived >= self.config.max_wait:
@@ -244,32 +264,6 @@ class Planner(Residency):
             for v in needed or []:
                 p.drain[v] = min(p.drain.get(v, first.seq), first.seq)
         return False
-
-    def _free_fit(self, staying: bool, need: float, usage: Usage, budget: Budget, options: list[tuple[int, ...]],
-                  target: ModelRecord, reserved: Usage | None) -> tuple[bool, tuple[int, ...] | None]:
-        """``choose_placement``'s answer without evicting (the GPU, or None: none fits), found with a
-        ``FreeOrder`` of what every model holds (``staying``: once what is on its way out has gone), for a
-        model that may go on any one GPU; the order is made again only after a model has moved. False
-        first when the order does not apply (then ``choose_placement`` reads every option)."""
-        if target.base is not None or budget is not self.budget or not budget.gpu_memory_gb \
-                or usage.count + 1 > budget.max_resident or options is not self._layout()[0]:
-            return False, None
-        cached = self._free_orders.get(staying)
-        if cached is None or cached[0] != self._index.version or cached[1] is not budget:
-            base = self._index.staying(None) if staying else self._index.held(None)
-            cached = (self._index.version, budget, FreeOrder(base, budget, budget.gpu_memory_gb))
-            self._free_orders[staying] = cached
-        changed = set(reserved.gpu_gb) if reserved is not None else set()
-        if (mine := self._index.counted(target)) is not None:
-            changed.update(mine.gpus)
-        return True, cached[2].best_fit(need, usage, budget, changed)
-
-    def _reserve(self, p: Pass, target: ModelRecord, placement: tuple[int, ...], need: float) -> None:
-        """Count ``target`` as placed on ``placement`` for the rest of the pass: the room it waits for."""
-        usage = p.reserved.setdefault(target.base, Usage())
-        usage.add(Occupant(target.name, need, placement))
-        if (mine := self._index.counted(target)) is not None:  # (a sleeper's residue becomes its need)
-            usage.remove(mine)
 
     # (4r) -----------------------------------------------------------------------------------------
     def _scale(self, p: Pass) -> None:

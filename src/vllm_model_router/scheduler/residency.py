@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vllm_model_router.scheduler.effects import Effect, Grant, Reject, SleepModel, StartLoad, StopModel, WakeModel
 from vllm_model_router.scheduler.events import ModelSpec
@@ -31,6 +32,9 @@ from vllm_model_router.scheduler.states import (
     is_resident,
 )
 from vllm_model_router.scheduler.waiting import WaitQueue
+
+if TYPE_CHECKING:
+    from vllm_model_router.scheduler.shortcuts import Blocked
 
 TIMED_OUT = "Timed out waiting for model to load"
 CHURNING = (State.LOADING, State.UNLOADING)  # an adapter on its way in or out keeps its base busy
@@ -86,7 +90,14 @@ class Residency:
         # request's arrival or end (``_plan_gen``), and by every request's end (``_idle_gen``)
         self._plan_gen = 0
         self._idle_gen = 0
+        self._rules_gen = 0
         self._free_orders: dict[bool, tuple[int, Budget, FreeOrder]] = {}  # (``Planner._free_fit``)
+        self._rooms: dict[str, tuple[int, ...]] = {}  # the GPUs each load waiting for room reserved (step 4)
+        self._blocked: dict[str, Blocked] = {}  # loads found blocked behind busy models (``_still_blocked``)
+        # when something last changed on each GPU (a model moved, or fell idle, there): a counter
+        self._gpu_stamp: dict[int, int] = {}
+        self._stamp = 0
+        self._option_cache: dict[tuple[int, frozenset[str]], tuple[int, Budget, list[tuple[int, ...]]]] = {}
 
     # ------------------------------------------------------------------ queries
     def resident(self) -> list[str]:
@@ -121,6 +132,7 @@ class Residency:
         return self._index.children(base)
 
     def _set_state(self, m: ModelRecord, state: State, now: float) -> None:
+        self._touch(m)
         self._index.moving(m)
         m.state = state
         m.since = now  # (before ``moved``: the eviction order reads it)
@@ -140,6 +152,16 @@ class Residency:
                     child.last_error = f"base {m.name} is {state.value}"
                     child.unload_requested = False
                     self._set_state(child, State.UNLOADED, now)
+
+    def _touch(self, m: ModelRecord) -> None:
+        """Something that can make room changed on ``m``'s GPUs (and its base's: an adapter's move changes
+        whether the base is busy): stamp them (``Shortcuts._still_blocked`` reads the stamps)."""
+        self._stamp += 1
+        for g in m.placed:
+            self._gpu_stamp[g] = self._stamp
+        if m.base is not None:
+            for g in self._models[m.base].placed:
+                self._gpu_stamp[g] = self._stamp
 
     # ------------------------------------------------------------ replicas
     def _group(self, m: ModelRecord) -> Group:
@@ -239,6 +261,7 @@ class Residency:
         if model is not None:
             self._idle_gen += 1  # a model may have fallen idle: a candidate for eviction step 4 had not
             m = self._models[model]
+            self._touch(m)
             m.in_flight.discard(req_id)
             self._index.used(m, now)
             if m.base is not None:
@@ -258,6 +281,7 @@ class Residency:
     # ------------------------------------------------------------ moves in and out
     def _bring_in(self, m: ModelRecord, placement: tuple[int, ...], now: float, out: list[Effect]) -> None:
         """Wake a sleeper (where it sleeps) or start a cold load (on ``placement``)."""
+        self._blocked.pop(m.name, None)
         if m.state is State.SLEEPING:
             self._set_state(m, State.WAKING, now)
             out.append(WakeModel(m.name, m.asleep_level))
@@ -308,65 +332,21 @@ class Residency:
         return self.budget if domain is None else Budget(self._models[domain].spec.max_adapters, None)
 
     def _candidates(self, domain: str | None, target: ModelRecord, sleep: bool = True, busy_too: bool = False,
-                    hot: Container[str] = ()) -> Iterator[Candidate]:
+                    hot: Container[str] = (), on: tuple[int, ...] | None = None) -> Iterator[Candidate]:
         """Ways to make room in ``domain`` for ``target``, in order, read lazily: idle awake models (or all
         awake ones, ``busy_too``) but the ``hot`` ones, least recently used first (put to sleep when they
         can sleep and ``sleep``, else stopped), then sleepers, least recently used first (stopped). Pinned
-        models are never candidates."""
-        for m in self._index.lru(domain, State.LOADED):
+        models are never candidates. ``on``: only those placed on any of these GPUs."""
+        index = self._index
+        for m in index.lru(domain, State.LOADED) if on is None else index.lru_on(domain, State.LOADED, on):
             if m.pinned or (not busy_too and (self._busy(m) or m.name in hot)):
                 continue
             asleep = Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False) if sleep and m.spec.sleep_level \
                 else None
             yield Candidate(occupant(m), asleep)
-        for m in self._index.lru(domain, State.SLEEPING):
+        for m in index.lru(domain, State.SLEEPING) if on is None else index.lru_on(domain, State.SLEEPING, on):
             if not m.pinned and m is not target:
                 yield Candidate(occupant(m))
-
-    def _options(self, m: ModelRecord) -> list[tuple[int, ...]]:
-        """Where ``m`` may go: its fixed GPUs, any one GPU, ``gpu_count`` GPUs of one node (on each node
-        the ones with the most memory free: a tensor-parallel model wants them all to have its share), or
-        (no GPUs known, or an adapter) nowhere in particular. On a cluster, only nodes that offer what it
-        ``needs`` (none: it cannot be placed)."""
-        if m.base is not None or not self.budget.gpu_memory_gb:
-            return [()]
-        if m.spec.gpus:
-            return [m.spec.gpus]
-        k = m.spec.gpu_count
-        one_gpu, nodes = self._layout(m.spec.needs)
-        if k <= 1:
-            return one_gpu
-        budgets, held = self.budget.gpu_memory_gb, self._index.held(None, but=m).gpu_gb
-        options = []
-        for gpus in nodes.values():
-            if len(gpus) >= k:
-                freest = sorted(gpus, key=lambda g: (held.get(g, 0.0) - budgets.get(g, 0.0), g))[:k]
-                options.append(tuple(sorted(freest)))
-        return options
-
-    def _layout(self, needs: frozenset[str] = frozenset()) -> tuple[list[tuple[int, ...]], dict[str, list[int]]]:
-        """Every GPU as a one-GPU option, and the GPUs of each node, of the nodes that offer ``needs``: worked
-        out again only when the budgets (a new Budget: GpuUsage, Capacity) or the nodes change, not on every
-        plan (a cluster has hundreds)."""
-        cache = self._layout_cache  # (kept with the very objects it was made from: no id is ever reused)
-        if cache is None or cache[0] is not self.budget or cache[1] is not self._gpu_nodes \
-                or cache[2] is not self._node_resources:
-            cache = self._layout_cache = (self.budget, self._gpu_nodes, self._node_resources, {})
-        by_needs = cache[3]
-        if needs not in by_needs:
-            nodes: dict[str, list[int]] = {}
-            for g in sorted(self.budget.gpu_memory_gb):
-                node = self._gpu_nodes.get(g, "")
-                if needs <= self._node_resources.get(node, frozenset()):
-                    nodes.setdefault(node, []).append(g)
-            by_needs[needs] = (sorted((g,) for gpus in nodes.values() for g in gpus), nodes)
-        return by_needs[needs]
-
-    def _unplaceable(self, m: ModelRecord) -> str:
-        """Why ``m`` has no option (``_options`` is empty): what no node has."""
-        if m.spec.needs and not self._layout(m.spec.needs)[1]:
-            return f"needs a node with the resources {', '.join(sorted(m.spec.needs))}; no node has them"
-        return f"needs {m.spec.gpu_count} GPUs on one machine; no machine has that many"
 
     # ------------------------------------------------------------ use over time
     def _lru(self, models: Iterable[ModelRecord]) -> list[ModelRecord]:

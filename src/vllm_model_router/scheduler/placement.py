@@ -1,0 +1,64 @@
+"""Where a model may go (``_options``): any one GPU, ``gpu_count`` GPUs of one node, its fixed GPUs, or
+nowhere in particular; only nodes that offer the resources it needs. Worked out from the GPUs' budgets
+and nodes, and kept until they (or, for several GPUs, the models' places) change."""
+
+from __future__ import annotations
+
+from vllm_model_router.scheduler.records import ModelRecord
+from vllm_model_router.scheduler.residency import Residency
+
+
+class Placement(Residency):
+    """The placements a load may take."""
+
+    def _options(self, m: ModelRecord) -> list[tuple[int, ...]]:
+        """Where ``m`` may go: its fixed GPUs, any one GPU, ``gpu_count`` GPUs of one node (on each node
+        the ones with the most memory free: a tensor-parallel model wants them all to have its share), or
+        (no GPUs known, or an adapter) nowhere in particular. On a cluster, only nodes that offer what it
+        ``needs`` (none: it cannot be placed)."""
+        if m.base is not None or not self.budget.gpu_memory_gb:
+            return [()]
+        if m.spec.gpus:
+            return [m.spec.gpus]
+        k = m.spec.gpu_count
+        one_gpu, nodes = self._layout(m.spec.needs)
+        if k <= 1:
+            return one_gpu
+        # the same for every model of k GPUs while no model moves (and ``m`` holds nothing): kept until then
+        cached = self._option_cache.get((k, m.spec.needs))
+        mine = self._index.counted(m)
+        if mine is None and cached is not None and cached[0] == self._index.version and cached[1] is self.budget:
+            return cached[2]
+        budgets, held = self.budget.gpu_memory_gb, self._index.held(None, but=m).gpu_gb
+        options = []
+        for gpus in nodes.values():
+            if len(gpus) >= k:
+                freest = sorted(gpus, key=lambda g: (held.get(g, 0.0) - budgets.get(g, 0.0), g))[:k]
+                options.append(tuple(sorted(freest)))
+        if mine is None:
+            self._option_cache[k, m.spec.needs] = (self._index.version, self.budget, options)
+        return options
+
+    def _layout(self, needs: frozenset[str] = frozenset()) -> tuple[list[tuple[int, ...]], dict[str, list[int]]]:
+        """Every GPU as a one-GPU option, and the GPUs of each node, of the nodes that offer ``needs``: worked
+        out again only when the budgets (a new Budget: GpuUsage, Capacity) or the nodes change, not on every
+        plan (a cluster has hundreds)."""
+        cache = self._layout_cache  # (kept with the very objects it was made from: no id is ever reused)
+        if cache is None or cache[0] is not self.budget or cache[1] is not self._gpu_nodes \
+                or cache[2] is not self._node_resources:
+            cache = self._layout_cache = (self.budget, self._gpu_nodes, self._node_resources, {})
+        by_needs = cache[3]
+        if needs not in by_needs:
+            nodes: dict[str, list[int]] = {}
+            for g in sorted(self.budget.gpu_memory_gb):
+                node = self._gpu_nodes.get(g, "")
+                if needs <= self._node_resources.get(node, frozenset()):
+                    nodes.setdefault(node, []).append(g)
+            by_needs[needs] = (sorted((g,) for gpus in nodes.values() for g in gpus), nodes)
+        return by_needs[needs]
+
+    def _unplaceable(self, m: ModelRecord) -> str:
+        """Why ``m`` has no option (``_options`` is empty): what no node has."""
+        if m.spec.needs and not self._layout(m.spec.needs)[1]:
+            return f"needs a node with the resources {', '.join(sorted(m.spec.needs))}; no node has them"
+        return f"needs {m.spec.gpu_count} GPUs on one machine; no machine has that many"

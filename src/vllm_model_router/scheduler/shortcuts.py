@@ -1,0 +1,114 @@
+"""What lets step 4 plan on a cluster without reading every GPU and every model on each pass (see
+docs/DESIGN.md, "Planning cost with hundreds of GPUs"): best fit from GPUs kept in order of free memory,
+the room a load reserves, and a load blocked behind busy models looked at again only where something
+changed. Each gives the answer the plain way gives; property tests hold them to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm_model_router.scheduler.eviction import Budget, FreeOrder, Occupant, Usage, choose_placement
+from vllm_model_router.scheduler.passes import Hot, Pass, noting_sleepers
+from vllm_model_router.scheduler.passes import plus as plus_of
+from vllm_model_router.scheduler.placement import Placement
+from vllm_model_router.scheduler.records import ModelRecord, Waiter
+
+
+@dataclass(slots=True)
+class Blocked:
+    """A load found blocked behind busy models (step 4 (c)), and what that finding read: the GPUs' touch
+    stamp, the budget, the count of events that change what may be evicted without moving a model (a pin,
+    replicas kept, an unload), the room reserved before it, and when hot models holding
+    it back cool down. While only GPUs of some options have been touched since, only those can have
+    changed."""
+
+    stamp: int
+    budget: Budget
+    gen: int
+    reserved: dict[int, float]
+    cooling: tuple[float, ...]
+    until: float
+
+
+class Shortcuts(Placement):
+    """Step 4's ways around reading the whole cluster."""
+
+    def _free_fit(self, staying: bool, need: float, usage: Usage, budget: Budget, options: list[tuple[int, ...]],
+                  target: ModelRecord, reserved: Usage | None) -> tuple[bool, tuple[int, ...] | None]:
+        """``choose_placement``'s answer without evicting (the GPU, or None: none fits), found with a
+        ``FreeOrder`` of what every model holds (``staying``: once what is on its way out has gone), for a
+        model that may go on any one GPU; the order is made again only after a model has moved. False
+        first when the order does not apply (then ``choose_placement`` reads every option)."""
+        if target.base is not None or budget is not self.budget or not budget.gpu_memory_gb \
+                or usage.count + 1 > budget.max_resident or options is not self._layout()[0]:
+            return False, None
+        cached = self._free_orders.get(staying)
+        if cached is None or cached[0] != self._index.version or cached[1] is not budget:
+            base = self._index.staying(None) if staying else self._index.held(None)
+            cached = (self._index.version, budget, FreeOrder(base, budget, budget.gpu_memory_gb))
+            self._free_orders[staying] = cached
+        changed = set(reserved.gpu_gb) if reserved is not None else set()
+        if (mine := self._index.counted(target)) is not None:
+            changed.update(mine.gpus)
+        return True, cached[2].best_fit(need, usage, budget, changed)
+
+    def _reserve(self, p: Pass, target: ModelRecord, placement: tuple[int, ...], need: float) -> None:
+        """Count ``target`` as placed on ``placement`` for the rest of the pass: the room it waits for."""
+        p.rooms[target.name] = placement
+        self._blocked.pop(target.name, None)
+        usage = p.reserved.setdefault(target.base, Usage())
+        usage.add(Occupant(target.name, need, placement))
+        if (mine := self._index.counted(target)) is not None:  # (a sleeper's residue becomes its need)
+            usage.remove(mine)
+
+    def _still_blocked(self, p: Pass, target: ModelRecord, first: Waiter, options: list[tuple[int, ...]],
+                       reserved: Usage | None, budget: Budget) -> bool:
+        """Whether ``target``, found blocked before, is blocked still, found by planning again only the
+        options where a GPU was touched since (a model moved or fell idle there, or the room reserved on it
+        differs): the others are as they were, and were blocked. False when it must be planned in full
+        (it may fit, or the finding no longer applies)."""
+        b = self._blocked.get(target.name)
+        if b is None or p.now >= b.until or b.budget is not self.budget or budget is not self.budget \
+                or b.gen != self._rules_gen or target.base is not None or not budget.gpu_memory_gb or not all(options):
+            return False
+        held = self._index.held(None, but=target)
+        if held.count + 1 + (reserved.count if reserved is not None else 0) > budget.max_resident:
+            return False  # the count may bind: options are not independent of one another
+        res = reserved.gpu_gb if reserved is not None else {}
+        stamps = self._gpu_stamp
+        touched = [o for o in options if any(stamps.get(g, 0) > b.stamp or res.get(g, 0.0) != b.reserved.get(g, 0.0)
+                                             for g in o)]
+        cooled_from = len(p.cooling)
+        if touched:
+            need = target.memory_gb
+            _, victims = choose_placement(need, plus_of(held, reserved), [], budget, touched)
+            if victims == []:
+                return False
+            staying = plus_of(self._index.staying(None, but=target), reserved)
+            hot = Hot(self, p.now, p.cooling) if self.config.keep_idle > 0 else ()
+            for o in touched:
+                asleep: list[bool] = []
+                cands = noting_sleepers(self._candidates(None, target, hot=hot, on=o), asleep)
+                if choose_placement(need, staying, cands, budget, [o])[1] is not None:
+                    return False
+                if asleep and choose_placement(need, staying, self._candidates(None, target, sleep=False, hot=hot,
+                                                                               on=o), budget, [o])[1] is not None:
+                    return False
+        cooling = tuple(p.cooling[cooled_from:])  # hot models found where it looked again: their cooling too
+        p.cooling.extend(b.cooling)
+        b.stamp, b.reserved = self._stamp, dict(res)
+        b.cooling, b.until = b.cooling + cooling, min([b.until, *cooling])
+        return True
+
+    def _note_blocked(self, p: Pass, target: ModelRecord, first: Waiter, reserved: Usage | None,
+                      cooled_from: int) -> None:
+        """Remember that ``target`` is blocked (``_still_blocked``), while that finding can be checked so:
+        before its oldest waiter's fairness bound (then drains are planned, on every pass)."""
+        bound = first.arrived + self.config.max_wait
+        if target.base is not None or p.now >= bound or not self.budget.gpu_memory_gb:
+            self._blocked.pop(target.name, None)
+            return
+        cooling = tuple(p.cooling[cooled_from:])
+        self._blocked[target.name] = Blocked(self._stamp, self.budget, self._rules_gen,
+                                             dict(reserved.gpu_gb) if reserved is not None else {}, cooling,
+                                             min([*cooling, bound]))
