@@ -74,6 +74,7 @@ def build_app(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.limits.upstream_connect_timeout),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            cookie_jar=aiohttp.DummyCookieJar(),  # shared by every client: an engine's cookie is its client's only
         )
         metrics = RouterMetrics(runtime)  # counts lifecycle events from the first one on
         app[RUNTIME] = runtime

@@ -26,8 +26,8 @@ from yarl import URL
 
 from vllm_model_router.config import ENGINE
 from vllm_model_router.errors import BadGateway, BadRequest, GatewayTimeout, NotFound, RequestTimeout, RouterError
-from vllm_model_router.http.affinity import prefix_key
-from vllm_model_router.http.request_body import is_multipart, parse_form_model, parse_json
+from vllm_model_router.http.affinity import body_prefix_key
+from vllm_model_router.http.request_body import is_multipart, json_model, json_payload, parse_form_model
 from vllm_model_router.routes import MULTIPART_ROUTES, OTHER, RouteTable
 from vllm_model_router.runtime.pump import Runtime, shutting_down
 from vllm_model_router.scheduler.events import split_unit
@@ -209,13 +209,14 @@ class Proxy:
             if target.rewrite is not None:  # an alias: the server knows the model by its configured name
                 raw = form.rewrite(raw, target.rewrite)
         else:
-            payload, name = parse_json(raw)
+            name = json_model(raw)  # the object is built only where it is needed, below
             target = await self.runtime.adapters.resolve(name)
+            if len(self.runtime.units(target.model)) > 1:
+                affinity = body_prefix_key(raw)
             if target.rewrite is not None:
+                payload = json_payload(raw)
                 payload["model"] = target.rewrite
                 raw = json.dumps(payload).encode()
-            if len(self.runtime.units(target.model)) > 1:
-                affinity = prefix_key(payload)
         model = target.model
         # several engines (endpoint mode): a model the engines serve themselves goes to one that lists it
         eligible = self.runtime.adapters.eligible(name) if model == ENGINE else None
@@ -286,7 +287,9 @@ class Proxy:
         target = URL(f"{url}?{query}" if query else url, encoded=True)
         try:
             async with asyncio.timeout_at(deadline):
-                upstream = await self.session.request(request.method, target, data=body, headers=headers)
+                # a redirect is the engine's answer to relay, not a path for the router to follow
+                upstream = await self.session.request(request.method, target, data=body, headers=headers,
+                                                      allow_redirects=False)
         except aiohttp.ServerTimeoutError as e:
             raise GatewayTimeout(f"connecting to {self._server(model, base)} timed out after "
                                  f"{limits.upstream_connect_timeout:g}s (limits.upstream_connect_timeout)") from e

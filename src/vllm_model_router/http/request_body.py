@@ -5,6 +5,15 @@ A JSON body (chat, completions, embeddings, ...) carries it as a key; a ``multip
 parsed with python-multipart, the parser Starlette and vLLM's own server use, so the router reads the
 form the way the engine will; renaming the field splices the new value into the raw bytes and leaves
 every other part, the audio included, byte for byte as the client sent it.
+
+A JSON body's ``model`` is read without building the object (``json_model``): msgspec decodes only that
+key and checks the rest of the document as it skips it, so a 200 KB conversation costs 0.1 to 0.2 ms
+instead of the 0.5 to 1.9 ms ``json.loads`` takes to build every string of it. The standard library
+stays the judge of what is valid: whatever msgspec refuses (or could judge differently: NaN, lone
+surrogates, a UTF-16 body, invalid UTF-8) goes through ``json.loads`` as before, so the same bodies are
+accepted and refused, with the same messages. One boundary moves a little: both parsers stop at Python's
+recursion limit, and json.loads sits three frames deeper, so a body nested within three levels of that
+limit (about 990 levels) is now forwarded for the engine to judge instead of refused.
 """
 
 from __future__ import annotations
@@ -13,12 +22,62 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from vllm_model_router.errors import BadRequest
 
 MAX_MODEL_FIELD = 1024  # bytes: a model name, not a file
+
+
+class _ModelOnly(msgspec.Struct):
+    """A JSON object, of which only ``model`` is kept (the other keys are checked and skipped)."""
+
+    model: object = None
+
+
+_MODEL_ONLY = msgspec.json.Decoder(_ModelOnly)
+FAST_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
+
+
+def json_model(raw: bytes) -> str:
+    """The ``model`` of a JSON object body, or the 400 :func:`parse_json` gives: the same answer for
+    every body, without building the object when the body is plain UTF-8 JSON (the usual case)."""
+    if is_plain_utf8(raw):
+        try:
+            found = _MODEL_ONLY.decode(raw)
+        except FAST_ERRORS:
+            pass  # json.loads says what is wrong, or accepts what msgspec does not (NaN, a UTF-16 body, ...)
+        else:
+            return _checked_model(found.model)
+    return parse_json(raw)[1]
+
+
+def json_payload(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a body :func:`json_model` accepted (for an alias to rename, a prompt to hash):
+    built by msgspec where it can, else by json.loads, the same objects either way."""
+    if is_plain_utf8(raw):
+        try:
+            payload = msgspec.json.decode(raw)
+        except FAST_ERRORS:
+            pass
+        else:
+            if isinstance(payload, dict):
+                return payload
+    return parse_json(raw)[0]
+
+
+def is_plain_utf8(raw: bytes) -> bool:
+    """Whether msgspec may read ``raw``: whether json.loads would decode it as UTF-8 (it allows encoded
+    surrogates); msgspec does not look inside the strings it skips."""
+    if raw.isascii():
+        return True
+    try:
+        raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def parse_json(raw: bytes) -> tuple[dict[str, Any], str]:
@@ -33,12 +92,15 @@ def parse_json(raw: bytes) -> tuple[dict[str, Any], str]:
         raise BadRequest(f"request body is not valid JSON: {e}") from e
     if not isinstance(payload, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(payload).__name__}")
-    model = payload.get("model")
+    return payload, _checked_model(payload.get("model"))
+
+
+def _checked_model(model: object) -> str:
     if model is None:
         raise BadRequest("you must provide a model parameter", param="model")
     if not isinstance(model, str):
         raise BadRequest(f"'model' must be a string, got {type(model).__name__}", param="model")
-    return payload, model
+    return model
 
 
 def is_multipart(content_type: str) -> bool:
