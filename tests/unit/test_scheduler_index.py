@@ -65,6 +65,9 @@ class CheckedIndexes(Scheduler):
                 for mine, scanned in ((index.held(domain, m), scan.held(domain, m)),
                                       (index.staying(domain, m), scan.staying(domain, m))):
                     assert totals(mine) == totals(scanned), f"{where}: what {domain} holds but {m}"
+                for staying in (False, True):
+                    part, whole = index.usage_on(domain, (0, 1), m, staying), scan.usage_on(domain, (0, 1), m, staying)
+                    assert on_two_gpus(part) == on_two_gpus(whole), f"{where}: what {domain} holds on 0, 1 but {m}"
             for s in (State.LOADED, State.SLEEPING):
                 assert list(index.lru(domain, s)) == list(scan.lru(domain, s)), f"{where}: {domain} {s} by lru"
                 for gpus in ((0,), (1,), (0, 1), (1, 2, 3)):
@@ -85,6 +88,11 @@ class CheckedIndexes(Scheduler):
         for m in self._models:
             assert waiting.of(m) == reference.of(m), f"{where}: waiters of {m}"
         assert waiting.first_arrival() == reference.first_arrival(), f"{where}: first arrival"
+
+
+def on_two_gpus(u: Usage) -> tuple[int, float, dict[int, float]]:
+    """What ``usage_on`` answers for GPUs 0 and 1 (rounded: the totals are kept up to date by sums)."""
+    return u.count, round(u.pool_gb, 6), {g: round(u.gpu_gb.get(g, 0.0), 6) for g in (0, 1)}
 
 
 def totals(u: Usage) -> tuple[int, float, dict[int, float]]:

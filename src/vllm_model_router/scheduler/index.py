@@ -234,6 +234,18 @@ class ModelIndex:
         """What they (but ``but``) will still hold once what is stopping or falling asleep has gone."""
         return self._total(self._staying, 1, domain, but)
 
+    def usage_on(self, domain: str | None, gpus: Sequence[int], but: ModelRecord | None, staying: bool) -> Usage:
+        """``held`` (or ``staying``), with the memory of ``gpus`` only: the same count and pool, and no copy
+        of every other GPU's."""
+        totals = (self._staying if staying else self._held).get(domain)
+        usage = Usage(totals.count, totals.pool_gb, {g: totals.gpu_gb.get(g, 0.0) for g in gpus}) \
+            if totals is not None else Usage()
+        counted = self._occupants.get(but.name) if but is not None and but.base == domain else None
+        mine = counted[1 if staying else 0] if counted is not None else None
+        if mine is not None:
+            usage.remove(mine)
+        return usage
+
     def _total(self, totals: dict[str | None, Usage], which: int, domain: str | None,
                but: ModelRecord | None) -> Usage:
         usage = totals[domain].copy() if domain in totals else Usage()
@@ -300,6 +312,9 @@ class ScanningIndex(ModelIndex):
 
     def counted(self, m: ModelRecord) -> Occupant | None:
         return occupant(m) if holds_capacity(m) else None
+
+    def usage_on(self, domain: str | None, gpus: Sequence[int], but: ModelRecord | None, staying: bool) -> Usage:
+        return self.staying(domain, but) if staying else self.held(domain, but)
 
     def held(self, domain: str | None, but: ModelRecord | None = None) -> Usage:
         return Usage.of(occupant(m) for m in self.holders(domain) if m is not but)

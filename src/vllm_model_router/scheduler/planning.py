@@ -194,10 +194,10 @@ class Planner(Shortcuts):
         reserved = p.reserved.get(domain)
         room = self._rooms.get(target.name)
         if room is not None and budget is self.budget:  # it evicted for this room: it waits for it there
-            if fits(plus(self._index.held(domain, but=target), reserved), target.memory_gb, budget, room):
+            if fits(self._room_usage(False, target, room, reserved), target.memory_gb, budget, room):
                 self._bring_in(target, room, p.now, p.out)
                 return True
-            if fits(plus(self._index.staying(domain, but=target), reserved), target.memory_gb, budget, room):
+            if fits(self._room_usage(True, target, room, reserved), target.memory_gb, budget, room):
                 p.room_pending = True  # still on its way
                 self._reserve(p, target, room, target.memory_gb)
                 return True

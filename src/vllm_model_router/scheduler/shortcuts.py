@@ -61,6 +61,19 @@ class Shortcuts(Placement):
         if (mine := self._index.counted(target)) is not None:  # (a sleeper's residue becomes its need)
             usage.remove(mine)
 
+    def _room_usage(self, staying: bool, target: ModelRecord, room: tuple[int, ...],
+                    reserved: Usage | None) -> Usage:
+        """What is held (or ``staying``) in ``target``'s domain but by it, with the room earlier loads of
+        the pass reserved: the count and pool, and the GPUs of ``room`` only (a load waiting in its room is
+        asked about those alone, on every pass; the cluster's other GPUs are not copied for it)."""
+        usage = self._index.usage_on(target.base, room, target, staying)
+        if reserved is not None:
+            usage.count += reserved.count
+            usage.pool_gb += reserved.pool_gb
+            for g in room:
+                usage.gpu_gb[g] = usage.gpu_gb.get(g, 0.0) + reserved.gpu_gb.get(g, 0.0)
+        return usage
+
     def _still_blocked(self, p: Pass, target: ModelRecord, first: Waiter, options: list[tuple[int, ...]],
                        reserved: Usage | None, budget: Budget) -> bool:
         """Whether ``target``, found blocked before, is blocked still, found by planning again only the
