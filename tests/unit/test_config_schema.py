@@ -177,5 +177,5 @@ def test_the_config_and_the_scheduler_agree_on_defaults() -> None:
         assert getattr(spec, name) == getattr(model, name), name
     scheduler = {f.name: f.default for f in dataclasses.fields(SchedulerConfig)}
     cfg = build_config({}, {})
-    assert (scheduler["max_waiting_total"], scheduler["keep_idle"], scheduler["host_overflow"]) == (
-        cfg.max_waiting, cfg.keep_idle, cfg.host_overflow)
+    assert (scheduler["max_waiting_total"], scheduler["keep_idle"], scheduler["keep_idle_reloads"],
+            scheduler["host_overflow"]) == (cfg.max_waiting, cfg.keep_idle, cfg.keep_idle_reloads, cfg.host_overflow)

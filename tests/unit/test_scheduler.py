@@ -597,8 +597,8 @@ def test_step4_a_model_that_reloads_quickly_is_protected_only_that_long() -> Non
     r.step(RequestArrived(2, "a"), at=0.5)
     r.step(RequestFinished(2), at=0.7)  # steady use, gap 1.5 s
     assert r.step(RequestArrived(3, "b"), at=1.0) == []
-    assert r.timers[-1] == 1.7  # last used 0.7 + its 1 s load time
-    assert r.step(Tick(), at=1.7) == [StopModel("a", LRU, "evicted to make room for b")]
+    assert r.timers[-1] == 2.0  # a lone newcomer waits one of a's reloads (1 s) from its arrival
+    assert r.step(Tick(), at=2.0) == [StopModel("a", LRU, "evicted to make room for b")]
 
 
 def test_step4_light_traffic_swaps_at_once() -> None:

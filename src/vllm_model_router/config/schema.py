@@ -289,7 +289,9 @@ class Settings(Section):
     max_wait: Annotated[float, Duration()] = Field(
         30.0, description="Fairness bound: a model waiting for busy ones gets its turn after this.")
     keep_idle: Annotated[float, Duration()] = Field(
-        0.0, description="Protect a model in steady use this long after its last request (0: off).")
+        60.0, description="Protect a model in steady use at most this long after its last request (0: off).")
+    keep_idle_reloads: Annotated[float, Number(0)] = Field(
+        6.5, description="A newcomer waits for a protected model at most this many of its reloads (and max_wait).")
     default_ttl: Annotated[float, Duration()] = Field(
         0.0, description="Idle time after which a model is unloaded (0: never).")
     max_waiting: Annotated[int, Whole(1)] = Field(

@@ -122,6 +122,7 @@ class Runtime:
                 host_memory_gb=config.host_memory_gb,
                 host_overflow=config.host_overflow,
                 keep_idle=config.keep_idle,
+                keep_idle_reloads=config.keep_idle_reloads,
                 max_waiting_total=config.max_waiting,
                 last_used=self.history.last_used(self._loop.time()),
                 gpu_memory_gb=topology[0] if topology is not None else self.gpus.budgets,

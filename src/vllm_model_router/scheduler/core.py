@@ -150,6 +150,8 @@ class Scheduler(Planner):
                 if m.state is State.WAKING:
                     if ok:
                         m.wakes += 1
+                        if m.load_started is not None:
+                            m.wake_seconds = now - m.load_started
                         m.asleep_level = 0
                         m.last_error = None
                         self._set_state(m, State.LOADED, now)

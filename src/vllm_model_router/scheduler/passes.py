@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from vllm_model_router.scheduler.effects import Effect
 from vllm_model_router.scheduler.eviction import Candidate, Usage
+from vllm_model_router.scheduler.records import Waiter
 from vllm_model_router.scheduler.residency import Residency
 
 
@@ -41,18 +42,19 @@ class Step4:
 
 
 class Hot:
-    """The models protected from eviction at ``now`` (``Residency._hot``), asked of each candidate as the
+    """The models protected from eviction at ``now`` (``Residency._hot``) against a ``newcomer`` (its oldest
+    waiter; None: another replica), asked of each candidate as the
     eviction order is read (not of every loaded model up front); each one found is noted with when it
     cools down (the timer of step 9)."""
 
-    def __init__(self, planner: Residency, now: float, cooling: list[float]) -> None:
-        self._planner, self._now, self._cooling = planner, now, cooling
+    def __init__(self, planner: Residency, now: float, cooling: list[float], newcomer: Waiter | None = None) -> None:
+        self._planner, self._now, self._cooling, self._newcomer = planner, now, cooling, newcomer
 
     def __contains__(self, name: object) -> bool:
         m = self._planner._models[name] if isinstance(name, str) else None
-        if m is None or not self._planner._hot(m, self._now):
+        if m is None or not self._planner._hot(m, self._now, self._newcomer):
             return False
-        self._cooling.append(self._planner._hot_until(m))
+        self._cooling.append(self._planner._hot_until(m, self._newcomer))
         return True
 
 

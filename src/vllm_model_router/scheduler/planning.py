@@ -232,7 +232,7 @@ class Planner(Shortcuts):
         staying = plus(self._index.staying(domain, but=target), reserved)
         ordered, fit = self._free_fit(True, need, staying, budget, options, target, reserved)
         # before the fairness bound models in steady use stay
-        hot: Container[str] = Hot(self, p.now, p.cooling) \
+        hot: Container[str] = Hot(self, p.now, p.cooling, first) \
             if p.now - first.arrived < self.config.max_wait and self.config.keep_idle > 0 else ()
         cooled_from = len(p.cooling)
         asleep: list[bool] = []  # whether a candidate read would be put to sleep (it keeps a residue)

@@ -39,6 +39,7 @@ class ModelRecord:
     last_arrival: float | None = None
     gap: float | None = None  # smoothed time between its requests: small means in steady use
     load_seconds: float | None = None  # how long its last cold load took: what evicting it would cost
+    wake_seconds: float | None = None  # how long its last wake took: that cost, when it would be put to sleep
     extra: bool = False  # a replica beyond the ones its model keeps: evicted first, stopped when idle a while
 
     @property

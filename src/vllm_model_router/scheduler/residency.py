@@ -21,7 +21,7 @@ from vllm_model_router.scheduler.effects import Effect, Grant, Reject, SleepMode
 from vllm_model_router.scheduler.events import ModelSpec
 from vllm_model_router.scheduler.eviction import Budget, Candidate, FreeOrder, Occupant
 from vllm_model_router.scheduler.index import TIMED, ModelIndex, in_table_order, lru_key, occupant
-from vllm_model_router.scheduler.records import Group, ModelRecord
+from vllm_model_router.scheduler.records import Group, ModelRecord, Waiter
 from vllm_model_router.scheduler.states import (
     HOLDS_CAPACITY,
     LOADABLE,
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 TIMED_OUT = "Timed out waiting for model to load"
 CHURNING = (State.LOADING, State.UNLOADING)  # an adapter on its way in or out keeps its base busy
+IDLE_RELOADS = 4.0  # an idle model in steady use is protected for at most this many of its reloads (``_hot_until``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +53,8 @@ class SchedulerConfig:
     node_resources: Mapping[str, Collection[str]] | None = None  # what each node offers (``ModelSpec.needs``)
     host_memory_gb: float | None = None  # what level-1 sleepers' weights may take in host RAM
     host_overflow: str = "stop"  # host budget full: "stop" the oldest level-1 sleeper, or sleep at "level2"
-    keep_idle: float = 0.0  # a model in steady use is kept this long after its last request (0: off)
+    keep_idle: float = 60.0  # a model in steady use is kept at most this long after its last request (0: off)
+    keep_idle_reloads: float = 6.5  # ... and a newcomer waits for it at most this many of its reloads
     max_waiting_total: int = 1000  # requests waiting for any model beyond this get 429
     retry_after: float = 5.0  # what a 429 suggests
     last_used: Mapping[str, float] | None = None  # restored history (scheduler clock), for the LRU order
@@ -354,25 +356,49 @@ class Residency:
         return sorted(models, key=lru_key)
 
     def _note_arrival(self, m: ModelRecord, now: float) -> None:
+        steady = self._steady(m)
         if m.last_arrival is not None:
             gap = now - m.last_arrival
             m.gap = gap if m.gap is None else 0.7 * m.gap + 0.3 * gap
         m.last_arrival = now
+        if self._steady(m) != steady:  # how long it waits for hot models changed: step 4's shortcuts expire
+            self._plan_gen += 1
+            self._rules_gen += 1
 
-    def _hot_until(self, m: ModelRecord) -> float:
-        """In steady use, a model's next request is expected within its usual gap: it stays protected until
-        it is overdue (twice its smoothed gap), or keep_idle has passed since its last request, or as long
-        as reloading it would take (protecting a model that comes back in 2 s for longer than 2 s only
-        makes clients wait), whichever comes first. A model used once, or whose user has moved on, is not
-        protected for long."""
-        keep = self.config.keep_idle
-        if keep <= 0 or m.gap is None:
+    def _reload_cost(self, m: ModelRecord) -> float:
+        """What evicting ``m`` costs when it is next wanted, as measured: its last wake if it would be put to
+        sleep and has woken before, else its last cold load; never measured (a model found running at
+        startup, one never loaded), as costly as ``keep_idle`` allows."""
+        if m.spec.sleep_level and m.wake_seconds is not None:
+            return m.wake_seconds
+        return m.load_seconds if m.load_seconds is not None else self.config.keep_idle / IDLE_RELOADS
+
+    def _steady(self, m: ModelRecord) -> bool:
+        """``m``'s requests come within ``keep_idle_reloads`` of its reloads of one another: waiting for it
+        gathers a batch, and its next request is expected before protecting it costs much."""
+        return m.gap is not None and m.gap <= self.config.keep_idle_reloads * self._reload_cost(m)
+
+    def _hot_until(self, m: ModelRecord, newcomer: Waiter | None = None) -> float:
+        """Until when ``m`` is protected from eviction: ski rental, keep paying for an idle model while that
+        costs less than buying it back, both counted in its reloads (measured, ``_reload_cost``: cheap ones
+        protect briefly, expensive ones long). A model in steady use (``_steady``) is kept while it has been
+        idle less than ``IDLE_RELOADS`` reloads, twice its usual gap (after that its user has moved on) and
+        ``keep_idle``; against a ``newcomer`` (its oldest waiter), only until that has waited
+        ``keep_idle_reloads`` of ``m``'s reloads if the newcomer is in steady use too (its wait gathers a
+        batch), else one reload (it gains nothing by waiting); the planner adds ``max_wait``."""
+        if self.config.keep_idle <= 0 or not self._steady(m):
             return -math.inf
-        return m.last_used + min(keep, 2 * m.gap, m.load_seconds if m.load_seconds is not None else keep)
+        cost = self._reload_cost(m)
+        until = m.last_used + min(self.config.keep_idle, 2 * (m.gap or 0.0), IDLE_RELOADS * cost)
+        if newcomer is None:
+            return until
+        batches = self._steady(self._groups[newcomer.model].members[0])
+        return min(until, newcomer.arrived + (self.config.keep_idle_reloads if batches else 1.0) * cost)
 
-    def _hot(self, m: ModelRecord, now: float) -> bool:
-        """Protected from eviction for a newcomer until the newcomer has waited max_wait (swaps in batches)."""
-        return now < self._hot_until(m)
+    def _hot(self, m: ModelRecord, now: float, newcomer: Waiter | None = None) -> bool:
+        """Protected from eviction for a ``newcomer`` until ``_hot_until`` (and, the planner sees to it, at
+        most until the newcomer has waited max_wait): swaps in batches."""
+        return now < self._hot_until(m, newcomer)
 
     def _idle_for(self, m: ModelRecord, now: float) -> float:
         return now - max(m.last_used, m.since)

@@ -98,7 +98,7 @@ class Shortcuts(Placement):
             if victims == []:
                 return False
             staying = plus_of(self._index.staying(None, but=target), reserved)
-            hot = Hot(self, p.now, p.cooling) if self.config.keep_idle > 0 else ()
+            hot = Hot(self, p.now, p.cooling, first) if self.config.keep_idle > 0 else ()
             for o in touched:
                 asleep: list[bool] = []
                 cands = noting_sleepers(self._candidates(None, target, hot=hot, on=o), asleep)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vllm_model_router.scheduler import (
     Effect,
@@ -153,16 +153,22 @@ _ARRIVE, _FINISH, _LOAD_DONE, _STOP_DONE, _TICK = range(5)
 
 
 def scheduler_config(trace: Trace, *, max_wait: float = DEFAULT_MAX_WAIT,
-                     load_timeout: float = DEFAULT_LOAD_TIMEOUT, keep_idle: float = 0.0) -> SchedulerConfig:
-    """The router's configuration for a trace: every model the same size, ``capacity`` slots."""
-    return SchedulerConfig(
+                     load_timeout: float = DEFAULT_LOAD_TIMEOUT, keep_idle: float | None = None,
+                     keep_idle_reloads: float | None = None) -> SchedulerConfig:
+    """The router's configuration for a trace: every model the same size, ``capacity`` slots; the idle
+    protection (``keep_idle``, ``keep_idle_reloads``) the router's defaults unless given."""
+    cfg = SchedulerConfig(
         models=dict.fromkeys(trace.models, 0.0),
         max_resident=trace.capacity,
         memory_gb=None,
         load_timeout=load_timeout,
         max_wait=max_wait,
-        keep_idle=keep_idle,
     )
+    if keep_idle is not None:
+        cfg = replace(cfg, keep_idle=keep_idle)
+    if keep_idle_reloads is not None:
+        cfg = replace(cfg, keep_idle_reloads=keep_idle_reloads)
+    return cfg
 
 
 @dataclass(slots=True)
@@ -327,8 +333,9 @@ class Comparison:
 
 def compare(trace: Trace, load_time: float, *, stop_time: float = DEFAULT_STOP_TIME,
             max_wait: float = DEFAULT_MAX_WAIT, load_timeout: float = DEFAULT_LOAD_TIMEOUT,
-            keep_idle: float = 0.0) -> Comparison:
-    cfg = scheduler_config(trace, max_wait=max_wait, load_timeout=load_timeout, keep_idle=keep_idle)
+            keep_idle: float | None = None, keep_idle_reloads: float | None = None) -> Comparison:
+    cfg = scheduler_config(trace, max_wait=max_wait, load_timeout=load_timeout, keep_idle=keep_idle,
+                           keep_idle_reloads=keep_idle_reloads)
     router = simulate_router(trace, load_time, stop_time=stop_time, config=cfg)
     naive = simulate_naive_lru(trace, load_time, stop_time)
     return Comparison(trace.name, len(trace.models), trace.capacity, len(trace.requests), load_time, router, naive,
