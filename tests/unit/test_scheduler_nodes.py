@@ -134,6 +134,20 @@ occupants = st.lists(st.tuples(st.sampled_from([10.0, 20.0, 30.0, 40.0, 70.0]),
                                st.sampled_from([None, 1.0, 5.0])), max_size=12)
 
 
+Placed = list[tuple[float, list[int], float | None]]  # memory, GPUs, and what it keeps asleep (None: no sleep)
+
+
+def _world(held: Placed, idle: Placed, caps: list[float]) -> tuple[Usage, list[Candidate], Budget]:
+    """What holds capacity (``held`` and the ``idle`` candidates), the candidates, and the GPUs' budgets."""
+    occupied = Usage.of(Occupant(f"h{i}", gb, tuple(gpus)) for i, (gb, gpus, _) in enumerate(held))
+    cands = [Candidate(Occupant(f"c{i}", gb, tuple(gpus)),
+                       None if asleep is None else Occupant(f"c{i}", asleep, tuple(gpus), counts=False))
+             for i, (gb, gpus, asleep) in enumerate(idle)]
+    for c in cands:
+        occupied.add(c.occupant)
+    return occupied, cands, Budget(100, None, dict(enumerate(caps)))
+
+
 @given(need=st.sampled_from([10.0, 30.0, 60.0, 80.0]), held=occupants, idle=occupants,
        caps=st.lists(st.sampled_from([40.0, 80.0]), min_size=6, max_size=6),
        options=st.lists(st.integers(0, 5), min_size=1, max_size=6, unique=True))
@@ -142,13 +156,7 @@ def test_one_gpu_placement_decides_as_the_general_one(
         idle: list[tuple[float, list[int], float | None]], caps: list[float], options: list[int]) -> None:
     """The cluster's fast way (one walk of the candidates for every GPU) against the general one (a walk
     per GPU): the same placement and the same victims, always."""
-    occupied = Usage.of(Occupant(f"h{i}", gb, tuple(gpus)) for i, (gb, gpus, _) in enumerate(held))
-    cands = [Candidate(Occupant(f"c{i}", gb, tuple(gpus)),
-                       None if asleep is None else Occupant(f"c{i}", asleep, tuple(gpus), counts=False))
-             for i, (gb, gpus, asleep) in enumerate(idle)]
-    for c in cands:
-        occupied.add(c.occupant)
-    budget = Budget(100, None, dict(enumerate(caps)))
+    occupied, cands, budget = _world(held, idle, caps)
     opts = [(g,) for g in options]
     assert choose_placement(need, occupied, iter(cands), budget, opts) == \
         _choose_general(need, occupied, iter(cands), budget, opts)
@@ -170,13 +178,7 @@ def test_multi_gpu_placement_decides_as_the_general_one(
         disjoint: bool) -> None:
     """Options of several GPUs each (a tensor-parallel model: the freest GPUs of each node), which may
     share GPUs (then the general way is taken): the same placement and victims as the general way."""
-    occupied = Usage.of(Occupant(f"h{i}", gb, tuple(gpus)) for i, (gb, gpus, _) in enumerate(held))
-    cands = [Candidate(Occupant(f"c{i}", gb, tuple(gpus)),
-                       None if asleep is None else Occupant(f"c{i}", asleep, tuple(gpus), counts=False))
-             for i, (gb, gpus, asleep) in enumerate(idle)]
-    for c in cands:
-        occupied.add(c.occupant)
-    budget = Budget(100, None, dict(enumerate(caps)))
+    occupied, cands, budget = _world(held, idle, caps)
     if disjoint:  # one option per node, as the scheduler makes them: no GPU in two
         seen: set[int] = set()
         for group in groups:
