@@ -47,14 +47,19 @@ class Hot:
     eviction order is read (not of every loaded model up front); each one found is noted with when it
     cools down (the timer of step 9)."""
 
-    def __init__(self, planner: Residency, now: float, cooling: list[float], newcomer: Waiter | None = None) -> None:
+    def __init__(self, planner: Residency, now: float, cooling: list[float], newcomer: Waiter | None = None,
+                 noted: list[tuple[float, tuple[int, ...]]] | None = None) -> None:
         self._planner, self._now, self._cooling, self._newcomer = planner, now, cooling, newcomer
+        self._noted = noted  # (each one found, with its GPUs: what a load found blocked keeps, see Blocked)
 
     def __contains__(self, name: object) -> bool:
         m = self._planner._models[name] if isinstance(name, str) else None
         if m is None or not self._planner._hot(m, self._now, self._newcomer):
             return False
-        self._cooling.append(self._planner._hot_until(m, self._newcomer))
+        until = self._planner._hot_until(m, self._newcomer)
+        self._cooling.append(until)
+        if self._noted is not None:
+            self._noted.append((until, m.placed))
         return True
 
 

@@ -232,9 +232,9 @@ class Planner(Shortcuts):
         staying = plus(self._index.staying(domain, but=target), reserved)
         ordered, fit = self._free_fit(True, need, staying, budget, options, target, reserved)
         # before the fairness bound models in steady use stay
-        hot: Container[str] = Hot(self, p.now, p.cooling, first) \
+        noted: list[tuple[float, tuple[int, ...]]] = []  # the hot models it found, with their GPUs
+        hot: Container[str] = Hot(self, p.now, p.cooling, first, noted) \
             if p.now - first.arrived < self.config.max_wait and self.config.keep_idle > 0 else ()
-        cooled_from = len(p.cooling)
         asleep: list[bool] = []  # whether a candidate read would be put to sleep (it keeps a residue)
         if fit:
             placement, victims = fit, []
@@ -255,7 +255,7 @@ class Planner(Shortcuts):
             return True
         # (c) resident models keep being served, but once the oldest waiter has waited max_wait the busy
         # victims stop taking requests newer than it (they drain), so the load cannot starve
-        self._note_blocked(p, target, first, reserved, cooled_from)
+        self._note_blocked(p, target, first, reserved, noted)
         p.read_candidates = True
         p.blocked_since = first.arrived
         if p.now - first.arrived >= self.config.max_wait:

@@ -18,16 +18,16 @@ from vllm_model_router.scheduler.records import ModelRecord, Waiter
 class Blocked:
     """A load found blocked behind busy models (step 4 (c)), and what that finding read: the GPUs' touch
     stamp, the budget, the count of events that change what may be evicted without moving a model (a pin,
-    replicas kept, an unload), the room reserved before it, and when hot models holding
-    it back cool down. While only GPUs of some options have been touched since, only those can have
-    changed."""
+    replicas kept, an unload), the room reserved before it, and the hot models holding it back with when
+    each cools down. While only GPUs of some options have been touched since (or have a hot model that
+    cooled down), only those can have changed."""
 
     stamp: int
     budget: Budget
     gen: int
     reserved: dict[int, float]
-    cooling: tuple[float, ...]
-    until: float
+    cooling: tuple[tuple[float, tuple[int, ...]], ...]  # hot models in the way: when each cools, on which GPUs
+    until: float  # its oldest waiter's fairness bound: then drains are planned, in full
 
 
 class Shortcuts(Placement):
@@ -89,16 +89,17 @@ class Shortcuts(Placement):
             return False  # the count may bind: options are not independent of one another
         res = reserved.gpu_gb if reserved is not None else {}
         stamps = self._gpu_stamp
+        cooled = {g for until, gpus in b.cooling if until <= p.now for g in gpus}  # no longer protected there
         touched = [o for o in options if any(stamps.get(g, 0) > b.stamp or res.get(g, 0.0) != b.reserved.get(g, 0.0)
-                                             for g in o)]
-        cooled_from = len(p.cooling)
+                                             or g in cooled for g in o)]
+        noted: list[tuple[float, tuple[int, ...]]] = []
         if touched:
             need = target.memory_gb
             _, victims = choose_placement(need, plus_of(held, reserved), [], budget, touched)
             if victims == []:
                 return False
             staying = plus_of(self._index.staying(None, but=target), reserved)
-            hot = Hot(self, p.now, p.cooling, first) if self.config.keep_idle > 0 else ()
+            hot = Hot(self, p.now, p.cooling, first, noted) if self.config.keep_idle > 0 else ()
             for o in touched:
                 asleep: list[bool] = []
                 cands = noting_sleepers(self._candidates(None, target, hot=hot, on=o), asleep)
@@ -107,21 +108,20 @@ class Shortcuts(Placement):
                 if asleep and choose_placement(need, staying, self._candidates(None, target, sleep=False, hot=hot,
                                                                                on=o), budget, [o])[1] is not None:
                     return False
-        cooling = tuple(p.cooling[cooled_from:])  # hot models found where it looked again: their cooling too
-        p.cooling.extend(b.cooling)
+        p.cooling.extend(until for until, _ in b.cooling)  # (the timer: as planning in full would arm it)
         b.stamp, b.reserved = self._stamp, dict(res)
-        b.cooling, b.until = b.cooling + cooling, min([b.until, *cooling])
+        # what still protects, and the hot models found where it looked again
+        b.cooling = (*(c for c in b.cooling if c[0] > p.now), *noted)
         return True
 
     def _note_blocked(self, p: Pass, target: ModelRecord, first: Waiter, reserved: Usage | None,
-                      cooled_from: int) -> None:
+                      noted: list[tuple[float, tuple[int, ...]]]) -> None:
         """Remember that ``target`` is blocked (``_still_blocked``), while that finding can be checked so:
         before its oldest waiter's fairness bound (then drains are planned, on every pass)."""
         bound = first.arrived + self.config.max_wait
         if target.base is not None or p.now >= bound or not self.budget.gpu_memory_gb:
             self._blocked.pop(target.name, None)
             return
-        cooling = tuple(p.cooling[cooled_from:])
         self._blocked[target.name] = Blocked(self._stamp, self.budget, self._rules_gen,
-                                             dict(reserved.gpu_gb) if reserved is not None else {}, cooling,
-                                             min([*cooling, bound]))
+                                             dict(reserved.gpu_gb) if reserved is not None else {}, tuple(noted),
+                                             bound)
