@@ -13,7 +13,7 @@ from collections.abc import Container, Sequence
 from vllm_model_router.scheduler.effects import Effect, Reject, TimerAt
 from vllm_model_router.scheduler.eviction import choose_placement, fits
 from vllm_model_router.scheduler.index import in_table_order
-from vllm_model_router.scheduler.passes import Hot, Pass, Step4, noting_sleepers, plus
+from vllm_model_router.scheduler.passes import Hot, Pass, Step4, plus
 from vllm_model_router.scheduler.records import Group, ModelRecord, Waiter
 from vllm_model_router.scheduler.residency import TIMED_OUT
 from vllm_model_router.scheduler.shortcuts import Shortcuts
@@ -235,18 +235,11 @@ class Planner(Shortcuts):
         noted: list[tuple[float, tuple[int, ...]]] = []  # the hot models it found, with their GPUs
         hot: Container[str] = Hot(self, p.now, p.cooling, first, noted) \
             if p.now - first.arrived < self.config.max_wait and self.config.keep_idle > 0 else ()
-        asleep: list[bool] = []  # whether a candidate read would be put to sleep (it keeps a residue)
         if fit:
-            placement, victims = fit, []
+            placement, victims, sleep = fit, [], True
         else:
-            candidates = noting_sleepers(self._candidates(domain, target, hot=hot), asleep)
-            placement, victims = choose_placement(need, staying, candidates, budget, options, fits_nowhere=ordered)
-        sleep = True
-        if victims is None and asleep:  # residues in the way: stopping instead of sleeping may be enough
-            sleep = False
-            placement, victims = choose_placement(
-                need, staying, self._candidates(domain, target, sleep=False, hot=hot), budget, options,
-                fits_nowhere=ordered)
+            placement, victims, sleep = self._make_room(need, staying, target, hot, budget, options,
+                                                        fits_nowhere=ordered)
         p.room_pending = True
         if victims is not None:  # (b), or room already on its way: start on the StopDone / SleepDone
             for v in victims:

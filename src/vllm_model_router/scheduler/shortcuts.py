@@ -5,6 +5,7 @@ changed. Each gives the answer the plain way gives; property tests hold them to 
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 
 from vllm_model_router.scheduler.eviction import Budget, FreeOrder, Occupant, Usage, choose_placement
@@ -74,6 +75,21 @@ class Shortcuts(Placement):
                 usage.gpu_gb[g] = usage.gpu_gb.get(g, 0.0) + reserved.gpu_gb.get(g, 0.0)
         return usage
 
+    def _make_room(self, need: float, staying: Usage, target: ModelRecord, hot: Container[str], budget: Budget,
+                   options: list[tuple[int, ...]], on: tuple[int, ...] | None = None,
+                   fits_nowhere: bool = False) -> tuple[tuple[int, ...], list[str] | None, bool]:
+        """Where ``target`` goes and the idle models that make room for it there (``choose_placement``), and
+        whether they are put to sleep: where they can sleep, unless their residues are in the way, then
+        stopped (the candidates are walked again only if one of them would have slept). ``on``: only the
+        models placed on these GPUs are read."""
+        asleep: list[bool] = []  # whether a candidate read would be put to sleep (it keeps a residue)
+        candidates = noting_sleepers(self._candidates(target.base, target, hot=hot, on=on), asleep)
+        placement, victims = choose_placement(need, staying, candidates, budget, options, fits_nowhere)
+        if victims is None and asleep:
+            return (*choose_placement(need, staying, self._candidates(target.base, target, sleep=False, hot=hot,
+                                                                      on=on), budget, options, fits_nowhere), False)
+        return placement, victims, True
+
     def _still_blocked(self, p: Pass, target: ModelRecord, first: Waiter, options: list[tuple[int, ...]],
                        reserved: Usage | None, budget: Budget) -> bool:
         """Whether ``target``, found blocked before, is blocked still, found by planning again only the
@@ -101,12 +117,7 @@ class Shortcuts(Placement):
             staying = plus_of(self._index.staying(None, but=target), reserved)
             hot = Hot(self, p.now, p.cooling, first, noted) if self.config.keep_idle > 0 else ()
             for o in touched:
-                asleep: list[bool] = []
-                cands = noting_sleepers(self._candidates(None, target, hot=hot, on=o), asleep)
-                if choose_placement(need, staying, cands, budget, [o])[1] is not None:
-                    return False
-                if asleep and choose_placement(need, staying, self._candidates(None, target, sleep=False, hot=hot,
-                                                                               on=o), budget, [o])[1] is not None:
+                if self._make_room(need, staying, target, hot, budget, [o], on=o)[1] is not None:
                     return False
         p.cooling.extend(until for until, _ in b.cooling)  # (the timer: as planning in full would arm it)
         b.stamp, b.reserved = self._stamp, dict(res)
