@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.scheduler_run import Run
+from tests.unit.test_scheduler_properties import PlansEveryPass
 from vllm_model_router.scheduler import (
     Capacity,
     Event,
@@ -35,7 +36,6 @@ from vllm_model_router.scheduler.eviction import (
     _choose_general,
     choose_placement,
 )
-from vllm_model_router.scheduler.passes import Pass
 
 # two nodes of two 80 GB GPUs: GPUs 0 and 1 on "a", 2 and 3 on "b"
 NODES = {0: "a", 1: "a", 2: "b", 3: "b"}
@@ -44,6 +44,14 @@ BUDGETS = {g: 80.0 for g in NODES}
 
 def cluster(**models: ModelSpec) -> Run:
     return Run(models, max_resident=10, gpu_memory_gb=BUDGETS, gpu_nodes=NODES)
+
+
+def loaded_then_idle(r: Run, names: str) -> None:
+    """Each of ``names`` (one letter each) requested at second i, loaded, and idle again at i + 0.5."""
+    for i, name in enumerate(names):
+        r.step(RequestArrived(i, name), at=i)
+        r.step(LoadDone(name, True))
+        r.step(RequestFinished(i), at=i + 0.5)
 
 
 def test_a_tensor_parallel_model_goes_on_gpus_of_one_node() -> None:
@@ -59,10 +67,7 @@ def test_a_tensor_parallel_model_goes_on_gpus_of_one_node() -> None:
 def test_it_evicts_on_one_node_only_what_frees_its_gpus() -> None:
     r = cluster(x=ModelSpec(60), y=ModelSpec(60), z=ModelSpec(60), w=ModelSpec(60),
                 tp=ModelSpec(60, gpu_count=2))
-    for i, name in enumerate("xyzw"):
-        r.step(RequestArrived(i, name), at=i)
-        r.step(LoadDone(name, True))
-        r.step(RequestFinished(i), at=i + 0.5)
+    loaded_then_idle(r, "xyzw")
     # every GPU holds one model; x (GPU 0) and y (GPU 1) are the least recently used, on node a
     assert {v.name: v.gpus for v in r.s.view() if v.gpus} == {"x": (0,), "y": (1,), "z": (2,), "w": (3,)}
     assert r.step(RequestArrived(9, "tp"), at=10) == [
@@ -103,10 +108,7 @@ def test_a_tensor_parallel_model_that_needs_resources_evicts_only_on_nodes_that_
     r = Run({"x": ModelSpec(60), "y": ModelSpec(60), "z": ModelSpec(60), "w": ModelSpec(60),
              "tp": ModelSpec(60, gpu_count=2, needs=frozenset({"fast"}))}, max_resident=10,
             gpu_memory_gb=BUDGETS, gpu_nodes=NODES, node_resources={"a": (), "b": ("fast",)})
-    for i, name in enumerate("xyzw"):
-        r.step(RequestArrived(i, name), at=i)
-        r.step(LoadDone(name, True))
-        r.step(RequestFinished(i), at=i + 0.5)
+    loaded_then_idle(r, "xyzw")
     # x and y (node a) are the least recently used, but tp may only go on node b: z and w make room
     assert r.step(RequestArrived(9, "tp"), at=10) == [
         StopModel("z", StopReason.LRU, "evicted to make room for tp"),
@@ -210,10 +212,7 @@ def test_the_free_order_finds_the_best_fit_a_full_read_finds(
 def test_loads_that_evict_on_different_gpus_swap_at_the_same_time() -> None:
     r = cluster(x=ModelSpec(60), y=ModelSpec(60), z=ModelSpec(60), w=ModelSpec(60),
                 n1=ModelSpec(60), n2=ModelSpec(60))
-    for i, name in enumerate("xyzw"):
-        r.step(RequestArrived(i, name), at=i)
-        r.step(LoadDone(name, True))
-        r.step(RequestFinished(i), at=i + 0.5)
+    loaded_then_idle(r, "xyzw")
     # every GPU is full; n1 evicts x (the least recently used), and n2, behind it, evicts y at once
     # instead of waiting for n1's swap to end
     assert r.step(RequestArrived(10, "n1"), at=10) == [StopModel("x", StopReason.LRU, "evicted to make room for n1")]
@@ -228,36 +227,16 @@ def test_a_later_load_never_takes_the_room_an_earlier_one_evicted_for() -> None:
     # take it: it makes its own room on GPU 1 instead
     r = Run({"x": ModelSpec(60), "y": ModelSpec(60), "big": ModelSpec(70), "small": ModelSpec(50)},
             max_resident=10, gpu_memory_gb={0: 80.0, 1: 80.0}, gpu_nodes={0: "a", 1: "a"})
-    for i, name in enumerate("xy"):
-        r.step(RequestArrived(i, name), at=i)
-        r.step(LoadDone(name, True))
-        r.step(RequestFinished(i), at=i + 0.5)
+    loaded_then_idle(r, "xy")
     assert r.step(RequestArrived(10, "big"), at=10) == [StopModel("x", StopReason.LRU, "evicted to make room for big")]
-    assert r.step(StopDone("x"), at=11) == [StartLoad("big", (0,))]
-    r2 = Run({"x": ModelSpec(60), "y": ModelSpec(60), "big": ModelSpec(70), "small": ModelSpec(50)},
-             max_resident=10, gpu_memory_gb={0: 80.0, 1: 80.0}, gpu_nodes={0: "a", 1: "a"})
-    for i, name in enumerate("xy"):
-        r2.step(RequestArrived(i, name), at=i)
-        r2.step(LoadDone(name, True))
-        r2.step(RequestFinished(i), at=i + 0.5)
-    assert r2.step(RequestArrived(10, "big"), at=10) == [StopModel("x", StopReason.LRU, "evicted to make room for big")]
     # while x stops, small arrives: GPU 0's room is big's, so small evicts y on GPU 1
-    assert r2.step(RequestArrived(11, "small"), at=10.5) == [
+    assert r.step(RequestArrived(11, "small"), at=10.5) == [
         StopModel("y", StopReason.LRU, "evicted to make room for small")]
-    assert r2.step(StopDone("x"), at=11) == [StartLoad("big", (0,))]
-    assert r2.step(StopDone("y"), at=11.5) == [StartLoad("small", (1,))]
+    assert r.step(StopDone("x"), at=11) == [StartLoad("big", (0,))]
+    assert r.step(StopDone("y"), at=11.5) == [StartLoad("small", (1,))]
 
 
 # ---------------------------------------------------------------- a cluster's shortcuts against planning in full
-class _InFull(Scheduler):
-    """Plans step 4 in full on every pass: no kept decision, no kept finding that a load is blocked."""
-
-    def _plan_loads(self, p: Pass) -> None:
-        self._step4 = None
-        self._blocked.clear()
-        super()._plan_loads(p)
-
-
 CLUSTER_MODELS = {**{f"m{i}": ModelSpec(gb) for i, gb in enumerate((40.0, 70.0, 40.0, 70.0, 20.0, 70.0, 40.0))},
                   "t0": ModelSpec(70.0, gpu_count=2), "t1": ModelSpec(40.0, gpu_count=2),
                   "t2": ModelSpec(70.0, gpu_count=2)}
@@ -276,7 +255,7 @@ def test_on_a_cluster_the_shortcuts_decide_as_planning_in_full(ops: list[tuple[i
     nodes = {g: "abc"[g // 2] for g in range(6)}
     cfg = SchedulerConfig(CLUSTER_MODELS, 20, None, 600.0, 30.0, gpu_memory_gb=gpus, gpu_nodes=nodes,
                           keep_idle=keep_idle)
-    fast, full = Scheduler(cfg), _InFull(cfg)
+    fast, full = Scheduler(cfg), PlansEveryPass(cfg)
     names = sorted(CLUSTER_MODELS)
     now, next_id = 0.0, 1
     granted: list[int] = []
