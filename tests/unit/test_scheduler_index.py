@@ -73,6 +73,9 @@ class CheckedIndexes(Scheduler):
                 for gpus in ((0,), (1,), (0, 1), (1, 2, 3)):
                     assert list(index.lru_on(domain, s, gpus)) == list(scan.lru_on(domain, s, gpus)), \
                         f"{where}: {domain} {s} by lru on GPUs {gpus}"
+        kept, scanned_free = index.freeable_on(), scan.freeable_on()
+        for g in {*kept, *scanned_free}:  # (sums added in another order: equal but for rounding)
+            assert abs(kept.get(g, 0.0) - scanned_free.get(g, 0.0)) < 1e-6, f"{where}: freeable on GPU {g}"
         for s in State:
             assert set(index.names_in(s)) == set(scan.names_in(s)), f"{where}: names {s}"
         assert {m.name for m in index.timed()} == {m.name for m in scan.timed()}, f"{where}: timed"

@@ -36,6 +36,7 @@ from vllm_model_router.scheduler.eviction import (
     _choose_general,
     choose_placement,
 )
+from vllm_model_router.scheduler.records import ModelRecord
 
 # two nodes of two 80 GB GPUs: GPUs 0 and 1 on "a", 2 and 3 on "b"
 NODES = {0: "a", 1: "a", 2: "b", 3: "b"}
@@ -242,6 +243,15 @@ CLUSTER_MODELS = {**{f"m{i}": ModelSpec(gb) for i, gb in enumerate((40.0, 70.0, 
                   "t2": ModelSpec(70.0, gpu_count=2)}
 
 
+class ReadsEveryOption(PlansEveryPass):
+    """Planning in full, and reading the candidates of every option, even where no eviction could make
+    room (``Shortcuts._could_fit`` leaves those out)."""
+
+    def _could_fit(self, need: float, staying: Usage, target: ModelRecord, budget: Budget,
+                   options: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]], int]:
+        return options, options, 1
+
+
 @settings(max_examples=300, deadline=None)
 @given(ops=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 9), st.sampled_from([0.0, 0.5, 3.0])),
                     min_size=40, max_size=150),
@@ -249,13 +259,14 @@ CLUSTER_MODELS = {**{f"m{i}": ModelSpec(gb) for i, gb in enumerate((40.0, 70.0, 
 def test_on_a_cluster_the_shortcuts_decide_as_planning_in_full(ops: list[tuple[int, int, float]],
                                                                keep_idle: float) -> None:
     """Three nodes of two GPUs, one-GPU and two-GPU models, requests that come and go: the scheduler with
-    its shortcuts (a kept step 4, a load found blocked looked at again only where GPUs were touched, rooms)
-    and one planning in full emit the same effects and show the same models after every event."""
+    its shortcuts (a kept step 4, a load found blocked looked at again only where GPUs were touched, rooms,
+    GPUs where no eviction could make room left unread) and one planning in full, reading every option,
+    emit the same effects and show the same models after every event."""
     gpus = {g: 80.0 for g in range(6)}
     nodes = {g: "abc"[g // 2] for g in range(6)}
     cfg = SchedulerConfig(CLUSTER_MODELS, 20, None, 600.0, 30.0, gpu_memory_gb=gpus, gpu_nodes=nodes,
                           keep_idle=keep_idle)
-    fast, full = Scheduler(cfg), PlansEveryPass(cfg)
+    fast, full = Scheduler(cfg), ReadsEveryOption(cfg)
     names = sorted(CLUSTER_MODELS)
     now, next_id = 0.0, 1
     granted: list[int] = []

@@ -205,6 +205,7 @@ class Scheduler(Planner):
                 m = self._models[model]
                 m.pin = pinned
                 m.pinned = m.pin or m.kept  # unpinning a kept replica leaves it kept
+                self._index.busy_or_pin_changed(m)
                 if m.spec.group is not None:
                     self._rerank(self._group(m))
             case SetReplicas(model, replicas, trim):
@@ -272,6 +273,7 @@ class Scheduler(Planner):
         for rank, u in enumerate(order):
             u.kept = rank < g.floor
             u.pinned = u.pin or u.kept
+            self._index.busy_or_pin_changed(u)
             if u.kept:
                 u.unload_requested = False  # kept again: an earlier scale-down's drain is off
         self._rerank(g)
@@ -312,6 +314,7 @@ class Scheduler(Planner):
                 self._stop(m, StopReason.OPERATOR, "unloaded by operator", now, out)
         elif m.state is State.LOADED:
             m.unload_requested = True  # stop once the in-flight requests finish
+            self._unloads.add(m.name)
 
     def _preload(self, m: ModelRecord, now: float, out: list[Effect]) -> None:
         """Start (or wake) ``m`` only if it fits next to everything without evicting anything."""

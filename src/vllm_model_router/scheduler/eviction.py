@@ -169,6 +169,7 @@ def choose_placement(
     budget: Budget,
     options: Sequence[tuple[int, ...]],
     fits_nowhere: bool = False,
+    least: int = 1,
 ) -> tuple[tuple[int, ...], list[str] | None]:
     """Where a model that may go on any of ``options`` should go, and what that evicts.
 
@@ -176,18 +177,19 @@ def choose_placement(
     holes stay for large models); otherwise the placement whose idle victims are fewest and least
     recently used. With no option that works even by evicting every idle model, the first option and
     ``None``. ``idle`` is read lazily, and only if no placement fits as it is. ``fits_nowhere``: the caller
-    knows already that none does (``FreeOrder``).
+    knows already that none does (``FreeOrder``); ``least``: that no plan has fewer victims (the first plan
+    found with that many is the answer: the reading stops there).
     """
     if not options:
         return (), plan_eviction(need_gb, occupied, idle, budget)
     if budget.gpu_memory_gb and occupied.count + 1 <= budget.max_resident and all(options):
-        return _choose_disjoint(need_gb, occupied, idle, budget, options, fits_nowhere)
+        return _choose_disjoint(need_gb, occupied, idle, budget, options, fits_nowhere, least)
     return _choose_general(need_gb, occupied, idle, budget, options)
 
 
 def _choose_disjoint(
     need_gb: float, occupied: Usage, idle: Iterable[Occupant | Candidate], budget: Budget,
-    options: Sequence[tuple[int, ...]], fits_nowhere: bool = False,
+    options: Sequence[tuple[int, ...]], fits_nowhere: bool = False, least: int = 1,
 ) -> tuple[tuple[int, ...], list[str] | None]:
     """``_choose_general``'s answer when the options share no GPU and the count is not what binds (a cluster:
     each GPU, or each node's freest GPUs for a tensor-parallel model). There, each option's plan depends on
@@ -251,8 +253,9 @@ def _choose_disjoint(
                 fewest = min(fewest, len(victims[j]))
                 for g in options[j]:
                     del owner[g]  # planned: later candidates do not change it
-        # a plan of one victim beats any that ends later (more victims, or as many but later in the order)
-        if not owner or fewest == 1:
+        # a plan of the fewest victims there can be beats any that ends later (more victims, or as many but
+        # later in the order)
+        if not owner or fewest <= least:
             break
     if plans:
         _, _, p, chosen = min(plans)

@@ -70,6 +70,17 @@ def has_idle_clock(m: ModelRecord) -> bool:
 
 
 LRU_STATES = (State.LOADED, State.SLEEPING)
+
+
+def freeable(m: ModelRecord) -> float:
+    """The most memory evicting ``m`` could free on each of its GPUs right now: all it holds if it is a
+    top-level model that is loaded and idle, or asleep, and not pinned; else nothing. A bound (a hot model
+    counts, and a sleep frees less than a stop): what may be evicted is decided by walking the candidates."""
+    if m.base is not None or m.pinned or not m.placed or not holds_capacity(m):
+        return 0.0
+    if m.state is State.SLEEPING or (m.state is State.LOADED and not m.in_flight):
+        return occupant(m).memory_gb
+    return 0.0
 """The states eviction picks from, each kept in eviction order per domain."""
 
 
@@ -103,6 +114,11 @@ class ModelIndex:
         self._stale: set[str] = set()  # used since their key was filed: refiled when the order is next read
         self._records: dict[str, ModelRecord] = {}
         self.version = 0  # bumped by every move and rekey: what step 4 read is unchanged while it is
+        # per GPU, what evicting every model there that ``freeable`` counts would free at most; and what each
+        # model was counted for
+        self._freeable: dict[int, float] = {}
+        self._freeable_each: dict[int, list[float]] = {}  # per GPU, what each model there would free, sorted
+        self._freeable_of: dict[str, tuple[tuple[int, ...], float]] = {}
 
     # ------------------------------------------------------------------ upkeep
     def added(self, m: ModelRecord, base: ModelRecord | None) -> None:
@@ -115,6 +131,7 @@ class ModelIndex:
 
     def moving(self, m: ModelRecord) -> None:
         """``m`` is about to change state: forget where it is now (``moved`` files it again)."""
+        self._unfree(m)
         del self._by_state[m.state][m.name]
         if m.base is not None:
             self._adapter_counts[m.base, m.state] -= 1
@@ -191,6 +208,28 @@ class ModelIndex:
                     insort(self._lru_gpu.setdefault((m.base, m.state, g), []), key)
         if has_idle_clock(m) and m.state in TIMED:
             self._timed[m.name] = m
+        self._free(m)
+
+    def busy_or_pin_changed(self, m: ModelRecord) -> None:
+        """``m`` began or stopped serving (its ``in_flight`` became empty or not), or was pinned or unpinned:
+        what evicting it could free changed (``freeable``)."""
+        self._unfree(m)
+        self._free(m)
+
+    def _free(self, m: ModelRecord) -> None:
+        gb = freeable(m)
+        if gb > 0.0:
+            self._freeable_of[m.name] = m.placed, gb
+            for g in m.placed:
+                self._freeable[g] = self._freeable.get(g, 0.0) + gb
+                insort(self._freeable_each.setdefault(g, []), gb)
+
+    def _unfree(self, m: ModelRecord) -> None:
+        was = self._freeable_of.pop(m.name, None)
+        if was is not None:
+            for g in was[0]:
+                self._freeable[g] -= was[1]
+                self._freeable_each[g].remove(was[1])
 
     # ------------------------------------------------------------------ queries
     def children(self, base: ModelRecord) -> Sequence[ModelRecord]:
@@ -255,6 +294,15 @@ class ModelIndex:
             usage.remove(mine)
         return usage
 
+    def freeable_on(self) -> Mapping[int, float]:
+        """Per GPU, the most memory that evicting the top-level models placed there could free now (the sum of
+        their ``freeable``): where what stays plus a load is over the GPU even so, no eviction makes room."""
+        return self._freeable
+
+    def freeable_each(self) -> Mapping[int, Sequence[float]]:
+        """Per GPU, what evicting each of those models would free (``freeable``), smallest first."""
+        return self._freeable_each
+
     def lru(self, domain: str | None, state: State) -> Iterable[ModelRecord]:
         """The models holding capacity in ``domain`` in ``state`` (loaded or sleeping), in eviction order,
         read lazily: the caller must not change the index while it reads."""
@@ -315,6 +363,20 @@ class ScanningIndex(ModelIndex):
 
     def usage_on(self, domain: str | None, gpus: Sequence[int], but: ModelRecord | None, staying: bool) -> Usage:
         return self.staying(domain, but) if staying else self.held(domain, but)
+
+    def busy_or_pin_changed(self, m: ModelRecord) -> None:
+        pass
+
+    def freeable_on(self) -> Mapping[int, float]:
+        return {g: sum(sizes) for g, sizes in self.freeable_each().items()}
+
+    def freeable_each(self) -> Mapping[int, Sequence[float]]:
+        out: dict[int, list[float]] = {}
+        for m in self._table.values():
+            if (gb := freeable(m)) > 0.0:
+                for g in m.placed:
+                    insort(out.setdefault(g, []), gb)
+        return out
 
     def held(self, domain: str | None, but: ModelRecord | None = None) -> Usage:
         return Usage.of(occupant(m) for m in self.holders(domain) if m is not but)

@@ -365,7 +365,9 @@ class Planner(Shortcuts):
         A drain holds back only requests newer than the starved waiter: older ones for a draining model
         are still served (otherwise a base drained for a newer request could be reloaded for an older
         adapter request, and so on for ever)."""
-        for m in in_table_order([m for m in self._index.in_state(State.LOADED) if m.unload_requested]):
+        asked = [m for m in map(self._models.__getitem__, self._unloads) if m.unload_requested]
+        self._unloads = {m.name for m in asked}  # (not every model loaded: a pass costs what is asked)
+        for m in in_table_order([m for m in asked if m.state is State.LOADED]):
             if m.state is not State.LOADED:
                 continue  # its base was stopped just before, and took it along
             if self._busy(m):

@@ -96,6 +96,7 @@ class Residency:
         self._free_orders: dict[bool, tuple[int, Budget, FreeOrder]] = {}  # (``Planner._free_fit``)
         self._rooms: dict[str, tuple[int, ...]] = {}  # the GPUs each load waiting for room reserved (step 4)
         self._blocked: dict[str, Blocked] = {}  # loads found blocked behind busy models (``_still_blocked``)
+        self._unloads: set[str] = set()  # asked to unload once idle (step 7), and perhaps no longer
         # when something last changed on each GPU (a model moved, or fell idle, there): a counter
         self._gpu_stamp: dict[int, int] = {}
         self._stamp = 0
@@ -235,12 +236,11 @@ class Residency:
         if affinity is not None:
             self._group(m).served(affinity, m.name)
         self._granted[req_id] = m.name
-        m.in_flight.add(req_id)
-        self._index.used(m, now)
-        if m.base is not None:
-            base = self._models[m.base]
-            base.in_flight.add(req_id)
-            self._index.used(base, now)
+        for u in (m,) if m.base is None else (m, self._models[m.base]):
+            u.in_flight.add(req_id)
+            self._index.used(u, now)
+            if len(u.in_flight) == 1:
+                self._index.busy_or_pin_changed(u)
 
     def _grant(self, now: float, out: list[Effect]) -> None:
         """Grant every waiter that one of its model's units (and their base) admits, in arrival order, each
@@ -264,12 +264,11 @@ class Residency:
             self._idle_gen += 1  # a model may have fallen idle: a candidate for eviction step 4 had not
             m = self._models[model]
             self._touch(m)
-            m.in_flight.discard(req_id)
-            self._index.used(m, now)
-            if m.base is not None:
-                base = self._models[m.base]
-                base.in_flight.discard(req_id)
-                self._index.used(base, now)
+            for u in (m,) if m.base is None else (m, self._models[m.base]):
+                u.in_flight.discard(req_id)
+                self._index.used(u, now)
+                if not u.in_flight:
+                    self._index.busy_or_pin_changed(u)
 
     def _reject_waiters(self, m: ModelRecord, status: int, message: str, out: list[Effect]) -> None:
         """Every request waiting for ``m``'s model gets ``status``."""
