@@ -20,6 +20,21 @@ if [[ -n "$extras" && ! -x /usr/bin/chromium ]]; then
   $sudo apt-get update -q
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 fi
+if [[ -n "$extras" && ! -x /usr/bin/promtool ]]; then
+  # the metrics tests run `promtool check metrics` on a live router; promtool comes with Debian's
+  # prometheus package, whose server is not wanted: no recommends (node exporter), and the service the
+  # package enables and starts is stopped and disabled again (in a container without systemd it never starts)
+  echo "==> installing promtool (metrics tests)"
+  sudo=""
+  if [[ $(id -u) -ne 0 ]]; then sudo="sudo"; fi
+  $sudo apt-get update -q
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus
+  if [[ -d /run/systemd/system ]]; then
+    $sudo systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+  else
+    $sudo invoke-rc.d prometheus stop >/dev/null 2>&1 || true
+  fi
+fi
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)${extras}"
 if [[ ! -f "$stamp" ]]; then
   echo "==> installing vllm-model-router${extras} into .venv"

@@ -90,8 +90,8 @@ async def test_models_are_placed_per_gpu_and_started_there(start_router: StartRo
     gpus = {g["index"]: g for g in (await r.get("/admin/models")).json()["gpus"]}
     assert gpus[0]["reserved_gb"] == 75 and gpus[1]["reserved_gb"] == 50
     metrics = (await r.get("/metrics")).body.decode()
-    assert 'router_gpu_reserved_gb{gpu="0",name="Sim GPU 0"} 75.0' in metrics
-    assert 'router_gpu_free_gb{gpu="1",name="Sim GPU 1"} 30.0' in metrics
+    assert 'router_gpu_memory_reserved_bytes{gpu="0",name="Sim GPU 0"} 8.05306368e+10' in metrics  # 75 GiB
+    assert 'router_gpu_memory_free_bytes{gpu="1",name="Sim GPU 1"} 3.221225472e+10' in metrics  # 30 GiB
     assert gpus[0]["budget_gb"] == pytest.approx(TOTAL * 0.95) and gpus[0]["used_by_others_gb"] == 0
     assert gpus[0]["free_gb"] == TOTAL - 75
     # a model on two GPUs needs 20 GB on both: GPU 1 has room, GPU 0 (a + c = 75 of 76) does not; a is

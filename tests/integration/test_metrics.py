@@ -12,6 +12,7 @@ import aiohttp
 
 from tests.harness import CHAT, Router, chat_body, engine, launch_router, wait_until
 from vllm_model_router.config import build_config
+from vllm_model_router.gpu.probe import GIB
 from vllm_model_router.http.admin import model_admin_view
 from vllm_model_router.http.metrics import RouterMetrics, eviction_label, families
 from vllm_model_router.runtime.pump import Runtime
@@ -76,8 +77,8 @@ async def test_metrics_follow_requests_loads_evictions_and_failures() -> None:
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s):
         before = await scrape(s, r.url)
         assert val(before, "router_models_resident") == 0
-        assert val(before, "router_memory_budget_gb") == 40
-        assert val(before, "router_memory_reserved_gb") == 0
+        assert val(before, "router_memory_budget_bytes") == 40 * GIB
+        assert val(before, "router_memory_reserved_bytes") == 0
         assert state_of(before, "alpha") == "unloaded"
         assert val(before, "router_model_state", model="alpha", replica="0", state="loaded") == 0
 
@@ -102,7 +103,7 @@ async def test_metrics_follow_requests_loads_evictions_and_failures() -> None:
         assert (val(m, "router_model_load_seconds_sum", model="alpha") or 0) > 0.2
         assert state_of(m, "alpha") == "loaded"
         assert val(m, "router_models_resident") == 1
-        assert val(m, "router_memory_reserved_gb") == 10
+        assert val(m, "router_memory_reserved_bytes") == 10 * GIB
         assert val(m, "router_in_flight", model="alpha", replica="0") == 0
         assert (val(m, "router_replicas", model="alpha"), val(m, "router_replicas", model="beta")) == (1, 0)
 
@@ -116,7 +117,7 @@ async def test_metrics_follow_requests_loads_evictions_and_failures() -> None:
         assert val(m, "router_waiting", model="alpha") == 1
         assert val(m, "router_model_evictions_total", model="alpha", reason="lru") == 1
         assert state_of(m, "beta") == "loaded"
-        assert val(m, "router_memory_reserved_gb") == 20
+        assert val(m, "router_memory_reserved_bytes") == 20 * GIB
         assert (await held)[0] == 200
         assert (await waiter)[0] == 200
 
@@ -155,7 +156,7 @@ async def test_each_router_has_its_own_registry_and_openmetrics_is_negotiated() 
         assert val(m1, "router_requests_total", model="", endpoint=CHAT, status="404") == 1
         assert val(m2, "router_requests_total", model="", endpoint=CHAT, status="404") is None
         assert val(m1, "router_max_resident") == 2 and val(m2, "router_max_resident") == 3
-        assert val(m1, "router_memory_budget_gb") is None  # no budget configured
+        assert val(m1, "router_memory_budget_bytes") is None  # no budget configured
         async with s.get(one.url + "/metrics",
                          headers={"Accept": "application/openmetrics-text; version=1.0.0"}) as resp:
             assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
@@ -214,7 +215,7 @@ async def test_models_waking_or_falling_asleep_count_as_resident() -> None:
     def resident(m: Samples) -> tuple[float | None, float | None, list[str]]:
         admin = [model_admin_view(rt, v) for v in rt.views()]
         assert [a["name"] for a in admin if a["resident"]] == rt.resident()
-        return val(m, "router_models_resident"), val(m, "router_memory_reserved_gb"), rt.resident()
+        return val(m, "router_models_resident"), val(m, "router_memory_reserved_bytes"), rt.resident()
 
     try:
         rt.release(await rt.acquire("a"))
@@ -222,16 +223,16 @@ async def test_models_waking_or_falling_asleep_count_as_resident() -> None:
         await rt.wait_for(lambda: rt.state_of("a") is State.FALLING_ASLEEP)
         m = sample(metrics)
         assert state_of(m, "a") == "falling_asleep"
-        assert resident(m) == (1, 30, ["a"])  # still holding its memory and its place until it sleeps
+        assert resident(m) == (1, 30 * GIB, ["a"])  # still holding its memory and its place until it sleeps
         driver.sleeps.set()
         rt.release(await for_b)
-        assert resident(sample(metrics)) == (1, 30, ["b"])  # a sleeps: only its residue, no place
+        assert resident(sample(metrics)) == (1, 30 * GIB, ["b"])  # a sleeps: only its residue, no place
 
         for_a = asyncio.create_task(rt.acquire("a"))
         await rt.wait_for(lambda: rt.state_of("a") is State.WAKING)
         m = sample(metrics)
         assert (state_of(m, "a"), state_of(m, "b")) == ("waking", "sleeping")
-        assert resident(m) == (1, 30, ["a"])  # on its way back: it takes its memory and its place again
+        assert resident(m) == (1, 30 * GIB, ["a"])  # on its way back: it takes its memory and its place again
         driver.wakes.set()
         rt.release(await for_a)
     finally:

@@ -11,6 +11,11 @@ Three sources, each used for what it knows best:
 
 The registry is per application (not prometheus_client's global one), so several routers can live in
 one process (tests) without clashing.
+
+Names follow Prometheus' conventions (https://prometheus.io/docs/practices/naming/), so that dashboards
+and recording rules need no unit juggling: base units only (``_seconds``, ``_bytes``; memory is GiB
+inside the router and multiplied out here), counters end in ``_total``. ``promtool check metrics`` is
+run over a live router's exposition in the tests.
 """
 
 from __future__ import annotations
@@ -95,27 +100,28 @@ class _SchedulerCollector(Collector):
             yield GaugeMetricFamily("router_cluster_gpus", "GPUs of the cluster's alive nodes",
                                     value=sum(len(n["gpus"]) for n in alive))
             yield from self._per_node(nodes)
-        yield GaugeMetricFamily("router_memory_reserved_gb", "Declared memory_gb of the resident models",
-                                value=math.fsum(v.memory_gb for v in resident))
+        # memory in bytes, Prometheus' base unit (the configuration and the admin API speak GiB, "GB")
+        yield GaugeMetricFamily("router_memory_reserved_bytes", "Declared memory_gb of the resident models, in bytes",
+                                value=math.fsum(v.memory_gb for v in resident) * GIB)
         if cfg.memory_gb is not None:
-            yield GaugeMetricFamily("router_memory_budget_gb", "Configured capacity.memory_gb",
-                                    value=cfg.memory_gb)
+            yield GaugeMetricFamily("router_memory_budget_bytes", "Configured capacity.memory_gb, in bytes",
+                                    value=cfg.memory_gb * GIB)
         gpus = self.runtime.gpus.view()
         if gpus:
             families = {
-                key: GaugeMetricFamily(f"router_gpu_{key}", doc, labels=["gpu", "name"])
+                key: GaugeMetricFamily(f"router_gpu_memory_{key}_bytes", doc, labels=["gpu", "name"])
                 for key, doc in (
-                    ("total_gb", "GPU memory in total (NVML)"),
-                    ("budget_gb", "GPU memory the resident models may reserve"),
-                    ("reserved_gb", "GPU memory reserved by the models the router holds resident"),
-                    ("used_by_router_gb", "GPU memory used by processes the router started (NVML)"),
-                    ("used_by_others_gb", "GPU memory used by processes the router did not start (NVML)"),
-                    ("free_gb", "GPU memory free (NVML)"),
+                    ("total", "GPU memory in total (NVML), in bytes"),
+                    ("budget", "GPU memory the resident models may reserve, in bytes"),
+                    ("reserved", "GPU memory reserved by the models the router holds resident, in bytes"),
+                    ("used_by_router", "GPU memory used by processes the router started (NVML), in bytes"),
+                    ("used_by_others", "GPU memory used by processes the router did not start (NVML), in bytes"),
+                    ("free", "GPU memory free (NVML), in bytes"),
                 )
             }
             for g in gpus:
                 for key, family in families.items():
-                    family.add_metric([str(g["index"]), g["name"]], g[key])
+                    family.add_metric([str(g["index"]), g["name"]], g[f"{key}_gb"] * GIB)
             yield from families.values()
 
     @staticmethod
