@@ -16,6 +16,7 @@ from aiohttp import web
 
 from vllm_model_router.config import ENGINE
 from vllm_model_router.errors import BadRequest
+from vllm_model_router.http import recent
 from vllm_model_router.http.app_keys import RUNTIME, SCRUB
 from vllm_model_router.http.security import KeyScrubber
 from vllm_model_router.runtime.pump import Runtime
@@ -366,3 +367,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/models/{name}/scale", admin_scale)
     app.router.add_get("/admin/models/{name}/logs", admin_logs)
     app.router.add_get("/admin/events", admin_events)
+    recent.add_routes(app)  # /admin/history

@@ -19,9 +19,11 @@ from vllm_model_router.http import admin, info
 from vllm_model_router.http.app_keys import PROXY, RUNTIME, SCRUB
 from vllm_model_router.http.metrics import METRICS, RouterMetrics, metrics_handler
 from vllm_model_router.http.proxy import Proxy, error_response
+from vllm_model_router.http.recent import RECENT, Observers
 from vllm_model_router.http.security import install_auth, scrubber
 from vllm_model_router.log_format import log_lifecycle_event
 from vllm_model_router.runtime.pump import AUTO, Runtime
+from vllm_model_router.runtime.recent import RecentHistory
 from vllm_model_router.runtime.recovery import Recovery
 
 __all__ = ["PROXY", "RUNTIME", "SCRUB", "build_app"]
@@ -77,19 +79,23 @@ def build_app(
             cookie_jar=aiohttp.DummyCookieJar(),  # shared by every client: an engine's cookie is its client's only
         )
         metrics = RouterMetrics(runtime)  # counts lifecycle events from the first one on
+        recent = RecentHistory(runtime, runtime.events)  # the last hour, for /admin/history; also from the first
         app[RUNTIME] = runtime
         app[METRICS] = metrics
-        app[PROXY] = Proxy(runtime, session, observer=metrics)
+        app[RECENT] = recent
+        app[PROXY] = Proxy(runtime, session, observer=Observers(metrics, recent))
         recovery = await Recovery.open(runtime)  # process groups left by a router that died
         try:
             if cluster is not None:
                 runtime.nodes = cluster.nodes_view
                 await cluster.start(runtime, runtime.events)  # engines left on the cluster; its nodes watched
             await runtime.start()
+            recent.start()
             # one log line per lifecycle event from here on: what recovery and startup did is told by
             # their own log lines, so that a router that cannot even listen says so in a few lines
             runtime.events.add_listener(log_lifecycle_event)
             yield
+            recent.stop()
             if cluster is not None:
                 cluster.stop()
             await runtime.close()

@@ -86,6 +86,39 @@ def _other_inference_routes() -> dict[str, Any]:
     return out
 
 
+def _history_schemas() -> dict[str, Any]:
+    """``GET /admin/history``'s answer. Times are Unix seconds."""
+    num, opt = {"type": "number"}, {"type": "number", "nullable": True}
+    return {
+        "History": {"type": "object", "required": ["now", "since", "minutes", "bucket_seconds", "lanes", "marks",
+                                                   "models", "queue"], "properties": {
+            "now": num, "since": {**num, "description": "`now` - `minutes` x 60"},
+            "minutes": {"type": "integer"}, "bucket_seconds": {"type": "integer", "enum": [60]},
+            "lanes": {"type": "array", "items": _ref("HistoryLane"),
+                      "description": "One per unit (`chat`, `chat@1`...), by unit name"},
+            "marks": {"type": "array", "items": _ref("HistoryMark"), "description": "Oldest first"},
+            "models": {"type": "object", "additionalProperties": {"type": "array", "items": _ref("HistoryBucket")},
+                       "description": "Per model (replicas merged): its minutes with requests, oldest first"},
+            "queue": {"type": "array", "description": "[time, requests waiting in total], oldest first; the "
+                      "first one may be the count in effect at `since`",
+                      "items": {"type": "array", "items": num, "minItems": 2, "maxItems": 2}}}},
+        "HistoryLane": {"type": "object", "properties": {
+            "unit": {"type": "string"}, "model": {"type": "string"}, "replica": {"type": "integer"},
+            "spans": {"type": "array", "description": "Oldest first, clipped to the window; `unloaded` left out",
+                      "items": {"type": "object", "properties": {
+                          "state": {"type": "string", "enum": MODEL_STATES}, "start": num,
+                          "end": {**opt, "description": "null: still in that state"}}}}}},
+        "HistoryMark": {"type": "object", "properties": {
+            "time": num, "unit": {"type": "string", "nullable": True}, "model": {"type": "string", "nullable": True},
+            "kind": {"type": "string", "enum": ["swap", "failure", "load", "sleep", "wake", "node"]},
+            "event": _ref("LifecycleEvent")}},
+        "HistoryBucket": {"type": "object", "properties": {
+            "start": num, "requests": {"type": "integer"},
+            "errors": {"type": "integer", "description": "Answered 5xx or 429"},
+            "wait_p50": opt, "wait_p99": opt, "first_byte_p50": opt, "first_byte_p99": opt}},
+    }
+
+
 def openapi_spec(version: str) -> dict[str, Any]:
     paths: dict[str, Any] = {
         "/health": {"get": {
@@ -187,6 +220,19 @@ def openapi_spec(version: str) -> dict[str, Any]:
                                   "content": {"text/event-stream": {"schema": _ref("LifecycleEvent")}}},
                           **_errors("400")},
         }},
+        "/admin/history": {"get": {
+            "tags": ["admin"], "summary": "The last hour: states, lifecycle marks, requests, the queue",
+            "operationId": "history",
+            "description": "What the router kept in memory of the last hour (at most), for charts: each unit's "
+                           "states as spans, the lifecycle events worth a marker, per model and minute the "
+                           "requests, errors (5xx and 429) and the median and 99th percentile of the wait for "
+                           "the model and of the time to first byte, and the total of waiting requests.",
+            "parameters": [{"name": "minutes", "in": "query", "required": False,
+                            "description": "How far back: a whole number of minutes",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 60, "default": 60}}],
+            "responses": {"200": _json(_ref("History"), "The last `minutes` minutes"),
+                          **_errors("400", "401", "403")},
+        }},
     }
     schemas: dict[str, Any] = {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {
@@ -246,6 +292,7 @@ def openapi_spec(version: str) -> dict[str, Any]:
                 "resident_memory_gb": {"type": "number"}}}}},
         "ModelLogs": {"type": "object", "properties": {"model": {"type": "string"},
                                                        "lines": {"type": "array", "items": {"type": "string"}}}},
+        **_history_schemas(),
         "LifecycleEvent": {"type": "object", "properties": {
             "seq": {"type": "integer"}, "time": {"type": "number", "description": "Unix time"},
             "kind": {"type": "string"}, "model": {"type": "string", "nullable": True},
