@@ -248,8 +248,8 @@ class ReadsEveryOption(PlansEveryPass):
     room (``Shortcuts._could_fit`` leaves those out)."""
 
     def _could_fit(self, need: float, staying: Usage, target: ModelRecord, budget: Budget,
-                   options: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]], int]:
-        return options, options, 1
+                   options: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
+        return options, [0] * len(options)
 
 
 @settings(max_examples=300, deadline=None)

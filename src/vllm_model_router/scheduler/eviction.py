@@ -170,6 +170,7 @@ def choose_placement(
     options: Sequence[tuple[int, ...]],
     fits_nowhere: bool = False,
     least: int = 1,
+    floors: Sequence[int] | None = None,
 ) -> tuple[tuple[int, ...], list[str] | None]:
     """Where a model that may go on any of ``options`` should go, and what that evicts.
 
@@ -178,25 +179,29 @@ def choose_placement(
     recently used. With no option that works even by evicting every idle model, the first option and
     ``None``. ``idle`` is read lazily, and only if no placement fits as it is. ``fits_nowhere``: the caller
     knows already that none does (``FreeOrder``); ``least``: that no plan has fewer victims (the first plan
-    found with that many is the answer: the reading stops there).
+    found with that many is the answer: the reading stops there); ``floors``: for each option, no plan there
+    has fewer victims (an option that cannot beat the best plan found is read no further).
     """
     if not options:
         return (), plan_eviction(need_gb, occupied, idle, budget)
     if budget.gpu_memory_gb and occupied.count + 1 <= budget.max_resident and all(options):
-        return _choose_disjoint(need_gb, occupied, idle, budget, options, fits_nowhere, least)
+        return _choose_disjoint(need_gb, occupied, idle, budget, options, fits_nowhere, least, floors)
     return _choose_general(need_gb, occupied, idle, budget, options)
 
 
 def _choose_disjoint(
     need_gb: float, occupied: Usage, idle: Iterable[Occupant | Candidate], budget: Budget,
     options: Sequence[tuple[int, ...]], fits_nowhere: bool = False, least: int = 1,
+    floors: Sequence[int] | None = None,
 ) -> tuple[tuple[int, ...], list[str] | None]:
     """``_choose_general``'s answer when the options share no GPU and the count is not what binds (a cluster:
     each GPU, or each node's freest GPUs for a tensor-parallel model). There, each option's plan depends on
     its own GPUs only, so one walk of the candidates builds every plan at once: the cost is GPUs +
     candidates instead of options x candidates. The arithmetic is the general one's, step for step (same
     additions in the same order), so the decision is the same: a property test holds the two to it.
-    Options that do share a GPU go the general way."""
+    Options that do share a GPU go the general way. Once a plan is found, an option that cannot beat it (its
+    floor, or the victims it has already, leave it at least as many) is dropped: the walk ends when every
+    option is planned or dropped."""
     caps, held = budget.gpu_memory_gb, occupied.gpu_gb
     best: tuple[float, tuple[int, ...]] | None = None
     for p in () if fits_nowhere else options:
@@ -226,6 +231,15 @@ def _choose_disjoint(
     victims: dict[int, list[str]] = {}
     plans: list[tuple[int, int, tuple[int, ...], list[str]]] = []
     fewest = math.inf  # the fewest victims of a plan found: a later plan must have fewer to win
+    by_floor: dict[int, list[int]] = {}  # the options by their floor, until dropped
+    for j, f in enumerate(floors or ()):
+        by_floor.setdefault(f, []).append(j)
+
+    def drop(j: int) -> None:
+        for g in options[j]:
+            if owner.get(g) == j:
+                del owner[g]
+
     for i, cand in enumerate(idle):
         c = _candidate(cand)
         o, after = c.occupant, c.after
@@ -238,6 +252,9 @@ def _choose_disjoint(
                 victims[j] = []
             if over[j].isdisjoint(o.gpus):
                 continue  # frees nothing this option still lacks (``_helps``)
+            if len(victims[j]) + 1 >= fewest:  # as many victims as the best plan, or more, and later
+                drop(j)
+                continue
             u = usage[j]
             for g in o.gpus:  # (Usage.remove, then Usage.add of what it keeps asleep)
                 if g in u:
@@ -251,8 +268,10 @@ def _choose_disjoint(
             if not over[j]:
                 plans.append((len(victims[j]), i, options[j], victims[j]))
                 fewest = min(fewest, len(victims[j]))
-                for g in options[j]:
-                    del owner[g]  # planned: later candidates do not change it
+                drop(j)  # planned: later candidates do not change it
+                for f in [f for f in by_floor if f >= fewest]:
+                    for k in by_floor.pop(f):
+                        drop(k)
         # a plan of the fewest victims there can be beats any that ends later (more victims, or as many but
         # later in the order)
         if not owner or fewest <= least:

@@ -1,3 +1,5 @@
+# Longer than 400 lines because the index and the scanning reference the property tests hold it to must
+# answer the same questions side by side: a question added to one is added to the other in the same place.
 """The model table's indexes: which models are in which state, which hold capacity in which domain, and
 which adapters sit on which base.
 
@@ -70,18 +72,17 @@ def has_idle_clock(m: ModelRecord) -> bool:
 
 
 LRU_STATES = (State.LOADED, State.SLEEPING)
+"""The states eviction picks from, each kept in eviction order per domain."""
 
 
 def freeable(m: ModelRecord) -> float:
-    """The most memory evicting ``m`` could free on each of its GPUs right now: all it holds if it is a
-    top-level model that is loaded and idle, or asleep, and not pinned; else nothing. A bound (a hot model
-    counts, and a sleep frees less than a stop): what may be evicted is decided by walking the candidates."""
+    """The most evicting ``m`` could free on each of its GPUs now: all it holds if it is a top-level model,
+    loaded and idle or asleep, not pinned. A bound (hot models count; a sleep frees less than a stop)."""
     if m.base is not None or m.pinned or not m.placed or not holds_capacity(m):
         return 0.0
     if m.state is State.SLEEPING or (m.state is State.LOADED and not m.in_flight):
         return occupant(m).memory_gb
     return 0.0
-"""The states eviction picks from, each kept in eviction order per domain."""
 
 
 def in_table_order(models: Collection[ModelRecord]) -> list[ModelRecord]:
@@ -114,10 +115,10 @@ class ModelIndex:
         self._stale: set[str] = set()  # used since their key was filed: refiled when the order is next read
         self._records: dict[str, ModelRecord] = {}
         self.version = 0  # bumped by every move and rekey: what step 4 read is unchanged while it is
-        # per GPU, what evicting every model there that ``freeable`` counts would free at most; and what each
-        # model was counted for
+        # per GPU, what evicting every model there could free at most (``freeable``); what each was counted for
         self._freeable: dict[int, float] = {}
         self._freeable_each: dict[int, list[float]] = {}  # per GPU, what each model there would free, sorted
+        self._freeable_wide: dict[int, int] = {}  # per GPU, how many of those are on other GPUs too
         self._freeable_of: dict[str, tuple[tuple[int, ...], float]] = {}
 
     # ------------------------------------------------------------------ upkeep
@@ -211,8 +212,7 @@ class ModelIndex:
         self._free(m)
 
     def busy_or_pin_changed(self, m: ModelRecord) -> None:
-        """``m`` began or stopped serving (its ``in_flight`` became empty or not), or was pinned or unpinned:
-        what evicting it could free changed (``freeable``)."""
+        """``m`` began or stopped serving, or was pinned or unpinned: what evicting it frees changed."""
         self._unfree(m)
         self._free(m)
 
@@ -223,13 +223,14 @@ class ModelIndex:
             for g in m.placed:
                 self._freeable[g] = self._freeable.get(g, 0.0) + gb
                 insort(self._freeable_each.setdefault(g, []), gb)
+                self._freeable_wide[g] = self._freeable_wide.get(g, 0) + (len(m.placed) > 1)
 
     def _unfree(self, m: ModelRecord) -> None:
-        was = self._freeable_of.pop(m.name, None)
-        if was is not None:
+        if was := self._freeable_of.pop(m.name, None):
             for g in was[0]:
                 self._freeable[g] -= was[1]
                 self._freeable_each[g].remove(was[1])
+                self._freeable_wide[g] -= len(was[0]) > 1
 
     # ------------------------------------------------------------------ queries
     def children(self, base: ModelRecord) -> Sequence[ModelRecord]:
@@ -258,6 +259,8 @@ class ModelIndex:
 
     def count_adapters(self, base: ModelRecord, states: Collection[State]) -> int:
         """How many of ``base``'s adapters are in any of ``states``."""
+        if base.name not in self._adapters:  # (most models have none: asked of every eviction candidate)
+            return 0
         return sum(self._adapter_counts.get((base.name, s), 0) for s in states)
 
     def held(self, domain: str | None, but: ModelRecord | None = None) -> Usage:
@@ -295,13 +298,14 @@ class ModelIndex:
         return usage
 
     def freeable_on(self) -> Mapping[int, float]:
-        """Per GPU, the most memory that evicting the top-level models placed there could free now (the sum of
-        their ``freeable``): where what stays plus a load is over the GPU even so, no eviction makes room."""
+        """Per GPU, the sum of ``freeable``: where what stays and a load are over the GPU even so, no eviction
+        makes room."""
         return self._freeable
 
-    def freeable_each(self) -> Mapping[int, Sequence[float]]:
-        """Per GPU, what evicting each of those models would free (``freeable``), smallest first."""
-        return self._freeable_each
+    def freeable_each(self) -> tuple[Mapping[int, Sequence[float]], Mapping[int, int]]:
+        """Per GPU, what evicting each of those models would free (``freeable``), smallest first; and how many
+        of them are placed on other GPUs too (one victim may free several GPUs of an option)."""
+        return self._freeable_each, self._freeable_wide
 
     def lru(self, domain: str | None, state: State) -> Iterable[ModelRecord]:
         """The models holding capacity in ``domain`` in ``state`` (loaded or sleeping), in eviction order,
@@ -365,18 +369,20 @@ class ScanningIndex(ModelIndex):
         return self.staying(domain, but) if staying else self.held(domain, but)
 
     def busy_or_pin_changed(self, m: ModelRecord) -> None:
-        pass
+        pass  # (read from the table when asked)
 
     def freeable_on(self) -> Mapping[int, float]:
-        return {g: sum(sizes) for g, sizes in self.freeable_each().items()}
+        return {g: sum(sizes) for g, sizes in self.freeable_each()[0].items()}
 
-    def freeable_each(self) -> Mapping[int, Sequence[float]]:
+    def freeable_each(self) -> tuple[Mapping[int, Sequence[float]], Mapping[int, int]]:
         out: dict[int, list[float]] = {}
+        wide: dict[int, int] = {}
         for m in self._table.values():
             if (gb := freeable(m)) > 0.0:
                 for g in m.placed:
                     insort(out.setdefault(g, []), gb)
-        return out
+                    wide[g] = wide.get(g, 0) + (len(m.placed) > 1)
+        return out, wide
 
     def held(self, domain: str | None, but: ModelRecord | None = None) -> Usage:
         return Usage.of(occupant(m) for m in self.holders(domain) if m is not but)

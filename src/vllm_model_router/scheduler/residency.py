@@ -344,10 +344,10 @@ class Residency:
                 continue
             asleep = Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False) if sleep and m.spec.sleep_level \
                 else None
-            yield Candidate(occupant(m), asleep)
+            yield Candidate(index.counted(m) or occupant(m), asleep)  # (what it holds: kept by the index)
         for m in index.lru(domain, State.SLEEPING) if on is None else index.lru_on(domain, State.SLEEPING, on):
             if not m.pinned and m is not target:
-                yield Candidate(occupant(m))
+                yield Candidate(index.counted(m) or occupant(m))
 
     # ------------------------------------------------------------ use over time
     def _lru(self, models: Iterable[ModelRecord]) -> list[ModelRecord]:

@@ -82,48 +82,52 @@ class Shortcuts(Placement):
         whether they are put to sleep: where they can sleep, unless their residues are in the way, then
         stopped (the candidates are walked again only if one of them would have slept). ``on``: only the
         models placed on these GPUs are read."""
-        could, likely, least = self._could_fit(need, staying, target, budget, options)
+        could, floors = self._could_fit(need, staying, target, budget, options)
         if not could:  # even evicting every idle model would not make room: no candidate need be read
             return options[0], None, True
+        least = max(min(floors), 1)
+        likely = [i for i, f in enumerate(floors) if f <= least]
         if len(likely) < len(could):  # a plan with ``least`` victims can only be there: read those first
-            placement, victims, sleep = self._walk(need, staying, target, hot, budget, likely, on, len(options),
-                                                   fits_nowhere, least)
+            placement, victims, sleep = self._walk(need, staying, target, hot, budget, [could[i] for i in likely],
+                                                   [floors[i] for i in likely], on, fits_nowhere, least)
             if victims is not None and len(victims) == least:
                 return placement, victims, sleep
-        return self._walk(need, staying, target, hot, budget, could, on, len(options), fits_nowhere, least)
+        return self._walk(need, staying, target, hot, budget, could, floors, on, fits_nowhere, least)
 
     def _walk(self, need: float, staying: Usage, target: ModelRecord, hot: Container[str], budget: Budget,
-              options: list[tuple[int, ...]], on: tuple[int, ...] | None, among: int, fits_nowhere: bool,
-              least: int) -> tuple[tuple[int, ...], list[str] | None, bool]:
-        """``_make_room`` over ``options`` (a few of ``among``: then only the candidates placed on their GPUs
-        are read)."""
-        if on is None and 4 * len(options) <= among:
+              options: list[tuple[int, ...]], floors: list[int], on: tuple[int, ...] | None,
+              fits_nowhere: bool, least: int) -> tuple[tuple[int, ...], list[str] | None, bool]:
+        """``_make_room`` over ``options`` (on a quarter of the GPUs or fewer: then only the candidates placed
+        there are read)."""
+        if on is None and budget.gpu_memory_gb and all(options) \
+                and 4 * sum(len(o) for o in options) <= len(budget.gpu_memory_gb):
             on = tuple(g for o in options for g in o)
         asleep: list[bool] = []  # whether a candidate read would be put to sleep (it keeps a residue)
         candidates = noting_sleepers(self._candidates(target.base, target, hot=hot, on=on), asleep)
-        placement, victims = choose_placement(need, staying, candidates, budget, options, fits_nowhere, least)
+        placement, victims = choose_placement(need, staying, candidates, budget, options, fits_nowhere, least, floors)
         if victims is None and asleep:
             return (*choose_placement(need, staying, self._candidates(target.base, target, sleep=False, hot=hot,
-                                                                      on=on), budget, options, fits_nowhere, least),
+                                                                      on=on), budget, options, fits_nowhere, least,
+                                     floors),
                     False)
         return placement, victims, True
 
     def _could_fit(self, need: float, staying: Usage, target: ModelRecord, budget: Budget,
-                   options: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]], int]:
+                   options: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
         """The options where ``target`` could fit once models that may be evicted there are gone
         (``ModelIndex.freeable_on``, a bound): an option where what stays is over its GPUs even then has no
         plan, so ``choose_placement`` decides the same without it, and without reading the candidates placed
-        there (on a busy cluster most GPUs serve a model that cannot be moved). Also the fewest victims any
-        plan could have (on each GPU, the largest models there first), and the options that could have so
-        few: the best plan is on one of those if it has that many."""
+        there (on a busy cluster most GPUs serve a model that cannot be moved). With each, the fewest victims
+        a plan there could have: per GPU, the largest models first; over an option's GPUs, their sum where
+        no victim can free two of them, else the largest."""
         if target.base is not None or not budget.gpu_memory_gb or not all(options):
-            return options, options, 1
-        caps, used, free, each = budget.gpu_memory_gb, staying.gpu_gb, self._index.freeable_on(), \
-            self._index.freeable_each()
+            return options, [0] * len(options)
+        caps, used, free = budget.gpu_memory_gb, staying.gpu_gb, self._index.freeable_on()
+        each, wide = self._index.freeable_each()
         could: list[tuple[int, ...]] = []
-        fewest: dict[int, list[tuple[int, ...]]] = {}
+        floors: list[int] = []
         for o in options:
-            least = 0
+            most = total = 0
             for g in o:
                 over = used.get(g, 0.0) + need - caps.get(g, 0.0)
                 if over <= 1e-9:
@@ -135,14 +139,11 @@ class Shortcuts(Placement):
                 while freed < over - 1e-6:  # the largest first: no fewer of them can free as much
                     k += 1
                     freed += sizes[-k]
-                least = max(least, k)
+                most, total = max(most, k), total + k
             else:
                 could.append(o)
-                fewest.setdefault(least, []).append(o)
-        if not could:
-            return could, could, 1
-        least = min(fewest)
-        return could, fewest[least], max(least, 1)
+                floors.append(most if len(o) > 1 and any(wide.get(g) for g in o) else total)
+        return could, floors
 
     def _still_blocked(self, p: Pass, target: ModelRecord, first: Waiter, options: list[tuple[int, ...]],
                        reserved: Usage | None, budget: Budget) -> bool:
