@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,3 +48,15 @@ def page(browser: Any, base_url: str) -> Iterator[Any]:
     pg.set_default_timeout(5000)
     yield pg
     ctx.close()
+
+
+@pytest.fixture
+def artifacts(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """Where a test keeps what a person may want to look at afterwards (screenshots): under
+    ``$TEST_ARTIFACTS/<test name>`` when set (a CI job can keep that folder), else the test's tmp_path."""
+    root = os.environ.get("TEST_ARTIFACTS")
+    if not root:
+        return tmp_path
+    folder = Path(root) / request.node.name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

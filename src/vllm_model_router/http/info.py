@@ -18,8 +18,20 @@ from vllm_model_router.http.openapi import openapi_spec
 UI_ASSETS = {
     "index.html": "text/html",
     "app.js": "text/javascript",
+    "charts.js": "text/javascript",
+    "history.js": "text/javascript",
+    "logs.js": "text/javascript",
     "style.css": "text/css",
+    # uPlot (MIT), the dashboard's charts: served by the router itself, as air-gapped boxes have no CDN
+    "vendor/uPlot.iife.min.js": "text/javascript",
+    "vendor/uPlot.min.css": "text/css",
+    "vendor/uPlot.LICENSE": "text/plain",
 }
+"""Every file under /ui: only these are served (a name not listed is a 404, never a path on disk)."""
+
+UI_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+          "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+"""The dashboard runs only its own files: no inline script or style, no other origin."""
 
 
 async def health(request: web.Request) -> web.Response:
@@ -68,12 +80,12 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 
 def _asset(name: str) -> bytes:
-    return (resources.files("vllm_model_router.http") / "ui" / name).read_bytes()
+    return (resources.files("vllm_model_router.http") / "ui").joinpath(*name.split("/")).read_bytes()
 
 
 async def ui_index(request: web.Request) -> web.Response:
     return web.Response(body=_asset("index.html"), content_type="text/html", charset="utf-8",
-                        headers={"Cache-Control": "no-cache"})
+                        headers={"Cache-Control": "no-cache", "Content-Security-Policy": UI_CSP})
 
 
 async def ui_asset(request: web.Request) -> web.Response:
@@ -94,4 +106,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/ui", ui_index)
     app.router.add_get("/ui/", ui_redirect)
-    app.router.add_get("/ui/{asset}", ui_asset)
+    app.router.add_get(r"/ui/{asset:(vendor/)?[^/]+}", ui_asset)

@@ -6,6 +6,10 @@
 // units placed there reserve out of what it offers, and those units; on one machine it stays hidden.
 // An EventSource cannot send headers, so the event stream gets the key as ?key= (the router accepts a
 // key in the URL on its two read-only admin streams only).
+// The last hour (timeline, charts: history.js, charts.js) and a model's log (logs.js) are separate
+// scripts; each lifecycle event is passed on to them as a "lifecycle" event on the document.
+// The page runs under a strict Content-Security-Policy: no inline script or style attribute (styles
+// are set through the CSSOM, which the policy allows).
 "use strict";
 
 const KEY_STORAGE = "vllm-model-router.admin-key";
@@ -22,6 +26,7 @@ function el(tag, attrs = {}, ...children) {
   for (const [k, v] of Object.entries(attrs)) {
     if (v === undefined || v === null || v === false) continue;
     if (k === "text") node.textContent = v;
+    else if (k === "style") node.style.cssText = v;
     else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
     else node.setAttribute(k, v === true ? "" : v);
   }
@@ -241,7 +246,9 @@ function renderModels(data) {
       el("td", { class: "actions" },
         actionButton(m.name, "load", "Load", canLoad),
         actionButton(m.name, "unload", "Unload", canUnload),
-        actionButton(m.name, m.pinned ? "unpin" : "pin", m.pinned ? "Unpin" : "Pin", true)),
+        actionButton(m.name, m.pinned ? "unpin" : "pin", m.pinned ? "Unpin" : "Pin", true),
+        el("button", { type: "button", class: "action", "data-action": "logs", title: `the last lines of ${m.name}'s output`,
+                       onclick: () => openLogs(m.name) }, "Logs")),
     );
     return [row, ...replicas.map((r, i) => replicaRow(m, r, i === replicas.length - 1))];
   });
@@ -331,7 +338,11 @@ function connectEvents() {
                                  (key ? "&key=" + encodeURIComponent(key) : ""));
   events = source;
   const onEvent = (msg) => {  // on a reconnect the router sends only what came after Last-Event-ID
-    try { addEvent(JSON.parse(msg.data)); } catch (_) { /* ignore malformed */ }
+    try {
+      const ev = JSON.parse(msg.data);
+      addEvent(ev);
+      document.dispatchEvent(new CustomEvent("lifecycle", { detail: ev }));
+    } catch (_) { /* ignore malformed */ }
     refreshSoon();
   };
   source.onmessage = onEvent;
