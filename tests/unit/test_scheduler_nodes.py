@@ -210,6 +210,24 @@ def test_the_free_order_finds_the_best_fit_a_full_read_finds(
     assert order.best_fit(need, usage, budget, {g for _, g in changes}) == (placement if victims == [] else None)
 
 
+@given(held=st.lists(st.tuples(st.sampled_from([10.0, 20.0, 30.0, 40.0, 70.0, 0.1]), st.integers(0, 11)), max_size=16),
+       moves=st.lists(st.tuples(st.sampled_from([-30.0, -10.0, 10.0, 20.0, 0.3]), st.integers(0, 11)), max_size=6),
+       caps=st.lists(st.sampled_from([40.0, 80.0, 79.9]), min_size=12, max_size=12))
+def test_a_free_order_kept_across_moves_is_the_one_made_afresh(
+        held: list[tuple[float, int]], moves: list[tuple[float, int]], caps: list[float]) -> None:
+    """``FreeOrder.update`` with the GPUs models moved on leaves the order a new one would have: every need
+    gets the same best fit."""
+    budget = Budget(100, None, dict(enumerate(caps)))
+    usage = Usage.of(Occupant(f"h{i}", gb, (g,)) for i, (gb, g) in enumerate(held))
+    kept = FreeOrder(usage, budget, budget.gpu_memory_gb)
+    for gb, g in moves:
+        usage.add(Occupant("m", gb, (g,)))
+    kept.update(usage, budget, [g for _, g in moves])
+    fresh = FreeOrder(usage, budget, budget.gpu_memory_gb)
+    for need in (0.1, 10.0, 20.0, 40.0, 60.0, 80.0):
+        assert kept.best_fit(need, usage, budget, ()) == fresh.best_fit(need, usage, budget, ())
+
+
 def test_loads_that_evict_on_different_gpus_swap_at_the_same_time() -> None:
     r = cluster(x=ModelSpec(60), y=ModelSpec(60), z=ModelSpec(60), w=ModelSpec(60),
                 n1=ModelSpec(60), n2=ModelSpec(60))
@@ -244,8 +262,13 @@ CLUSTER_MODELS = {**{f"m{i}": ModelSpec(gb) for i, gb in enumerate((40.0, 70.0, 
 
 
 class ReadsEveryOption(PlansEveryPass):
-    """Planning in full, and reading the candidates of every option, even where no eviction could make
-    room (``Shortcuts._could_fit`` leaves those out)."""
+    """Planning in full, reading every GPU for a best fit (no ``FreeOrder``, kept or made again) and the
+    candidates of every option, even where no eviction could make room (``Shortcuts._could_fit`` leaves
+    those out)."""
+
+    def _free_fit(self, staying: bool, need: float, usage: Usage, budget: Budget, options: list[tuple[int, ...]],
+                  target: ModelRecord, reserved: Usage | None) -> tuple[bool, tuple[int, ...] | None]:
+        return False, None
 
     def _could_fit(self, need: float, staying: Usage, target: ModelRecord, budget: Budget,
                    options: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
@@ -260,8 +283,9 @@ def test_on_a_cluster_the_shortcuts_decide_as_planning_in_full(ops: list[tuple[i
                                                                keep_idle: float) -> None:
     """Three nodes of two GPUs, one-GPU and two-GPU models, requests that come and go: the scheduler with
     its shortcuts (a kept step 4, a load found blocked looked at again only where GPUs were touched, rooms,
-    GPUs where no eviction could make room left unread) and one planning in full, reading every option,
-    emit the same effects and show the same models after every event."""
+    a kept order of the GPUs by free memory, GPUs where no eviction could make room left unread) and one
+    planning in full, reading every option, emit the same effects and show the same models after every
+    event."""
     gpus = {g: 80.0 for g in range(6)}
     nodes = {g: "abc"[g // 2] for g in range(6)}
     cfg = SchedulerConfig(CLUSTER_MODELS, 20, None, 600.0, 30.0, gpu_memory_gb=gpus, gpu_nodes=nodes,

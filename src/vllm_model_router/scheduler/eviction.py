@@ -7,7 +7,7 @@ looks at, not to the number of models in the domain."""
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
+from bisect import bisect_left, insort
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -318,7 +318,19 @@ class FreeOrder:
     def __init__(self, usage: Usage, budget: Budget, gpus: Iterable[int]) -> None:
         caps, held = budget.gpu_memory_gb, usage.gpu_gb
         self.gpus = frozenset(gpus)
-        self._order = sorted((caps.get(g, 0.0) - held.get(g, 0.0), g) for g in self.gpus)
+        self._free = {g: caps.get(g, 0.0) - held.get(g, 0.0) for g in self.gpus}
+        self._order = sorted((free, g) for g, free in self._free.items())
+
+    def update(self, usage: Usage, budget: Budget, gpus: Iterable[int]) -> None:
+        """``usage`` changed on ``gpus`` (and only there): the order as if made from it."""
+        caps, held = budget.gpu_memory_gb, usage.gpu_gb
+        for g in gpus:
+            if g in self.gpus:
+                was, free = self._free[g], caps.get(g, 0.0) - held.get(g, 0.0)
+                if free != was:
+                    del self._order[bisect_left(self._order, (was, g))]
+                    insort(self._order, (free, g))
+                    self._free[g] = free
 
     def best_fit(self, need_gb: float, usage: Usage, budget: Budget,
                  changed: Collection[int]) -> tuple[int, ...] | None:

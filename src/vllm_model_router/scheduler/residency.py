@@ -94,6 +94,7 @@ class Residency:
         self._idle_gen = 0
         self._rules_gen = 0
         self._free_orders: dict[bool, tuple[int, Budget, FreeOrder]] = {}  # (``Planner._free_fit``)
+        self._moved_on: list[int] = []  # the GPUs of each move, in order: what a kept FreeOrder must read again
         self._rooms: dict[str, tuple[int, ...]] = {}  # the GPUs each load waiting for room reserved (step 4)
         self._blocked: dict[str, Blocked] = {}  # loads found blocked behind busy models (``_still_blocked``)
         self._unloads: set[str] = set()  # asked to unload once idle (step 7), and perhaps no longer
@@ -136,6 +137,7 @@ class Residency:
 
     def _set_state(self, m: ModelRecord, state: State, now: float) -> None:
         self._touch(m)
+        self._moved_on.extend(m.placed)
         self._index.moving(m)
         m.state = state
         m.since = now  # (before ``moved``: the eviction order reads it)

@@ -38,16 +38,24 @@ class Shortcuts(Placement):
                   target: ModelRecord, reserved: Usage | None) -> tuple[bool, tuple[int, ...] | None]:
         """``choose_placement``'s answer without evicting (the GPU, or None: none fits), found with a
         ``FreeOrder`` of what every model holds (``staying``: once what is on its way out has gone), for a
-        model that may go on any one GPU; the order is made again only after a model has moved. False
-        first when the order does not apply (then ``choose_placement`` reads every option)."""
+        model that may go on any one GPU. False
+        first when the order does not apply (then ``choose_placement`` reads every option). After a few moves
+        only the GPUs they were on are read again; after many, the order is made again."""
         if target.base is not None or budget is not self.budget or not budget.gpu_memory_gb \
                 or usage.count + 1 > budget.max_resident or options is not self._layout()[0]:
             return False, None
-        cached = self._free_orders.get(staying)
-        if cached is None or cached[0] != self._index.version or cached[1] is not budget:
+        cached, moved = self._free_orders.get(staying), self._moved_on
+        if cached is None or cached[1] is not budget or len(moved) - cached[0] > 256:
+            if len(moved) > 4096:  # (every order is made again at once: the log starts over)
+                moved.clear()
+                self._free_orders.clear()
             base = self._index.staying(None) if staying else self._index.held(None)
-            cached = (self._index.version, budget, FreeOrder(base, budget, budget.gpu_memory_gb))
+            cached = (len(moved), budget, FreeOrder(base, budget, budget.gpu_memory_gb))
             self._free_orders[staying] = cached
+        elif cached[0] < len(moved):  # models moved since: their GPUs are read again
+            gpus = set(moved[cached[0]:])
+            cached[2].update(self._index.usage_on(None, tuple(gpus), None, staying), budget, gpus)
+            cached = self._free_orders[staying] = (len(moved), budget, cached[2])
         changed = set(reserved.gpu_gb) if reserved is not None else set()
         if (mine := self._index.counted(target)) is not None:
             changed.update(mine.gpus)
