@@ -1,5 +1,5 @@
 """Command-line client for a running router: ``status``, ``load``, ``unload``, ``logs``, ``pin``, ``unpin``,
-``scale``.
+``scale``, ``history``.
 
 It talks to the admin API (``--url``, env ROUTER_URL, default http://localhost:8010) with the standard
 library only. An optional key (``--api-key``, env ROUTER_API_KEY) is sent as ``Authorization: Bearer``.
@@ -17,11 +17,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, tzinfo
 from typing import Any, TextIO
 
 DEFAULT_URL = "http://localhost:8010"
 CONNECT_TIMEOUT = 10.0
+HISTORY_MINUTES = 60  # what GET /admin/history keeps
+WIDTH = 100  # a history line is wrapped (states) or cut (a mark's reason: a failed start quotes its log) here
 
 
 class CliError(Exception):
@@ -115,6 +118,13 @@ def _state(m: dict[str, Any], flags: tuple[str, ...]) -> str:
     return state + (f" ({', '.join(shown)})" if shown else "")
 
 
+def _table(rows: Sequence[Sequence[str]], right: set[int] | None = None) -> list[str]:
+    """Columns two spaces apart, as wide as their widest cell; the columns in ``right`` right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.rjust(w) if i in (right or ()) else c.ljust(w)
+                      for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip() for r in rows]
+
+
 def status_table(data: dict[str, Any], now: float | None = None) -> str:
     """One row per model; a replicated model's replicas each on a row of their own, indented under it, with
     their server (the PROCESS column, shown only when some model has replicas)."""
@@ -132,10 +142,7 @@ def status_table(data: dict[str, Any], now: float | None = None) -> str:
         for r in m.get("replicas") or ():
             rows.append((f"  {r.get('name')}", _state(r, ("pinned", "extra")), "", str(r.get("in_flight", 0)), "",
                          _ago(r.get("last_used"), now), _process(r)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    right = {2, 3, 4}
-    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             .rstrip() for r in rows]
+    lines = _table(rows, right={2, 3, 4})
     cap = data.get("capacity", {})
     summary = f"resident: {len(cap.get('resident', []))}/{cap.get('max_resident', '?')}"
     if cap.get("memory_gb") is not None:
@@ -148,6 +155,112 @@ def _describe(m: dict[str, Any]) -> str:
     if m.get("pinned"):
         details.append("pinned")
     return f"{m.get('name')}: {m.get('state')}" + (f" ({', '.join(details)})" if details else "")
+
+
+# ------------------------------------------------------------------- history
+def _minutes(text: str) -> int:
+    """``--minutes``, checked before asking: a typo is a usage error (exit 2), not a round trip."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 3 and 1 <= int(text) <= HISTORY_MINUTES):
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {HISTORY_MINUTES}, got {text[:20]!r}")
+    return int(text)
+
+
+def history_of(data: dict[str, Any], model: str) -> dict[str, Any]:
+    """The history restricted to ``model`` (its replicas' lanes, its marks, its requests), in the same shape;
+    the waiting total stays the router's. A name the history does not know is an error, naming those it does."""
+    known = {str(la.get("model")) for la in data.get("lanes", [])} | set(data.get("models", {}))
+    if model not in known:
+        raise CliError(f"no model `{model}` in the router's history (it has: {', '.join(sorted(known)) or 'none'})")
+    return {**data, "lanes": [la for la in data.get("lanes", []) if la.get("model") == model],
+            "marks": [m for m in data.get("marks", []) if m.get("model") == model],
+            "models": {k: v for k, v in data.get("models", {}).items() if k == model}}
+
+
+def _seconds(x: float | None) -> str:
+    """A wait or a time to first byte: milliseconds under a second, seconds above."""
+    if x is None:
+        return "-"
+    if x < 1:
+        return f"{x * 1000:.0f}ms"
+    return f"{x:.2f}s" if x < 10 else f"{x:.1f}s" if x < 100 else f"{x:.0f}s"
+
+
+def _changes(spans: list[dict[str, Any]], clock: Callable[[float], str]) -> list[str]:
+    """A unit's states as ``HH:MM:SS state`` at each change. The history leaves ``unloaded`` out (a gap is a
+    unit that was not running): a span that ends with no other starting then is shown ending in ``unloaded``."""
+    changes = []
+    for i, span in enumerate(spans):
+        changes.append(f"{clock(span['start'])} {span['state']}")
+        end = span.get("end")
+        if end is not None and (i + 1 == len(spans) or spans[i + 1]["start"] != end):
+            changes.append(f"{clock(end)} unloaded")
+    return changes or ["unloaded"]
+
+
+def _wrap(head: str, items: list[str]) -> list[str]:
+    """``head`` then ``items`` two spaces apart, wrapped at WIDTH, each line continued under the first item."""
+    lines, line = [], head
+    for item in items:
+        if len(line) > len(head) and len(line) + 2 + len(item) > WIDTH:
+            lines.append(line)
+            line = " " * len(head) + item
+        else:
+            line += ("  " if len(line) > len(head) else "") + item
+    return [*lines, line]
+
+
+def _cut(line: str) -> str:
+    return line if len(line) <= WIDTH else line[:WIDTH - 1] + "…"
+
+
+def _lane_lines(lanes: list[dict[str, Any]], clock: Callable[[float], str]) -> list[str]:
+    width = max([len("UNIT"), *(len(str(la.get("unit"))) for la in lanes)])
+    lines = [f"{'UNIT'.ljust(width)}  STATES"]
+    for la in lanes:
+        lines += _wrap(str(la.get("unit")).ljust(width + 2), _changes(la.get("spans") or [], clock))
+    return lines
+
+
+def _mark_lines(marks: list[dict[str, Any]], clock: Callable[[float], str]) -> list[str]:
+    if not marks:
+        return ["no loads, swaps, failures, sleeps, wakes or node changes"]
+    rows = [("TIME", "MARK", "UNIT", "EVENT", "REASON")]
+    for m in marks:
+        event = m.get("event") or {}
+        rows.append((clock(m["time"]), str(m.get("kind")), str(m.get("unit") or "-"), str(event.get("kind")),
+                     " ".join(str(event.get("reason") or "").split())))  # a log excerpt's lines on one
+    return [_cut(line) for line in _table(rows)]
+
+
+def _request_lines(models: dict[str, list[dict[str, Any]]], clock: Callable[[float], str]) -> list[str]:
+    """One row per model and minute with requests; the model named on its first row only."""
+    rows: list[tuple[str, ...]] = [("MODEL", "MINUTE", "REQUESTS", "ERRORS", "WAIT P50", "WAIT P99",
+                                    "FIRST BYTE P50", "FIRST BYTE P99")]
+    for model, buckets in models.items():
+        for i, b in enumerate(buckets):
+            figures = (_seconds(b.get(f"{what}_{q}")) for what in ("wait", "first_byte") for q in ("p50", "p99"))
+            rows.append((model if i == 0 else "", clock(b["start"])[:5], str(b.get("requests", 0)),
+                         str(b.get("errors", 0)), *figures))
+    return _table(rows, right=set(range(2, 8))) if len(rows) > 1 else ["no requests"]
+
+
+def history_text(data: dict[str, Any], tz: tzinfo | None = None) -> str:
+    """``GET /admin/history`` for a terminal: each unit's state changes, the marks (one line each, the
+    reason cut at WIDTH), per model and minute the requests, errors and quantiles, and the waiting total.
+    Clock times in ``tz`` (default: local); the window is at most an hour, its date is in the first line."""
+    def clock(ts: float) -> str:
+        return datetime.fromtimestamp(ts, tz).strftime("%H:%M:%S")
+
+    since, now = float(data.get("since") or 0), float(data.get("now") or time.time())
+    minutes = data.get("minutes")
+    out = [f"last {minutes} minute{'' if minutes == 1 else 's'}: {datetime.fromtimestamp(since, tz):%Y-%m-%d %H:%M:%S} "
+           f"to {clock(now)}", "", *_lane_lines(data.get("lanes", []), clock),
+           "", *_mark_lines(data.get("marks", []), clock), "", *_request_lines(data.get("models", {}), clock)]
+    queue = data.get("queue") or []
+    if queue:
+        peak_at, peak = max(queue, key=lambda sample: sample[1])  # the first time it was highest
+        out += ["", f"waiting in total: peak {peak}{f' at {clock(peak_at)}' if peak else ''}, last {queue[-1][1]}"]
+    return "\n".join(out)
 
 
 # ------------------------------------------------------------------- commands
@@ -194,6 +307,14 @@ def cmd_logs(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     return 1
 
 
+def cmd_history(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    data = client.json("GET", f"/admin/history?minutes={args.minutes}")
+    if args.model is not None:
+        data = history_of(data, args.model)
+    print(json.dumps(data, indent=2) if args.json else history_text(data), file=out)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     client = Client(args.url, args.api_key)
     try:
@@ -234,6 +355,12 @@ def register_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
     sc = add("scale", cmd_scale, "set how many replicas of a model are kept (within its replicas.min and max)")
     sc.add_argument("name")
     sc.add_argument("replicas", type=int)
+    h = add("history", cmd_history, "show the router's last hour: each unit's states, the swaps and failures, "
+                                    "the requests per model and minute, the requests waiting")
+    h.add_argument("--minutes", type=_minutes, default=HISTORY_MINUTES,
+                   help=f"how far back, 1 to {HISTORY_MINUTES} (default {HISTORY_MINUTES})")
+    h.add_argument("--model", help="only this model: its units, marks and requests")
+    h.add_argument("--json", action="store_true", help="print the admin API's JSON instead of tables")
     for action, text in (("pin", "pin a model: it is never evicted"), ("unpin", "unpin a model")):
         p = add(action, cmd_pin, text)
         p.add_argument("name")

@@ -221,12 +221,15 @@ def test_every_metric_the_dashboard_queries_is_exported(exposition: str) -> None
     assert unknown_metrics(board, names) == {}
     used = set().union(*(metric_names(q) for q in queries(board)))
     assert used <= names, sorted(used - names)
-    # residency, swaps, waits, GPU memory and requests, each on the metrics it is about
+    # residency, swaps, waits, GPU memory, requests and the cluster, each on the metrics it is about
     gpu = {f"router_gpu_memory_{key}_bytes" for key in ("total", "budget", "reserved", "used_by_router",
                                                          "used_by_others", "free")}
-    assert gpu | {"router_model_state", "router_models_resident", "router_replicas", "router_model_evictions_total",
-                  "router_model_loads_total", "router_model_sleeps_total", "router_model_wakes_total",
-                  "router_wait_seconds_bucket", "router_request_seconds_bucket", "router_requests_total"} <= used
+    nodes = {"router_nodes", "router_cluster_gpus", "router_node_up", "router_node_gpus", "router_node_units",
+             "router_node_gpu_memory_bytes", "router_node_gpu_memory_reserved_bytes"}
+    lifecycle = {"router_model_state", "router_models_resident", "router_replicas", "router_model_evictions_total",
+                 "router_model_loads_total", "router_model_sleeps_total", "router_model_wakes_total"}
+    waits = {"router_wait_seconds_bucket", "router_request_seconds_bucket", "router_requests_total"}
+    assert gpu | nodes | lifecycle | waits <= used
 
 
 def test_a_misspelt_metric_in_a_panel_is_caught(exposition: str) -> None:
