@@ -3,13 +3,17 @@
     python bench/cluster_scale.py                      # 10, 100 and 1,000 nodes of 8 x 80 GB GPUs
     python bench/cluster_scale.py --nodes 100 --requests 50000 --budget 300
     python bench/cluster_scale.py --nodes 100 --profile    # where the time goes (cProfile, top entries)
+    python bench/cluster_scale.py --nodes 100 --rate 0.33 0.1 0.03   # the same cluster at lighter loads
 
 Each size is ``nodes`` nodes of 8 GPUs of 80 GB (global GPU ids, 8 per node) and ten models per GPU
 (800, 8,000, 80,000) in a seeded mix: most need one GPU and 20, 40 or 70 GB of it; about 10% need 2
 GPUs, 3% need 4 and 1% need 8 (70 GB on each, all on one node). ``max_resident`` never binds: GPU
-memory does. A Zipf(1.1) trace (seeded, m0 the most popular) arrives at GPUs/3 requests per second,
-3 s each, 2 s loads, 1 s stops: about one request in flight per GPU, and about one in ten for a model
-that is not resident.
+memory does. A Zipf(1.1) trace (seeded, m0 the most popular) arrives at GPUs/3 requests per second
+(``--rate``: per GPU), 3 s each, 2 s loads, 1 s stops: about one request in flight per GPU, and about
+one in ten for a model that is not resident. That is a cluster in constant swapping: about a hundred
+models at 100 nodes wait for a load at any time (the "queued" column: models with waiters that are not
+resident, averaged over the events), and every pass plans them; lighter rates show the cost where
+swaps keep up.
 
 The cluster starts full, as a router in steady operation finds it: the models in order of popularity,
 each placed round-robin on the freest GPUs of the next node with room (three nodes tried, skipped if
@@ -57,6 +61,7 @@ from vllm_model_router.scheduler import (
     Scheduler,
     SchedulerConfig,
     StartLoad,
+    State,
     StopModel,
     Tick,
 )
@@ -89,6 +94,7 @@ class Record:
     stops: int = 0
     rejected: int = 0
     now: float = 0.0  # when the last event other than a Tick happened (simulated)
+    queued: int = 0  # models waiting to be brought in, summed over the events (mean: / events)
 
 
 class Timed(Scheduler):
@@ -104,6 +110,7 @@ class Timed(Scheduler):
         rec.kinds.append(type(event).__name__)
         if not isinstance(event, Tick):  # (the last Tick is a timeout long after the trace has drained)
             rec.now = now
+        rec.queued += sum(1 for name in self._waiting.firsts() if self._models[name].state is not State.LOADED)
         if isinstance(event, RequestArrived):
             rec.requests += 1
             rec.arrived[event.req_id] = now
@@ -153,9 +160,12 @@ def cluster_config(nodes: int, seed: int = 0) -> SchedulerConfig:
     )
 
 
-def cluster_trace(nodes: int, requests: int, seed: int = 0) -> Trace:
+RATE = 1 / 3  # requests per second per GPU
+
+
+def cluster_trace(nodes: int, requests: int, seed: int = 0, per_gpu: float = RATE) -> Trace:
     gpus = nodes * GPUS_PER_NODE
-    rate = gpus / 3
+    rate = gpus * per_gpu
     # capacity is what the simulator holds residency to: max_resident (GPU memory binds first)
     return zipf_trace(models=gpus * MODELS_PER_GPU, capacity=gpus * MODELS_PER_GPU, rate=rate,
                       duration=requests / rate, service=3.0, exponent=1.1, seed=seed)
@@ -185,6 +195,7 @@ def prefill(config: SchedulerConfig, nodes: int) -> dict[str, tuple[int, ...]]:
 @dataclass(frozen=True, slots=True)
 class Row:
     nodes: int
+    rate: float  # requests per second per GPU
     models: int
     prefilled: int
     requests: int  # arrivals replayed
@@ -199,6 +210,7 @@ class Row:
     p99_wait: float
     belady: int
     by_kind: dict[str, tuple[int, float]]  # event kind -> (how many, p99 µs)
+    queued: float  # models waiting to be brought in, mean over the events
 
     @property
     def p50(self) -> float:
@@ -213,9 +225,10 @@ class Row:
         return sum(self.times_us) / len(self.times_us) if self.times_us else 0.0
 
 
-def replay(nodes: int, requests: int, budget: float, cold: bool = False, profile: int = 0) -> Row:
+def replay(nodes: int, requests: int, budget: float, cold: bool = False, profile: int = 0,
+           per_gpu: float = RATE) -> Row:
     config = cluster_config(nodes)
-    trace = cluster_trace(nodes, requests)
+    trace = cluster_trace(nodes, requests, per_gpu=per_gpu)
     warm = {} if cold else prefill(config, nodes)
     gc.collect()
     gc.freeze()
@@ -252,9 +265,10 @@ def replay(nodes: int, requests: int, budget: float, cold: bool = False, profile
         print(f"\nprofile, {nodes:,} nodes ({len(times):,} events):")
         pstats.Stats(prof).sort_stats("tottime").print_stats(profile)
         pstats.Stats(prof).sort_stats("cumulative").print_stats(profile)
-    return Row(nodes, len(config.models), len(warm), rec.requests, trace.requests[-1].at, rec.now, cut, cpu,
+    return Row(nodes, per_gpu, len(config.models), len(warm), rec.requests, trace.requests[-1].at, rec.now, cut, cpu,
                times, rec.loads, rec.stops, rec.rejected, percentile(rec.waits, 99), belady,
-               {k: (len(v), percentile(v, 99)) for k, v in sorted(by_kind.items())})
+               {k: (len(v), percentile(v, 99)) for k, v in sorted(by_kind.items())},
+               rec.queued / len(times) if times else 0.0)
 
 
 def fmt_us(us: float) -> str:
@@ -264,22 +278,34 @@ def fmt_us(us: float) -> str:
 
 
 def report(rows: list[Row]) -> None:
-    print("| nodes x GPUs | models (resident at start) | requests replayed | events | p50 / event | p99 / event "
-          "| mean | max | loads | evictions | Belady, 1 GPU each (rough) | rejected | p99 wait |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| nodes x GPUs | requests/s | models (resident at start) | requests replayed | events | queued "
+          "| p50 / event | p99 / event | mean | max | loads | evictions | Belady, 1 GPU each (rough) | rejected "
+          "| p99 wait |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         replayed = f"{r.requests:,} ({r.reached_s:.1f} of {r.trace_s:.0f} s{', cut' if r.cut else ''})"
-        print(f"| {r.nodes:,} x {GPUS_PER_NODE} | {r.models:,} ({r.prefilled:,}) | {replayed} | {len(r.times_us):,} "
+        print(f"| {r.nodes:,} x {GPUS_PER_NODE} | {r.rate * r.nodes * GPUS_PER_NODE:,.0f} "
+              f"| {r.models:,} ({r.prefilled:,}) | {replayed} | {len(r.times_us):,} | {r.queued:.0f} "
               f"| {fmt_us(r.p50)} | {fmt_us(r.p99)} | {fmt_us(r.mean)} | {fmt_us(max(r.times_us, default=0))} "
               f"| {r.loads:,} | {r.stops:,} | {r.belady:,} | {r.rejected:,} | {r.p99_wait:.1f} s |")
     print()
     kinds = sorted({k for r in rows for k in r.by_kind})
-    print("| nodes | " + " | ".join(f"{k}: n, p99" for k in kinds) + " |")
-    print("|---|" + "---|" * len(kinds))
+    print("| nodes | requests/s | " + " | ".join(f"{k}: n, p99" for k in kinds) + " |")
+    print("|---|---|" + "---|" * len(kinds))
     for r in rows:
         cells = [f"{r.by_kind[k][0]:,}, {fmt_us(r.by_kind[k][1])}" if k in r.by_kind else "" for k in kinds]
-        print(f"| {r.nodes:,} | " + " | ".join(cells) + " |")
+        print(f"| {r.nodes:,} | {r.rate * r.nodes * GPUS_PER_NODE:,.0f} | " + " | ".join(cells) + " |")
     print()
+    for rate in dict.fromkeys(r.rate for r in rows):
+        growth([r for r in rows if r.rate == rate])
+    for r in rows:
+        if r.nodes == 100 and r.times_us:
+            print(f"goal p99 < {fmt_us(GOAL_P99_US)} per event at 100 nodes, {r.rate:g} requests/s per GPU: "
+                  f"{'met' if r.p99 < GOAL_P99_US else 'missed'} ({fmt_us(r.p99)})")
+
+
+def growth(rows: list[Row]) -> None:
+    """How the cost grows with the nodes, between rows of one request rate per GPU."""
     for a, b in pairwise(rows):
         if a.times_us and b.times_us:
             print(f"growth {a.nodes:,} → {b.nodes:,} nodes ({b.nodes / a.nodes:g}x), whole replays: p99 "
@@ -298,10 +324,6 @@ def report(rows: list[Row]) -> None:
             wa, wb = a.times_us[:n], b.times_us[:n]
             print(f"growth {a.nodes:,} → {b.nodes:,} nodes, first {n:,} events: p99 "
                   f"{percentile(wb, 99) / percentile(wa, 99):.1f}x, p50 {percentile(wb, 50) / percentile(wa, 50):.1f}x")
-    for r in rows:
-        if r.nodes == 100 and r.times_us:
-            print(f"goal p99 < {fmt_us(GOAL_P99_US)} per event at 100 nodes: "
-                  f"{'met' if r.p99 < GOAL_P99_US else 'missed'} ({fmt_us(r.p99)})")
 
 
 def main() -> None:
@@ -310,15 +332,18 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=10_000, help="requests in each trace (default 10,000)")
     ap.add_argument("--budget", type=float, default=60.0,
                     help="CPU seconds per cluster size; the replay is cut there (default 60)")
+    ap.add_argument("--rate", type=float, nargs="*", default=[RATE],
+                    help=f"requests per second per GPU, one replay each (default {RATE:.2f})")
     ap.add_argument("--cold", action="store_true", help="start with nothing resident")
     ap.add_argument("--profile", type=int, nargs="?", const=25, default=0, metavar="N",
                     help="replay under cProfile and print its top N entries")
     args = ap.parse_args()
     rows = []
-    for nodes in args.nodes:
-        rows.append(replay(nodes, args.requests, args.budget, args.cold, args.profile))
-        print(f"{nodes:,} nodes: {len(rows[-1].times_us):,} events, {rows[-1].cpu_s:.1f} s CPU",
-              file=sys.stderr, flush=True)
+    for rate in args.rate:
+        for nodes in args.nodes:
+            rows.append(replay(nodes, args.requests, args.budget, args.cold, args.profile, rate))
+            print(f"{nodes:,} nodes, {rate:g} requests/s per GPU: {len(rows[-1].times_us):,} events, "
+                  f"{rows[-1].cpu_s:.1f} s CPU", file=sys.stderr, flush=True)
     report(rows)
 
 

@@ -65,6 +65,9 @@ def test_a_replay_times_every_call_and_stops_at_its_budget() -> None:
     assert row.reached_s >= row.trace_s
     assert len(row.times_us) == sum(n for n, _ in row.by_kind.values()) >= 2 * row.requests
     assert row.loads >= 1 and row.p50 <= row.p99 <= max(row.times_us)
+    assert 0 < row.queued < len(cs.cluster_config(1).models)  # models waited for a load, not all of them
+    lighter = cs.replay(1, 400, budget=120.0, per_gpu=cs.RATE / 10)
+    assert lighter.trace_s > 5 * row.trace_s and lighter.queued < row.queued
     cut = cs.replay(1, 400, budget=0.0)
     assert cut.cut and len(cut.times_us) == 1
 
@@ -72,6 +75,6 @@ def test_a_replay_times_every_call_and_stops_at_its_budget() -> None:
 def test_the_script_prints_its_tables() -> None:
     out = subprocess.run([sys.executable, str(SCRIPT), "--nodes", "1", "2", "--requests", "200", "--budget", "30"],
                          check=True, capture_output=True, text=True, timeout=120).stdout
-    assert "| 1 x 8 | 80 (" in out and "| 2 x 8 | 160 (" in out
+    assert "| 1 x 8 | 3 | 80 (" in out and "| 2 x 8 | 5 | 160 (" in out  # (8 and 16 GPUs at 1/3 request/s each)
     assert "growth 1 → 2 nodes (2x), whole replays: p99" in out
     assert "first " in out and "events: p50" in out
