@@ -61,6 +61,7 @@ class CheckedIndexes(Scheduler):
         for m in self._models.values():  # what lets step 7 reset the drains of loaded models only
             assert m.state is State.LOADED or m.drain_seq is None, f"{where}: {m.name} drains while {m.state}"
         for domain in [None, *(m.name for m in self._models.values() if m.base is None)]:
+            assert index.count(domain) == scan.count(domain), f"{where}: the count of {domain}"
             for m in [None, *self._models.values()]:
                 for mine, scanned in ((index.held(domain, m), scan.held(domain, m)),
                                       (index.staying(domain, m), scan.staying(domain, m))):

@@ -374,12 +374,13 @@ def test_fast_path_decides_as_a_full_pass(
 
 # ---------------------------------------------------------------- step 4's decision, kept while it stands
 class PlansEveryPass(Scheduler):
-    """The scheduler planning step 4 on every pass in full, never reusing the last decision nor the finding
-    that a load is blocked."""
+    """The scheduler planning step 4 on every pass in full, never reusing the last decision, the finding
+    that a load is blocked, nor that a load waiting in its room was still waiting."""
 
     def _plan_loads(self, p: Pass) -> None:
         self._step4 = None
         self._blocked.clear()
+        self._room_seen.clear()
         super()._plan_loads(p)
 
 

@@ -231,6 +231,7 @@ def _choose_disjoint(
     victims: dict[int, list[str]] = {}
     plans: list[tuple[int, int, tuple[int, ...], list[str]]] = []
     fewest = math.inf  # the fewest victims of a plan found: a later plan must have fewer to win
+    found_at = -1  # the candidate that completed the first plan with that many
     by_floor: dict[int, list[int]] = {}  # the options by their floor, until dropped
     for j, f in enumerate(floors or ()):
         by_floor.setdefault(f, []).append(j)
@@ -252,8 +253,8 @@ def _choose_disjoint(
                 victims[j] = []
             if over[j].isdisjoint(o.gpus):
                 continue  # frees nothing this option still lacks (``_helps``)
-            if len(victims[j]) + 1 >= fewest:  # as many victims as the best plan, or more, and later
-                drop(j)
+            if len(victims[j]) + 1 > fewest or (len(victims[j]) + 1 == fewest and found_at < i):
+                drop(j)  # more victims than the best plan, or as many and later: it cannot win
                 continue
             u = usage[j]
             for g in o.gpus:  # (Usage.remove, then Usage.add of what it keeps asleep)
@@ -267,11 +268,13 @@ def _choose_disjoint(
             over[j] = {g for g in u if u[g] + need_gb > caps.get(g, 0.0) + 1e-9}
             if not over[j]:
                 plans.append((len(victims[j]), i, options[j], victims[j]))
-                fewest = min(fewest, len(victims[j]))
+                if len(victims[j]) < fewest:
+                    fewest, found_at = len(victims[j]), i
                 drop(j)  # planned: later candidates do not change it
-                for f in [f for f in by_floor if f >= fewest]:
-                    for k in by_floor.pop(f):
-                        drop(k)
+        # an option that can have no fewer victims can only complete later: it cannot win
+        for f in [f for f in by_floor if f >= fewest]:
+            for k in by_floor.pop(f):
+                drop(k)
         # a plan of the fewest victims there can be beats any that ends later (more victims, or as many but
         # later in the order)
         if not owner or fewest <= least:

@@ -267,6 +267,11 @@ class ModelIndex:
         """What the models holding capacity in ``domain`` (but ``but``) hold, in total: a copy."""
         return self._total(self._held, 0, domain, but)
 
+    def count(self, domain: str | None) -> int:
+        """How many count against ``domain``'s ``max_resident`` now (``held(domain).count``, without a copy)."""
+        totals = self._held.get(domain)
+        return totals.count if totals is not None else 0
+
     def counted(self, m: ModelRecord) -> Occupant | None:
         """What ``m`` is counted as holding in its domain now (None: nothing)."""
         counted = self._occupants.get(m.name)
@@ -370,6 +375,9 @@ class ScanningIndex(ModelIndex):
 
     def busy_or_pin_changed(self, m: ModelRecord) -> None:
         pass  # (read from the table when asked)
+
+    def count(self, domain: str | None) -> int:
+        return self.held(domain).count
 
     def freeable_on(self) -> Mapping[int, float]:
         return {g: sum(sizes) for g, sizes in self.freeable_each()[0].items()}

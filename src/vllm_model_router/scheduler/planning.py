@@ -194,11 +194,16 @@ class Planner(Shortcuts):
         reserved = p.reserved.get(domain)
         room = self._rooms.get(target.name)
         if room is not None and budget is self.budget:  # it evicted for this room: it waits for it there
+            if self._room_as_seen(target, room, reserved):
+                p.room_pending = True  # still on its way, as nothing it was found with has changed
+                self._reserve(p, target, room, target.memory_gb)
+                return True
             if fits(self._room_usage(False, target, room, reserved), target.memory_gb, budget, room):
                 self._bring_in(target, room, p.now, p.out)
                 return True
             if fits(self._room_usage(True, target, room, reserved), target.memory_gb, budget, room):
                 p.room_pending = True  # still on its way
+                self._room_seen_now(target, room, reserved)
                 self._reserve(p, target, room, target.memory_gb)
                 return True
             # (the room was taken after all: a model found running there, a node gone; plan afresh)

@@ -96,11 +96,14 @@ class Residency:
         self._free_orders: dict[bool, tuple[int, Budget, FreeOrder]] = {}  # (``Planner._free_fit``)
         self._moved_on: list[int] = []  # the GPUs of each move, in order: what a kept FreeOrder must read again
         self._rooms: dict[str, tuple[int, ...]] = {}  # the GPUs each load waiting for room reserved (step 4)
+        self._room_seen: dict[str, tuple[tuple[int, ...], int, Budget, tuple[float, ...]]] = {}  # (``Shortcuts``)
         self._blocked: dict[str, Blocked] = {}  # loads found blocked behind busy models (``_still_blocked``)
         self._unloads: set[str] = set()  # asked to unload once idle (step 7), and perhaps no longer
         # when something last changed on each GPU (a model moved, or fell idle, there): a counter
         self._gpu_stamp: dict[int, int] = {}
         self._stamp = 0
+        self._touch_log: list[tuple[int, int]] = []  # (stamp, GPU) of each touch, oldest first; bounded
+        self._touch_floor = 0  # the touches up to this stamp have left the log
         self._option_cache: dict[tuple[int, frozenset[str]], tuple[int, Budget, list[tuple[int, ...]]]] = {}
 
     # ------------------------------------------------------------------ queries
@@ -138,6 +141,8 @@ class Residency:
     def _set_state(self, m: ModelRecord, state: State, now: float) -> None:
         self._touch(m)
         self._moved_on.extend(m.placed)
+        if len(self._moved_on) > 8192:  # (no kept order has read it for long: each is made afresh instead)
+            self._moved_on, self._free_orders = [], {}
         self._index.moving(m)
         m.state = state
         m.since = now  # (before ``moved``: the eviction order reads it)
@@ -162,11 +167,11 @@ class Residency:
         """Something that can make room changed on ``m``'s GPUs (and its base's: an adapter's move changes
         whether the base is busy): stamp them (``Shortcuts._still_blocked`` reads the stamps)."""
         self._stamp += 1
-        for g in m.placed:
+        for g in (*m.placed, *(self._models[m.base].placed if m.base is not None else ())):
             self._gpu_stamp[g] = self._stamp
-        if m.base is not None:
-            for g in self._models[m.base].placed:
-                self._gpu_stamp[g] = self._stamp
+            self._touch_log.append((self._stamp, g))
+        if len(self._touch_log) > 65536:  # (a blocked load found before then reads every option again)
+            self._touch_floor, self._touch_log = self._touch_log[32767][0], self._touch_log[32768:]
 
     # ------------------------------------------------------------ replicas
     def _group(self, m: ModelRecord) -> Group:

@@ -5,6 +5,8 @@ changed. Each gives the answer the plain way gives; property tests hold them to 
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_right
 from collections.abc import Container
 from dataclasses import dataclass
 
@@ -46,9 +48,6 @@ class Shortcuts(Placement):
             return False, None
         cached, moved = self._free_orders.get(staying), self._moved_on
         if cached is None or cached[1] is not budget or len(moved) - cached[0] > 256:
-            if len(moved) > 4096:  # (every order is made again at once: the log starts over)
-                moved.clear()
-                self._free_orders.clear()
             base = self._index.staying(None) if staying else self._index.held(None)
             cached = (len(moved), budget, FreeOrder(base, budget, budget.gpu_memory_gb))
             self._free_orders[staying] = cached
@@ -83,6 +82,32 @@ class Shortcuts(Placement):
                 usage.gpu_gb[g] = usage.gpu_gb.get(g, 0.0) + reserved.gpu_gb.get(g, 0.0)
         return usage
 
+    def _room_as_seen(self, target: ModelRecord, room: tuple[int, ...], reserved: Usage | None) -> bool:
+        """``target``, waiting in ``room`` for its victims to go, was last found still waiting there, and
+        nothing that finding read has changed: no GPU of the room touched since (``_touch``: a move there),
+        the same room reserved there before it, the same budget, and the count does not bind now nor did
+        then. Then the same checks would find the same (each pass visits every load waiting in its room:
+        on a swapping cluster, dozens)."""
+        seen = self._room_seen.get(target.name)
+        if seen is None or seen[0] != room or seen[2] is not self.budget or self.budget.memory_gb is not None:
+            return False
+        stamps, res = self._gpu_stamp, reserved.gpu_gb if reserved is not None else {}
+        return all(stamps.get(g, 0) <= seen[1] for g in room) \
+            and seen[3] == tuple(res.get(g, 0.0) for g in room) and self._count_free(reserved)
+
+    def _room_seen_now(self, target: ModelRecord, room: tuple[int, ...], reserved: Usage | None) -> None:
+        """Remember that ``target`` was found waiting in ``room`` (``_room_as_seen``)."""
+        if self.budget.memory_gb is None and self._count_free(reserved):
+            res = reserved.gpu_gb if reserved is not None else {}
+            self._room_seen[target.name] = (room, self._stamp, self.budget, tuple(res.get(g, 0.0) for g in room))
+        else:
+            self._room_seen.pop(target.name, None)
+
+    def _count_free(self, reserved: Usage | None) -> bool:
+        """One more model fits the count next to what holds capacity and the room reserved so far, whatever
+        leaves or comes in its place (so only memory decides)."""
+        return self._index.count(None) + (reserved.count if reserved is not None else 0) + 2 <= self.budget.max_resident
+
     def _make_room(self, need: float, staying: Usage, target: ModelRecord, hot: Container[str], budget: Budget,
                    options: list[tuple[int, ...]], on: tuple[int, ...] | None = None,
                    fits_nowhere: bool = False) -> tuple[tuple[int, ...], list[str] | None, bool]:
@@ -98,8 +123,8 @@ class Shortcuts(Placement):
         if len(likely) < len(could):  # a plan with ``least`` victims can only be there: read those first
             placement, victims, sleep = self._walk(need, staying, target, hot, budget, [could[i] for i in likely],
                                                    [floors[i] for i in likely], on, fits_nowhere, least)
-            if victims is not None and len(victims) == least:
-                return placement, victims, sleep
+            if victims is not None and len(victims) == least and sleep:  # (a plan of stops found there: one
+                return placement, victims, sleep                          # of sleeps elsewhere comes first)
         return self._walk(need, staying, target, hot, budget, could, floors, on, fits_nowhere, least)
 
     def _walk(self, need: float, staying: Usage, target: ModelRecord, hot: Container[str], budget: Budget,
@@ -107,7 +132,8 @@ class Shortcuts(Placement):
               fits_nowhere: bool, least: int) -> tuple[tuple[int, ...], list[str] | None, bool]:
         """``_make_room`` over ``options`` (on a quarter of the GPUs or fewer: then only the candidates placed
         there are read)."""
-        if on is None and budget.gpu_memory_gb and all(options) \
+        # (not when the count binds: then a victim anywhere frees a place)
+        if on is None and budget.gpu_memory_gb and all(options) and staying.count + 1 <= budget.max_resident \
                 and 4 * sum(len(o) for o in options) <= len(budget.gpu_memory_gb):
             on = tuple(g for o in options for g in o)
         asleep: list[bool] = []  # whether a candidate read would be put to sleep (it keeps a residue)
@@ -143,8 +169,8 @@ class Shortcuts(Placement):
                 # (a margin above choose_placement's own: the bound's sums are added in another order)
                 if over > free.get(g, 0.0) + 1e-6:
                     break
-                freed, k, sizes = 0.0, 0, each[g]
-                while freed < over - 1e-6:  # the largest first: no fewer of them can free as much
+                freed, k, sizes = 0.0, 0, each.get(g, ())
+                while freed < over - 1e-6 and k < len(sizes):  # the largest first: no fewer can free as much
                     k += 1
                     freed += sizes[-k]
                 most, total = max(most, k), total + k
@@ -167,10 +193,8 @@ class Shortcuts(Placement):
         if held.count + 1 + (reserved.count if reserved is not None else 0) > budget.max_resident:
             return False  # the count may bind: options are not independent of one another
         res = reserved.gpu_gb if reserved is not None else {}
-        stamps = self._gpu_stamp
         cooled = {g for until, gpus in b.cooling if until <= p.now for g in gpus}  # no longer protected there
-        touched = [o for o in options if any(stamps.get(g, 0) > b.stamp or res.get(g, 0.0) != b.reserved.get(g, 0.0)
-                                             or g in cooled for g in o)]
+        touched = self._touched(options, b, res, cooled)
         noted: list[tuple[float, tuple[int, ...]]] = []
         if touched:
             need = target.memory_gb
@@ -187,6 +211,23 @@ class Shortcuts(Placement):
         # what still protects, and the hot models found where it looked again
         b.cooling = (*(c for c in b.cooling if c[0] > p.now), *noted)
         return True
+
+    def _touched(self, options: list[tuple[int, ...]], b: Blocked, res: dict[int, float],
+                 cooled: set[int]) -> list[tuple[int, ...]]:
+        """The options with a GPU touched since ``b`` was found (``_touch``), whose reserved room differs, or
+        where a hot model cooled down, in their order: found from the log of touches, without reading
+        every option's GPUs (unless the log no longer reaches back that far)."""
+        if b.stamp < self._touch_floor:
+            stamps = self._gpu_stamp
+            return [o for o in options if any(stamps.get(g, 0) > b.stamp or res.get(g, 0.0) != b.reserved.get(g, 0.0)
+                                              or g in cooled for g in o)]
+        log = self._touch_log
+        changed = {g for _, g in log[bisect_right(log, (b.stamp, math.inf)):]}
+        changed.update(g for g in res.keys() | b.reserved.keys() if res.get(g, 0.0) != b.reserved.get(g, 0.0))
+        changed |= cooled
+        if options is self._layout()[0]:  # every GPU, each an option of its own, in order
+            return [(g,) for g in sorted(changed) if g in self.budget.gpu_memory_gb]
+        return [o for o in options if not changed.isdisjoint(o)]
 
     def _note_blocked(self, p: Pass, target: ModelRecord, first: Waiter, reserved: Usage | None,
                       noted: list[tuple[float, tuple[int, ...]]]) -> None:
