@@ -219,6 +219,37 @@ async def test_a_restarted_router_adopts_the_running_engine(nodes: Nodes) -> Non
         await assert_no_processes_left(marker)
 
 
+async def test_a_unit_sleeps_and_wakes_in_its_actor_and_a_sleeping_one_is_not_adopted(nodes: Nodes) -> None:
+    """Sleep mode is spoken to the engine on its node: the actor and its engine stay. An engine found asleep
+    after a router restart is stopped (nothing would wake it; requests sent to it would be refused)."""
+    marker = uuid.uuid4().hex
+    models = {"chat": {**engine("--enable-sleep-mode"), "sleep": True}}
+    placements = {"chat": Placement(nodes.ids[1], (0,), 0.0125)}
+    first, second = driver_for(models, marker, placements), driver_for(models, marker, placements)
+    try:
+        await first.start("chat")
+        endpoint = first.endpoint("chat") or ""
+        [pid] = engines(marker)
+        await first.sleep("chat", 1)
+        async with aiohttp.ClientSession() as http, http.get(f"{endpoint}/is_sleeping") as resp:
+            assert await resp.json() == {"is_sleeping": True}
+        await first.wake("chat", 1)
+        await chat(endpoint, "chat")
+        assert engines(marker) == [pid] and first.endpoint("chat") == endpoint and actors(marker) == ["chat"]
+        assert {"--- sleep level 1", "--- wake up (from level 1)"} <= set(first.logs("chat", 100))
+
+        await first.sleep("chat", 2)
+        assert await second.adopt() == {}
+        assert actors(marker) == [] and second.endpoint("chat") is None
+        await wait_until(lambda: not alive(pid), 10, f"engine {pid} to be stopped")
+        with pytest.raises(LoadError, match="not running on the cluster"):
+            await second.wake("chat", 2)
+    finally:
+        await first.close()
+        await second.close()
+        await assert_no_processes_left(marker)
+
+
 async def test_a_lost_node_fires_the_exit_callback_and_takes_the_engine_with_it(nodes: Nodes) -> None:
     marker = uuid.uuid4().hex
     node = nodes.ids[0]

@@ -123,6 +123,34 @@ def test_ray_backend_needs_the_gpus_memory_and_every_models_memory() -> None:
         "models.m.memory_gb: 90 GB can never fit on a GPU of cluster.gpu_memory_gb (80 GB)"]
 
 
+def test_a_host_budget_is_refused_with_level_1_sleepers_on_the_cluster() -> None:
+    """A level-1 sleeper keeps its weights in its own node's RAM; one host budget for the whole cluster would
+    be neither one node's limit nor a safe cluster total: refused, with what to do instead."""
+    sleepy = CMD + " --enable-sleep-mode"
+    models = {"a": {"cmd": sleepy, "memory_gb": 10, "sleep": True},
+              "b": {"cmd": sleepy, "memory_gb": 10, "sleep": {"level": 1}, "replicas": 2},
+              "deep": {"cmd": sleepy, "memory_gb": 10, "sleep": {"level": 2}},
+              "plain": {"cmd": CMD, "memory_gb": 10}}
+
+    def build(cluster: dict[str, Any], capacity: dict[str, Any], **only: Any) -> RouterConfig:
+        chosen = {n: models[n] for n in only} if only else models
+        return build_config({"cluster": cluster, "capacity": capacity, "models": chosen}, {})
+
+    with pytest.raises(ConfigError) as e:
+        build(RAY, {"host_memory_gb": 64, "host_overflow": "level2"})
+    assert e.value.problems == [
+        "capacity.host_memory_gb: not with cluster.backend ray while a model sleeps at level 1 (a, b): it is one "
+        "machine's budget, and each sleeper keeps its weights in the RAM of its own node; remove it (and size "
+        "each node's RAM for its sleepers), or give them sleep: {level: 2}"]
+    # without a budget every level sleeps on the cluster; with one, level 2 does (it keeps nothing in host RAM)
+    cfg = build(RAY, {})
+    assert cfg.host_memory_gb is None and {n: m.sleep_level for n, m in cfg.models.items()} == {
+        "a": 1, "b": 1, "deep": 2, "plain": 0}
+    assert build(RAY, {"host_memory_gb": 64}, deep=1, plain=1).host_memory_gb == 64
+    # on one machine the budget is this machine's: level 1 with a budget is what it is for
+    assert build({"backend": "local"}, {"host_memory_gb": 64}).host_memory_gb == 64
+
+
 def test_check_config_and_the_schema_show_every_cluster_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     unknown = problems({"zz": 1})[0]
     listed = re.search(r"\(allowed: (.*)\)", unknown)

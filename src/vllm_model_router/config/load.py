@@ -71,7 +71,7 @@ def build_config(data: object, env: Mapping[str, str] | None = None, source: str
     check_adapters(models, values["endpoints"], problems)
     check_fit(models, values["memory_gb"], problems)
     cluster = file.cluster.model_copy(update=_env_values(Cluster, file.cluster, env, problems))
-    check_cluster(cluster, models, values["memory_gb"], problems)
+    check_cluster(cluster, models, values["memory_gb"], problems, values["host_memory_gb"])
     auth = _auth(file.auth, env, source, problems)
     if problems:
         raise ConfigError(problems.messages)

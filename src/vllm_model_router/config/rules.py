@@ -181,11 +181,13 @@ def check_fit(models: Mapping[str, ModelConfig], budget: float | None, problems:
 
 
 def check_cluster(cluster: Cluster, models: Mapping[str, ModelConfig], budget: float | None,
-                  problems: Problems) -> None:
+                  problems: Problems, host_budget: float | None = None) -> None:
     """What the backend (``cluster.backend``) asks of the rest: ``resources`` are Ray placement constraints,
     meaningless for servers started here; the ray backend starts servers, which endpoint mode (no model
-    with a cmd) has none of; and the router cannot read the nodes' GPUs, so it needs each GPU's memory (Ray
-    counts GPUs, not their memory) and each model's ``memory_gb`` (a share of a GPU it cannot measure)."""
+    with a cmd) has none of; the router cannot read the nodes' GPUs, so it needs each GPU's memory (Ray
+    counts GPUs, not their memory) and each model's ``memory_gb`` (a share of a GPU it cannot measure); and
+    ``capacity.host_memory_gb`` (``host_budget``) is one machine's RAM, which level-1 sleepers spread over
+    the nodes would not be held to (see :func:`check_cluster_sleep`)."""
     started = [m for m in models.values() if not m.is_adapter]
     if not cluster.ray:
         for m in started:
@@ -207,3 +209,20 @@ def check_cluster(cluster: Cluster, models: Mapping[str, ModelConfig], budget: f
         if cluster.gpu_memory_gb is not None and m.memory_gb > cluster.gpu_memory_gb:
             problems.add(("models", m.name, "memory_gb"), f"{m.memory_gb:g} GB can never fit on a GPU of "
                                                           f"cluster.gpu_memory_gb ({cluster.gpu_memory_gb:g} GB)")
+    check_cluster_sleep(started, host_budget, problems)
+
+
+def check_cluster_sleep(started: list[ModelConfig], host_budget: float | None, problems: Problems) -> None:
+    """On the cluster a level-1 sleeper keeps its weights in the RAM of the node it runs on, but the host
+    budget is one number, checked against the sum over every node: read as one node's RAM (what it means on
+    one machine) it stops sleepers that would fit, read as the cluster's RAM it lets one node take it all.
+    Neither is what an operator sizing a node asked for, so the two are refused together: level 2 keeps
+    nothing in host RAM, and without a budget the nodes' RAM is sized by the operator."""
+    if host_budget is None:
+        return
+    level1 = [m.name for m in started if m.sleep_level == 1]
+    if level1:
+        problems.add(("capacity", "host_memory_gb"),
+                     f"not with cluster.backend ray while a model sleeps at level 1 ({', '.join(level1)}): it is "
+                     f"one machine's budget, and each sleeper keeps its weights in the RAM of its own node; "
+                     f"remove it (and size each node's RAM for its sleepers), or give them sleep: {{level: 2}}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -34,7 +33,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from vllm_model_router.config import ModelConfig
-from vllm_model_router.drivers import engine_log, procs
+from vllm_model_router.drivers import engine_log, procs, sleep_mode
 from vllm_model_router.drivers.adopted import AdoptedProcess
 from vllm_model_router.drivers.base import ExitCallback, LoadError
 
@@ -362,46 +361,20 @@ class ProcessDriver:
                 q.put_nowait(line)
 
     # ------------------------------------------------------------ sleep mode
-    async def _call(self, model: str, method: str, path: str, body: Any = None, timeout: float = 600) -> Any:
+    def _engine(self, model: str) -> sleep_mode.Call:
+        """Calls to the model's server, for the sleep-mode protocol (sleep_mode.py)."""
         inst = self._instances.get(model)
         if inst is None or not inst.ready:
             raise LoadError(f"{model} is not running")
-        url = f"http://{self._host}:{inst.port}{path}"
-        try:
-            async with self._http().request(method, url, json=body,
-                                            timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                text = await resp.text()
-                if resp.status != 200:
-                    raise LoadError(f"{method} {path} answered {resp.status}: {text.strip()[:500]}")
-                return text
-        except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            raise LoadError(f"{method} {path} failed: {e!r}") from e
+        return sleep_mode.http_call(self._http, f"http://{self._host}:{inst.port}")
 
     async def sleep(self, model: str, level: int) -> None:
         self._logs[model].append(f"--- sleep level {level}")
-        await self._call(model, "POST", f"/sleep?level={level}")
+        await sleep_mode.sleep(self._engine(model), level)
 
     async def wake(self, model: str, level: int, warmup: bool = True) -> None:
         self._logs[model].append(f"--- wake up (from level {level})")
-        if level == 2:  # the weights were dropped: bring the memory back, reload them, then the KV cache
-            await self._call(model, "POST", "/wake_up?tags=weights")
-            await self._call(model, "POST", "/collective_rpc", {"method": "reload_weights"})
-            await self._call(model, "POST", "/wake_up?tags=kv_cache")
-        else:
-            await self._call(model, "POST", "/wake_up")
-        text = await self._call(model, "GET", "/is_sleeping", timeout=30)
-        try:
-            still = json.loads(text).get("is_sleeping")
-        except (ValueError, AttributeError):
-            still = None
-        if still is not False:
-            raise LoadError(f"{model} does not report being awake after wake_up: {text.strip()[:200]}")
-        if warmup:  # the first request after a wake is several times slower without it
-            try:
-                await self._call(model, "POST", "/v1/completions",
-                                 {"model": model, "prompt": "Hi", "max_tokens": 1}, timeout=120)
-            except LoadError as e:
-                log.warning("Warm-up of %s after its wake failed (serving anyway): %s", model, e)
+        await sleep_mode.wake(self._engine(model), self._models[model].name, level, warmup)
 
     def pids(self, model: str) -> list[int]:
         inst = self._instances.get(model)

@@ -12,6 +12,11 @@
 - A unit is gone when its engine exited on its own (the actor says so) or its actor died (its node was
   lost): the exit callback is called once the actor is killed. Its processes are on another machine: ``pids``
   is empty, and ``logs`` are the lines fetched from the actor, every ``LOG_POLL_S``.
+- Sleep mode is the local one (sleep_mode.py), spoken straight to the engine at its endpoint, not through
+  Ray: the actor, its engine process and its GPUs stay, only the engine's memory changes. Ray cannot shrink
+  an actor's reservation, so a unit of a model that sleeps reserves only what it holds asleep
+  (runtime/cluster.py). A restarted router does not adopt an engine that is asleep: nothing would wake
+  it (as restart recovery on one machine).
 - Ray calls that block (a name lookup, a kill) run in a thread; results are awaited, never waited for.
 - ``ray.init`` is the caller's: this driver uses the connection it finds.
 """
@@ -27,11 +32,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import aiohttp
 import ray
 from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from vllm_model_router.config import ModelConfig
+from vllm_model_router.drivers import sleep_mode
 from vllm_model_router.drivers.base import ExitCallback, LoadError
 from vllm_model_router.drivers.process import LOG_LINES
 from vllm_model_router.drivers.ray_actor import EngineActor
@@ -83,6 +90,7 @@ class RayEngineDriver:
         self._units: dict[str, _Unit] = {}
         self._logs: dict[str, deque[str]] = {name: deque(maxlen=LOG_LINES) for name in models}
         self._on_exit: ExitCallback = lambda unit, reason: None
+        self._session: aiohttp.ClientSession | None = None  # sleep mode's calls to the engines
 
     def set_exit_callback(self, callback: ExitCallback) -> None:
         self._on_exit = callback
@@ -194,6 +202,8 @@ class RayEngineDriver:
 
     async def close(self) -> None:
         await asyncio.gather(*(self.stop(m) for m in list(self._units)), return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
 
     # ------------------------------------------------------------- watching
     async def _watch(self, unit: _Unit) -> None:
@@ -262,6 +272,11 @@ class RayEngineDriver:
                 log.warning("Ray actor of %s has no engine serving: stopping it", name)
                 await self._teardown(unit, force=True)
                 continue
+            if self._models[name].sleep_level and not await self._says_awake(str(status["endpoint"])):
+                log.warning("Ray actor of %s has its engine asleep (or it does not say it is awake): stopping it",
+                            name)
+                await self._teardown(unit, force=True)
+                continue
             unit.placement = Placement(str(status["node"]), tuple(status["gpus"]),
                                        float(status.get("resources", {}).get("GPU", 0.0)))
             self._units[name] = unit
@@ -311,11 +326,32 @@ class RayEngineDriver:
     def pids(self, model: str) -> list[int]:
         return []
 
+    # ------------------------------------------------------------ sleep mode
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+        return self._session
+
+    def _engine(self, model: str) -> sleep_mode.Call:
+        """Calls to the unit's engine on its node, for the sleep-mode protocol (sleep_mode.py)."""
+        endpoint = self.endpoint(model)
+        if endpoint is None:
+            raise LoadError(f"{model} is not running on the cluster")
+        return sleep_mode.http_call(self._http, endpoint)
+
     async def sleep(self, model: str, level: int) -> None:
-        raise LoadError("sleep mode is not supported on the cluster backend yet")
+        self._note(model, f"--- sleep level {level}")
+        await sleep_mode.sleep(self._engine(model), level)
 
     async def wake(self, model: str, level: int, warmup: bool = True) -> None:
-        raise LoadError("sleep mode is not supported on the cluster backend yet")
+        self._note(model, f"--- wake up (from level {level})")
+        await sleep_mode.wake(self._engine(model), self._models[model].name, level, warmup)
+
+    async def _says_awake(self, endpoint: str) -> bool:
+        try:
+            return await sleep_mode.awake(sleep_mode.http_call(self._http, endpoint))
+        except LoadError:
+            return False
 
 
 # --------------------------------------------------------------------------------------- Ray calls

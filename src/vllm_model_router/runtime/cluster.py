@@ -8,7 +8,9 @@
   and each node's resource names, so a model that asks for ``resources`` goes only where they are.
 - The units run in Ray actors (drivers/ray_engine.py) on the node the scheduler chose; a unit that uses
   one GPU only in part reserves that fraction from Ray (its ``memory_gb`` of the GPU's), so several small
-  models share a GPU in Ray's books as in the router's.
+  models share a GPU in Ray's books as in the router's. A unit of a model with ``sleep`` reserves only what
+  it holds asleep (``sleeping_memory_gb`` of each of its GPUs): Ray cannot shrink an actor's reservation
+  when its engine falls asleep, and the scheduler places other units in the room a sleeper leaves.
 - Every ``NODE_POLL_S`` the nodes are read again: a node that joined gives room (``Capacity``), one that
   left takes its GPUs off the books (its units' actors die with it, and the driver reports them gone).
   A lost node stays in the admin view and the metrics, as lost.
@@ -21,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Collection, Mapping
 from typing import Any
 
 from vllm_model_router.config import ConfigError, ModelConfig, RouterConfig
+from vllm_model_router.config.cluster import RAY_UNIT
 from vllm_model_router.drivers.ray_engine import Placement, RayEngineDriver
 from vllm_model_router.gpu.ray_nodes import Change, RayNodes, import_ray, node_views
 from vllm_model_router.runtime.base import Pump
@@ -33,6 +37,15 @@ from vllm_model_router.state.lifecycle import EventKind, EventLog
 
 log = logging.getLogger("vllm_model_router.cluster")
 NODE_POLL_S = 2.0
+
+
+def asleep_share(model: ModelConfig, gpus: int, gpu_memory_gb: float) -> float:
+    """What a unit of a model that sleeps reserves from Ray: the GPUs' worth of its residue when asleep
+    (on each of its GPUs), never more than the router counts for it, and at least Ray's smallest amount so
+    that it still needs a node with GPUs. Ray takes a fraction only below one GPU: above, whole GPUs."""
+    share = gpus * min(model.sleeping_memory_gb, model.memory_gb) / gpu_memory_gb
+    whole = math.floor(share + 1e-9)
+    return float(whole) if whole >= 1 else max(RAY_UNIT, round(math.floor(share / RAY_UNIT + 1e-6) * RAY_UNIT, 4))
 
 
 class RayCluster:
@@ -65,7 +78,10 @@ class RayCluster:
     def where(self, unit: str, gpus: tuple[int, ...]) -> Placement:
         """The node and local GPUs of a placement; a fraction of the GPU when a unit uses one only in part."""
         node, local = self.nodes.local_gpus(gpus)
-        need = self._units[unit].memory_gb
+        model = self._units[unit]
+        need = model.memory_gb
+        if model.sleep_level:
+            return Placement(node, local, asleep_share(model, len(local), self.nodes.gpu_memory_gb))
         share = need / self.nodes.gpu_memory_gb if len(local) == 1 and 0 < need < self.nodes.gpu_memory_gb else None
         return Placement(node, local, None if share is None else round(share, 4))
 

@@ -1,0 +1,89 @@
+"""Sleep mode on ``cluster.backend: ray``, through a router, on a simulated cluster (a CPU-only head and one node
+with one accounting-only GPU, on loopback) with the fake engine's emulation of vLLM's sleep routes.
+
+Two models that do not fit on the node's GPU together take turns: the idle one is put to sleep, in its actor,
+to make room, and woken in place at its next request. Each unit reserves from Ray only what it holds asleep:
+were it to keep its awake share, Ray would leave the other's actor pending on the room the sleeper left. A
+wake that fails falls back to a stop and a cold start, as on one machine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.harness import Router, engine
+from tests.harness.ray_cluster import RayCluster, import_ray, ray_cluster
+
+from .conftest import StartRouter
+
+
+@pytest.fixture
+def cluster(marker: str) -> Iterator[RayCluster]:
+    with ray_cluster(marker + "-ray") as c:  # its own marker: see test_ray_serve.py
+        yield c
+
+
+def sleeper(*args: str) -> dict[str, Any]:
+    return {**engine("--enable-sleep-mode", *args), "sleep": True, "memory_gb": 60}
+
+
+async def kinds(r: Router, model: str) -> list[str]:
+    return [e["kind"] for e in await r.events() if e["model"] == model]
+
+
+async def test_models_sleep_and_wake_in_their_actors_and_a_failed_wake_starts_cold(
+    cluster: RayCluster, start_router: StartRouter, marker: str
+) -> None:
+    node = cluster.add_node(num_gpus=1)
+    r = await start_router(
+        {"a": sleeper(), "b": sleeper("--fail-wake")}, capacity={"max_resident": 10},
+        cluster={"backend": "ray", "address": cluster.cluster.address, "namespace": f"t-{marker[:8]}",
+                 "gpu_memory_gb": 80})
+    assert (await r.chat("a")).status == 200
+    a = await r.model("a")
+    assert a["node"] == cluster.node_id(node) and a["ray_resources"] == {"GPU": 0.0125}  # 1 GB of 80 asleep
+
+    reply = await r.chat("b")  # 60 + 60 GB do not fit on the GPU: a sleeps, b starts in the room it left
+    assert reply.status == 200 and reply.json()["model"] == "b", reply.body
+    asleep = await r.model("a")
+    assert asleep["state"] == "sleeping" and asleep["sleep_level"] == 1
+    assert (asleep["remote_pid"], asleep["ray_actor"], asleep["port"]) == (a["remote_pid"], a["ray_actor"], a["port"])
+    assert (await r.engine_state("a"))["sleeping"]
+    assert (await r.model("b"))["gpus"] == a["gpus"]
+
+    reply = await r.chat("a")  # b sleeps, a wakes where it is: no cold start
+    assert reply.status == 200 and reply.json()["model"] == "a", reply.body
+    woken = await r.model("a")
+    assert woken["state"] == "loaded" and (await r.model("b"))["state"] == "sleeping"
+    assert (woken["remote_pid"], woken["ray_actor"], woken["loads"], woken["wakes"]) == (
+        a["remote_pid"], a["ray_actor"], 1, 1)
+    assert await kinds(r, "a") == ["load_started", "loaded", "sleep_started", "slept", "wake_started", "woken"]
+    state = await r.engine_state("a")
+    assert not state["sleeping"] and state["requests_while_sleeping"] == 0
+
+    b = await r.model("b")
+    reply = await r.chat("b")  # its wake fails: stopped, then started cold, in an actor of its own again
+    assert reply.status == 200 and reply.json()["model"] == "b", reply.body
+    cold = await r.model("b")
+    assert cold["state"] == "loaded" and cold["loads"] == 2 and cold["wakes"] == 0 and cold["failures"] == 1
+    assert cold["remote_pid"] != b["remote_pid"] and cold["ray_actor"] == b["ray_actor"]
+    events = await kinds(r, "b")
+    assert events[events.index("wake_failed"):][-2:] == ["load_started", "loaded"], events
+    assert (await r.model("a"))["state"] == "sleeping"
+
+
+@pytest.mark.parametrize(("gpus", "sleeping_gb", "share"), [
+    (1, 1, 0.0125), (2, 1, 0.025), (1, 0, 0.0001), (1, 100, 0.75), (1, 80 / 3, 0.3333), (8, 15, 1.0)],
+    ids=["one-gpu", "two-gpus", "nothing-asleep", "capped-at-its-memory", "rounded-down", "whole-gpus-above-one"])
+def test_a_sleeper_reserves_from_ray_what_it_holds_asleep(gpus: int, sleeping_gb: float, share: float) -> None:
+    """Never more than the router counts for it asleep (Ray would refuse what the router placed beside it),
+    at least Ray's smallest amount (so it still needs a node with GPUs), and whole GPUs above one."""
+    import_ray()  # skips without the ray extra; set up for loopback, as every test of this session needs
+    from vllm_model_router.config import build_config
+    from vllm_model_router.runtime.cluster import asleep_share
+
+    entry = {**sleeper(), "sleeping_memory_gb": sleeping_gb}
+    model = build_config({"models": {"m": entry}}, env={}).models["m"]
+    assert asleep_share(model, gpus, 80) == share
