@@ -5,18 +5,20 @@ swap and a failed start as lanes, spans and marks; the requests per model and mi
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 import time
 from typing import Any
 
-from tests.harness import CHAT, chat_body, engine
+from tests.harness import CHAT, chat_body, engine, wait_until
 
 from .conftest import ServeRouter, StartRouter
 
 CLIENT = "sk-client-0123456789"
 ADMIN = "sk-admin-secret-XYZ123"
 LEAKY = [sys.executable, "-c",
-         f"print('starting with api_key={ADMIN} and client={CLIENT}', flush=True); raise SystemExit(3)", "${PORT}"]
+         f"print('starting with api_key={ADMIN} and client={CLIENT}', flush=True); print({ADMIN!r} * 300, flush=True);"
+         " raise SystemExit(3)", "${PORT}"]  # then a line of keys: one straddles any cut of the reason
 
 
 def states(history: dict[str, Any]) -> dict[str, list[str]]:
@@ -30,6 +32,11 @@ async def test_a_load_a_swap_and_a_failure_show_as_spans_marks_and_request_figur
         reply = await r.chat(model)
         assert reply.status == status, reply.body
     await r.wait_state("b", "unloaded")  # evicted for broken, whose start then failed
+
+    async def nothing_waiting() -> bool:  # the waiting total is sampled by the poll (every second) only
+        return bool((await r.get("/admin/history")).json()["queue"][-1][1] == 0)
+
+    await wait_until(nothing_waiting, 5, what="the poll seeing nothing waiting")
     asked = time.time()
     reply = await r.get("/admin/history")
     assert reply.status == 200, reply.body
@@ -106,4 +113,9 @@ async def test_history_needs_an_admin_key_and_scrubs_keys_from_what_it_quotes(se
     text = reply.body.decode()
     assert ADMIN not in text and CLIENT not in text
     failure = next(m for m in reply.json()["marks"] if m["event"]["kind"] == "load_failed")
-    assert "api_key=***" in failure["event"]["reason"] and failure["kind"] == "failure"
+    reason = failure["event"]["reason"]
+    assert "api_key=***" in reason and failure["kind"] == "failure"
+    # scrubbed, then cut: nothing of the key the cut fell in, and the start of a failure only
+    assert ADMIN[:3] not in text and reason.endswith("*…"), reason[-60:]
+    assert reason.rpartition("\n")[2] == "*" * (len(reason.rpartition("\n")[2]) - 1) + "…"
+    assert len(json.dumps(reason)) - 2 <= 360

@@ -7,29 +7,32 @@ real runtime (scheduler and pump) over the in-memory fake driver."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
+import json
 import random
 import statistics
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from vllm_model_router.config import build_config
-from vllm_model_router.runtime.pump import Runtime
+from vllm_model_router.http.security import KeyScrubber
 from vllm_model_router.runtime.recent import (
     BUCKET_S,
-    MARK_REASON_CHARS,
     MAX_MARKS,
     MAX_QUEUE,
     MAX_SPANS,
+    POLL_S,
+    REASON_JSON_CHARS,
     RESERVOIR,
+    STATELESS,
     WINDOW_S,
     RecentHistory,
 )
 from vllm_model_router.scheduler import ModelView, State, StopReason
 from vllm_model_router.state.lifecycle import EventKind, EventLog, LifecycleEvent
 from vllm_model_router.testing.fake_driver import FakeDriver, Script
+
+from .test_runtime import runtime
 
 T0 = 1_764_000_000.0  # a whole minute (T0 % 60 == 0)
 
@@ -43,10 +46,11 @@ class Clock:
 
 
 class FakePump:
-    """The scheduler's view, as a test sets it."""
+    """The scheduler's view, as a test sets it; it counts the reads of every unit and of one."""
 
     def __init__(self, units: dict[str, str]) -> None:
         """``units``: unit name -> model (a replica ``m@1`` -> ``m``)."""
+        self.reads = {"views": 0, "state_of": 0}
         self._views = {
             u: ModelView(name=u, state=State.UNLOADED, since=0.0, last_used=None, in_flight=0, waiting=0,
                          memory_gb=1.0, loads=0, failures=0, last_error=None, draining=False, pinned=False,
@@ -55,10 +59,19 @@ class FakePump:
         }
 
     def views(self) -> list[ModelView]:
+        self.reads["views"] += 1
         return list(self._views.values())
 
     def knows(self, model: str) -> bool:
         return model in self._views
+
+    def state_of(self, model: str) -> State:
+        self.reads["state_of"] += 1
+        return self._views[model].state
+
+    def add(self, unit: str, model: str, state: State) -> None:
+        self._views[unit] = replace(next(iter(self._views.values())), name=unit, group=model, state=state,
+                                    replica=int(unit.rpartition("@")[2]) if "@" in unit else 0, waiting=0)
 
     def set(self, unit: str, state: State | None = None, waiting: int | None = None) -> None:
         v = self._views[unit]
@@ -73,12 +86,13 @@ class Scripted:
     """Lifecycle events as the runtime emits them: the event first, then the scheduler's state changes, then
     what was deferred runs (as ``loop.call_soon`` would, after the pump's synchronous work)."""
 
-    def __init__(self, units: dict[str, str], clock: Clock | None = None) -> None:
+    def __init__(self, units: dict[str, str], clock: Clock | None = None, keys: tuple[str, ...] = ()) -> None:
         self.clock = clock or Clock()
         self.pump = FakePump(units)
         self.deferred: list[Callable[[], None]] = []
-        self.store = RecentHistory(self.pump, EventLog(), clock=self.clock, defer=self.deferred.append,
-                                   rng=random.Random(7))
+        self.scrubber = KeyScrubber(keys)
+        self.store = RecentHistory(self.pump, EventLog(), scrub=self.scrubber.text, clock=self.clock,
+                                   defer=self.deferred.append, rng=random.Random(7))
         self.seq = 0
 
     def at(self, offset: float) -> Scripted:
@@ -169,8 +183,52 @@ def test_the_state_is_the_scheduler_s_after_the_event_not_guessed_from_its_kind(
 def test_a_change_no_event_announced_is_caught_by_the_poll() -> None:
     s = Scripted({"a": "a"})
     s.pump.set("a", State.LOADED)  # e.g. adopted before the record existed
-    s.at(3).store.sync()
+    s.at(3).store.poll()
     assert spans(s.store.snapshot(), "a") == [("loaded", 3, None)]
+
+
+def test_an_event_reads_only_the_unit_it_names_and_a_rejection_none() -> None:
+    # a client flooding a full queue: one "rejected" per request, each answered at once. The record reads no
+    # unit for them, takes no queue sample but the poll's (MAX_QUEUE holds an hour of those), and a load
+    # reads its own unit only, however many there are
+    s = Scripted({f"m{i}": f"m{i}" for i in range(1000)})
+    s.pump.reads.update(views=0, state_of=0)
+    polls = 0
+    for k in range(5000):  # 10 s of 429s while the waiting total moves
+        s.at(k * 0.002)
+        s.pump.set("m0", waiting=k % 7)
+        s.event(EventKind.REJECTED, "m0", status=429, reason="too many requests waiting for m0; try again later")
+        if k % 500 == 499:
+            s.store.poll()
+            polls += 1
+    assert polls == 10 and s.pump.reads == {"views": polls, "state_of": 0}
+    assert s.store.sizes()["queue"] == 1 + polls  # the one when it was made, then one per poll
+    assert s.store.snapshot()["queue"][0] == [T0, 0]  # nothing lost since the record was made
+    assert s.pump.reads == {"views": polls + 1, "state_of": 0}  # and no sample by the snapshot's read either
+    assert [m["event"]["kind"] for m in s.store.snapshot()["marks"]] == ["rejected"]
+
+    for kind in STATELESS - {EventKind.NODE_JOINED, EventKind.NODE_LOST}:  # a pin, a preload...: no state
+        s.event(kind, "m1")
+    assert s.pump.reads["state_of"] == 0
+    s.pump.reads.update(views=0)
+    s.at(20).event(EventKind.LOAD_STARTED, "m1", State.LOADING)
+    s.at(21).event(EventKind.LOADED, "m1", State.LOADED)
+    s.at(22).event(EventKind.LOAD_STARTED, "m2", State.LOADING)
+    assert s.pump.reads == {"views": 0, "state_of": 3}
+    h = s.store.snapshot()
+    assert spans(h, "m1") == [("loading", 20, 21), ("loaded", 21, None)] and spans(h, "m2") == [("loading", 22, None)]
+
+
+def test_a_unit_added_since_the_last_read_gets_its_lane_from_its_first_event() -> None:
+    s = Scripted({"chat": "chat"})
+    s.pump.add("chat@1", "chat", State.UNLOADED)  # a replica or an adapter added: the poll has not seen it
+    s.at(5).event(EventKind.LOAD_STARTED, "chat@1", State.LOADING)
+    s.pump.remove("chat@1")
+    s.at(7).event(EventKind.UNLOADED, "chat@1")  # and the scheduler let it go: it ends with the event
+    h = s.store.snapshot()
+    assert [(la["unit"], la["model"], la["replica"]) for la in h["lanes"]] == [("chat", "chat", 0),
+                                                                               ("chat@1", "chat", 1)]
+    assert spans(h, "chat@1") == [("loading", 5, 7)]
 
 
 def test_replicas_are_lanes_of_their_model_and_nodes_and_rejections_are_marked() -> None:
@@ -186,12 +244,94 @@ def test_replicas_are_lanes_of_their_model_and_nodes_and_rejections_are_marked()
     assert marks(h) == [(6, None, None, "node"), (7, "chat", "chat", "failure"), (18, "chat", "chat", "failure")]
 
 
-def test_a_mark_s_long_reason_is_cut_so_that_marks_stay_small() -> None:
+def test_a_mark_s_long_reason_is_cut_to_its_first_360_characters_as_sent() -> None:
     s = Scripted({"a": "a"})
     s.at(1).event(EventKind.LOAD_FAILED, "a", State.FAILED, reason="x" * 100_000)
     s.at(2).event(EventKind.LOADED, "a", State.LOADED, reason="ready")
-    failed, loaded = s.store.snapshot()["marks"]
-    assert failed["event"]["reason"] == "x" * MARK_REASON_CHARS + "…" and loaded["event"]["reason"] == "ready"
+    s.at(3).event(EventKind.EXITED, "a", State.FAILED, reason="line\n" * 1000)
+    s.at(4).event(EventKind.EXITED, "a", State.FAILED, reason="模型" * 1000)
+    s.at(5).event(EventKind.EXITED, "a", State.FAILED, reason="y" * REASON_JSON_CHARS)
+    failed, loaded, lines, wide, whole = (m["event"]["reason"] for m in s.store.snapshot()["marks"])
+    assert REASON_JSON_CHARS == 360
+    assert failed == "x" * 354 + "…" and loaded == "ready"  # "…" is written \u2026: six characters
+    assert lines == "line\n" * 59 + "…"  # a newline is written as two
+    assert wide == "模型" * 29 + "模…"  # and each of these as six
+    assert whole == "y" * 360  # not cut: no "…"
+    for reason in (failed, lines, wide, whole):
+        assert len(json.dumps(reason)) - 2 <= REASON_JSON_CHARS
+
+
+KEY = "sk-admin-0123456789abcdefghijklmnopqrstuv"
+
+
+def test_a_key_straddling_the_cut_of_a_reason_leaves_none_of_its_characters() -> None:
+    # scrubbed, then cut: a key cut first would no longer match, and its first characters would be sent
+    head = "process exited with code 1. Last log lines:\n"
+    for where in (REASON_JSON_CHARS - 6, 4096):  # where the key starts: around the cut, and the former one
+        for k in range(len(KEY) + 1):
+            s = Scripted({"m": "m"}, keys=(KEY, "other-key"))
+            reason = head + "x" * (where - len(head) - k) + KEY + " more" * 50
+            s.event(EventKind.LOAD_FAILED, "m", State.FAILED, reason=reason)
+            served = s.store.snapshot()["marks"][0]["event"]["reason"]
+            assert KEY[:2] not in served, (where, k, served[-60:])
+            assert served.endswith("…") and len(json.dumps(served)) - 2 <= REASON_JSON_CHARS
+            assert served[:-1] == reason.replace(KEY, "***")[:len(served) - 1]  # the start of the scrubbed text
+
+
+def test_every_text_of_the_answer_is_scrubbed() -> None:
+    # the route sends the snapshot as it is: the record scrubs what it quotes and the names it keys on (a
+    # model's name may be an adapter's an engine reported)
+    secret = "team-secret-adapter"
+    s = Scripted({"m": "m", secret: secret, f"{secret}@1": secret}, keys=(KEY, secret))
+    s.at(1).event(EventKind.LOAD_FAILED, f"{secret}@1", State.FAILED, reason=f"api_key={KEY} refused")
+    s.at(2).event(EventKind.NODE_LOST, None, reason=KEY, node=KEY)
+    s.at(3).event(EventKind.REJECTED, secret, status=503, reason=f"{secret} failed")
+    s.store.request_done(secret, "/v1/completions", 200, 0.1)
+    s.store.request_done("m", "/v1/completions", 200, 0.1)
+    h = s.store.snapshot()
+    texts: list[str] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                collect(k)
+                collect(v)
+        elif isinstance(value, list):
+            for v in value:
+                collect(v)
+
+    collect(h)
+    assert not [t for t in texts if KEY in t or secret in t]
+    assert [(la["unit"], la["model"]) for la in h["lanes"]] == [("m", "m"), ("***", "***"), ("***@1", "***")]
+    assert sorted(h["models"]) == ["***", "m"]
+    assert [(m["unit"], m["model"], m["event"]["model"], m["event"]["reason"], m["event"]["data"])
+            for m in h["marks"]] == [("***@1", "***", "***@1", "api_key=*** refused", {}),
+                                     (None, None, None, "***", {"node": "***"}),
+                                     ("***", "***", "***", "*** failed", {"status": 503})]
+
+
+def test_the_largest_answer_stays_small() -> None:
+    # every cap full: MAX_MARKS marks of the longest reasons (of the characters that cost most as JSON), the
+    # queue sampled every second for the hour, units with long names, times with all their digits: the
+    # answer is written in one go, so its size is what the event loop waits for
+    model = "meta-llama/Llama-3.1-70B-Instruct"
+    units = {f"{model}@{i}" if i else model: model for i in range(8)}
+    s = Scripted(units)
+    s.seq = 10_000_000
+    names = sorted(units)
+    for i in range(int(WINDOW_S / POLL_S)):
+        s.at(i * POLL_S + 0.123456)
+        s.pump.set(names[0], waiting=i)  # a change every second: a sample every second
+        s.store.poll()
+        if i < MAX_MARKS:
+            reason = ("\U0001F600", "\x1b", "模", "x\n", "x")[i % 5] * 100_000
+            s.event(EventKind.MEMORY_NOT_RELEASED, names[i % len(names)], reason=reason, seconds=123.456789012345)
+    h = s.store.snapshot()
+    assert len(h["marks"]) == MAX_MARKS and len(h["queue"]) >= WINDOW_S / POLL_S
+    size = len(json.dumps(h))
+    assert size < 1_500_000, size
 
 
 def test_a_unit_the_scheduler_no_longer_has_ends_and_is_forgotten_after_the_window() -> None:
@@ -253,18 +393,20 @@ def test_a_busy_minute_keeps_a_bounded_sample_and_estimates_its_quantiles() -> N
     assert abs(bucket["first_byte_p50"] - 5) < 0.8 and bucket["first_byte_p99"] > 9.5
 
 
-def test_the_waiting_total_is_sampled_on_change_and_every_5_seconds() -> None:
+def test_the_poll_samples_the_waiting_total_on_change_and_every_5_seconds() -> None:
     s = Scripted({"a": "a", "b": "b"})  # a sample at 0 (0 waiting) when the record is made
     for second in (1, 2, 3):
-        s.at(second).store.sync()  # no change, under 5 s
+        s.at(second).store.poll()  # no change, under 5 s
     s.pump.set("a", waiting=2)
-    s.at(4).store.sync()
+    s.at(4).store.poll()
     s.pump.set("b", waiting=1)
-    s.at(4.5).store.sync()
-    for later in (5, 6, 7, 8, 9, 9.25):
-        s.at(later).store.sync()
-    h = s.at(9.5).store.snapshot()  # no change, but 5 s since the last sample: one more
-    assert [(t - T0, n) for t, n in h["queue"]] == [(0, 0), (4, 2), (4.5, 3), (9.5, 3)]
+    s.at(4.5).store.sync()  # a read of the states only (as a snapshot's): no sample
+    s.at(5).store.poll()
+    for later in (6, 7, 8, 9, 9.25):
+        s.at(later).store.poll()
+    s.at(10).store.poll()  # no change, but 5 s since the last sample: one more
+    h = s.at(10.5).store.snapshot()
+    assert [(t - T0, n) for t, n in h["queue"]] == [(0, 0), (4, 2), (5, 3), (10, 3)]
 
 
 # ------------------------------------------------------------------------------------------ the window
@@ -272,9 +414,10 @@ def test_everything_is_clipped_to_the_minutes_asked_for() -> None:
     s = Scripted({"a": "a"})
     s.at(0).event(EventKind.LOAD_STARTED, "a", State.LOADING)
     s.pump.set("a", waiting=1)
+    s.at(1).store.poll()
     s.at(10).event(EventKind.LOADED, "a", State.LOADED)
     s.pump.set("a", waiting=0)
-    s.at(11).store.sync()
+    s.at(11).store.poll()
     s.store.request_done("a", "/v1/completions", 200, 0.5)
     s.at(500).event(EventKind.UNLOADING, "a", State.UNLOADING, cause=StopReason.LRU.value)
     s.at(501).event(EventKind.LOAD_STARTED, "a", State.LOADING)
@@ -284,11 +427,12 @@ def test_everything_is_clipped_to_the_minutes_asked_for() -> None:
     assert spans(h, "a") == [("loaded", 300, 500), ("unloading", 500, 501), ("loading", 501, None)]
     assert marks(h) == [(500, "a", "a", "swap")]
     assert [(b["start"] - T0, b["requests"], b["errors"]) for b in h["models"]["a"]] == [(540, 1, 1)]
-    # the count in effect at the window's start, then the changes
-    assert [(t - T0, n) for t, n in h["queue"]][:2] == [(300, 0), (500, 0)]
+    # the count in effect at the window's start (the poll's samples: at 0, 1 and 11)
+    assert [(t - T0, n) for t, n in h["queue"]] == [(300, 0)]
     assert h["queue"][0][0] == h["since"]
 
     full = s.store.snapshot(60)
+    assert [(t - T0, n) for t, n in full["queue"]] == [(0, 0), (1, 1), (11, 0)]
     assert spans(full, "a")[0] == ("loading", 0, 10)
     assert [b["start"] - T0 for b in full["models"]["a"]] == [0, 540]
 
@@ -308,7 +452,7 @@ def test_a_long_run_with_a_flapping_model_and_many_requests_stays_within_the_bou
             s.event(EventKind.EXITED, "flappy", State.FAILED)
         s.event(EventKind.REJECTED, "flappy", status=503)
         s.pump.set("busy", waiting=i % 7)
-        s.store.sync()
+        s.store.poll()
         for k in range(40 if i % 300 else 2000):  # a burst now and then
             s.store.waited("busy", k / 1000)
             s.store.request_done("busy", "/v1/completions", 200 if k % 5 else 502, 0.1)
@@ -335,18 +479,6 @@ def test_a_long_run_with_a_flapping_model_and_many_requests_stays_within_the_bou
 
 
 # ------------------------------------------------------------------------------------------ the real runtime
-@contextlib.asynccontextmanager
-async def runtime(driver: FakeDriver, models: dict[str, dict[str, Any]], **top: Any) -> AsyncIterator[Runtime]:
-    entries = {name: {"cmd": ["never-started", "--port", "${PORT}"], **m} for name, m in models.items()}
-    config = build_config({"state_dir": False, "models": entries, **top}, env={}, source="<test>")
-    rt = Runtime(config, driver=driver, probe=None)
-    await rt.start()
-    try:
-        yield rt
-    finally:
-        await rt.close()
-
-
 async def settle() -> None:
     for _ in range(3):
         await asyncio.sleep(0)
@@ -357,7 +489,7 @@ async def test_against_the_runtime_a_swap_a_failure_and_a_sleep_give_their_spans
     models = {"a": {}, "b": {"sleep": True, "cmd": ["never-started", "--port", "${PORT}", "--enable-sleep-mode"]},
               "c": {}}
     async with runtime(driver, models, capacity={"max_resident": 1}) as rt:
-        store = RecentHistory(rt, rt.events)
+        store = RecentHistory(rt, rt.events, scrub=str)
         store.start()
         try:
             rt.release(await rt.acquire("b"))
@@ -394,7 +526,7 @@ async def test_the_poll_samples_the_waiting_total_while_a_load_is_held() -> None
     hold = asyncio.Event()
     driver = FakeDriver({"a": Script(hold=hold)})
     async with runtime(driver, {"a": {}}) as rt:
-        store = RecentHistory(rt, rt.events)
+        store = RecentHistory(rt, rt.events, scrub=str)
         store.start()
         try:
             waiters = [asyncio.create_task(rt.acquire("a")) for _ in range(3)]

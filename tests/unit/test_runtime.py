@@ -18,9 +18,12 @@ from vllm_model_router.testing.fake_driver import FakeDriver, Script
 
 
 @contextlib.asynccontextmanager
-async def runtime(driver: FakeDriver, models: list[str], **top: Any) -> AsyncIterator[Runtime]:
-    """A started runtime over ``models`` (no GPU, no usage history on disk), closed at the end."""
-    entries = {name: {"cmd": ["never-started", "--port", "${PORT}"]} for name in models}
+async def runtime(driver: FakeDriver, models: list[str] | dict[str, dict[str, Any]], **top: Any
+                  ) -> AsyncIterator[Runtime]:
+    """A started runtime over ``models`` (names, or names with their settings; no GPU, no usage history on
+    disk), closed at the end."""
+    settings = models if isinstance(models, dict) else {name: {} for name in models}
+    entries = {name: {"cmd": ["never-started", "--port", "${PORT}"], **m} for name, m in settings.items()}
     config = build_config({"state_dir": False, "models": entries, **top}, env={}, source="<test>")
     rt = Runtime(config, driver=driver, probe=None)
     await rt.start()

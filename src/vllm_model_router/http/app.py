@@ -79,7 +79,8 @@ def build_app(
             cookie_jar=aiohttp.DummyCookieJar(),  # shared by every client: an engine's cookie is its client's only
         )
         metrics = RouterMetrics(runtime)  # counts lifecycle events from the first one on
-        recent = RecentHistory(runtime, runtime.events)  # the last hour, for /admin/history; also from the first
+        # the last hour, for /admin/history; also from the first event (a mark quotes its reason scrubbed)
+        recent = RecentHistory(runtime, runtime.events, scrub=app[SCRUB].text)
         app[RUNTIME] = runtime
         app[METRICS] = metrics
         app[RECENT] = recent

@@ -4,23 +4,27 @@ Three records, each kept for ``WINDOW_S`` and each capped, so that a model that 
 requests a second cost a fixed amount of memory:
 
 - per scheduler unit (``chat``, ``chat@1``...), its states as spans. The state is read from the
-  scheduler's view, never guessed from an event's kind: a lifecycle event is emitted just before the
-  scheduler hears the outcome (a ``loaded`` before its ``LoadDone``), so the view is read once the event's
-  synchronous handling is over (``loop.call_soon``), and the change is dated by the event. A poll every
-  ``POLL_S`` catches any change no event announced.
+  scheduler, never guessed from an event's kind: a lifecycle event is emitted just before the scheduler
+  hears the outcome (a ``loaded`` before its ``LoadDone``), so the state of the unit the event names (it
+  alone: an event's cost does not grow with the units) is read once the event's synchronous handling is
+  over (``loop.call_soon``), and the change is dated by the event. The kinds that change no state
+  (``STATELESS``: a rejection, one per request turned away...) read nothing. A poll every ``POLL_S`` reads
+  every unit, for any change no event announced.
 - marks: the lifecycle events worth a marker on a timeline (a swap, a failure, a load, a sleep, a wake, a
-  node joining or lost).
+  node joining or lost), each quoting the start of its reason, scrubbed of keys before it is cut.
 - per model clients name (replicas merged) and per minute: requests, errors, and the median and 99th
   percentile of the wait for the model and of the time to first byte; plus the total of waiting requests,
-  sampled on change and at least every ``QUEUE_EVERY_S``.
+  sampled by the poll only (at most once per ``POLL_S``): on change and at least every ``QUEUE_EVERY_S``.
 
-This is not the usage history (runtime/history.py): that one is persisted, feeds restarts and predictive
-preloading, and keeps no timing.
+Every text of the answer has been through ``scrub`` (a mark's when it is kept, a name when it is sent), so
+that it is sent without a walk through its thousands of values. This is not the usage history
+(runtime/history.py): that one is persisted, feeds restarts and predictive preloading, and keeps no timing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import random
@@ -45,7 +49,7 @@ MAX_SPANS = 720  # per unit: a change every 5 s for an hour; a model flapping fa
 MAX_MARKS = 2000  # in all
 MAX_QUEUE = int(WINDOW_S / POLL_S) + 100  # the poll cannot sample more often than once per POLL_S
 RESERVOIR = 512  # samples kept per figure of the open minute: exact quantiles up to this many requests
-MARK_REASON_CHARS = 4096  # a failed start quotes its server's last lines: each mark's text is capped
+REASON_JSON_CHARS = 360  # a mark's reason, as JSON (escapes counted): a timeline shows its first lines
 REJECTED_MARK_S = 10.0  # one "rejected" mark per model in this long (one is emitted per rejected request)
 
 FAILURES = frozenset({EventKind.LOAD_FAILED, EventKind.EXITED, EventKind.SLEEP_FAILED, EventKind.WAKE_FAILED,
@@ -53,6 +57,10 @@ FAILURES = frozenset({EventKind.LOAD_FAILED, EventKind.EXITED, EventKind.SLEEP_F
 MARK_KINDS = {EventKind.LOADED: "load", EventKind.SLEPT: "sleep", EventKind.WOKEN: "wake",
               EventKind.NODE_JOINED: "node", EventKind.NODE_LOST: "node", **dict.fromkeys(FAILURES, "failure")}
 SWAP_CAUSES = frozenset({StopReason.LRU.value})  # stopped, or put to sleep, to make room for another model
+STATELESS = frozenset({EventKind.REJECTED, EventKind.PINNED, EventKind.UNPINNED, EventKind.PRELOAD,  # no state
+                       EventKind.SCALED, EventKind.SATURATED, EventKind.UNSATURATED,  # changed: what they lead to,
+                       EventKind.NODE_JOINED, EventKind.NODE_LOST})  # a load or a stop, has its own event
+CUT = "…"
 
 
 def is_error(status: int) -> bool:
@@ -66,6 +74,23 @@ def mark_kind(event: LifecycleEvent) -> str | None:
     if event.kind in (EventKind.UNLOADING, EventKind.SLEEP_STARTED):
         return "swap" if event.cause in SWAP_CAUSES else None
     return MARK_KINDS.get(event.kind)
+
+
+def quote(text: str, limit: int = REASON_JSON_CHARS) -> str:
+    """The longest start of ``text`` that takes at most ``limit`` characters as JSON (as the answer is written:
+    a newline two, a non-ASCII character six or twelve), ``CUT`` included when it is cut, so that a reason
+    of control or non-ASCII characters costs no more than another. Cut only what was scrubbed already: a
+    key straddling the cut would leave its first characters."""
+    def size(t: str) -> int:
+        return len(json.dumps(t)) - 2
+    if len(text) <= limit and size(text) <= limit:
+        return text
+    room = limit - size(CUT)
+    lo, hi = 0, min(len(text), room)  # text[:lo] fits; none longer than room characters does
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if size(text[:mid]) <= room else (lo, mid - 1)
+    return text[:lo] + CUT
 
 
 class Reservoir:
@@ -145,22 +170,26 @@ def _trim_series(series: deque[Any], horizon: float, start: Callable[[Any], floa
 
 
 class Units(Protocol):
-    """What the record reads of the runtime (the pump, runtime/base.py, has both)."""
+    """What the record reads of the runtime (the pump, runtime/pump.py, has all three)."""
 
     def views(self) -> list[ModelView]: ...
 
     def knows(self, model: str) -> bool: ...
 
+    def state_of(self, model: str) -> State: ...
+
 
 class RecentHistory:
     """The last hour, kept as lifecycle events happen and requests finish; also a ``RequestObserver``
-    (http/proxy.py). ``clock``: Unix time (tests move it); ``defer``: runs its argument once the current
-    synchronous work is over (default ``loop.call_soon``)."""
+    (http/proxy.py). ``scrub``: replaces every configured key in a text (http/security.py's ``KeyScrubber``),
+    applied to every text the answer holds, to a mark's reason before it is cut; ``clock``: Unix time (tests
+    move it); ``defer``: runs its argument once the current synchronous work is over (``loop.call_soon``)."""
 
-    def __init__(self, pump: Units, events: EventLog, *, clock: Callable[[], float] = time.time,
-                 defer: Callable[[Callable[[], None]], object] | None = None,
+    def __init__(self, pump: Units, events: EventLog, *, scrub: Callable[[str], str],
+                 clock: Callable[[], float] = time.time, defer: Callable[[Callable[[], None]], object] | None = None,
                  rng: random.Random | None = None) -> None:
         self._pump = pump
+        self._scrub = scrub
         self._clock = clock
         self._defer = defer
         self._rng = rng if rng is not None else random.Random()
@@ -168,16 +197,16 @@ class RecentHistory:
         self._marks: deque[dict[str, Any]] = deque(maxlen=MAX_MARKS)
         self._models: dict[str, deque[Bucket]] = {}
         self._queue: deque[tuple[float, int]] = deque(maxlen=MAX_QUEUE)
-        self._dated: dict[str, float] = {}  # units an event named since the last sync: when
-        self._sync_due = False
+        self._dated: dict[str, float] = {}  # units an event named since they were last read: when
+        self._read_due = False
         self._last_rejected: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
-        self.sync()  # every unit's state now: the first span of each lane
+        self.poll()  # every unit's state now (the first span of each lane), and the waiting total
         events.add_listener(self.on_event)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Poll the view every ``POLL_S`` (the waiting total; a state change no event announced)."""
+        """Poll every ``POLL_S`` (the waiting total; a state change no event announced)."""
         self._task = asyncio.get_running_loop().create_task(self._poll(), name="recent-history")
 
     def stop(self) -> None:
@@ -189,17 +218,17 @@ class RecentHistory:
         while True:
             await asyncio.sleep(POLL_S)
             try:
-                self.sync()
+                self.poll()
             except Exception:  # a bug here must not end the record for the router's lifetime
                 log.exception("recent history: could not read the scheduler's view")
 
     # ------------------------------------------------------------ units' states and marks
     def on_event(self, event: LifecycleEvent) -> None:
-        if event.model is not None:
+        if event.model is not None and event.kind not in STATELESS:
             self._dated[event.model] = event.time
-            if not self._sync_due:
-                self._sync_due = True
-                self._later(self._deferred_sync)
+            if not self._read_due:
+                self._read_due = True
+                self._later(self._read_dated)
         kind = mark_kind(event)
         if kind is None:
             return
@@ -209,11 +238,13 @@ class RecentHistory:
                 return
             self._last_rejected[event.model] = event.time
         unit = None if kind == "node" else event.model
+        scrub = self._scrub
         quoted = event.to_dict()
-        if len(event.reason) > MARK_REASON_CHARS:
-            quoted["reason"] = event.reason[:MARK_REASON_CHARS] + "…"
-        self._marks.append({"time": event.time, "unit": unit, "model": self._model_of(unit), "kind": kind,
-                            "event": quoted})
+        quoted.update(model=event.model and scrub(event.model), reason=quote(scrub(event.reason)),  # whole, then cut
+                      data={k: scrub(v) if isinstance(v, str) else v for k, v in event.data.items()})
+        model = self._model_of(unit)
+        self._marks.append({"time": event.time, "unit": unit and scrub(unit), "model": model and scrub(model),
+                            "kind": kind, "event": quoted})
 
     def _later(self, fn: Callable[[], None]) -> None:
         if self._defer is not None:
@@ -224,9 +255,22 @@ class RecentHistory:
         except RuntimeError:  # no event loop (a synchronous caller): now
             fn()
 
-    def _deferred_sync(self) -> None:
-        self._sync_due = False
-        self.sync()
+    def _read_dated(self) -> None:
+        """Read the state of each unit an event named since (the others are the poll's), dated by its event."""
+        self._read_due = False
+        for unit, at in list(self._dated.items()):
+            lane = self._lanes.get(unit)
+            if not self._pump.knows(unit):  # not a unit (an engine's URL...), or one the scheduler let go
+                if lane is not None and lane.present:
+                    lane.present = False
+                    self._enter(lane, State.UNLOADED, at)
+            elif lane is None:  # a unit added since the last read: read them all, its model and replica too
+                self.sync()
+                return
+            else:
+                lane.present = True
+                self._enter(lane, self._pump.state_of(unit), at)
+            del self._dated[unit]
 
     def _model_of(self, unit: str | None) -> str | None:
         if unit is None:
@@ -234,9 +278,17 @@ class RecentHistory:
         lane = self._lanes.get(unit)
         return lane.model if lane is not None else split_unit(unit)[0]
 
-    def sync(self) -> None:
-        """Read every unit's state from the scheduler's view: a changed one gets a span, dated by the event
-        that named it since the last sync (else now); sample the waiting total."""
+    def poll(self) -> None:
+        """What the poll does every ``POLL_S``: read every unit, and sample the waiting total, when it changed
+        or ``QUEUE_EVERY_S`` after the last sample. Nothing else samples it: ``MAX_QUEUE`` holds an hour."""
+        waiting = sum(v.waiting for v in self.sync())
+        now = self._clock()
+        if not self._queue or self._queue[-1][1] != waiting or now - self._queue[-1][0] >= QUEUE_EVERY_S:
+            self._queue.append((now, waiting))
+
+    def sync(self) -> list[ModelView]:
+        """Read every unit's state from the scheduler's view (no queue sample): a changed one gets a span,
+        dated by the event that named it since it was last read (else now); one no longer there ends."""
         now = self._clock()
         dated, self._dated = self._dated, {}
         views = self._pump.views()
@@ -251,11 +303,9 @@ class RecentHistory:
         for name, lane in self._lanes.items():
             if name not in seen and lane.present:  # no longer the scheduler's: it is gone
                 lane.present = False
-                self._enter(lane, State.UNLOADED, now)
-        waiting = sum(v.waiting for v in views)
-        if not self._queue or self._queue[-1][1] != waiting or now - self._queue[-1][0] >= QUEUE_EVERY_S:
-            self._queue.append((now, waiting))
+                self._enter(lane, State.UNLOADED, dated.get(name, now))
         self._trim(now)
+        return views
 
     @staticmethod
     def _enter(lane: Lane, state: State, at: float) -> None:
@@ -324,7 +374,8 @@ class RecentHistory:
                 del self._last_rejected[model]
 
     def snapshot(self, minutes: int = 60) -> dict[str, Any]:
-        """The last ``minutes`` (1 to 60) as ``GET /admin/history`` answers them (scrub before sending)."""
+        """The last ``minutes`` (1 to 60) as ``GET /admin/history`` answers them, scrubbed. The waiting total
+        is the poll's last sample."""
         self.sync()
         now = self._clock()
         since = now - minutes * 60
@@ -338,7 +389,8 @@ class RecentHistory:
                 if (end is not None and end <= since) or state is State.UNLOADED:
                     continue  # before the window; not running ("stopped" spans are left out)
                 spans.append({"state": state.value, "start": max(start, since), "end": end})
-            lanes.append({"unit": unit, "model": lane.model, "replica": lane.replica, "spans": spans})
+            lanes.append({"unit": self._scrub(unit), "model": self._scrub(lane.model), "replica": lane.replica,
+                          "spans": spans})
         queue: list[list[float]] = []
         for t, n in self._queue:
             if t <= since and queue:
@@ -348,7 +400,7 @@ class RecentHistory:
         for model in sorted(self._models):
             entries = [b.to_dict() for b in self._models[model] if b.start + BUCKET_S > since and b.requests]
             if entries:
-                models[model] = entries
+                models[self._scrub(model)] = entries
         return {
             "now": now, "since": since, "minutes": minutes, "bucket_seconds": BUCKET_S,
             "lanes": lanes,
