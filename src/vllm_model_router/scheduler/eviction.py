@@ -271,10 +271,10 @@ def _choose_disjoint(
                 if len(victims[j]) < fewest:
                     fewest, found_at = len(victims[j]), i
                 drop(j)  # planned: later candidates do not change it
-        # an option that can have no fewer victims can only complete later: it cannot win
-        for f in [f for f in by_floor if f >= fewest]:
-            for k in by_floor.pop(f):
-                drop(k)
+        if found_at == i:  # an option that can have no fewer victims can only complete later: it cannot win
+            for f in [f for f in by_floor if f >= fewest]:
+                for k in by_floor.pop(f):
+                    drop(k)
         # a plan of the fewest victims there can be beats any that ends later (more victims, or as many but
         # later in the order)
         if not owner or fewest <= least:
