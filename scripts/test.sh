@@ -11,6 +11,8 @@ echo "==> ruff + mypy + hadolint"
 .venv/bin/mypy src
 .venv/bin/hadolint --failure-threshold info Dockerfile
 echo "==> fast suite"
+# the browser tests' screenshots are kept here (an ignored folder a CI job can collect)
+export TEST_ARTIFACTS="${TEST_ARTIFACTS:-$PWD/test-results/artifacts}"
 .venv/bin/python -m pytest -q
 echo "==> fast suite done in $(( $(date +%s) - start ))s"
 if [[ "${1:-}" != "--fast" ]]; then
