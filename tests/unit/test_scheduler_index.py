@@ -74,9 +74,11 @@ class CheckedIndexes(Scheduler):
                 for gpus in ((0,), (1,), (0, 1), (1, 2, 3)):
                     assert list(index.lru_on(domain, s, gpus)) == list(scan.lru_on(domain, s, gpus)), \
                         f"{where}: {domain} {s} by lru on GPUs {gpus}"
-        kept, scanned_free = index.freeable_on(), scan.freeable_on()
-        for g in {*kept, *scanned_free}:  # (sums added in another order: equal but for rounding)
-            assert abs(kept.get(g, 0.0) - scanned_free.get(g, 0.0)) < 1e-6, f"{where}: freeable on GPU {g}"
+        (kept, kept_wide), (scanned, scanned_wide) = index.freeable_each(), scan.freeable_each()
+        assert {g: list(v) for g, v in kept.items() if v} == {g: list(v) for g, v in scanned.items()}, \
+            f"{where}: freeable per GPU"
+        assert {g: n for g, n in kept_wide.items() if n} == {g: n for g, n in scanned_wide.items() if n}, \
+            f"{where}: freeable on several GPUs"
         for s in State:
             assert set(index.names_in(s)) == set(scan.names_in(s)), f"{where}: names {s}"
         assert {m.name for m in index.timed()} == {m.name for m in scan.timed()}, f"{where}: timed"

@@ -115,9 +115,9 @@ class ModelIndex:
         self._stale: set[str] = set()  # used since their key was filed: refiled when the order is next read
         self._records: dict[str, ModelRecord] = {}
         self.version = 0  # bumped by every move and rekey: what step 4 read is unchanged while it is
-        # per GPU, what evicting every model there could free at most (``freeable``); what each was counted for
-        self._freeable: dict[int, float] = {}
-        self._freeable_each: dict[int, list[float]] = {}  # per GPU, what each model there would free, sorted
+        # per GPU, what evicting each model there could free at most (``freeable``), sorted; what each was
+        # counted for
+        self._freeable_each: dict[int, list[float]] = {}
         self._freeable_wide: dict[int, int] = {}  # per GPU, how many of those are on other GPUs too
         self._freeable_of: dict[str, tuple[tuple[int, ...], float]] = {}
 
@@ -221,14 +221,12 @@ class ModelIndex:
         if gb > 0.0:
             self._freeable_of[m.name] = m.placed, gb
             for g in m.placed:
-                self._freeable[g] = self._freeable.get(g, 0.0) + gb
                 insort(self._freeable_each.setdefault(g, []), gb)
                 self._freeable_wide[g] = self._freeable_wide.get(g, 0) + (len(m.placed) > 1)
 
     def _unfree(self, m: ModelRecord) -> None:
         if was := self._freeable_of.pop(m.name, None):
             for g in was[0]:
-                self._freeable[g] -= was[1]
                 self._freeable_each[g].remove(was[1])
                 self._freeable_wide[g] -= len(was[0]) > 1
 
@@ -302,14 +300,10 @@ class ModelIndex:
             usage.remove(mine)
         return usage
 
-    def freeable_on(self) -> Mapping[int, float]:
-        """Per GPU, the sum of ``freeable``: where what stays and a load are over the GPU even so, no eviction
-        makes room."""
-        return self._freeable
-
     def freeable_each(self) -> tuple[Mapping[int, Sequence[float]], Mapping[int, int]]:
-        """Per GPU, what evicting each of those models would free (``freeable``), smallest first; and how many
-        of them are placed on other GPUs too (one victim may free several GPUs of an option)."""
+        """Per GPU, what evicting each model there could free (``freeable``), smallest first: where what stays
+        and a load are over the GPU by more than their sum, no eviction makes room. And how many of them are
+        placed on other GPUs too (one victim may free several GPUs of an option)."""
         return self._freeable_each, self._freeable_wide
 
     def lru(self, domain: str | None, state: State) -> Iterable[ModelRecord]:
@@ -378,9 +372,6 @@ class ScanningIndex(ModelIndex):
 
     def count(self, domain: str | None) -> int:
         return self.held(domain).count
-
-    def freeable_on(self) -> Mapping[int, float]:
-        return {g: sum(sizes) for g, sizes in self.freeable_each()[0].items()}
 
     def freeable_each(self) -> tuple[Mapping[int, Sequence[float]], Mapping[int, int]]:
         out: dict[int, list[float]] = {}

@@ -40,9 +40,9 @@ class Shortcuts(Placement):
                   target: ModelRecord, reserved: Usage | None) -> tuple[bool, tuple[int, ...] | None]:
         """``choose_placement``'s answer without evicting (the GPU, or None: none fits), found with a
         ``FreeOrder`` of what every model holds (``staying``: once what is on its way out has gone), for a
-        model that may go on any one GPU. False
-        first when the order does not apply (then ``choose_placement`` reads every option). After a few moves
-        only the GPUs they were on are read again; after many, the order is made again."""
+        model that may go on any one GPU. False first when the order does not apply (then ``choose_placement``
+        reads every option). After a few moves only the GPUs they were on are read again; after many, the order
+        is made again."""
         if target.base is not None or budget is not self.budget or not budget.gpu_memory_gb \
                 or usage.count + 1 > budget.max_resident or options is not self._layout()[0]:
             return False, None
@@ -149,14 +149,14 @@ class Shortcuts(Placement):
     def _could_fit(self, need: float, staying: Usage, target: ModelRecord, budget: Budget,
                    options: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
         """The options where ``target`` could fit once models that may be evicted there are gone
-        (``ModelIndex.freeable_on``, a bound): an option where what stays is over its GPUs even then has no
+        (``ModelIndex.freeable_each``, a bound): an option where what stays is over its GPUs even then has no
         plan, so ``choose_placement`` decides the same without it, and without reading the candidates placed
         there (on a busy cluster most GPUs serve a model that cannot be moved). With each, the fewest victims
         a plan there could have: per GPU, the largest models first; over an option's GPUs, their sum where
         no victim can free two of them, else the largest."""
         if target.base is not None or not budget.gpu_memory_gb or not all(options):
             return options, [0] * len(options)
-        caps, used, free = budget.gpu_memory_gb, staying.gpu_gb, self._index.freeable_on()
+        caps, used = budget.gpu_memory_gb, staying.gpu_gb
         each, wide = self._index.freeable_each()
         could: list[tuple[int, ...]] = []
         floors: list[int] = []
@@ -166,13 +166,13 @@ class Shortcuts(Placement):
                 over = used.get(g, 0.0) + need - caps.get(g, 0.0)
                 if over <= 1e-9:
                     continue
-                # (a margin above choose_placement's own: the bound's sums are added in another order)
-                if over > free.get(g, 0.0) + 1e-6:
-                    break
                 freed, k, sizes = 0.0, 0, each.get(g, ())
                 while freed < over - 1e-6 and k < len(sizes):  # the largest first: no fewer can free as much
                     k += 1
                     freed += sizes[-k]
+                # (a margin above choose_placement's own: the bound's sums are added in another order)
+                if freed < over - 1e-6:
+                    break  # not even all of them: no plan there
                 most, total = max(most, k), total + k
             else:
                 could.append(o)
