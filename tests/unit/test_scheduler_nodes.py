@@ -271,7 +271,12 @@ CLUSTER_MODELS = {**{f"m{i}": ModelSpec(gb) for i, gb in enumerate((40.0, 70.0, 
 class ReadsEveryOption(PlansEveryPass):
     """Planning in full the plain way: every GPU read for a best fit (no ``FreeOrder``, kept or made
     again), and room made by ``_choose_general`` over every option with every candidate (no options left
-    out, no floors, no candidates read per GPU, no walk that stops early)."""
+    out, no floors, no candidates read per GPU, no walk that stops early), and each node's freest GPUs for a
+    model of several GPUs found afresh for every load."""
+
+    def _options(self, m: ModelRecord) -> list[tuple[int, ...]]:
+        self._option_cache.clear()
+        return super()._options(m)
 
     def _free_fit(self, staying: bool, need: float, usage: Usage, budget: Budget, options: list[tuple[int, ...]],
                   target: ModelRecord, reserved: Usage | None) -> tuple[bool, tuple[int, ...] | None]:
@@ -293,7 +298,9 @@ class ReadsEveryOption(PlansEveryPass):
 
 
 SLEEPY = {**{f"s{i}": ModelSpec(gb, sleep_level=1, sleeping_gb=2.0) for i, gb in enumerate((40.0, 70.0, 20.0))},
-          "f0": ModelSpec(30.0, gpus=(0,)), "f1": ModelSpec(30.0, gpus=(2, 9))}
+          "f0": ModelSpec(30.0, gpus=(0,)), "f1": ModelSpec(30.0, gpus=(2, 9)),
+          # (sizes that leave a GPU where the largest model alone would make room, but is not the first)
+          "u0": ModelSpec(20.0), "u1": ModelSpec(60.0), "u2": ModelSpec(10.0)}
 
 
 @settings(max_examples=300, deadline=None)
@@ -303,14 +310,14 @@ SLEEPY = {**{f"s{i}": ModelSpec(gb, sleep_level=1, sleeping_gb=2.0) for i, gb in
 def test_on_a_cluster_the_shortcuts_decide_as_planning_in_full(ops: list[tuple[int, int, float]],
                                                                keep_idle: float, tight: bool) -> None:
     """One-GPU and two-GPU models, requests that come and go, on three nodes of two GPUs, or (``tight``) on
-    five nodes of two GPUs with a count that binds, models that sleep and models on fixed GPUs: the
+    nodes of four, four and two GPUs with a count that binds, models that sleep and models on fixed GPUs: the
     scheduler with its shortcuts (a kept step 4, a load found blocked looked at again only where GPUs were
     touched, rooms, a kept order of the GPUs by free memory, options where no eviction could make room
     left out, floors on the victims, candidates read per GPU) and one planning in full the plain way emit
     the same effects and show the same models after every event."""
     n = 10 if tight else 6
     gpus = {g: 80.0 for g in range(n)}
-    nodes = {g: "abcde"[g // 2] for g in range(n)}
+    nodes = {g: ("aaaabbbbcc" if tight else "aabbcc")[g] for g in range(n)}  # (a node's freest two change)
     models = {**CLUSTER_MODELS, **SLEEPY} if tight else CLUSTER_MODELS
     cfg = SchedulerConfig(models, 5 if tight else 20, None, 600.0, 30.0, gpu_memory_gb=gpus, gpu_nodes=nodes,
                           keep_idle=keep_idle)
@@ -372,3 +379,20 @@ def test_the_log_of_moves_stays_bounded_without_best_fit_questions() -> None:
         r.step(RequestFinished(i), at=i + 0.5)
         pending.append(RequestArrived(i + 1, "abc"[(i + 1) % 3]))
     assert r.s.view() and 0 < len(r.s._moved_on) <= 8192
+
+
+def test_one_victim_is_a_plan_only_where_it_is_the_first_that_frees_memory() -> None:
+    # GPU 0 holds a (20 GB, least recently used) and b (60); GPU 1 holds c (60) and d (20). x (60) could fit
+    # on either by evicting its 60 GB model alone, but eviction takes the least recently used first: a helps
+    # on GPU 0, so a plan there is a and b, and c alone on GPU 1 is the plan of fewest victims
+    specs = {"a": ModelSpec(20), "b": ModelSpec(60), "c": ModelSpec(60), "d": ModelSpec(20), "x": ModelSpec(60)}
+    gpus = {0: 80.0, 1: 80.0}
+    r = Run(specs, max_resident=10, gpu_memory_gb=gpus, gpu_nodes={0: "a", 1: "a"})
+    full = Run(specs, max_resident=10, gpu_memory_gb=gpus, gpu_nodes={0: "a", 1: "a"})
+    full.s = ReadsEveryOption(full.s.config)
+    for run in (r, full):
+        loaded_then_idle(run, "abcd")
+    assert {v.name: v.gpus for v in r.s.view() if v.gpus} == {"a": (0,), "b": (0,), "c": (1,), "d": (1,)}
+    evict = [StopModel("c", StopReason.LRU, "evicted to make room for x")]
+    assert r.step(RequestArrived(9, "x"), at=10) == evict == full.step(RequestArrived(9, "x"), at=10)
+    assert r.step(StopDone("c")) == [StartLoad("x", (1,))] == full.step(StopDone("c"))

@@ -24,19 +24,28 @@ class Placement(Residency):
         one_gpu, nodes = self._layout(m.spec.needs)
         if k <= 1:
             return one_gpu
-        # the same for every model of k GPUs while no model moves (and ``m`` holds nothing): kept until then
-        cached = self._option_cache.get((k, m.spec.needs))
+        # the same for every model of k GPUs while no model moves (and ``m`` holds nothing): kept, and after
+        # moves made again only on the nodes they were on (the log of moves says which)
+        budgets = self.budget.gpu_memory_gb
         mine = self._index.counted(m)
-        if mine is None and cached is not None and cached[0] == self._index.version and cached[1] is self.budget:
-            return cached[2]
-        budgets, held = self.budget.gpu_memory_gb, self._index.held(None, but=m).gpu_gb
-        options = []
-        for gpus in nodes.values():
+        cached = self._option_cache.get((k, m.spec.needs)) if mine is None else None
+        if cached is not None and (cached[1] is not self.budget or cached[2] is not nodes
+                                   or len(self._moved_on) - cached[0] > max(len(nodes), 64)):
+            cached = None
+        if cached is not None and cached[0] == len(self._moved_on):
+            return cached[4]
+        held = self._index.held(None, but=m).gpu_gb
+        where = self._gpu_nodes
+        per_node = dict(cached[3]) if cached is not None else {}
+        again = {where.get(g, "") for g in self._moved_on[cached[0]:]} if cached is not None else nodes.keys()
+        for node in again:
+            gpus = nodes.get(node, ())
             if len(gpus) >= k:
                 freest = sorted(gpus, key=lambda g: (held.get(g, 0.0) - budgets.get(g, 0.0), g))[:k]
-                options.append(tuple(sorted(freest)))
+                per_node[node] = tuple(sorted(freest))
+        options = [per_node[node] for node, gpus in nodes.items() if len(gpus) >= k]
         if mine is None:
-            self._option_cache[k, m.spec.needs] = (self._index.version, self.budget, options)
+            self._option_cache[k, m.spec.needs] = (len(self._moved_on), self.budget, nodes, per_node, options)
         return options
 
     def _layout(self, needs: frozenset[str] = frozenset()) -> tuple[list[tuple[int, ...]], dict[str, list[int]]]:

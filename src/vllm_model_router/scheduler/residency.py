@@ -90,8 +90,7 @@ class Residency:
         self._timer: float | None = None  # when the last TimerAt asked for a Tick
         # what step 4 decided last, and what it read (``Planner._plan_loads``): bumped by every event but a
         # request's arrival or end (``_plan_gen``), and by every request's end (``_idle_gen``)
-        self._plan_gen = 0
-        self._idle_gen = 0
+        self._plan_gen = self._idle_gen = 0
         self._rules_gen = 0
         self._free_orders: dict[bool, tuple[int, Budget, FreeOrder]] = {}  # (``Planner._free_fit``)
         self._moved_on: list[int] = []  # the GPUs of each move, in order: what a kept FreeOrder must read again
@@ -104,7 +103,9 @@ class Residency:
         self._stamp = 0
         self._touch_log: list[tuple[int, int]] = []  # (stamp, GPU) of each touch, oldest first; bounded
         self._touch_floor = 0  # the touches up to this stamp have left the log
-        self._option_cache: dict[tuple[int, frozenset[str]], tuple[int, Budget, list[tuple[int, ...]]]] = {}
+        # ``Placement._options``: per (gpu_count, needs), the log's length, budget, layout, each node's option
+        self._option_cache: dict[tuple[int, frozenset[str]], tuple[int, Budget, object, dict[str, tuple[int, ...]],
+                                                                  list[tuple[int, ...]]]] = {}
 
     # ------------------------------------------------------------------ queries
     def resident(self) -> list[str]:
@@ -142,7 +143,7 @@ class Residency:
         self._touch(m)
         self._moved_on.extend(m.placed)
         if len(self._moved_on) > 8192:  # (no kept order has read it for long: each is made afresh instead)
-            self._moved_on, self._free_orders = [], {}
+            self._moved_on, self._free_orders, self._option_cache = [], {}, {}
         self._index.moving(m)
         m.state = state
         m.since = now  # (before ``moved``: the eviction order reads it)

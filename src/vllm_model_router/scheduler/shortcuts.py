@@ -11,10 +11,12 @@ from collections.abc import Container
 from dataclasses import dataclass
 
 from vllm_model_router.scheduler.eviction import Budget, FreeOrder, Occupant, Usage, choose_placement
+from vllm_model_router.scheduler.index import occupant
 from vllm_model_router.scheduler.passes import Hot, Pass, noting_sleepers
 from vllm_model_router.scheduler.passes import plus as plus_of
 from vllm_model_router.scheduler.placement import Placement
 from vllm_model_router.scheduler.records import ModelRecord, Waiter
+from vllm_model_router.scheduler.states import State
 
 
 @dataclass(slots=True)
@@ -115,6 +117,8 @@ class Shortcuts(Placement):
         whether they are put to sleep: where they can sleep, unless their residues are in the way, then
         stopped (the candidates are walked again only if one of them would have slept). ``on``: only the
         models placed on these GPUs are read."""
+        if on is None and (one := self._one_victim(need, staying, target, hot, budget, options)) is not None:
+            return one
         could, floors = self._could_fit(need, staying, target, budget, options)
         if not could:  # even evicting every idle model would not make room: no candidate need be read
             return options[0], None, True
@@ -126,6 +130,66 @@ class Shortcuts(Placement):
             if victims is not None and len(victims) == least and sleep:  # (a plan of stops found there: one
                 return placement, victims, sleep                          # of sleeps elsewhere comes first)
         return self._walk(need, staying, target, hot, budget, could, floors, on, fits_nowhere, least)
+
+    def _one_victim(self, need: float, staying: Usage, target: ModelRecord, hot: Container[str], budget: Budget,
+                    options: list[tuple[int, ...]]) -> tuple[tuple[int, ...], list[str], bool] | None:
+        """``_make_room``'s answer when it is one victim, for a model that may go on any one GPU and fits on
+        none as things stand (the common miss on a cluster), found without the per-option bound and without
+        reading the candidates that cannot decide it; None: no plan of one victim (then ``_make_room`` reads
+        everything it would have). No plan has fewer than one victim, so ``choose_placement`` stops at the
+        first that completes a plan alone, in eviction order; and a GPU's plan is one victim only if the
+        first candidate there that frees memory completes it. So only the GPUs where the largest model that
+        could be evicted might do it are watched (``ModelIndex.freeable_each``, a bound), each until its
+        first such candidate, and the candidates on no watched GPU are passed over before the costlier
+        checks (busy, hot). The arithmetic is ``_choose_disjoint``'s, step for step."""
+        if target.base is not None or not budget.gpu_memory_gb or staying.count + 1 > budget.max_resident \
+                or any(len(o) != 1 for o in options):
+            return None
+        caps, used = budget.gpu_memory_gb, staying.gpu_gb
+        each, _ = self._index.freeable_each()
+        watched: set[int] = set()
+        for (g,) in options:
+            if used.get(g, 0.0) + need <= caps.get(g, 0.0) + 1e-9:
+                return None  # it fits there: best fit decides, not eviction
+            sizes = each.get(g)  # (``_could_fit``'s bound for one victim, with its margin)
+            if sizes and sizes[-1] >= used.get(g, 0.0) + need - caps.get(g, 0.0) - 1e-6:
+                watched.add(g)
+        if not watched:
+            return None
+        index, domain = self._index, target.base
+        on = tuple(sorted(watched)) if 4 * len(watched) <= len(caps) else None
+        for state in (State.LOADED, State.SLEEPING):
+            for m in index.lru(domain, state) if on is None else index.lru_on(domain, state, on):
+                if not m.placed or watched.isdisjoint(m.placed) or m.pinned:
+                    continue
+                if state is State.LOADED:
+                    if self._busy(m) or m.name in hot:
+                        continue
+                    o = index.counted(m) or occupant(m)
+                    after = Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False) \
+                        if m.spec.sleep_level else None
+                else:
+                    if m is target:
+                        continue
+                    o, after = index.counted(m) or occupant(m), None
+                if not o.memory_gb > (after.memory_gb if after is not None else 0.0):
+                    continue  # frees no memory: no plan takes it
+                done: list[int] = []
+                for g in o.gpus:
+                    if g not in watched:
+                        continue
+                    u = used.get(g, 0.0) - o.memory_gb
+                    if after is not None and g in after.gpus:
+                        u = u + after.memory_gb
+                    if u + need > caps.get(g, 0.0) + 1e-9:
+                        watched.discard(g)  # its first victim is not enough: two at least there
+                    else:
+                        done.append(g)
+                if done:
+                    return (min(done),), [m.name], True
+                if not watched:
+                    return None
+        return None
 
     def _walk(self, need: float, staying: Usage, target: ModelRecord, hot: Container[str], budget: Budget,
               options: list[tuple[int, ...]], floors: list[int], on: tuple[int, ...] | None,
