@@ -140,8 +140,9 @@ class Shortcuts(Placement):
         first that completes a plan alone, in eviction order; and a GPU's plan is one victim only if the
         first candidate there that frees memory completes it. So only the GPUs where the largest model that
         could be evicted might do it are watched (``ModelIndex.freeable_each``, a bound), each until its
-        first such candidate, and the candidates on no watched GPU are passed over before the costlier
-        checks (busy, hot). The arithmetic is ``_choose_disjoint``'s, step for step."""
+        first such candidate; the models on no watched GPU are passed over, and the costlier checks (busy,
+        hot) are asked only of a model that would complete a plan and of those read before it on its GPU.
+        The arithmetic is ``_choose_disjoint``'s, step for step."""
         if target.base is not None or not budget.gpu_memory_gb or staying.count + 1 > budget.max_resident \
                 or any(len(o) != 1 for o in options):
             return None
@@ -158,35 +159,43 @@ class Shortcuts(Placement):
             return None
         index, domain = self._index, target.base
         on = tuple(sorted(watched)) if 4 * len(watched) <= len(caps) else None
+        # a candidate read on a watched GPU that frees too little there alone ends that GPU's chance only if it
+        # is one ``_candidates`` yields (not busy, not hot): asked only once one completes a plan, there
+        pending: dict[int, list[ModelRecord]] = {}
+        yields: dict[str, bool] = {}
+
+        def candidate(m: ModelRecord) -> bool:
+            if m.name not in yields:
+                yields[m.name] = m.state is not State.LOADED or not (self._busy(m) or m.name in hot)
+            return yields[m.name]
+
         for state in (State.LOADED, State.SLEEPING):
             for m in index.lru(domain, state) if on is None else index.lru_on(domain, state, on):
-                if not m.placed or watched.isdisjoint(m.placed) or m.pinned:
+                if not m.placed or watched.isdisjoint(m.placed) or m.pinned or m is target:
                     continue
-                if state is State.LOADED:
-                    if self._busy(m) or m.name in hot:
-                        continue
-                    o = index.counted(m) or occupant(m)
-                    after = Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False) \
-                        if m.spec.sleep_level else None
-                else:
-                    if m is target:
-                        continue
-                    o, after = index.counted(m) or occupant(m), None
+                o = index.counted(m) or occupant(m)
+                after = Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False) \
+                    if state is State.LOADED and m.spec.sleep_level else None
                 if not o.memory_gb > (after.memory_gb if after is not None else 0.0):
                     continue  # frees no memory: no plan takes it
                 done: list[int] = []
+                short: list[int] = []
                 for g in o.gpus:
-                    if g not in watched:
-                        continue
-                    u = used.get(g, 0.0) - o.memory_gb
-                    if after is not None and g in after.gpus:
-                        u = u + after.memory_gb
-                    if u + need > caps.get(g, 0.0) + 1e-9:
-                        watched.discard(g)  # its first victim is not enough: two at least there
-                    else:
-                        done.append(g)
-                if done:
-                    return (min(done),), [m.name], True
+                    if g in watched:
+                        u = used.get(g, 0.0) - o.memory_gb
+                        if after is not None and g in after.gpus:
+                            u = u + after.memory_gb
+                        (short if u + need > caps.get(g, 0.0) + 1e-9 else done).append(g)
+                if not done:
+                    for g in short:
+                        pending.setdefault(g, []).append(m)
+                    continue
+                if not candidate(m):
+                    continue
+                won = [g for g in done if not any(candidate(x) for x in pending.get(g, ()))]
+                if won:
+                    return (min(won),), [m.name], True
+                watched.difference_update(done, short)  # a victim before it there, or two needed: not one
                 if not watched:
                     return None
         return None
