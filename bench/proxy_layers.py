@@ -16,6 +16,13 @@ per paced chunk. The variants:
              device for what aiohttp's client costs, not a product: no timeouts, no error mapping.
   pyreqwest  ``web.Server`` + pyreqwest (a Rust client: reqwest and hyper on a tokio runtime of its own);
              needs ``pip install pyreqwest``.
+  granian    Granian's RSGI server (a Rust server: hyper on a tokio runtime in a thread of its own, the
+             handler scheduled on the event loop) + ``ClientSession``: what a faster server would give;
+             needs ``pip install granian``. Granian's embeddable server, one worker, on this process's
+             uvloop: one process to measure (``granian --interface rsgi`` runs the same Rust worker in
+             a child process, at the same cost).
+  granian-httptools  Granian's RSGI server + the httptools client above: both HTTP layers replaced;
+             needs ``pip install granian httptools``.
   router     the router itself (this tree).
 """
 
@@ -128,19 +135,29 @@ class LeanClient:
             conn.transport.close()
 
 
+def lean_head(conn: _Upstream) -> tuple[int, list[tuple[str, str]], bool]:
+    """The engine's status, the headers to pass on, and whether the answer has a Content-Length."""
+    assert conn.head is not None
+    status, raw = conn.head.result()
+    down = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw if k.decode("latin-1").lower() not in HOP]
+    return status, down, any(k.lower() == b"content-length" for k, _ in raw)
+
+
+async def lean_whole(client: LeanClient, conn: _Upstream) -> bytes:
+    parts = []
+    while (chunk := await conn.chunks.get()) is not None:
+        parts.append(chunk)
+    client.done(conn)
+    return b"".join(parts)
+
+
 async def relay_lean(client: LeanClient, path: str, request: web.BaseRequest) -> web.StreamResponse:
     body = await request.read()
     headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP]
     conn = await client.exchange(request.method, path, headers, body)
-    assert conn.head is not None
-    status, raw = conn.head.result()
-    down = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw if k.decode("latin-1").lower() not in HOP]
-    if any(k.lower() == b"content-length" for k, _ in raw):
-        parts = []
-        while (chunk := await conn.chunks.get()) is not None:
-            parts.append(chunk)
-        client.done(conn)
-        return web.Response(status=status, body=b"".join(parts), headers=down)
+    status, down, whole = lean_head(conn)
+    if whole:
+        return web.Response(status=status, body=await lean_whole(client, conn), headers=down)
     resp = web.StreamResponse(status=status, headers=down)
     await resp.prepare(request)
     while (chunk := await conn.chunks.get()) is not None:
@@ -166,9 +183,67 @@ async def relay_reqwest(client: Any, upstream: str, request: web.BaseRequest) ->
         return resp
 
 
+async def relay_granian(session: aiohttp.ClientSession, upstream: str, scope: Any, proto: Any) -> None:
+    """RSGI: the body from ``await proto()``, the answer by ``response_bytes`` or chunk by chunk through
+    ``response_stream``'s transport (each ``send_bytes`` hands the chunk to hyper at once)."""
+    body = await proto()
+    headers = [(k, v) for k, v in scope.headers.items() if k.lower() not in HOP]
+    async with session.request(scope.method, upstream, data=body, headers=headers) as up:
+        if up.headers.get("Content-Length") is not None:
+            proto.response_bytes(up.status, _down(up.headers), await up.read())
+            return
+        transport = proto.response_stream(up.status, _down(up.headers))
+        async for chunk in up.content.iter_any():
+            await transport.send_bytes(chunk)
+
+
+async def relay_granian_lean(client: LeanClient, path: str, scope: Any, proto: Any) -> None:
+    body = await proto()
+    headers = [(k, v) for k, v in scope.headers.items() if k.lower() not in HOP]
+    conn = await client.exchange(scope.method, path, headers, body)
+    status, down, whole = lean_head(conn)
+    if whole:
+        proto.response_bytes(status, down, await lean_whole(client, conn))
+        return
+    transport = proto.response_stream(status, down)
+    while (chunk := await conn.chunks.get()) is not None:
+        await transport.send_bytes(chunk)
+    client.done(conn)
+
+
+async def serve_granian(variant: str, port: int, upstream: str) -> None:
+    """Granian's embeddable server on the running loop (uvloop): one worker, one Rust runtime thread, HTTP/1
+    only, no websockets, no access log. SIGTERM ends the process (the embeddable server installs no
+    handler), the Rust threads with it."""
+    from granian.constants import HTTPModes, Interfaces
+    from granian.server.embed import Server
+    from yarl import URL
+
+    app: Any
+    if variant == "granian-httptools":
+        url = URL(upstream)
+        client = LeanClient(url.host or "127.0.0.1", url.port or 80)
+
+        async def app(scope: Any, proto: Any) -> None:
+            await relay_granian_lean(client, url.path, scope, proto)
+    else:
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
+                                        skip_auto_headers=("User-Agent", "Accept-Encoding"))
+
+        async def app(scope: Any, proto: Any) -> None:
+            await relay_granian(session, upstream, scope, proto)
+
+    server = Server(app, address="127.0.0.1", port=port, interface=Interfaces.RSGI, http=HTTPModes.http1,
+                    websockets=False, runtime_threads=1, backlog=1024, log_enabled=False)
+    await server.serve()
+
+
 async def serve(variant: str, port: int, upstream: str) -> None:
     from yarl import URL
 
+    if variant.startswith("granian"):
+        await serve_granian(variant, port, upstream)
+        return
     url = URL(upstream)
     runner: web.BaseRunner
     if variant == "httptools":
@@ -278,7 +353,8 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--variants", nargs="+", default=["app", "server", "httptools", "pyreqwest", "router"])
+    p.add_argument("--variants", nargs="+", default=["app", "server", "httptools", "pyreqwest", "granian",
+                                                   "granian-httptools", "router"])
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--serve", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -289,17 +365,19 @@ def main() -> int:
     if args.serve:
         uvloop.run(serve(args.serve, args.port, args.upstream))
         return 0
-    for variant, module in (("httptools", "httptools"), ("pyreqwest", "pyreqwest")):
-        if variant in args.variants and importlib.util.find_spec(module) is None:
-            print(f"{variant}: skipped (pip install {module} to measure it)")
+    for variant, modules in (("httptools", ["httptools"]), ("pyreqwest", ["pyreqwest"]), ("granian", ["granian"]),
+                             ("granian-httptools", ["granian", "httptools"])):
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if variant in args.variants and missing:
+            print(f"{variant}: skipped (pip install {' '.join(missing)} to measure it)")
             args.variants.remove(variant)
     out = uvloop.run(measure(args))
     print(f"\n{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; median of {args.rounds} rounds")
-    print(f"{'variant':10s} {'CPU ms/plain':>13s} {'added p50 ms':>13s} {'CPU ms/stream':>14s} {'stream ratio':>13s} "
+    print(f"{'variant':17s} {'CPU ms/plain':>13s} {'added p50 ms':>13s} {'CPU ms/stream':>14s} {'stream ratio':>13s} "
           f"{'CPU µs/chunk':>13s}")
     for v, row in out.items():
         m = {k: statistics.median(x) for k, x in row.items()}
-        print(f"{v:10s} {m['cpu_ms_per_plain']:13.3f} {m['added_p50_ms']:+13.3f} {m['cpu_ms_per_stream']:14.3f} "
+        print(f"{v:17s} {m['cpu_ms_per_plain']:13.3f} {m['added_p50_ms']:+13.3f} {m['cpu_ms_per_stream']:14.3f} "
               f"{m['stream_ratio']:13.2f} {m['cpu_us_per_chunk']:13.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
