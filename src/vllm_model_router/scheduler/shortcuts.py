@@ -117,7 +117,8 @@ class Shortcuts(Placement):
         whether they are put to sleep: where they can sleep, unless their residues are in the way, then
         stopped (the candidates are walked again only if one of them would have slept). ``on``: only the
         models placed on these GPUs are read."""
-        if on is None and (one := self._one_victim(need, staying, target, hot, budget, options)) is not None:
+        if on is None and (one := self._one_victim(need, staying, target, hot, budget, options,
+                                                   fits_nowhere)) is not None:
             return one
         could, floors = self._could_fit(need, staying, target, budget, options)
         if not could:  # even evicting every idle model would not make room: no candidate need be read
@@ -132,7 +133,8 @@ class Shortcuts(Placement):
         return self._walk(need, staying, target, hot, budget, could, floors, on, fits_nowhere, least)
 
     def _one_victim(self, need: float, staying: Usage, target: ModelRecord, hot: Container[str], budget: Budget,
-                    options: list[tuple[int, ...]]) -> tuple[tuple[int, ...], list[str], bool] | None:
+                    options: list[tuple[int, ...]],
+                    fits_nowhere: bool) -> tuple[tuple[int, ...], list[str], bool] | None:
         """``_make_room``'s answer when it is one victim, for a model that may go on any one GPU and fits on
         none as things stand (the common miss on a cluster), found without the per-option bound and without
         reading the candidates that cannot decide it; None: no plan of one victim (then ``_make_room`` reads
@@ -143,18 +145,24 @@ class Shortcuts(Placement):
         first such candidate; the models on no watched GPU are passed over, and the costlier checks (busy,
         hot) are asked only of a model that would complete a plan and of those read before it on its GPU.
         The arithmetic is ``_choose_disjoint``'s, step for step."""
-        if target.base is not None or not budget.gpu_memory_gb or staying.count + 1 > budget.max_resident \
-                or any(len(o) != 1 for o in options):
+        if target.base is not None or not budget.gpu_memory_gb or staying.count + 1 > budget.max_resident:
             return None
         caps, used = budget.gpu_memory_gb, staying.gpu_gb
         each, _ = self._index.freeable_each()
         watched: set[int] = set()
-        for (g,) in options:
-            if used.get(g, 0.0) + need <= caps.get(g, 0.0) + 1e-9:
-                return None  # it fits there: best fit decides, not eviction
-            sizes = each.get(g)  # (``_could_fit``'s bound for one victim, with its margin)
-            if sizes and sizes[-1] >= used.get(g, 0.0) + need - caps.get(g, 0.0) - 1e-6:
-                watched.add(g)
+        if fits_nowhere and options is self._layout()[0]:  # every GPU, and it fits on none (``FreeOrder``):
+            get = used.get                                  # only GPUs with models to evict are read
+            watched = {g for g, sizes in each.items()
+                       if sizes and g in caps and sizes[-1] >= get(g, 0.0) + need - caps[g] - 1e-6}
+        elif any(len(o) != 1 for o in options):
+            return None
+        else:
+            for (g,) in options:
+                if used.get(g, 0.0) + need <= caps.get(g, 0.0) + 1e-9:
+                    return None  # it fits there: best fit decides, not eviction
+                sizes = each.get(g)  # (``_could_fit``'s bound for one victim, with its margin)
+                if sizes and sizes[-1] >= used.get(g, 0.0) + need - caps.get(g, 0.0) - 1e-6:
+                    watched.add(g)
         if not watched:
             return None
         index, domain = self._index, target.base
