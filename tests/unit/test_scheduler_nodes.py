@@ -14,8 +14,10 @@ from tests.unit.test_scheduler_properties import PlansEveryPass
 from vllm_model_router.scheduler import (
     Capacity,
     Event,
+    GpuUsage,
     Grant,
     LoadDone,
+    ModelExited,
     ModelSpec,
     Reject,
     RequestArrived,
@@ -396,3 +398,41 @@ def test_one_victim_is_a_plan_only_where_it_is_the_first_that_frees_memory() -> 
     evict = [StopModel("c", StopReason.LRU, "evicted to make room for x")]
     assert r.step(RequestArrived(9, "x"), at=10) == evict == full.step(RequestArrived(9, "x"), at=10)
     assert r.step(StopDone("c")) == [StartLoad("x", (1,))] == full.step(StopDone("c"))
+
+
+def _both(models: dict[str, ModelSpec], max_resident: int) -> tuple[Run, Run]:
+    """The scheduler and the plain reference on two 80 GB GPUs of one node, no idle protection."""
+    gpus, nodes = {0: 80.0, 1: 80.0}, {0: "n", 1: "n"}
+    fast = Run(models, max_resident=max_resident, max_wait=300.0, gpu_memory_gb=gpus, gpu_nodes=nodes)
+    full = Run(models, max_resident=max_resident, max_wait=300.0, gpu_memory_gb=gpus, gpu_nodes=nodes)
+    full.s = ReadsEveryOption(full.s.config)
+    return fast, full
+
+
+def test_a_load_blocked_by_the_count_is_planned_in_full_when_a_model_leaves_elsewhere() -> None:
+    # t was blocked because the count bound (a and c busy on GPU 0, room on GPU 1): a model leaving GPU 0
+    # frees the place it lacked, and GPU 1 must be read again, not only the GPU touched
+    fast, full = _both({"a": ModelSpec(40.0), "c": ModelSpec(40.0), "t": ModelSpec(50.0)}, max_resident=2)
+    for r in (fast, full):
+        r.step(RequestArrived(1, "a"), at=0)
+        r.step(LoadDone("a", True), at=1)
+        r.step(RequestArrived(2, "c"), at=1)
+        r.step(LoadDone("c", True), at=2)
+        assert r.step(RequestArrived(3, "t"), at=3) == []
+    assert fast.step(ModelExited("a", "gone", False), at=4) == [StartLoad("t", (1,))] \
+        == full.step(ModelExited("a", "gone", False), at=4)
+
+
+def test_a_load_planned_on_the_nominal_budget_is_not_checked_again_on_the_reduced_one() -> None:
+    # other processes take 20 GB of each GPU: t (70) fits nowhere even empty, so it is planned as if they were
+    # not there (a 503 at start names them); a model falling idle must then be evicted for it
+    fast, full = _both({"r": ModelSpec(70.0), "s": ModelSpec(70.0), "t": ModelSpec(70.0)}, max_resident=10)
+    for r in (fast, full):
+        r.step(RequestArrived(1, "r"), at=0)
+        r.step(LoadDone("r", True), at=1)
+        r.step(RequestArrived(2, "s"), at=1)
+        r.step(LoadDone("s", True), at=2)
+        assert r.step(RequestArrived(3, "t"), at=3) == []
+        assert r.step(GpuUsage(((0, 20.0), (1, 20.0))), at=4) == []
+    evict = [StopModel("r", StopReason.LRU, "evicted to make room for t")]
+    assert fast.step(RequestFinished(1), at=5) == evict == full.step(RequestFinished(1), at=5)

@@ -310,12 +310,16 @@ class Shortcuts(Placement):
             return [(g,) for g in sorted(changed) if g in self.budget.gpu_memory_gb]
         return [o for o in options if not changed.isdisjoint(o)]
 
-    def _note_blocked(self, p: Pass, target: ModelRecord, first: Waiter, reserved: Usage | None,
+    def _note_blocked(self, p: Pass, target: ModelRecord, first: Waiter, reserved: Usage | None, budget: Budget,
                       noted: list[tuple[float, tuple[int, ...]]]) -> None:
         """Remember that ``target`` is blocked (``_still_blocked``), while that finding can be checked so:
-        before its oldest waiter's fairness bound (then drains are planned, on every pass)."""
+        before its oldest waiter's fairness bound (then drains are planned, on every pass), when it was
+        planned on the budget it will be checked on (not the nominal one, ``GpuUsage``), and when the count
+        did not bind (then a model leaving anywhere frees a place, and the options are not independent)."""
         bound = first.arrived + self.config.max_wait
-        if target.base is not None or p.now >= bound or not self.budget.gpu_memory_gb:
+        if target.base is not None or p.now >= bound or not self.budget.gpu_memory_gb or budget is not self.budget \
+                or self._index.held(None, but=target).count + 1 + (reserved.count if reserved is not None else 0) \
+                > budget.max_resident:
             self._blocked.pop(target.name, None)
             return
         self._blocked[target.name] = Blocked(self._stamp, self.budget, self._rules_gen,
