@@ -18,6 +18,7 @@ from vllm_model_router.scheduler import (
     Grant,
     LoadDone,
     ModelExited,
+    ModelFound,
     ModelSpec,
     Reject,
     RequestArrived,
@@ -436,3 +437,24 @@ def test_a_load_planned_on_the_nominal_budget_is_not_checked_again_on_the_reduce
         assert r.step(GpuUsage(((0, 20.0), (1, 20.0))), at=4) == []
     evict = [StopModel("r", StopReason.LRU, "evicted to make room for t")]
     assert fast.step(RequestFinished(1), at=5) == evict == full.step(RequestFinished(1), at=5)
+
+
+def test_a_blocked_load_of_several_gpus_is_planned_in_full_when_its_node_s_freest_gpus_change() -> None:
+    # t (70 GB on each of two GPUs) is blocked on its node's freest pair, GPUs 0 and 1, by a busy A. X found
+    # running on GPU 0 makes GPUs 1 and 2 the freest pair: neither was touched, and both hold only idle
+    # models that can go. The finding was about another pair: planning in full must follow
+    specs = {"A": ModelSpec(30.0), "B": ModelSpec(30.0), "C": ModelSpec(40.0), "D": ModelSpec(30.0),
+             "E": ModelSpec(40.0), "F": ModelSpec(30.0), "X": ModelSpec(45.0), "t": ModelSpec(70.0, gpu_count=2)}
+    gpus, nodes = {g: 80.0 for g in range(4)}, {g: "n" for g in range(4)}
+    fast = Run(specs, max_resident=20, max_wait=300.0, gpu_memory_gb=gpus, gpu_nodes=nodes)
+    full = Run(specs, max_resident=20, max_wait=300.0, gpu_memory_gb=gpus, gpu_nodes=nodes)
+    full.s = ReadsEveryOption(full.s.config)
+    for r in (fast, full):
+        for name, g in (("A", 0), ("B", 1), ("C", 2), ("D", 2), ("E", 3), ("F", 3)):
+            r.step(ModelFound(name, (g,)), at=0)
+        for i, name in enumerate("AEF"):  # busy: A on GPU 0, E and F on GPU 3
+            assert r.step(RequestArrived(i, name), at=0) == [Grant(i, name)]
+        assert r.step(RequestArrived(9, "t"), at=1) == []
+    out = fast.step(ModelFound("X", (0,)), at=2)
+    assert out == full.step(ModelFound("X", (0,)), at=2)
+    assert {e.model for e in out if isinstance(e, StopModel)} == {"B", "C", "D"}

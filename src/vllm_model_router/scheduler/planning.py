@@ -253,7 +253,7 @@ class Planner(Shortcuts):
             return True
         # (c) resident models keep being served, but once the oldest waiter has waited max_wait the busy
         # victims stop taking requests newer than it (they drain), so the load cannot starve
-        self._note_blocked(p, target, first, reserved, budget, noted)
+        self._note_blocked(p, target, first, reserved, budget, options, noted)
         p.read_candidates = True
         p.blocked_since = first.arrived
         if p.now - first.arrived >= self.config.max_wait:

@@ -24,8 +24,8 @@ class Blocked:
     """A load found blocked behind busy models (step 4 (c)), and what that finding read: the GPUs' touch
     stamp, the budget, the count of events that change what may be evicted without moving a model (a pin,
     replicas kept, an unload), the room reserved before it, and the hot models holding it back with when
-    each cools down. While only GPUs of some options have been touched since (or have a hot model that
-    cooled down), only those can have changed."""
+    each cools down, and its options then. While only GPUs of some options have been touched since (or have
+    a hot model that cooled down), only those can have changed."""
 
     stamp: int
     budget: Budget
@@ -33,6 +33,7 @@ class Blocked:
     reserved: dict[int, float]
     cooling: tuple[tuple[float, tuple[int, ...]], ...]  # hot models in the way: when each cools, on which GPUs
     until: float  # its oldest waiter's fairness bound: then drains are planned, in full
+    options: list[tuple[int, ...]]  # where it could go then (a node's freest GPUs change as models move)
 
 
 class Shortcuts(Placement):
@@ -268,7 +269,8 @@ class Shortcuts(Placement):
         (it may fit, or the finding no longer applies)."""
         b = self._blocked.get(target.name)
         if b is None or p.now >= b.until or b.budget is not self.budget or budget is not self.budget \
-                or b.gen != self._rules_gen or target.base is not None or not budget.gpu_memory_gb or not all(options):
+                or b.gen != self._rules_gen or target.base is not None or not budget.gpu_memory_gb or not all(options) \
+                or (b.options is not options and b.options != options):
             return False
         held = self._index.held(None, but=target)
         if held.count + 1 + (reserved.count if reserved is not None else 0) > budget.max_resident:
@@ -311,7 +313,7 @@ class Shortcuts(Placement):
         return [o for o in options if not changed.isdisjoint(o)]
 
     def _note_blocked(self, p: Pass, target: ModelRecord, first: Waiter, reserved: Usage | None, budget: Budget,
-                      noted: list[tuple[float, tuple[int, ...]]]) -> None:
+                      options: list[tuple[int, ...]], noted: list[tuple[float, tuple[int, ...]]]) -> None:
         """Remember that ``target`` is blocked (``_still_blocked``), while that finding can be checked so:
         before its oldest waiter's fairness bound (then drains are planned, on every pass), when it was
         planned on the budget it will be checked on (not the nominal one, ``GpuUsage``), and when the count
@@ -324,4 +326,4 @@ class Shortcuts(Placement):
             return
         self._blocked[target.name] = Blocked(self._stamp, self.budget, self._rules_gen,
                                              dict(reserved.gpu_gb) if reserved is not None else {}, tuple(noted),
-                                             bound)
+                                             bound, options)
