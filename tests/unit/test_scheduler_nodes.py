@@ -458,3 +458,24 @@ def test_a_blocked_load_of_several_gpus_is_planned_in_full_when_its_node_s_frees
     out = fast.step(ModelFound("X", (0,)), at=2)
     assert out == full.step(ModelFound("X", (0,)), at=2)
     assert {e.model for e in out if isinstance(e, StopModel)} == {"B", "C", "D"}
+
+
+def test_one_victim_for_several_gpus_counts_only_models_on_the_gpus_it_lacks() -> None:
+    # t needs 70 GB on both GPUs of a node. On node a, GPU 0 has room already and GPU 1 lacks it; P on GPU 0
+    # is the least recently used but frees nothing t lacks, so Q alone is the plan there, before R (one
+    # model on both GPUs of node b) would be
+    specs = {"P": ModelSpec(10.0), "Q": ModelSpec(40.0), "R": ModelSpec(40.0, gpu_count=2),
+             "t": ModelSpec(70.0, gpu_count=2)}
+    gpus, nodes = {g: 80.0 for g in range(4)}, {0: "a", 1: "a", 2: "b", 3: "b"}
+    fast = Run(specs, max_resident=20, gpu_memory_gb=gpus, gpu_nodes=nodes)
+    full = Run(specs, max_resident=20, gpu_memory_gb=gpus, gpu_nodes=nodes)
+    full.s = ReadsEveryOption(full.s.config)
+    for r in (fast, full):
+        for name, placed in (("P", (0,)), ("Q", (1,)), ("R", (2, 3))):
+            r.step(ModelFound(name, placed), at=0)
+        for i, name in enumerate("PQR"):  # used in that order: P the least recently
+            r.step(RequestArrived(i, name), at=1 + i)
+            r.step(RequestFinished(i), at=1.5 + i)
+    evict = [StopModel("Q", StopReason.LRU, "evicted to make room for t")]
+    assert fast.step(RequestArrived(9, "t"), at=10) == evict == full.step(RequestArrived(9, "t"), at=10)
+    assert fast.step(StopDone("Q")) == [StartLoad("t", (0, 1))] == full.step(StopDone("Q"))

@@ -136,41 +136,46 @@ class Shortcuts(Placement):
     def _one_victim(self, need: float, staying: Usage, target: ModelRecord, hot: Container[str], budget: Budget,
                     options: list[tuple[int, ...]],
                     fits_nowhere: bool) -> tuple[tuple[int, ...], list[str], bool] | None:
-        """``_make_room``'s answer when it is one victim, for a model that may go on any one GPU and fits on
-        none as things stand (the common miss on a cluster), found without the per-option bound and without
-        reading the candidates that cannot decide it; None: no plan of one victim (then ``_make_room`` reads
-        everything it would have). No plan has fewer than one victim, so ``choose_placement`` stops at the
-        first that completes a plan alone, in eviction order; and a GPU's plan is one victim only if the
-        first candidate there that frees memory completes it. So only the GPUs where the largest model that
-        could be evicted might do it are watched (``ModelIndex.freeable_each``, a bound), each until its
-        first such candidate; the models on no watched GPU are passed over, and the costlier checks (busy,
-        hot) are asked only of a model that would complete a plan and of those read before it on its GPU.
-        The arithmetic is ``_choose_disjoint``'s, step for step."""
-        if target.base is not None or not budget.gpu_memory_gb or staying.count + 1 > budget.max_resident:
+        """``_make_room``'s answer when it is one victim (the common miss on a cluster), found without the
+        per-option bound and without reading the candidates that cannot decide it; None: no plan of one
+        victim, or options that share a GPU (then ``_make_room`` reads everything it would have). No plan
+        has fewer than one victim, so ``choose_placement`` stops at the first candidate that completes a plan
+        alone, in eviction order; and an option's plan is one victim only if the first candidate that frees
+        memory on a GPU it lacks completes it. So only the options where that could be are watched (on each
+        GPU it lacks, the largest model that could be evicted would do, ``ModelIndex.freeable_each``, and
+        where it lacks several, models span them), each until its first such candidate; the models on no
+        watched option are passed over, and the costlier checks (busy, hot) are asked only of a model that
+        would complete a plan and of those read before it there. The arithmetic is ``_choose_disjoint``'s,
+        step for step."""
+        if target.base is not None or not budget.gpu_memory_gb or staying.count + 1 > budget.max_resident \
+                or not all(options):
             return None
         caps, used = budget.gpu_memory_gb, staying.gpu_gb
-        each, _ = self._index.freeable_each()
-        watched: set[int] = set()
+        each, wide = self._index.freeable_each()
+        watched: dict[int, tuple[int, ...]] = {}  # GPU -> the watched option it is in
+        lacks: dict[tuple[int, ...], set[int]] = {}  # a watched option's GPUs without room for the target
         if fits_nowhere and options is self._layout()[0]:  # every GPU, and it fits on none (``FreeOrder``):
             get = used.get                                  # only GPUs with models to evict are read
-            watched = {g for g, sizes in each.items()
+            watched = {g: (g,) for g, sizes in each.items()
                        if sizes and g in caps and sizes[-1] >= get(g, 0.0) + need - caps[g] - 1e-6}
-        elif any(len(o) != 1 for o in options):
-            return None
         else:
-            for (g,) in options:
-                if used.get(g, 0.0) + need <= caps.get(g, 0.0) + 1e-9:
-                    return None  # it fits there: best fit decides, not eviction
-                sizes = each.get(g)  # (``_could_fit``'s bound for one victim, with its margin)
-                if sizes and sizes[-1] >= used.get(g, 0.0) + need - caps.get(g, 0.0) - 1e-6:
-                    watched.add(g)
+            seen: set[int] = set()
+            for p in options:
+                lack = {g for g in p if used.get(g, 0.0) + need > caps.get(g, 0.0) + 1e-9}
+                if not lack or not seen.isdisjoint(p):
+                    return None  # it fits there (best fit decides), or options share a GPU
+                seen.update(p)
+                if all((sizes := each.get(g)) and sizes[-1] >= used.get(g, 0.0) + need - caps.get(g, 0.0) - 1e-6
+                       and (len(lack) == 1 or wide.get(g)) for g in lack):
+                    watched.update((g, p) for g in p)
+                    lacks[p] = lack
         if not watched:
             return None
         index, domain = self._index, target.base
-        on = tuple(sorted(watched)) if 4 * len(watched) <= len(caps) else None
-        # a candidate read on a watched GPU that frees too little there alone ends that GPU's chance only if it
-        # is one ``_candidates`` yields (not busy, not hot): asked only once one completes a plan, there
-        pending: dict[int, list[ModelRecord]] = {}
+        on = tuple(sorted(watched)) if 16 * len(watched) <= len(caps) else None
+        # a candidate read on a watched option that does not complete it ends that option's chance only if it
+        # is one ``_candidates`` yields (not busy, not hot): asked only once one completes a plan there
+        pending: dict[tuple[int, ...], list[ModelRecord]] = {}
         yields: dict[str, bool] = {}
 
         def candidate(m: ModelRecord) -> bool:
@@ -180,31 +185,42 @@ class Shortcuts(Placement):
 
         for state in (State.LOADED, State.SLEEPING):
             for m in index.lru(domain, state) if on is None else index.lru_on(domain, state, on):
-                if not m.placed or watched.isdisjoint(m.placed) or m.pinned or m is target:
+                if not m.placed or watched.keys().isdisjoint(m.placed) or m.pinned or m is target:
                     continue
                 o = index.counted(m) or occupant(m)
                 after = Occupant(m.name, m.spec.sleeping_gb, m.placed, counts=False) \
                     if state is State.LOADED and m.spec.sleep_level else None
                 if not o.memory_gb > (after.memory_gb if after is not None else 0.0):
                     continue  # frees no memory: no plan takes it
-                done: list[int] = []
-                short: list[int] = []
-                for g in o.gpus:
-                    if g in watched:
-                        u = used.get(g, 0.0) - o.memory_gb
+                done: list[tuple[int, ...]] = []
+                short: list[tuple[int, ...]] = []
+                opts = {watched[g] for g in o.gpus if g in watched} if len(o.gpus) != 1 \
+                    else (watched[o.gpus[0]],) if o.gpus[0] in watched else ()
+                for opt in opts:
+                    if opt in lacks and lacks[opt].isdisjoint(o.gpus):
+                        continue  # frees nothing the option lacks (``_helps``)
+                    enough = True
+                    for g in opt:
+                        u = used.get(g, 0.0)
+                        if g in o.gpus:
+                            u = u - o.memory_gb
                         if after is not None and g in after.gpus:
                             u = u + after.memory_gb
-                        (short if u + need > caps.get(g, 0.0) + 1e-9 else done).append(g)
+                        if u + need > caps.get(g, 0.0) + 1e-9:
+                            enough = False
+                    (done if enough else short).append(opt)
                 if not done:
-                    for g in short:
-                        pending.setdefault(g, []).append(m)
+                    for opt in short:
+                        pending.setdefault(opt, []).append(m)
                     continue
                 if not candidate(m):
                     continue
-                won = [g for g in done if not any(candidate(x) for x in pending.get(g, ()))]
+                won = [opt for opt in done if not any(candidate(x) for x in pending.get(opt, ()))]
                 if won:
-                    return (min(won),), [m.name], True
-                watched.difference_update(done, short)  # a victim before it there, or two needed: not one
+                    return min(won), [m.name], True
+                for opt in (*done, *short):  # a victim before it there, or two needed: not one
+                    for g in opt:
+                        watched.pop(g, None)
                 if not watched:
                     return None
         return None
