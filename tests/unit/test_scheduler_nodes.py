@@ -410,15 +410,20 @@ def _both(models: dict[str, ModelSpec], max_resident: int) -> tuple[Run, Run]:
     return fast, full
 
 
+def _two_busy(r: Run, first: str, second: str) -> None:
+    """``first`` and ``second`` loaded, each serving a request (1 and 2) still in flight."""
+    r.step(RequestArrived(1, first), at=0)
+    r.step(LoadDone(first, True), at=1)
+    r.step(RequestArrived(2, second), at=1)
+    r.step(LoadDone(second, True), at=2)
+
+
 def test_a_load_blocked_by_the_count_is_planned_in_full_when_a_model_leaves_elsewhere() -> None:
     # t was blocked because the count bound (a and c busy on GPU 0, room on GPU 1): a model leaving GPU 0
     # frees the place it lacked, and GPU 1 must be read again, not only the GPU touched
     fast, full = _both({"a": ModelSpec(40.0), "c": ModelSpec(40.0), "t": ModelSpec(50.0)}, max_resident=2)
     for r in (fast, full):
-        r.step(RequestArrived(1, "a"), at=0)
-        r.step(LoadDone("a", True), at=1)
-        r.step(RequestArrived(2, "c"), at=1)
-        r.step(LoadDone("c", True), at=2)
+        _two_busy(r, "a", "c")
         assert r.step(RequestArrived(3, "t"), at=3) == []
     assert fast.step(ModelExited("a", "gone", False), at=4) == [StartLoad("t", (1,))] \
         == full.step(ModelExited("a", "gone", False), at=4)
@@ -429,10 +434,7 @@ def test_a_load_planned_on_the_nominal_budget_is_not_checked_again_on_the_reduce
     # not there (a 503 at start names them); a model falling idle must then be evicted for it
     fast, full = _both({"r": ModelSpec(70.0), "s": ModelSpec(70.0), "t": ModelSpec(70.0)}, max_resident=10)
     for r in (fast, full):
-        r.step(RequestArrived(1, "r"), at=0)
-        r.step(LoadDone("r", True), at=1)
-        r.step(RequestArrived(2, "s"), at=1)
-        r.step(LoadDone("s", True), at=2)
+        _two_busy(r, "r", "s")
         assert r.step(RequestArrived(3, "t"), at=3) == []
         assert r.step(GpuUsage(((0, 20.0), (1, 20.0))), at=4) == []
     evict = [StopModel("r", StopReason.LRU, "evicted to make room for t")]
