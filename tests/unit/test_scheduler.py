@@ -692,3 +692,16 @@ def test_step4_when_others_leave_no_gpu_it_could_fit_on_the_start_is_tried_anywa
     r = gpu_run(a=ModelSpec(40))
     r.step(GpuUsage(((0, 60.0), (1, 70.0))))
     assert r.step(RequestArrived(1, "a")) == [StartLoad("a", (0,))]
+
+
+def test_two_adapters_of_a_base_that_is_out_evict_once_for_it() -> None:
+    # both waiters want the base: planned once per pass, its room (P's memory) is not taken for someone
+    # else's, and Q stays
+    specs = {"P": ModelSpec(60.0), "Q": ModelSpec(60.0), "B": ModelSpec(50.0), "x": ModelSpec(1.0, base="B"),
+             "y": ModelSpec(1.0, base="B")}
+    r = Run(specs, max_resident=10, memory_gb=130.0)
+    r.step(ModelFound("P"), at=0)
+    r.step(ModelFound("Q"), at=0)
+    assert r.step(RequestArrived(1, "x"), at=1) == [StopModel("P", StopReason.LRU, "evicted to make room for B")]
+    assert r.step(RequestArrived(2, "y"), at=1) == []
+    assert r.step(StopDone("P"), at=2) == [StartLoad("B")]

@@ -481,3 +481,17 @@ def test_one_victim_for_several_gpus_counts_only_models_on_the_gpus_it_lacks() -
     evict = [StopModel("Q", StopReason.LRU, "evicted to make room for t")]
     assert fast.step(RequestArrived(9, "t"), at=10) == evict == full.step(RequestArrived(9, "t"), at=10)
     assert fast.step(StopDone("Q")) == [StartLoad("t", (0, 1))] == full.step(StopDone("Q"))
+
+
+def test_a_base_two_adapters_wait_for_is_planned_once_per_pass() -> None:
+    # x and y are adapters of B, which is out: both waiters want B. Planned twice in one pass, B's second
+    # plan saw the room its first had reserved as taken, evicted Q too, and its room moved on every pass
+    specs = {"P": ModelSpec(60.0), "Q": ModelSpec(60.0), "R": ModelSpec(60.0), "B": ModelSpec(50.0),
+             "x": ModelSpec(1.0, base="B"), "y": ModelSpec(1.0, base="B")}
+    r = Run(specs, max_resident=10, gpu_memory_gb={0: 80.0, 1: 80.0, 2: 80.0}, gpu_nodes={0: "n", 1: "n", 2: "n"})
+    for name, g in (("P", 0), ("Q", 1), ("R", 2)):
+        r.step(ModelFound(name, (g,)), at=0)
+    assert r.step(RequestArrived(1, "x"), at=1) == [StopModel("P", StopReason.LRU, "evicted to make room for B")]
+    assert r.step(RequestArrived(2, "y"), at=1) == []
+    assert r.step(Tick(), at=2) == [] and r.step(Tick(), at=3) == []
+    assert r.step(StopDone("P"), at=4) == [StartLoad("B", (0,))]

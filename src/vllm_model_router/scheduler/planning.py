@@ -101,7 +101,8 @@ class Planner(Shortcuts):
         around it (on a cluster, swaps on other GPUs go on at the same time) and can never take it. A load
         blocked behind busy models blocks the ones after it (no overtaking), so a big model cannot starve
         behind small ones. A load keeps its room from pass to pass while the room is still on its way, and
-        is not planned again: it starts there once the room is free.
+        is not planned again: it starts there once the room is free. A base that waiters of several of its
+        adapters want is one load, planned once per pass.
 
         When the last pass changed nothing here (every load waited) and nothing it read has changed since
         (the models' states, the first waiter of each model, the budgets, and, if it read the eviction
@@ -121,9 +122,13 @@ class Planner(Shortcuts):
             p.cooling.extend(memo.cooling)
             return
         emitted = len(p.out)
+        planned: set[str] = set()  # a base two adapters wait for is planned once, for the older waiter
         for first in firsts:
             target = self._load_target(self._groups[first.model], first)
-            if target is not None and not self._plan_one(p, target, first):
+            if target is None or target.name in planned:
+                continue
+            planned.add(target.name)
+            if not self._plan_one(p, target, first):
                 break
         self._step4 = None
         self._rooms = p.rooms  # (a load not planned this pass, or started, keeps no room)
