@@ -106,6 +106,13 @@ class Shortcuts(Placement):
         else:
             self._room_seen.pop(target.name, None)
 
+    def _count_binds(self, target: ModelRecord, reserved: Usage | None, budget: Budget) -> bool:
+        """``target`` would be over the count next to what holds capacity but it and the room reserved so far
+        (``held(None, but=target).count``, read without copying every GPU's use)."""
+        mine = self._index.counted(target)
+        count = self._index.count(None) - (1 if mine is not None and mine.counts else 0)
+        return count + 1 + (reserved.count if reserved is not None else 0) > budget.max_resident
+
     def _count_free(self, reserved: Usage | None) -> bool:
         """One more model fits the count next to what holds capacity and the room reserved so far, whatever
         leaves or comes in its place (so only memory decides)."""
@@ -288,8 +295,7 @@ class Shortcuts(Placement):
                 or b.gen != self._rules_gen or target.base is not None or not budget.gpu_memory_gb or not all(options) \
                 or (b.options is not options and b.options != options):
             return False
-        held = self._index.held(None, but=target)
-        if held.count + 1 + (reserved.count if reserved is not None else 0) > budget.max_resident:
+        if self._count_binds(target, reserved, budget):
             return False  # the count may bind: options are not independent of one another
         res = reserved.gpu_gb if reserved is not None else {}
         cooled = {g for until, gpus in b.cooling if until <= p.now for g in gpus}  # no longer protected there
@@ -297,7 +303,8 @@ class Shortcuts(Placement):
         noted: list[tuple[float, tuple[int, ...]]] = []
         if touched:
             need = target.memory_gb
-            _, victims = choose_placement(need, plus_of(held, reserved), [], budget, touched)
+            held = plus_of(self._index.held(None, but=target), reserved)
+            _, victims = choose_placement(need, held, [], budget, touched)
             if victims == []:
                 return False
             staying = plus_of(self._index.staying(None, but=target), reserved)
@@ -336,8 +343,7 @@ class Shortcuts(Placement):
         did not bind (then a model leaving anywhere frees a place, and the options are not independent)."""
         bound = first.arrived + self.config.max_wait
         if target.base is not None or p.now >= bound or not self.budget.gpu_memory_gb or budget is not self.budget \
-                or self._index.held(None, but=target).count + 1 + (reserved.count if reserved is not None else 0) \
-                > budget.max_resident:
+                or self._count_binds(target, reserved, budget):
             self._blocked.pop(target.name, None)
             return
         self._blocked[target.name] = Blocked(self._stamp, self.budget, self._rules_gen,
