@@ -247,6 +247,17 @@ async def relay_tuned(session: aiohttp.ClientSession, upstream: Any, request: we
         up.release()
 
 
+async def _relay_chunks(request: web.BaseRequest, status: int, headers: list[tuple[str, str]],
+                        chunks: Any) -> web.StreamResponse:
+    """A streamed answer, each chunk written as a library's client hands it over."""
+    resp = web.StreamResponse(status=status, headers=headers)
+    await resp.prepare(request)
+    async for chunk in chunks:
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
 async def relay_blacksheep(client: Any, upstream: bytes, request: web.BaseRequest) -> web.StreamResponse:
     """BlackSheep's client takes bytes headers; it writes Content-Type from the content, not the headers."""
     from blacksheep import Content, Request
@@ -260,12 +271,7 @@ async def relay_blacksheep(client: Any, upstream: bytes, request: web.BaseReques
     down = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in up.headers if k.decode("latin-1").lower() not in HOP]
     if up.get_first_header(b"content-length") is not None:
         return web.Response(status=up.status, body=await up.read() or b"", headers=down)
-    resp = web.StreamResponse(status=up.status, headers=down)
-    await resp.prepare(request)
-    async for chunk in up.stream():
-        await resp.write(chunk)
-    await resp.write_eof()
-    return resp
+    return await _relay_chunks(request, up.status, down, up.stream())
 
 
 async def relay_aiosonic(client: Any, upstream: str, request: web.BaseRequest) -> web.StreamResponse:
@@ -278,12 +284,7 @@ async def relay_aiosonic(client: Any, upstream: str, request: web.BaseRequest) -
         down = [(k, v) for k, v in up.raw_headers if k.lower() not in HOP]
         if up.headers.get("content-length") is not None:
             return web.Response(status=up.status_code, body=await up.content(), headers=down)
-        resp = web.StreamResponse(status=up.status_code, headers=down)
-        await resp.prepare(request)
-        async for chunk in up.read_chunks():
-            await resp.write(chunk)
-        await resp.write_eof()
-        return resp
+        return await _relay_chunks(request, up.status_code, down, up.read_chunks())
     finally:
         await up.aclose()
 
