@@ -67,10 +67,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def cpu_times(pid: int) -> tuple[float, float]:
+    """The process's own user and system CPU seconds, every thread; not its children's (the engine)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def cpu_seconds(pid: int) -> float:
     """The process's own CPU time (user + system), every thread; not its children's (the engine)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(cpu_times(pid))
 
 
 async def latency(session: aiohttp.ClientSession, url: str, n: int, body: str = BODY) -> list[float]:
