@@ -22,6 +22,7 @@ from vllm_model_router.scheduler import (
     ModelSpec,
     Reject,
     RequestArrived,
+    RequestCancelled,
     RequestFinished,
     Scheduler,
     SchedulerConfig,
@@ -46,7 +47,8 @@ from vllm_model_router.scheduler.eviction import (
     choose_placement,
     plan_eviction,
 )
-from vllm_model_router.scheduler.records import ModelRecord
+from vllm_model_router.scheduler.passes import Pass
+from vllm_model_router.scheduler.records import ModelRecord, Waiter
 
 # two nodes of two 80 GB GPUs: GPUs 0 and 1 on "a", 2 and 3 on "b"
 NODES = {0: "a", 1: "a", 2: "b", 3: "b"}
@@ -263,6 +265,76 @@ def test_a_later_load_never_takes_the_room_an_earlier_one_evicted_for() -> None:
         StopModel("y", StopReason.LRU, "evicted to make room for small")]
     assert r.step(StopDone("x"), at=11) == [StartLoad("big", (0,))]
     assert r.step(StopDone("y"), at=11.5) == [StartLoad("small", (1,))]
+
+
+class CountsPlans(Scheduler):
+    """The scheduler, noting every load step 4 plans (``_plan_one``)."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        super().__init__(config)
+        self.planned: list[str] = []
+
+    def _plan_one(self, p: Pass, target: ModelRecord, first: Waiter) -> bool:
+        self.planned.append(target.name)
+        return super()._plan_one(p, target, first)
+
+
+def _counting(r: Run) -> CountsPlans:
+    s = CountsPlans(r.s.config)
+    r.s = s
+    return s
+
+
+def test_a_load_waiting_in_its_room_is_not_planned_again_while_nothing_moves_there() -> None:
+    r = cluster(x=ModelSpec(60), y=ModelSpec(60), z=ModelSpec(60), w=ModelSpec(60),
+                n1=ModelSpec(60), n2=ModelSpec(60))
+    s = _counting(r)
+    loaded_then_idle(r, "xyzw")
+    assert r.step(RequestArrived(10, "n1"), at=10) == [StopModel("x", StopReason.LRU, "evicted to make room for n1")]
+    assert r.step(RequestArrived(11, "n2"), at=11) == [StopModel("y", StopReason.LRU, "evicted to make room for n2")]
+    # requests served on GPU 2 move nothing in their rooms: step 4 runs (a request came and went) but
+    # neither load is planned again
+    s.planned.clear()
+    assert r.step(RequestArrived(12, "z"), at=12) == [Grant(12, "z")]
+    assert r.step(RequestFinished(12), at=12.5) == []
+    assert s.planned == []
+    # x gone from GPU 0: n1 is planned again and starts; n2, on GPU 1 and with the same room reserved
+    # before it, is not
+    assert r.step(StopDone("x"), at=13) == [StartLoad("n1", (0,))]
+    assert s.planned == ["n1"]
+    assert r.step(StopDone("y"), at=14) == [StartLoad("n2", (1,))]
+
+
+def test_a_load_whose_room_was_reserved_before_it_is_planned_again_when_that_load_leaves() -> None:
+    # one GPU: a evicts x, b behind it evicts y; both wait for the same GPU, b next to a's reservation
+    r = Run({"x": ModelSpec(40), "y": ModelSpec(40), "a": ModelSpec(40), "b": ModelSpec(40)},
+            max_resident=10, gpu_memory_gb={0: 80.0}, gpu_nodes={0: "a"})
+    s = _counting(r)
+    loaded_then_idle(r, "xy")
+    assert r.step(RequestArrived(10, "a"), at=10) == [StopModel("x", StopReason.LRU, "evicted to make room for a")]
+    assert r.step(RequestArrived(11, "b"), at=11) == [StopModel("y", StopReason.LRU, "evicted to make room for b")]
+    s.planned.clear()
+    assert r.step(RequestArrived(12, "b"), at=12) == []
+    assert s.planned == ["a"]  # (y stopping is a move on a's GPU since a was planned)
+    s.planned.clear()
+    assert r.step(RequestArrived(13, "b"), at=12.5) == []
+    assert s.planned == []  # (nothing moved, nothing left)
+    # a's only waiter leaves: nothing moves on the GPU, but what is reserved before b there changed
+    assert r.step(RequestCancelled(10), at=13) == []
+    assert s.planned == ["b"]  # (and planning it again finds it waits for its room still)
+    assert r.step(StopDone("x"), at=14) == [StartLoad("b", (0,))]
+
+
+def test_a_load_waiting_next_to_a_reservation_starts_at_once_when_that_load_leaves() -> None:
+    # one GPU: a evicts x and waits for its room; b fits next to it once x is gone, and waits too
+    r = Run({"x": ModelSpec(40), "a": ModelSpec(50), "b": ModelSpec(30)}, max_resident=10,
+            gpu_memory_gb={0: 80.0}, gpu_nodes={0: "a"})
+    loaded_then_idle(r, "x")
+    assert r.step(RequestArrived(10, "a"), at=10) == [StopModel("x", StopReason.LRU, "evicted to make room for a")]
+    assert r.step(RequestArrived(11, "b"), at=11) == []
+    assert r.step(RequestArrived(12, "b"), at=12) == []
+    # a's only waiter leaves: x still stops, but b fits next to it now that a reserves nothing
+    assert r.step(RequestCancelled(10), at=13) == [StartLoad("b", (0,))]
 
 
 # ---------------------------------------------------------------- a cluster's shortcuts against planning in full

@@ -381,6 +381,7 @@ class PlansEveryPass(Scheduler):
         self._step4 = None
         self._blocked.clear()
         self._room_seen.clear()
+        self._front = None
         super()._plan_loads(p)
 
 

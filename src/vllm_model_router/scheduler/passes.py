@@ -7,9 +7,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from vllm_model_router.scheduler.effects import Effect
-from vllm_model_router.scheduler.eviction import Candidate, Usage
+from vllm_model_router.scheduler.eviction import Budget, Candidate, Occupant, Usage
 from vllm_model_router.scheduler.records import Waiter
 from vllm_model_router.scheduler.residency import Residency
+from vllm_model_router.scheduler.states import State
 
 
 @dataclass(slots=True)
@@ -39,6 +40,33 @@ class Step4:
     until: float  # a waiter's fairness bound or a hot model's cooling: the decision may change then
     blocked_since: float | None
     cooling: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Waits:
+    """A load step 4 found waiting in its room, and what that finding read: its model and oldest waiter (its
+    place in the planning order), its state then, the GPU stamp after it was planned, and what it reserves
+    there in place of what it holds."""
+
+    model: str
+    seq: int
+    state: State
+    since: float
+    stamp: int
+    room: tuple[int, ...]
+    reserves: Occupant
+    holds: Occupant | None
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """The loads step 4's last pass left waiting in their rooms (``Waits``), in planning order, and the
+    budget and rules they were planned under (``Shortcuts._plan_in_order``)."""
+
+    budget: Budget
+    rules: int
+    waits: list[Waits]
+    where: dict[str, int]  # model -> its place in ``waits``
 
 
 class Hot:

@@ -122,14 +122,7 @@ class Planner(Shortcuts):
             p.cooling.extend(memo.cooling)
             return
         emitted = len(p.out)
-        planned: set[str] = set()  # a base two adapters wait for is planned once, for the older waiter
-        for first in firsts:
-            target = self._load_target(self._groups[first.model], first)
-            if target is None or target.name in planned:
-                continue
-            planned.add(target.name)
-            if not self._plan_one(p, target, first):
-                break
+        self._plan_in_order(p, firsts, self._load_target, self._plan_one)
         self._step4 = None
         self._rooms = p.rooms  # (a load not planned this pass, or started, keeps no room)
         if p.room_pending and len(p.out) == emitted and not p.drain and not self._draining:
