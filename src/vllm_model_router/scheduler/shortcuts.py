@@ -80,8 +80,7 @@ class Shortcuts(Placement):
                     planned.add(w.model)
                     waits.append(w)
                     continue
-            target = load_target(self._groups[first.model], first)
-            now = None
+            target, now = load_target(self._groups[first.model], first), None
             if target is not None and target.name not in planned:
                 planned.add(target.name)
                 if not plan_one(p, target, first):
@@ -228,21 +227,28 @@ class Shortcuts(Placement):
             get = used.get                                  # only GPUs with models to evict are read
             watched = {g: (g,) for g, sizes in each.items()
                        if sizes and g in caps and sizes[-1] >= get(g, 0.0) + need - caps[g] - 1e-6}
-        else:
+        else:  # (plain loops: a hundred options or more, read for every load that evicts)
             seen: set[int] = set()
+            get, cap = used.get, caps.get
             for p in options:
-                lack = {g for g in p if used.get(g, 0.0) + need > caps.get(g, 0.0) + 1e-9}
-                if not lack or not seen.isdisjoint(p):
-                    return None  # it fits there (best fit decides), or options share a GPU
+                if not seen.isdisjoint(p):
+                    return None  # options share a GPU
                 seen.update(p)
-                if all((sizes := each.get(g)) and sizes[-1] >= used.get(g, 0.0) + need - caps.get(g, 0.0) - 1e-6
-                       and (len(lack) == 1 or wide.get(g)) for g in lack):
-                    watched.update((g, p) for g in p)
-                    lacks[p] = lack
+                lack = [g for g in p if get(g, 0.0) + need > cap(g, 0.0) + 1e-9]
+                if not lack:
+                    return None  # it fits there (best fit decides)
+                for g in lack:
+                    sizes = each.get(g)
+                    if not sizes or sizes[-1] < get(g, 0.0) + need - cap(g, 0.0) - 1e-6 \
+                            or not (len(lack) == 1 or wide.get(g)):
+                        break
+                else:
+                    watched.update(dict.fromkeys(p, p))
+                    lacks[p] = set(lack)
         if not watched:
             return None
         index, domain = self._index, target.base
-        on = tuple(sorted(watched)) if 16 * len(watched) <= len(caps) else None
+        on = tuple(sorted(watched)) if 8 * len(watched) <= len(caps) and index.fewer_on(domain, watched) else None
         # a candidate read on a watched option that does not complete it ends that option's chance only if it
         # is one ``_candidates`` yields (not busy, not hot): asked only once one completes a plan there
         pending: dict[tuple[int, ...], list[ModelRecord]] = {}
