@@ -292,11 +292,15 @@ def test_a_load_waiting_in_its_room_is_not_planned_again_while_nothing_moves_the
     loaded_then_idle(r, "xyzw")
     assert r.step(RequestArrived(10, "n1"), at=10) == [StopModel("x", StopReason.LRU, "evicted to make room for n1")]
     assert r.step(RequestArrived(11, "n2"), at=11) == [StopModel("y", StopReason.LRU, "evicted to make room for n2")]
-    # requests served on GPU 2 move nothing in their rooms: step 4 runs (a request came and went) but
-    # neither load is planned again
+    # requests served on GPU 2 move nothing in their rooms: step 4 runs (a request came and went); n2,
+    # which evicted in the last pass, is planned once more to find it waiting in its room, and from then
+    # on neither load is planned again
     s.planned.clear()
     assert r.step(RequestArrived(12, "z"), at=12) == [Grant(12, "z")]
+    assert s.planned == ["n2"]
+    s.planned.clear()
     assert r.step(RequestFinished(12), at=12.5) == []
+    assert r.step(RequestArrived(13, "z"), at=12.6) == [Grant(13, "z")]
     assert s.planned == []
     # x gone from GPU 0: n1 is planned again and starts; n2, on GPU 1 and with the same room reserved
     # before it, is not
@@ -315,7 +319,7 @@ def test_a_load_whose_room_was_reserved_before_it_is_planned_again_when_that_loa
     assert r.step(RequestArrived(11, "b"), at=11) == [StopModel("y", StopReason.LRU, "evicted to make room for b")]
     s.planned.clear()
     assert r.step(RequestArrived(12, "b"), at=12) == []
-    assert s.planned == ["a"]  # (y stopping is a move on a's GPU since a was planned)
+    assert s.planned == ["a", "b"]  # (y stopping is a move on a's GPU since a was planned; b evicted last pass)
     s.planned.clear()
     assert r.step(RequestArrived(13, "b"), at=12.5) == []
     assert s.planned == []  # (nothing moved, nothing left)
@@ -335,6 +339,75 @@ def test_a_load_waiting_next_to_a_reservation_starts_at_once_when_that_load_leav
     assert r.step(RequestArrived(12, "b"), at=12) == []
     # a's only waiter leaves: x still stops, but b fits next to it now that a reserves nothing
     assert r.step(RequestCancelled(10), at=13) == [StartLoad("b", (0,))]
+
+
+def _as_planning_in_full(specs: dict[str, ModelSpec], gpus: int, max_resident: int,
+                         steps: list[tuple[float, Event]], before: str = "") -> list[list[object]]:
+    """What the scheduler emits for ``steps`` (after ``before`` loaded then idle, in that order, one per GPU),
+    checked against the two planners that plan every load in full on every pass."""
+    out = []
+    for kind in (Scheduler, PlansEveryPass, ReadsEveryOption):
+        r = Run(specs, max_resident=max_resident, gpu_memory_gb={g: 80.0 for g in range(gpus)},
+                gpu_nodes={g: "a" for g in range(gpus)})
+        r.s = kind(r.s.config)
+        if before:
+            loaded_then_idle(r, before)
+        out.append([r.step(event, at=at) for at, event in steps])
+    assert out[0] == out[1] == out[2], f"{out[0]} / {out[1]} / {out[2]}"
+    return out[0]
+
+
+def test_a_load_waiting_next_to_a_base_brought_in_for_an_adapter_starts_when_that_load_leaves() -> None:
+    # the base's room is reserved before b's though the base is no load kept for its own waiters
+    got = _as_planning_in_full({"x": ModelSpec(40), "B": ModelSpec(50), "ad": ModelSpec(1.0, base="B"),
+                                "b": ModelSpec(30)}, 1, 10,
+                               [(10, RequestArrived(10, "ad")), (11, RequestArrived(11, "b")),
+                                (12, RequestArrived(12, "b")), (13, RequestCancelled(10))], before="x")
+    assert got[-1] == [StartLoad("b", (0,))]
+
+
+def test_a_load_waiting_next_to_a_replica_starts_when_that_replica_leaves() -> None:
+    got = _as_planning_in_full({"x": ModelSpec(40), "R": ModelSpec(50, group="R", replica=0, replicas_max=2),
+                                "R@1": ModelSpec(50, group="R", replica=1, replicas_max=2), "b": ModelSpec(30)},
+                               1, 10, [(10, RequestArrived(10, "R")), (11, RequestArrived(11, "b")),
+                                       (12, RequestArrived(12, "b")), (13, RequestCancelled(10))], before="x")
+    assert got[-1] == [StartLoad("b", (0,))]
+
+
+def test_a_base_an_adapter_brought_in_first_is_not_reserved_twice_for_its_own_waiter() -> None:
+    # B waits in its room on GPU 0; ad (priority 1) plans B first in the pass; c fits next to one B
+    got = _as_planning_in_full({"x": ModelSpec(60), "v": ModelSpec(60), "B": ModelSpec(40),
+                                "ad": ModelSpec(1.0, base="B", priority=1), "c": ModelSpec(30)}, 2, 10,
+                               [(10, RequestArrived(10, "B")), (11, RequestArrived(11, "ad")),
+                                (12, RequestArrived(12, "c"))], before="xv")
+    assert got[-1] == []
+
+
+def test_a_load_planned_as_if_other_processes_were_not_there_is_planned_again_each_pass() -> None:
+    # others hold 20 GB of each GPU: big (70) fits on none, so it is planned on the nominal budget and
+    # evicts x; y gone empties GPU 1, where it fits at once
+    got = _as_planning_in_full({"x": ModelSpec(50), "y": ModelSpec(50), "big": ModelSpec(70)}, 2, 10,
+                               [(5, GpuUsage(((0, 20.0), (1, 20.0)))), (10, RequestArrived(10, "big")),
+                                (11, ModelExited("y", "gone"))], before="xy")
+    assert got[-1] == [StartLoad("big", (1,))]
+
+
+def test_a_load_found_waiting_while_the_count_bound_is_planned_again_when_the_count_frees() -> None:
+    # z busy, p q v idle; A1 and A2 evict p and q; w's place is over the count then (4 held, 2 reserved);
+    # A1's and A2's waiters time out together, which moves nothing on w's GPU
+    specs = {"z": ModelSpec(60), "p": ModelSpec(60), "q": ModelSpec(60), "v": ModelSpec(60),
+             "A1": ModelSpec(60), "A2": ModelSpec(60), "w": ModelSpec(20)}
+    out = []
+    for kind in (Scheduler, PlansEveryPass, ReadsEveryOption):
+        r = Run(specs, max_resident=6, gpu_memory_gb={g: 80.0 for g in range(4)}, gpu_nodes={g: "a" for g in range(4)})
+        r.s = kind(r.s.config)
+        r.step(RequestArrived(100, "z"), at=0)
+        r.step(LoadDone("z", True), at=0)
+        loaded_then_idle(r, "pqv")
+        out.append([r.step(e, at=at) for at, e in ((10, RequestArrived(10, "A1")), (10.1, RequestArrived(11, "A2")),
+                                                   (11, RequestArrived(12, "w")), (610.2, Tick()))])
+    assert out[0] == out[1] == out[2], f"{out[0]} / {out[1]} / {out[2]}"
+    assert out[0][-1][-1] == StartLoad("w", (0,))
 
 
 # ---------------------------------------------------------------- a cluster's shortcuts against planning in full
@@ -375,7 +448,11 @@ class ReadsEveryOption(PlansEveryPass):
 SLEEPY = {**{f"s{i}": ModelSpec(gb, sleep_level=1, sleeping_gb=2.0) for i, gb in enumerate((40.0, 70.0, 20.0))},
           "f0": ModelSpec(30.0, gpus=(0,)), "f1": ModelSpec(30.0, gpus=(2, 9)),
           # (sizes that leave a GPU where the largest model alone would make room, but is not the first)
-          "u0": ModelSpec(20.0), "u1": ModelSpec(60.0), "u2": ModelSpec(10.0)}
+          "u0": ModelSpec(20.0), "u1": ModelSpec(60.0), "u2": ModelSpec(10.0),
+          # (a base brought in for an adapter's waiters, and a replicated model: loads that reserve room
+          # without being kept from pass to pass)
+          "ad": ModelSpec(1.0, base="m1"), "R": ModelSpec(40.0, group="R", replica=0, replicas_max=2),
+          "R@1": ModelSpec(40.0, group="R", replica=1, replicas_max=2)}
 
 
 @settings(max_examples=300, deadline=None)
@@ -384,8 +461,9 @@ SLEEPY = {**{f"s{i}": ModelSpec(gb, sleep_level=1, sleeping_gb=2.0) for i, gb in
        keep_idle=st.sampled_from([0.0, 10.0]), tight=st.booleans())
 def test_on_a_cluster_the_shortcuts_decide_as_planning_in_full(ops: list[tuple[int, int, float]],
                                                                keep_idle: float, tight: bool) -> None:
-    """One-GPU and two-GPU models, requests that come and go, on three nodes of two GPUs, or (``tight``) on
-    nodes of four, four and two GPUs with a count that binds, models that sleep and models on fixed GPUs: the
+    """One-GPU and two-GPU models, requests that come and go, memory that other processes take and give back,
+    on three nodes of two GPUs, or (``tight``) on nodes of four, four and two GPUs with a count that binds,
+    models that sleep, models on fixed GPUs, an adapter and a replicated model: the
     scheduler with its shortcuts (a kept step 4, a load found blocked looked at again only where GPUs were
     touched, rooms, a kept order of the GPUs by free memory, options where no eviction could make room
     left out, floors on the victims, candidates read per GPU) and one planning in full the plain way emit
@@ -397,9 +475,11 @@ def test_on_a_cluster_the_shortcuts_decide_as_planning_in_full(ops: list[tuple[i
     cfg = SchedulerConfig(models, 5 if tight else 20, None, 600.0, 30.0, gpu_memory_gb=gpus, gpu_nodes=nodes,
                           keep_idle=keep_idle)
     fast, full = Scheduler(cfg), ReadsEveryOption(cfg)
-    names = sorted(models)
+    names = sorted({spec.group or name for name, spec in models.items()})
     now, next_id = 0.0, 1
     granted: list[int] = []
+    asked: list[int] = []
+    gone: set[int] = set()  # (cancelled, or granted and finished)
     pending: list[Event] = []  # what the engines will answer: a load, a stop, a sleep or a wake done
 
     def both(event: Event) -> None:
@@ -423,11 +503,18 @@ def test_on_a_cluster_the_shortcuts_decide_as_planning_in_full(ops: list[tuple[i
         now += dt
         if kind <= 2:  # (arrivals outnumber the rest: the GPUs fill with busy models, and loads block)
             both(RequestArrived(next_id, names[i % len(names)]))
+            asked.append(next_id)
             next_id += 1
+        elif kind == 3 and i % 3 == 0 and (waiting := [q for q in asked if q not in granted and q not in gone]):
+            gone.add(waiting[i % len(waiting)])  # (a client gives up on a request that waits for its load)
+            both(RequestCancelled(waiting[i % len(waiting)]))
         elif kind == 3 and granted:
-            both(RequestFinished(granted.pop(i % len(granted))))
+            gone.add(done := granted.pop(i % len(granted)))
+            both(RequestFinished(done))
         elif kind in (4, 5, 6) and pending:
             both(pending.pop(i % len(pending)))
+        elif i % 6 == 0:  # (none of a GPU's memory, or 20 GB of it, held by others: a 70 GB model fits nowhere)
+            both(GpuUsage(((i % n, 20.0 * (i % 12 == 0)), ((i + 1) % n, 20.0))))
         else:
             both(Tick())
 

@@ -315,7 +315,8 @@ class ModelIndex:
     def fewer_on(self, domain: str | None, gpus: Iterable[int]) -> bool:
         """Whether the models placed on ``gpus`` (loaded or sleeping) are few enough next to all of them that
         reading them through ``lru_on`` (a merge of per-GPU lists, about three times the cost per model of
-        ``lru``) costs less than reading ``lru`` and passing over the others."""
+        ``lru``) costs less than reading ``lru`` and passing over the others (at most a third; a model on
+        several of ``gpus`` counts once per GPU)."""
         lru, per_gpu = self._lru, self._lru_gpu
         everyone = len(lru.get((domain, State.LOADED), ())) + len(lru.get((domain, State.SLEEPING), ()))
         there = 0

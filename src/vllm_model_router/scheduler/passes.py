@@ -44,11 +44,13 @@ class Step4:
 
 @dataclass(frozen=True, slots=True)
 class Waits:
-    """A load step 4 found waiting in its room, and what that finding read: its model and oldest waiter (its
-    place in the planning order), its state then, the GPU stamp after it was planned, and what it reserves
-    there in place of what it holds."""
+    """A load step 4 reserved room for, and what that planning read: the model of its oldest waiter and that
+    waiter (its place in the planning order), its state then, the GPU stamp after it was planned, what it
+    reserves there in place of what it holds, and whether it may be reserved there again without being
+    planned (``KeptWalk._plan_in_order``; the others are kept for the room they reserved before later
+    loads)."""
 
-    model: str
+    model: str  # (the waiter's: a base brought in for an adapter is recorded under the adapter)
     seq: int
     state: State
     since: float
@@ -56,12 +58,13 @@ class Waits:
     room: tuple[int, ...]
     reserves: Occupant
     holds: Occupant | None
+    keep: bool
 
 
 @dataclass(frozen=True, slots=True)
 class Kept:
     """The loads step 4's last pass left waiting in their rooms (``Waits``), in planning order, and the
-    budget and rules they were planned under (``Shortcuts._plan_in_order``)."""
+    budget and rules they were planned under (``KeptWalk._plan_in_order``)."""
 
     budget: Budget
     rules: int

@@ -13,10 +13,10 @@ from collections.abc import Container, Sequence
 from vllm_model_router.scheduler.effects import Effect, Reject, TimerAt
 from vllm_model_router.scheduler.eviction import choose_placement, fits
 from vllm_model_router.scheduler.index import in_table_order
+from vllm_model_router.scheduler.kept import KeptWalk
 from vllm_model_router.scheduler.passes import Hot, Pass, Step4, plus
 from vllm_model_router.scheduler.records import Group, ModelRecord, Waiter
 from vllm_model_router.scheduler.residency import TIMED_OUT
-from vllm_model_router.scheduler.shortcuts import Shortcuts
 from vllm_model_router.scheduler.states import HOLDS_CAPACITY, RESIDENT, STARTING, WANTS_IN, State, StopReason
 
 AWAKE = RESIDENT - {State.UNLOADING}
@@ -36,7 +36,7 @@ class _Wanting:
         return g is not None and self._planner._wants_in(g) is not None
 
 
-class Planner(Shortcuts):
+class Planner(KeptWalk):
     """The planning pass, one method per step."""
 
     _step4: Step4 | None = None  # step 4's last decision, while it stands (``_plan_loads``)

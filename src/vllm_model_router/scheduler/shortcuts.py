@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections.abc import Callable, Container
+from collections.abc import Container
 from dataclasses import dataclass
 
 from vllm_model_router.scheduler.eviction import Budget, FreeOrder, Occupant, Usage, choose_placement
 from vllm_model_router.scheduler.index import occupant
-from vllm_model_router.scheduler.passes import Hot, Kept, Pass, Waits, noting_sleepers
+from vllm_model_router.scheduler.passes import Hot, Pass, noting_sleepers
 from vllm_model_router.scheduler.passes import plus as plus_of
 from vllm_model_router.scheduler.placement import Placement
-from vllm_model_router.scheduler.records import Group, ModelRecord, Waiter
+from vllm_model_router.scheduler.records import ModelRecord, Waiter
 from vllm_model_router.scheduler.states import State
 
 
@@ -39,67 +39,7 @@ class Blocked:
 class Shortcuts(Placement):
     """Step 4's ways around reading the whole cluster."""
 
-    _front: Kept | None = None  # (``_skip_kept``)
-
-    def _plan_in_order(self, p: Pass, firsts: list[Waiter],
-                       load_target: Callable[[Group, Waiter], ModelRecord | None],
-                       plan_one: Callable[[Pass, ModelRecord, Waiter], bool]) -> None:
-        """Step 4's walk: the load each waiter needs (``load_target``), in planning order, planned
-        (``plan_one``) until one is blocked; a base two adapters wait for is planned once, for the older
-        waiter. A load the last pass left waiting in its room (``Waits``) is reserved there again without
-        planning it, while nothing that finding read has changed: the same oldest waiter, its model in the
-        same state, no GPU of its room touched since (a move there), the same room reserved before it there
-        (no load before it on those GPUs planned otherwise, gone or new), the same budget and rules, and a
-        count that does not bind. Planning it again would find the same; on a cluster that swaps without
-        pause over a hundred loads wait in their rooms, and most events move nothing there."""
-        budget, kept = self.budget, self._front
-        if kept is None or kept.budget is not budget or kept.rules != self._rules_gen \
-                or budget.memory_gb is not None or not budget.gpu_memory_gb:
-            kept = None
-        old, where = (kept.waits, kept.where) if kept is not None else ([], {})
-        stamps, models = self._gpu_stamp, self._models
-        waits: list[Waits] = []
-        dirty: set[int] = set()  # GPUs where the room reserved before a load may differ from the last pass
-        planned: set[str] = set()
-        j = 0  # (the last pass's loads up to here are behind)
-        for first in firsts:
-            w = None
-            if (i := where.get(first.model, -1)) >= j and old[i].seq == first.seq:
-                for gone in old[j:i]:  # (left the order, or moved in it: their room is no longer reserved here)
-                    dirty.update(gone.room)
-                j, w = i + 1, old[i]
-                m = models[w.model]
-                if m.state is w.state and m.since == w.since and dirty.isdisjoint(w.room) \
-                        and all(stamps.get(g, 0) <= w.stamp for g in w.room) and self._count_free(p.reserved.get(None)):
-                    usage = p.reserved.setdefault(None, Usage())
-                    usage.add(w.reserves)
-                    if w.holds is not None:
-                        usage.remove(w.holds)
-                    p.rooms[w.model] = w.room
-                    p.room_pending = True
-                    planned.add(w.model)
-                    waits.append(w)
-                    continue
-            target, now = load_target(self._groups[first.model], first), None
-            if target is not None and target.name not in planned:
-                planned.add(target.name)
-                if not plan_one(p, target, first):
-                    break
-                if (now := self._waiting_in(p, target, first)) is not None:
-                    waits.append(now)
-            if now is None or w is None or (now.room, now.reserves, now.holds) != (w.room, w.reserves, w.holds):
-                dirty.update(now.room if now is not None else (), w.room if w is not None else ())
-        self._front = Kept(budget, self._rules_gen, waits, {w.model: i for i, w in enumerate(waits)})
-
-    def _waiting_in(self, p: Pass, target: ModelRecord, first: Waiter) -> Waits | None:
-        """What ``target``, planned for ``first``, waits for in its room (None: it does not, or it is not a
-        top-level model brought in for its own waiters)."""
-        room = p.rooms.get(target.name)
-        if room is None or target.name != first.model or target.base is not None \
-                or self._groups[target.group].replicated:
-            return None
-        return Waits(target.name, first.seq, target.state, target.since, self._stamp, room,
-                     Occupant(target.name, target.memory_gb, room), self._index.counted(target))
+    _confirmed: str | None = None  # the load ``_plan_one`` last found still waiting in its room, as ``_room_as_seen``
 
     def _free_fit(self, staying: bool, need: float, usage: Usage, budget: Budget, options: list[tuple[int, ...]],
                   target: ModelRecord, reserved: Usage | None) -> tuple[bool, tuple[int, ...] | None]:
@@ -157,14 +97,18 @@ class Shortcuts(Placement):
         if seen is None or seen[0] != room or seen[2] is not self.budget or self.budget.memory_gb is not None:
             return False
         stamps, res = self._gpu_stamp, reserved.gpu_gb if reserved is not None else {}
-        return all(stamps.get(g, 0) <= seen[1] for g in room) \
-            and seen[3] == tuple(res.get(g, 0.0) for g in room) and self._count_free(reserved)
+        if all(stamps.get(g, 0) <= seen[1] for g in room) \
+                and seen[3] == tuple(res.get(g, 0.0) for g in room) and self._count_free(reserved):
+            self._confirmed = target.name
+            return True
+        return False
 
     def _room_seen_now(self, target: ModelRecord, room: tuple[int, ...], reserved: Usage | None) -> None:
         """Remember that ``target`` was found waiting in ``room`` (``_room_as_seen``)."""
         if self.budget.memory_gb is None and self._count_free(reserved):
             res = reserved.gpu_gb if reserved is not None else {}
             self._room_seen[target.name] = (room, self._stamp, self.budget, tuple(res.get(g, 0.0) for g in room))
+            self._confirmed = target.name
         else:
             self._room_seen.pop(target.name, None)
 

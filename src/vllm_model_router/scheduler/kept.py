@@ -1,0 +1,84 @@
+"""Step 4's walk over the waiting loads, and the rooms it keeps from one pass to the next (see docs/DESIGN.md,
+"Planning cost with hundreds of GPUs"): a load found waiting in its room is reserved there again without
+being planned while nothing that finding read has changed. Planning in full stays the reference; property
+tests hold this walk to it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from vllm_model_router.scheduler.eviction import Occupant, Usage
+from vllm_model_router.scheduler.passes import Kept, Pass, Waits
+from vllm_model_router.scheduler.records import Group, ModelRecord, Waiter
+from vllm_model_router.scheduler.shortcuts import Shortcuts
+
+
+class KeptWalk(Shortcuts):
+    """Step 4's walk, and what it keeps of the last pass."""
+
+    _front: Kept | None = None  # the last pass's walk (``_plan_in_order``)
+
+    def _plan_in_order(self, p: Pass, firsts: list[Waiter],
+                       load_target: Callable[[Group, Waiter], ModelRecord | None],
+                       plan_one: Callable[[Pass, ModelRecord, Waiter], bool]) -> None:
+        """Step 4's walk: the load each waiter needs (``load_target``), in planning order, planned
+        (``plan_one``) until one is blocked; a base two adapters wait for is planned once, for the older
+        waiter. A top-level load ``_plan_one`` last found still waiting in its room the way ``_room_as_seen``
+        asks (on the budget, with a count that did not bind; ``Waits.keep``) is reserved there again without
+        planning it, while what ``_room_as_seen`` reads has not changed: the same oldest waiter, its model in
+        the same state, no GPU of its room touched since (a move there), the same room reserved before it
+        there, the same budget and rules, and a count that does not bind. The room reserved before it is
+        the same unless a GPU of it is ``dirty``: every load that reserved room is recorded, and the rooms of
+        those that left the order, moved in it or were planned otherwise this time are dirty. ``_plan_one``
+        would then reserve the same room the same way; on a cluster that swaps without pause over a hundred
+        loads wait in their rooms, and most events move nothing there."""
+        budget, kept = self.budget, self._front
+        if kept is None or kept.budget is not budget or kept.rules != self._rules_gen \
+                or budget.memory_gb is not None or not budget.gpu_memory_gb:
+            kept = None
+        old, where = (kept.waits, kept.where) if kept is not None else ([], {})
+        stamps, models = self._gpu_stamp, self._models
+        waits: list[Waits] = []
+        dirty: set[int] = set()  # GPUs where the room reserved before a load may differ from the last pass
+        planned: set[str] = set()
+        j = 0  # (the last pass's loads up to here are behind)
+        for first in firsts:
+            w = None
+            if (i := where.get(first.model, -1)) >= j and old[i].seq == first.seq:
+                for gone in old[j:i]:  # (left the order, or moved in it: their room is no longer reserved here)
+                    dirty.update(gone.room)
+                j, w = i + 1, old[i]
+                if w.keep and w.model not in planned and (m := models[w.model]).state is w.state \
+                        and m.since == w.since and dirty.isdisjoint(w.room) \
+                        and all(stamps.get(g, 0) <= w.stamp for g in w.room) and self._count_free(p.reserved.get(None)):
+                    usage = p.reserved.setdefault(None, Usage())
+                    usage.add(w.reserves)
+                    if w.holds is not None:
+                        usage.remove(w.holds)
+                    p.rooms[w.model] = w.room
+                    p.room_pending = True
+                    planned.add(w.model)
+                    waits.append(w)
+                    continue
+            target, now = load_target(self._groups[first.model], first), None
+            if target is not None and target.name not in planned:
+                planned.add(target.name)
+                self._confirmed = None
+                if not plan_one(p, target, first):
+                    break
+                if (now := self._waiting_in(p, target, first)) is not None:
+                    waits.append(now)
+            if now is None or w is None or (now.room, now.reserves, now.holds) != (w.room, w.reserves, w.holds):
+                dirty.update(now.room if now is not None else (), w.room if w is not None else ())
+        self._front = Kept(budget, self._rules_gen, waits, {w.model: i for i, w in enumerate(waits)})
+
+    def _waiting_in(self, p: Pass, target: ModelRecord, first: Waiter) -> Waits | None:
+        """The room ``target``, just planned for ``first``, reserved (None: none), and whether it may be kept:
+        a top-level model brought in for its own waiters, found still waiting there (``_confirmed``)."""
+        room = p.rooms.get(target.name)
+        if room is None:
+            return None
+        keep = self._confirmed == target.name == first.model and target.base is None \
+            and not self._groups[target.group].replicated
+        return Waits(first.model, first.seq, target.state, target.since, self._stamp, room,
+                     Occupant(target.name, target.memory_gb, room), self._index.counted(target), keep)
