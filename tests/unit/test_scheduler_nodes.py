@@ -342,14 +342,19 @@ def test_a_load_waiting_next_to_a_reservation_starts_at_once_when_that_load_leav
 
 
 def _as_planning_in_full(specs: dict[str, ModelSpec], gpus: int, max_resident: int,
-                         steps: list[tuple[float, Event]], before: str = "") -> list[list[object]]:
-    """What the scheduler emits for ``steps`` (after ``before`` loaded then idle, in that order, one per GPU),
-    checked against the two planners that plan every load in full on every pass."""
+                         steps: list[tuple[float, Event]], before: str = "",
+                         busy: str = "") -> list[list[object]]:
+    """What the scheduler emits for ``steps`` (after ``busy`` loaded and serving, then ``before`` loaded then
+    idle, in that order, one per GPU), checked against the two planners that plan every load in full on
+    every pass."""
     out = []
     for kind in (Scheduler, PlansEveryPass, ReadsEveryOption):
         r = Run(specs, max_resident=max_resident, gpu_memory_gb={g: 80.0 for g in range(gpus)},
                 gpu_nodes={g: "a" for g in range(gpus)})
         r.s = kind(r.s.config)
+        for i, name in enumerate(busy):
+            r.step(RequestArrived(100 + i, name), at=0)
+            r.step(LoadDone(name, True), at=0)
         if before:
             loaded_then_idle(r, before)
         out.append([r.step(event, at=at) for at, event in steps])
@@ -395,19 +400,11 @@ def test_a_load_planned_as_if_other_processes_were_not_there_is_planned_again_ea
 def test_a_load_found_waiting_while_the_count_bound_is_planned_again_when_the_count_frees() -> None:
     # z busy, p q v idle; A1 and A2 evict p and q; w's place is over the count then (4 held, 2 reserved);
     # A1's and A2's waiters time out together, which moves nothing on w's GPU
-    specs = {"z": ModelSpec(60), "p": ModelSpec(60), "q": ModelSpec(60), "v": ModelSpec(60),
-             "A1": ModelSpec(60), "A2": ModelSpec(60), "w": ModelSpec(20)}
-    out = []
-    for kind in (Scheduler, PlansEveryPass, ReadsEveryOption):
-        r = Run(specs, max_resident=6, gpu_memory_gb={g: 80.0 for g in range(4)}, gpu_nodes={g: "a" for g in range(4)})
-        r.s = kind(r.s.config)
-        r.step(RequestArrived(100, "z"), at=0)
-        r.step(LoadDone("z", True), at=0)
-        loaded_then_idle(r, "pqv")
-        out.append([r.step(e, at=at) for at, e in ((10, RequestArrived(10, "A1")), (10.1, RequestArrived(11, "A2")),
-                                                   (11, RequestArrived(12, "w")), (610.2, Tick()))])
-    assert out[0] == out[1] == out[2], f"{out[0]} / {out[1]} / {out[2]}"
-    assert out[0][-1][-1] == StartLoad("w", (0,))
+    got = _as_planning_in_full({"z": ModelSpec(60), "p": ModelSpec(60), "q": ModelSpec(60), "v": ModelSpec(60),
+                                "A1": ModelSpec(60), "A2": ModelSpec(60), "w": ModelSpec(20)}, 4, 6,
+                               [(10, RequestArrived(10, "A1")), (10.1, RequestArrived(11, "A2")),
+                                (11, RequestArrived(12, "w")), (610.2, Tick())], before="pqv", busy="z")
+    assert got[-1][-1] == StartLoad("w", (0,))
 
 
 # ---------------------------------------------------------------- a cluster's shortcuts against planning in full

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vllm_model_router.scheduler.eviction import Occupant, Usage
+from vllm_model_router.scheduler.eviction import Occupant
 from vllm_model_router.scheduler.passes import Kept, Pass, Waits
 from vllm_model_router.scheduler.records import Group, ModelRecord, Waiter
 from vllm_model_router.scheduler.shortcuts import Shortcuts
@@ -51,12 +51,8 @@ class KeptWalk(Shortcuts):
                 if w.keep and w.model not in planned and (m := models[w.model]).state is w.state \
                         and m.since == w.since and dirty.isdisjoint(w.room) \
                         and all(stamps.get(g, 0) <= w.stamp for g in w.room) and self._count_free(p.reserved.get(None)):
-                    usage = p.reserved.setdefault(None, Usage())
-                    usage.add(w.reserves)
-                    if w.holds is not None:
-                        usage.remove(w.holds)
-                    p.rooms[w.model] = w.room
-                    p.room_pending = True
+                    p.room_pending = True  # (what ``_plan_one`` does when ``_room_as_seen`` says so)
+                    self._reserve(p, m, w.room, m.memory_gb)
                     planned.add(w.model)
                     waits.append(w)
                     continue
