@@ -72,6 +72,15 @@ class Usage:
     def remove(self, o: Occupant) -> None:
         self.add(o, -1)
 
+    def place(self, gpus: tuple[int, ...], gb: float) -> None:
+        """Count in one more model holding ``gb`` on each of ``gpus`` (``add`` of such an ``Occupant``,
+        without making one: step 4 reserves a room for every waiting load on every pass)."""
+        self.count += 1
+        self.pool_gb += gb
+        gpu_gb = self.gpu_gb
+        for g in gpus:
+            gpu_gb[g] = gpu_gb.get(g, 0.0) + gb
+
 
 def _over(usage: Usage, need_gb: float, budget: Budget, placement: tuple[int, ...]) -> set[str]:
     """What is over budget if the target came in: "count", and "pool" or each GPU ("gpu:N")."""

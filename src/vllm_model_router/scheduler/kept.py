@@ -5,6 +5,8 @@ tests hold this walk to it."""
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_right
 from collections.abc import Callable
 
 from vllm_model_router.scheduler.eviction import Occupant
@@ -37,7 +39,15 @@ class KeptWalk(Shortcuts):
                 or budget.memory_gb is not None or not budget.gpu_memory_gb:
             kept = None
         old, where = (kept.waits, kept.where) if kept is not None else ([], {})
-        stamps, models = self._gpu_stamp, self._models
+        stamps, models, began = self._gpu_stamp, self._models, self._stamp
+        # the GPUs touched since the last walk began: a load kept then, found with an older stamp, was
+        # checked then against the touches before, so only these can be new on its room (read from the log
+        # of touches, while it reaches back that far; else each room's stamps)
+        since = kept.stamp if kept is not None and kept.stamp >= self._touch_floor else -1
+        touched: set[int] = set()
+        if since >= 0:
+            log = self._touch_log
+            touched = {g for _, g in log[bisect_right(log, (since, math.inf)):]}
         waits: list[Waits] = []
         dirty: set[int] = set()  # GPUs where the room reserved before a load may differ from the last pass
         planned: set[str] = set()
@@ -45,14 +55,18 @@ class KeptWalk(Shortcuts):
         for first in firsts:
             w = None
             if (i := where.get(first.model, -1)) >= j and old[i].seq == first.seq:
-                for gone in old[j:i]:  # (left the order, or moved in it: their room is no longer reserved here)
-                    dirty.update(gone.room)
+                if i > j:
+                    for gone in old[j:i]:  # (left the order, or moved in it: their room is no longer reserved)
+                        dirty.update(gone.room)
                 j, w = i + 1, old[i]
+                room = w.room
                 if w.keep and w.model not in planned and (m := models[w.model]).state is w.state \
-                        and m.since == w.since and dirty.isdisjoint(w.room) \
-                        and all(stamps.get(g, 0) <= w.stamp for g in w.room) and self._count_free(p.reserved.get(None)):
+                        and m.since == w.since and dirty.isdisjoint(room) \
+                        and (touched.isdisjoint(room) if w.stamp <= since
+                             else all(stamps.get(g, 0) <= w.stamp for g in room)) \
+                        and self._count_free(p.reserved.get(None)):
                     p.room_pending = True  # (what ``_plan_one`` does when ``_room_as_seen`` says so)
-                    self._reserve(p, m, w.room, m.memory_gb)
+                    self._reserve(p, m, room, m.memory_gb)
                     planned.add(w.model)
                     waits.append(w)
                     continue
@@ -66,7 +80,7 @@ class KeptWalk(Shortcuts):
                     waits.append(now)
             if now is None or w is None or (now.room, now.reserves, now.holds) != (w.room, w.reserves, w.holds):
                 dirty.update(now.room if now is not None else (), w.room if w is not None else ())
-        self._front = Kept(budget, self._rules_gen, waits, {w.model: i for i, w in enumerate(waits)})
+        self._front = Kept(budget, self._rules_gen, began, waits, {w.model: i for i, w in enumerate(waits)})
 
     def _waiting_in(self, p: Pass, target: ModelRecord, first: Waiter) -> Waits | None:
         """The room ``target``, just planned for ``first``, reserved (None: none), and whether it may be kept:

@@ -68,6 +68,7 @@ class Kept:
 
     budget: Budget
     rules: int
+    stamp: int  # the GPU stamp when that walk began
     waits: list[Waits]
     where: dict[str, int]  # model -> its place in ``waits``
 

@@ -69,8 +69,10 @@ class Shortcuts(Placement):
         """Count ``target`` as placed on ``placement`` for the rest of the pass: the room it waits for."""
         p.rooms[target.name] = placement
         self._blocked.pop(target.name, None)
-        usage = p.reserved.setdefault(target.base, Usage())
-        usage.add(Occupant(target.name, need, placement))
+        usage = p.reserved.get(target.base)
+        if usage is None:
+            usage = p.reserved[target.base] = Usage()
+        usage.place(placement, need)
         if (mine := self._index.counted(target)) is not None:  # (a sleeper's residue becomes its need)
             usage.remove(mine)
 
