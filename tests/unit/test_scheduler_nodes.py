@@ -329,6 +329,54 @@ def test_a_load_whose_room_was_reserved_before_it_is_planned_again_when_that_loa
     assert r.step(StopDone("x"), at=14) == [StartLoad("b", (0,))]
 
 
+def test_a_change_in_how_steadily_another_model_is_used_does_not_plan_a_load_waiting_in_its_room_again() -> None:
+    # n1 waits for x to leave GPU 0; z, on GPU 1, turns from steady use to occasional (how long it is
+    # protected from eviction changes): nothing n1's room depends on
+    r = Run({"x": ModelSpec(60), "z": ModelSpec(60), "n1": ModelSpec(60)}, max_resident=10,
+            gpu_memory_gb={0: 80.0, 1: 80.0}, gpu_nodes={0: "a", 1: "a"}, keep_idle=60)
+    s = _counting(r)
+    loaded_then_idle(r, "x")
+    assert r.step(RequestArrived(1, "z"), at=1) == [StartLoad("z", (1,))]
+    r.step(LoadDone("z", True), at=3)  # (a load of 2 s: in steady use while its gap is under 6.5 of them)
+    r.step(RequestFinished(1), at=3.5)
+    r.step(RequestArrived(2, "z"), at=4)
+    r.step(RequestFinished(2), at=4.5)
+    assert r.step(RequestArrived(10, "n1"), at=10) == [StopModel("x", StopReason.LRU, "evicted to make room for n1")]
+    r.step(RequestArrived(3, "z"), at=10.2)  # (n1, which evicted in the last pass, is found waiting in its room)
+    r.step(RequestFinished(3), at=10.3)
+    assert r.s._steady(r.s._models["z"])
+    s.planned.clear()
+    assert r.step(RequestArrived(4, "z"), at=60) == [Grant(4, "z")]
+    assert not r.s._steady(r.s._models["z"])
+    assert r.step(RequestFinished(4), at=60.5) == []  # (a pass that moves nothing on GPU 0)
+    assert s.planned == []
+    assert r.step(StopDone("x"), at=61) == [StartLoad("n1", (0,))]
+
+
+def test_a_load_found_blocked_is_planned_again_when_its_own_waiters_stop_coming_steadily() -> None:
+    # b waits behind a (kept 1.5 s after each use, keep_idle), protected against b while b's requests come
+    # steadily (6.5 of a's 10 s loads after b's first request: to 65.7); when they stop doing so (a gap of
+    # 21.5 s, over 6.5 of b's own reloads of 1.5 / 4 s), a lone newcomer waits one of a's loads (to 10.7),
+    # long past: a is evicted at once, though nothing moved on its GPU, and no protection there ran out,
+    # since b was last found blocked
+    r = Run({"a": ModelSpec(60), "b": ModelSpec(60)}, max_resident=10, gpu_memory_gb={0: 80.0},
+            gpu_nodes={0: "n"}, keep_idle=1.5, max_wait=1000, load_timeout=2000)
+    assert r.step(RequestArrived(1, "a"), at=-20) == [StartLoad("a", (0,))]
+    r.step(LoadDone("a", True), at=-10)
+    r.step(RequestFinished(1), at=-9.5)
+    t, req = -9.0, 100
+    while t <= 22:  # a in steady use, idle from each x.5 to x + 1
+        r.step(RequestArrived(req, "a"), at=t)
+        r.step(RequestFinished(req), at=t + 0.5)
+        if t == 0.0:
+            assert r.step(RequestArrived(2, "b"), at=0.7) == []
+            assert r.step(RequestArrived(3, "b"), at=1.2) == []
+        t, req = t + 1, req + 1
+    assert r.s._steady(r.s._models["b"])
+    assert r.step(RequestArrived(4, "b"), at=22.7) == [StopModel("a", StopReason.LRU, "evicted to make room for b")]
+    assert not r.s._steady(r.s._models["b"])
+
+
 def test_a_load_waiting_next_to_a_reservation_starts_at_once_when_that_load_leaves() -> None:
     # one GPU: a evicts x and waits for its room; b fits next to it once x is gone, and waits too
     r = Run({"x": ModelSpec(40), "a": ModelSpec(50), "b": ModelSpec(30)}, max_resident=10,

@@ -368,9 +368,8 @@ class Residency:
             gap = now - m.last_arrival
             m.gap = gap if m.gap is None else 0.7 * m.gap + 0.3 * gap
         m.last_arrival = now
-        if self._steady(m) != steady:  # how long it waits for hot models changed: step 4's shortcuts expire
-            self._plan_gen += 1
-            self._rules_gen += 1
+        if self._steady(m) != steady:  # how long it waits for hot models changed: step 4's decision expires
+            self._plan_gen += 1  # (and the findings that read it: ``Shortcuts._note_arrival``)
 
     def _reload_cost(self, m: ModelRecord) -> float:
         """What evicting ``m`` costs when it is next wanted, as measured: its last wake if it would be put to

@@ -27,6 +27,7 @@ class Blocked:
     each cools down, and its options then. While only GPUs of some options have been touched since (or have
     a hot model that cooled down), only those can have changed."""
 
+    model: str  # the model of its oldest waiter (``Residency._steadiness_changed``)
     stamp: int
     budget: Budget
     gen: int
@@ -40,6 +41,23 @@ class Shortcuts(Placement):
     """Step 4's ways around reading the whole cluster."""
 
     _confirmed: str | None = None  # the load ``_plan_one`` last found still waiting in its room, as ``_room_as_seen``
+
+    def _note_arrival(self, m: ModelRecord, now: float) -> None:
+        """How long ``m`` is protected from eviction, and how long a load for its waiters waits for protected
+        models (``_hot_until``), may change with an arrival (``_steady``). Then the findings that read either
+        expire, and only those (on a busy cluster some model's steadiness changes on most events): a load
+        waiting in its room reads neither; a load found blocked reads the first where it looked, so ``m``'s
+        GPUs are touched (looked at again), and the second for its own waiters, so a load found blocked for
+        ``m``'s waiters, or with a protected model where ``m`` is, is planned again in full (what protects
+        there, and until when, is noted anew)."""
+        steady = self._steady(m)
+        super()._note_arrival(m, now)
+        if self._steady(m) != steady:
+            self._touch(m)
+            gpus = set(m.placed)
+            for name in [name for name, b in self._blocked.items()
+                         if b.model == m.group or any(not gpus.isdisjoint(on) for _, on in b.cooling)]:
+                del self._blocked[name]
 
     def _free_fit(self, staying: bool, need: float, usage: Usage, budget: Budget, options: list[tuple[int, ...]],
                   target: ModelRecord, reserved: Usage | None) -> tuple[bool, tuple[int, ...] | None]:
@@ -361,6 +379,6 @@ class Shortcuts(Placement):
                 or self._count_binds(target, reserved, budget):
             self._blocked.pop(target.name, None)
             return
-        self._blocked[target.name] = Blocked(self._stamp, self.budget, self._rules_gen,
+        self._blocked[target.name] = Blocked(first.model, self._stamp, self.budget, self._rules_gen,
                                              dict(reserved.gpu_gb) if reserved is not None else {}, tuple(noted),
                                              bound, options)
