@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from vllm_model_router.scheduler.eviction import Budget, FreeOrder, Occupant, Usage, choose_placement
 from vllm_model_router.scheduler.index import occupant
 from vllm_model_router.scheduler.passes import Hot, Pass, noting_sleepers
-from vllm_model_router.scheduler.passes import plus as plus_of
 from vllm_model_router.scheduler.placement import Placement
 from vllm_model_router.scheduler.records import ModelRecord, Waiter
 from vllm_model_router.scheduler.states import State
@@ -97,8 +96,9 @@ class Shortcuts(Placement):
     def _room_usage(self, staying: bool, target: ModelRecord, room: tuple[int, ...],
                     reserved: Usage | None) -> Usage:
         """What is held (or ``staying``) in ``target``'s domain but by it, with the room earlier loads of
-        the pass reserved: the count and pool, and the GPUs of ``room`` only (a load waiting in its room is
-        asked about those alone, on every pass; the cluster's other GPUs are not copied for it)."""
+        the pass reserved: the count and pool, and the GPUs of ``room`` only (a load waiting in its room, or
+        one found blocked and looked at again where GPUs were touched, is asked about those alone; the
+        cluster's other GPUs are not copied for it)."""
         usage = self._index.usage_on(target.base, room, target, staying)
         if reserved is not None:
             usage.count += reserved.count
@@ -336,11 +336,11 @@ class Shortcuts(Placement):
         noted: list[tuple[float, tuple[int, ...]]] = []
         if touched:
             need = target.memory_gb
-            held = plus_of(self._index.held(None, but=target), reserved)
-            _, victims = choose_placement(need, held, [], budget, touched)
+            gpus = tuple(sorted({g for o in touched for g in o}))  # (what is held elsewhere is not read)
+            _, victims = choose_placement(need, self._room_usage(False, target, gpus, reserved), [], budget, touched)
             if victims == []:
                 return False
-            staying = plus_of(self._index.staying(None, but=target), reserved)
+            staying = self._room_usage(True, target, gpus, reserved)
             hot = Hot(self, p.now, p.cooling, first, noted) if self.config.keep_idle > 0 else ()
             for o in touched:
                 if self._make_room(need, staying, target, hot, budget, [o], on=o)[1] is not None:
