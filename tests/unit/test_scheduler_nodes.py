@@ -377,6 +377,43 @@ def test_a_load_found_blocked_is_planned_again_when_its_own_waiters_stop_coming_
     assert not r.s._steady(r.s._models["b"])
 
 
+class CountsReserved(CountsPlans):
+    """The scheduler, noting every load step 4 plans and every room it reserves (``_reserve``)."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        super().__init__(config)
+        self.reserved: list[str] = []
+
+    def _reserve(self, p: Pass, target: ModelRecord, placement: tuple[int, ...], need: float) -> None:
+        self.reserved.append(target.name)
+        super()._reserve(p, target, placement, need)
+
+
+def test_a_model_falling_idle_plans_again_only_from_the_load_found_blocked() -> None:
+    # GPU 0: n1 waits for x to leave; GPU 1: y and z serve, and b, behind n1, is blocked behind them
+    r = Run({"x": ModelSpec(60), "n1": ModelSpec(60), "y": ModelSpec(40), "z": ModelSpec(40), "b": ModelSpec(60)},
+            max_resident=10, gpu_memory_gb={0: 80.0, 1: 80.0}, gpu_nodes={0: "a", 1: "a"})
+    s = CountsReserved(r.s.config)
+    r.s = s
+    loaded_then_idle(r, "x")
+    assert r.step(RequestArrived(1, "y"), at=1) == [StartLoad("y", (1,))]
+    r.step(LoadDone("y", True), at=1)
+    assert r.step(RequestArrived(2, "z"), at=1) == [StartLoad("z", (1,))]
+    r.step(LoadDone("z", True), at=1)
+    assert r.step(RequestArrived(10, "n1"), at=10) == [StopModel("x", StopReason.LRU, "evicted to make room for n1")]
+    assert r.step(RequestArrived(11, "b"), at=11) == []
+    s.planned.clear()
+    s.reserved.clear()
+    # z falls idle: b is looked at again (evicting z would not be enough), n1's room is not
+    assert r.step(RequestFinished(2), at=12) == []
+    assert (s.planned, s.reserved) == (["b"], [])
+    # y falls idle too: b evicts both
+    assert r.step(RequestFinished(1), at=13) == [StopModel("z", StopReason.LRU, "evicted to make room for b"),
+                                                 StopModel("y", StopReason.LRU, "evicted to make room for b")]
+    assert s.reserved == ["b"]
+    assert r.step(StopDone("x"), at=14) == [StartLoad("n1", (0,))]
+
+
 def test_a_load_waiting_next_to_a_reservation_starts_at_once_when_that_load_leaves() -> None:
     # one GPU: a evicts x and waits for its room; b fits next to it once x is gone, and waits too
     r = Run({"x": ModelSpec(40), "a": ModelSpec(50), "b": ModelSpec(30)}, max_resident=10,

@@ -10,7 +10,7 @@ from bisect import bisect_right
 from collections.abc import Callable
 
 from vllm_model_router.scheduler.eviction import Occupant
-from vllm_model_router.scheduler.passes import Kept, Pass, Waits
+from vllm_model_router.scheduler.passes import Kept, Pass, Resume, Waits
 from vllm_model_router.scheduler.records import Group, ModelRecord, Waiter
 from vllm_model_router.scheduler.shortcuts import Shortcuts
 
@@ -39,7 +39,6 @@ class KeptWalk(Shortcuts):
                 or budget.memory_gb is not None or not budget.gpu_memory_gb:
             kept = None
         old, where = (kept.waits, kept.where) if kept is not None else ([], {})
-        stamps, models, began = self._gpu_stamp, self._models, self._stamp
         # the GPUs touched since the last walk began: a load kept then, found with an older stamp, was
         # checked then against the touches before, so only these can be new on its room (read from the log
         # of touches, while it reaches back that far; else each room's stamps)
@@ -48,12 +47,41 @@ class KeptWalk(Shortcuts):
         if since >= 0:
             log = self._touch_log
             touched = {g for _, g in log[bisect_right(log, (since, math.inf)):]}
-        waits: list[Waits] = []
+        self._walk_from(p, firsts, 0, load_target, plan_one, old, where, since, touched, self._stamp, [], set())
+
+    def _resume(self, p: Pass, firsts: list[Waiter],
+                load_target: Callable[[Group, Waiter], ModelRecord | None],
+                plan_one: Callable[[Pass, ModelRecord, Waiter], bool]) -> bool:
+        """Step 4's walk when only models falling idle (requests finished) changed since the last one, which
+        stopped at a load found blocked (``Planner._plan_loads``): the loads before it are waiting in their
+        rooms, which read what models hold, not whether they serve, so they would be reserved the same way
+        again; the walk starts again at the blocked load, with the pass as it was just before it. False when
+        the last walk did not stop so. (The loads it passes over keep the stamp of the walk that checked
+        them: the next walk reads every touch since.)"""
+        kept = self._front
+        r = kept.resume if kept is not None else None
+        if kept is None or r is None or kept.budget is not self.budget or kept.rules != self._rules_gen:
+            return False
+        p.reserved = {domain: usage.copy() for domain, usage in r.reserved.items()}
+        p.rooms = dict(r.rooms)
+        p.room_pending = r.room_pending
+        self._walk_from(p, firsts, r.at, load_target, plan_one, kept.waits, {}, -1, set(), kept.stamp, list(kept.waits),
+                   set(r.planned))
+        return True
+
+    def _walk_from(self, p: Pass, firsts: list[Waiter], start: int,
+              load_target: Callable[[Group, Waiter], ModelRecord | None],
+              plan_one: Callable[[Pass, ModelRecord, Waiter], bool], old: list[Waits], where: dict[str, int],
+              since: int, touched: set[int], began: int, waits: list[Waits], planned: set[str]) -> None:
+        """``_plan_in_order`` from ``firsts[start]`` on, with the loads before it in ``waits`` and ``planned``
+        (``old``, ``where``, ``since``, ``touched``: what may be kept, see there; ``began``: the stamp the
+        loads kept in the end were checked from)."""
+        stamps, models, budget = self._gpu_stamp, self._models, self.budget
         dirty: set[int] = set()  # GPUs where the room reserved before a load may differ from the last pass
-        planned: set[str] = set()
+        resume: Resume | None = None
         j = 0  # (the last pass's loads up to here are behind)
-        for first in firsts:
-            w = None
+        for at in range(start, len(firsts)):
+            first, w = firsts[at], None
             if (i := where.get(first.model, -1)) >= j and old[i].seq == first.seq:
                 if i > j:
                     for gone in old[j:i]:  # (left the order, or moved in it: their room is no longer reserved)
@@ -74,13 +102,18 @@ class KeptWalk(Shortcuts):
             if target is not None and target.name not in planned:
                 planned.add(target.name)
                 self._confirmed = None
+                plain = not p.cooling and not p.read_candidates and p.blocked_since is None and not p.drain
+                pending = p.room_pending
                 if not plan_one(p, target, first):
+                    if plain:  # (a blocked load reserves nothing: the pass is as it was before it)
+                        resume = Resume(at, {domain: usage.copy() for domain, usage in p.reserved.items()},
+                                        dict(p.rooms), frozenset(planned - {target.name}), pending)
                     break
                 if (now := self._waiting_in(p, target, first)) is not None:
                     waits.append(now)
             if now is None or w is None or (now.room, now.reserves, now.holds) != (w.room, w.reserves, w.holds):
                 dirty.update(now.room if now is not None else (), w.room if w is not None else ())
-        self._front = Kept(budget, self._rules_gen, began, waits, {w.model: i for i, w in enumerate(waits)})
+        self._front = Kept(budget, self._rules_gen, began, waits, {w.model: i for i, w in enumerate(waits)}, resume)
 
     def _waiting_in(self, p: Pass, target: ModelRecord, first: Waiter) -> Waits | None:
         """The room ``target``, just planned for ``first``, reserved (None: none), and whether it may be kept:

@@ -62,15 +62,28 @@ class Waits:
 
 
 @dataclass(frozen=True, slots=True)
+class Resume:
+    """Where step 4's last walk stopped, at a load found blocked, and the pass just before that load: what a
+    walk that starts again there needs (``KeptWalk._resume``)."""
+
+    at: int  # the blocked load's place in the planning order
+    reserved: dict[str | None, Usage]
+    rooms: dict[str, tuple[int, ...]]
+    planned: frozenset[str]
+    room_pending: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Kept:
     """The loads step 4's last pass left waiting in their rooms (``Waits``), in planning order, and the
     budget and rules they were planned under (``KeptWalk._plan_in_order``)."""
 
     budget: Budget
     rules: int
-    stamp: int  # the GPU stamp when that walk began
+    stamp: int  # the GPU stamp when the walk that checked them began
     waits: list[Waits]
     where: dict[str, int]  # model -> its place in ``waits``
+    resume: Resume | None = None
 
 
 class Hot:

@@ -107,7 +107,9 @@ class Planner(KeptWalk):
         When the last pass changed nothing here (every load waited) and nothing it read has changed since
         (the models' states, the first waiter of each model, the budgets, and, if it read the eviction
         candidates, which models are idle), the same decision stands without planning again: with
-        hundreds of GPUs, most events (a request granted or finished on a resident model) change none of it."""
+        hundreds of GPUs, most events (a request granted or finished on a resident model) change none of it.
+        When only which models are idle changed, only the load the walk stopped at, blocked, and those after
+        it are planned again (``KeptWalk._resume``)."""
         # only a model that is out (or asleep) can be brought in for its waiters (``_load_target``)
         wanting: Sequence[Container[str]] = [self._index.names_in(s) for s in WANTS_IN]
         if self._replicated:
@@ -122,7 +124,10 @@ class Planner(KeptWalk):
             p.cooling.extend(memo.cooling)
             return
         emitted = len(p.out)
-        self._plan_in_order(p, firsts, self._load_target, self._plan_one)
+        # only models fell idle since (requests finished): the walk starts again at the load it stopped at
+        if memo is None or p.now >= memo.until or memo.key[:-1] != key \
+                or not self._resume(p, firsts, self._load_target, self._plan_one):
+            self._plan_in_order(p, firsts, self._load_target, self._plan_one)
         self._step4 = None
         self._rooms = p.rooms  # (a load not planned this pass, or started, keeps no room)
         if p.room_pending and len(p.out) == emitted and not p.drain and not self._draining:
