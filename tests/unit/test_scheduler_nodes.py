@@ -414,6 +414,30 @@ def test_a_model_falling_idle_plans_again_only_from_the_load_found_blocked() -> 
     assert r.step(StopDone("x"), at=14) == [StartLoad("n1", (0,))]
 
 
+def test_a_load_queued_behind_a_load_found_blocked_plans_nothing_again() -> None:
+    # b is blocked behind y and z (busy on GPU 1; GPU 0 is n1's room); c's first request joins the queue
+    # behind b: no load overtakes a blocked one, so the walk, which stopped at b, would decide the same
+    r = Run({"x": ModelSpec(60), "n1": ModelSpec(60), "y": ModelSpec(40), "z": ModelSpec(40), "b": ModelSpec(60),
+             "c": ModelSpec(20)}, max_resident=10, gpu_memory_gb={0: 80.0, 1: 80.0}, gpu_nodes={0: "a", 1: "a"})
+    s = CountsReserved(r.s.config)
+    r.s = s
+    loaded_then_idle(r, "x")
+    for req, name in ((1, "y"), (2, "z")):
+        assert r.step(RequestArrived(req, name), at=1) == [StartLoad(name, (1,))]
+        r.step(LoadDone(name, True), at=1)
+    assert r.step(RequestArrived(10, "n1"), at=10) == [StopModel("x", StopReason.LRU, "evicted to make room for n1")]
+    assert r.step(RequestArrived(11, "b"), at=11) == []
+    s.planned.clear()
+    s.reserved.clear()
+    assert r.step(RequestArrived(12, "c"), at=12) == []
+    assert (s.planned, s.reserved) == ([], [])
+    # y and z fall idle: b evicts them, and c, behind it, fits next to n1 once x has gone
+    r.step(RequestFinished(2), at=13)
+    assert r.step(RequestFinished(1), at=13.5) == [StopModel("z", StopReason.LRU, "evicted to make room for b"),
+                                                   StopModel("y", StopReason.LRU, "evicted to make room for b")]
+    assert r.step(StopDone("x"), at=14) == [StartLoad("n1", (0,)), StartLoad("c", (0,))]
+
+
 def test_a_load_waiting_next_to_a_reservation_starts_at_once_when_that_load_leaves() -> None:
     # one GPU: a evicts x and waits for its room; b fits next to it once x is gone, and waits too
     r = Run({"x": ModelSpec(40), "a": ModelSpec(50), "b": ModelSpec(30)}, max_resident=10,

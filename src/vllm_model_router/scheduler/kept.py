@@ -80,6 +80,7 @@ class KeptWalk(Shortcuts):
         dirty: set[int] = set()  # GPUs where the room reserved before a load may differ from the last pass
         resume: Resume | None = None
         j = 0  # (the last pass's loads up to here are behind)
+        stopped: int | None = None
         for at in range(start, len(firsts)):
             first, w = firsts[at], None
             if (i := where.get(first.model, -1)) >= j and old[i].seq == first.seq:
@@ -108,12 +109,14 @@ class KeptWalk(Shortcuts):
                     if plain:  # (a blocked load reserves nothing: the pass is as it was before it)
                         resume = Resume(at, {domain: usage.copy() for domain, usage in p.reserved.items()},
                                         dict(p.rooms), frozenset(planned - {target.name}), pending)
+                    stopped = at
                     break
                 if (now := self._waiting_in(p, target, first)) is not None:
                     waits.append(now)
             if now is None or w is None or (now.room, now.reserves, now.holds) != (w.room, w.reserves, w.holds):
                 dirty.update(now.room if now is not None else (), w.room if w is not None else ())
-        self._front = Kept(budget, self._rules_gen, began, waits, {w.model: i for i, w in enumerate(waits)}, resume)
+        self._front = Kept(budget, self._rules_gen, began, waits, {w.model: i for i, w in enumerate(waits)}, stopped,
+                           resume)
 
     def _waiting_in(self, p: Pass, target: ModelRecord, first: Waiter) -> Waits | None:
         """The room ``target``, just planned for ``first``, reserved (None: none), and whether it may be kept:

@@ -36,7 +36,9 @@ class Step4:
     """What step 4 decided when it changed nothing (every load waits), and what that decision read: while
     none of it changes, the same pass would decide the same, and is not run again."""
 
-    key: tuple[object, ...]
+    key: tuple[object, ...]  # what it read but the waiting loads, and which models were idle (None: not read)
+    order: tuple[tuple[str, int], ...]  # the waiting loads the walk read (model, oldest waiter)
+    stopped: bool  # the walk stopped at the last of them, blocked (the loads after it were not read)
     until: float  # a waiter's fairness bound or a hot model's cooling: the decision may change then
     blocked_since: float | None
     cooling: tuple[float, ...]
@@ -83,6 +85,7 @@ class Kept:
     stamp: int  # the GPU stamp when the walk that checked them began
     waits: list[Waits]
     where: dict[str, int]  # model -> its place in ``waits``
+    stopped: int | None  # where in the order it stopped, at a blocked load (None: it read every load)
     resume: Resume | None = None
 
 

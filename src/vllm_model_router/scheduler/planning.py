@@ -115,26 +115,30 @@ class Planner(KeptWalk):
         if self._replicated:
             wanting = [_Wanting(self)]
         firsts = list(self._waiting.in_planning_order(wanting))
-        key: tuple[object, ...] = (self._plan_gen, self._index.version, self.budget,
-                                   tuple((w.model, w.seq) for w in firsts))
+        key: tuple[object, ...] = (self._plan_gen, self._index.version, self.budget)
         memo = self._step4
-        if memo is not None and p.now < memo.until and memo.key[:-1] == key \
-                and memo.key[-1] in (None, self._idle_gen):
+        # (the loads after the one the walk stopped at, blocked, were not read: they may have changed)
+        same = memo is not None and p.now < memo.until and memo.key[:-1] == key \
+            and (len(firsts) >= len(memo.order) if memo.stopped else len(firsts) == len(memo.order)) \
+            and all(w.seq == seq and w.model == model for w, (model, seq) in zip(firsts, memo.order, strict=False))
+        if same and memo is not None and memo.key[-1] in (None, self._idle_gen):
             p.room_pending, p.blocked_since = True, memo.blocked_since
             p.cooling.extend(memo.cooling)
             return
         emitted = len(p.out)
         # only models fell idle since (requests finished): the walk starts again at the load it stopped at
-        if memo is None or p.now >= memo.until or memo.key[:-1] != key \
-                or not self._resume(p, firsts, self._load_target, self._plan_one):
+        if not same or not self._resume(p, firsts, self._load_target, self._plan_one):
             self._plan_in_order(p, firsts, self._load_target, self._plan_one)
         self._step4 = None
         self._rooms = p.rooms  # (a load not planned this pass, or started, keeps no room)
-        if p.room_pending and len(p.out) == emitted and not p.drain and not self._draining:
+        if p.room_pending and len(p.out) == emitted and not p.drain and not self._draining \
+                and (front := self._front) is not None:
             until = min([*p.cooling, p.blocked_since + self.config.max_wait if p.blocked_since is not None
                          else math.inf])
-            self._step4 = Step4((*key, self._idle_gen if p.read_candidates else None), until,
-                                 p.blocked_since, tuple(p.cooling))
+            read = firsts if front.stopped is None else firsts[:front.stopped + 1]
+            self._step4 = Step4((*key, self._idle_gen if p.read_candidates else None),
+                                tuple((w.model, w.seq) for w in read), front.stopped is not None, until,
+                                p.blocked_since, tuple(p.cooling))
 
     def _wants_in(self, g: Group) -> ModelRecord | None:
         """The unit to bring in for ``g``'s waiters when none of its units is loaded or on its way in: a
