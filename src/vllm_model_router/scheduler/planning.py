@@ -116,11 +116,11 @@ class Planner(KeptWalk):
             wanting = [_Wanting(self)]
         firsts = list(self._waiting.in_planning_order(wanting))
         key: tuple[object, ...] = (self._plan_gen, self._index.version, self.budget)
+        order = tuple([(w.model, w.seq) for w in firsts])
         memo = self._step4
         # (the loads after the one the walk stopped at, blocked, were not read: they may have changed)
         same = memo is not None and p.now < memo.until and memo.key[:-1] == key \
-            and (len(firsts) >= len(memo.order) if memo.stopped else len(firsts) == len(memo.order)) \
-            and all(w.seq == seq and w.model == model for w, (model, seq) in zip(firsts, memo.order, strict=False))
+            and (order[:len(memo.order)] if memo.stopped else order) == memo.order
         if same and memo is not None and memo.key[-1] in (None, self._idle_gen):
             p.room_pending, p.blocked_since = True, memo.blocked_since
             p.cooling.extend(memo.cooling)
@@ -135,10 +135,9 @@ class Planner(KeptWalk):
                 and (front := self._front) is not None:
             until = min([*p.cooling, p.blocked_since + self.config.max_wait if p.blocked_since is not None
                          else math.inf])
-            read = firsts if front.stopped is None else firsts[:front.stopped + 1]
             self._step4 = Step4((*key, self._idle_gen if p.read_candidates else None),
-                                tuple((w.model, w.seq) for w in read), front.stopped is not None, until,
-                                p.blocked_since, tuple(p.cooling))
+                                order if front.stopped is None else order[:front.stopped + 1],
+                                front.stopped is not None, until, p.blocked_since, tuple(p.cooling))
 
     def _wants_in(self, g: Group) -> ModelRecord | None:
         """The unit to bring in for ``g``'s waiters when none of its units is loaded or on its way in: a

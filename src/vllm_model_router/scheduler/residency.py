@@ -362,14 +362,15 @@ class Residency:
         """Eviction order: extra replicas first, then lower priority first, then least recently used."""
         return sorted(models, key=lru_key)
 
-    def _note_arrival(self, m: ModelRecord, now: float) -> None:
+    def _note_arrival(self, m: ModelRecord, now: float) -> bool:
+        """A request for ``m`` arrived at ``now``; whether that changed its steadiness (``_steady``)."""
         steady = self._steady(m)
-        if m.last_arrival is not None:
-            gap = now - m.last_arrival
-            m.gap = gap if m.gap is None else 0.7 * m.gap + 0.3 * gap
+        if (last := m.last_arrival) is not None:
+            m.gap = now - last if m.gap is None else 0.7 * m.gap + 0.3 * (now - last)
         m.last_arrival = now
-        if self._steady(m) != steady:  # how long it waits for hot models changed: step 4's decision expires
-            self._plan_gen += 1  # (and the findings that read it: ``Shortcuts._note_arrival``)
+        changed = self._steady(m) != steady
+        self._plan_gen += changed  # how long it waits for hot models changed: step 4's decision expires
+        return changed  # (and the findings that read it: ``Shortcuts._note_arrival``)
 
     def _reload_cost(self, m: ModelRecord) -> float:
         """What evicting ``m`` costs when it is next wanted, as measured: its last wake if it would be put to

@@ -41,7 +41,7 @@ class Shortcuts(Placement):
 
     _confirmed: str | None = None  # the load ``_plan_one`` last found still waiting in its room, as ``_room_as_seen``
 
-    def _note_arrival(self, m: ModelRecord, now: float) -> None:
+    def _note_arrival(self, m: ModelRecord, now: float) -> bool:
         """How long ``m`` is protected from eviction, and how long a load for its waiters waits for protected
         models (``_hot_until``), may change with an arrival (``_steady``). Then the findings that read either
         expire, and only those (on a busy cluster some model's steadiness changes on most events): a load
@@ -49,14 +49,14 @@ class Shortcuts(Placement):
         GPUs are touched (looked at again), and the second for its own waiters, so a load found blocked for
         ``m``'s waiters, or with a protected model where ``m`` is, is planned again in full (what protects
         there, and until when, is noted anew)."""
-        steady = self._steady(m)
-        super()._note_arrival(m, now)
-        if self._steady(m) != steady:
-            self._touch(m)
-            gpus = set(m.placed)
-            for name in [name for name, b in self._blocked.items()
-                         if b.model == m.group or any(not gpus.isdisjoint(on) for _, on in b.cooling)]:
-                del self._blocked[name]
+        if not super()._note_arrival(m, now):
+            return False
+        self._touch(m)
+        gpus = set(m.placed)
+        for name in [name for name, b in self._blocked.items()
+                     if b.model == m.group or any(not gpus.isdisjoint(on) for _, on in b.cooling)]:
+            del self._blocked[name]
+        return True
 
     def _free_fit(self, staying: bool, need: float, usage: Usage, budget: Budget, options: list[tuple[int, ...]],
                   target: ModelRecord, reserved: Usage | None) -> tuple[bool, tuple[int, ...] | None]:
