@@ -438,6 +438,20 @@ def test_a_load_queued_behind_a_load_found_blocked_plans_nothing_again() -> None
     assert r.step(StopDone("x"), at=14) == [StartLoad("n1", (0,)), StartLoad("c", (0,))]
 
 
+def test_a_load_found_blocked_looks_again_at_a_node_whose_freest_gpus_changed() -> None:
+    # tp (2 x 60 GB) goes on its node's two freest GPUs: 1 and 2, where y serves; w, found running on GPU 1,
+    # makes them 0 and 2, untouched since, where x and z are idle: tp evicts them
+    r = Run({"x": ModelSpec(70), "y": ModelSpec(40), "z": ModelSpec(40), "w": ModelSpec(40),
+             "tp": ModelSpec(60, gpu_count=2)}, max_resident=10, gpu_memory_gb={0: 80.0, 1: 80.0, 2: 80.0},
+            gpu_nodes={0: "a", 1: "a", 2: "a"})
+    for name, gpu in (("x", 0), ("y", 1), ("z", 2)):
+        r.step(ModelFound(name, (gpu,)), at=0)
+    assert r.step(RequestArrived(1, "y"), at=1) == [Grant(1, "y")]
+    assert r.step(RequestArrived(2, "tp"), at=2) == []
+    assert r.step(ModelFound("w", (1,)), at=3) == [StopModel("x", StopReason.LRU, "evicted to make room for tp"),
+                                                   StopModel("z", StopReason.LRU, "evicted to make room for tp")]
+
+
 def test_a_load_waiting_next_to_a_reservation_starts_at_once_when_that_load_leaves() -> None:
     # one GPU: a evicts x and waits for its room; b fits next to it once x is gone, and waits too
     r = Run({"x": ModelSpec(40), "a": ModelSpec(50), "b": ModelSpec(30)}, max_resident=10,

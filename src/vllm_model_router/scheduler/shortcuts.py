@@ -321,18 +321,22 @@ class Shortcuts(Placement):
                        reserved: Usage | None, budget: Budget) -> bool:
         """Whether ``target``, found blocked before, is blocked still, found by planning again only the
         options where a GPU was touched since (a model moved or fell idle there, or the room reserved on it
-        differs): the others are as they were, and were blocked. False when it must be planned in full
-        (it may fit, or the finding no longer applies)."""
+        differs), and those it was not found blocked on (a move on a node changes its freest GPUs): the
+        others are as they were, and were blocked. False when it must be planned in full (it may fit, or the
+        finding no longer applies)."""
         b = self._blocked.get(target.name)
         if b is None or p.now >= b.until or b.budget is not self.budget or budget is not self.budget \
-                or b.gen != self._rules_gen or target.base is not None or not budget.gpu_memory_gb or not all(options) \
-                or (b.options is not options and b.options != options):
+                or b.gen != self._rules_gen or target.base is not None or not budget.gpu_memory_gb or not all(options):
             return False
         if self._count_binds(target, reserved, budget):
             return False  # the count may bind: options are not independent of one another
         res = reserved.gpu_gb if reserved is not None else {}
         cooled = {g for until, gpus in b.cooling if until <= p.now for g in gpus}  # no longer protected there
         touched = self._touched(options, b, res, cooled)
+        if b.options is not options and b.options != options:
+            known, again = set(b.options), set(touched)
+            touched = [o for o in options if o in again or o not in known]
+            b.options = options
         noted: list[tuple[float, tuple[int, ...]]] = []
         if touched:
             need = target.memory_gb
