@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 from collections.abc import Callable, Collection, Container, Iterator, Sequence
-from collections.abc import Set as AbstractSet
 
 from vllm_model_router.scheduler.records import Waiter
 
@@ -77,16 +76,15 @@ class WaitQueue:
     def in_planning_order(self, among: Sequence[Container[str]]) -> Iterator[Waiter]:
         """The first waiter of each model named in one of ``among`` (sets of names, or anything that answers
         ``in``, looked at as it reads),
-        by its model's priority (highest first) and then in arrival order, read lazily: the caller must not
-        change the queue while it reads. (Up to three sets, what step 4 asks on every pass and reads whole
-        before it plans, are read at once, in one comprehension.)"""
+        by its model's priority (highest first) and then in arrival order. Read at once (step 4 reads it whole
+        before it plans, on every pass), ``among`` asked of each model in turn."""
         by_model = self._by_model
-        if len(among) <= 3 and all(isinstance(names, AbstractSet) for names in among):
-            a, b, c = (*among, (), (), ())[:3]
+        if len(among) <= 3:  # (up to three: asked without a loop per model)
+            a, b, c = (*among, (), ())[:3]
             return iter([next(iter(by_model[model].values())) for _, _, model in self._first_keys
                          if model in a or model in b or model in c])
-        return (next(iter(by_model[model].values())) for _, _, model in self._first_keys
-                if any(model in names for names in among))
+        return iter([next(iter(by_model[model].values())) for _, _, model in self._first_keys
+                     if any(model in names for names in among)])
 
     def admitted(self, admits: Callable[[Waiter], bool], among: Collection[str]) -> list[Waiter]:
         """The waiters that ``admits`` lets through, in arrival order, where only models in
