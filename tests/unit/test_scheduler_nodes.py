@@ -6,13 +6,16 @@ from __future__ import annotations
 
 from collections.abc import Container
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.scheduler_run import Run
 from tests.unit.test_scheduler_properties import PlansEveryPass
 from vllm_model_router.scheduler import (
+    AdminUnload,
     Capacity,
+    Effect,
     Event,
     GpuUsage,
     Grant,
@@ -450,6 +453,94 @@ def test_a_load_found_blocked_looks_again_at_a_node_whose_freest_gpus_changed() 
     assert r.step(RequestArrived(2, "tp"), at=2) == []
     assert r.step(ModelFound("w", (1,)), at=3) == [StopModel("x", StopReason.LRU, "evicted to make room for tp"),
                                                    StopModel("z", StopReason.LRU, "evicted to make room for tp")]
+
+
+def _decides_as_planning_in_full(models: dict[str, ModelSpec], steps: list[tuple[float, Event]],
+                                 **config: object) -> list[list[Effect]]:
+    """What the scheduler emits for ``steps``, timers included, checked against planning every pass in full."""
+    out: list[list[list[Effect]]] = []
+    load_timeout, max_wait = config.pop("load_timeout", 600.0), config.pop("max_wait", 30.0)
+    for kind in (Scheduler, PlansEveryPass):
+        s = kind(SchedulerConfig(models, 10, None, load_timeout, max_wait,  # type: ignore[arg-type]
+                                 **{"keep_idle": 0.0, **config}))  # type: ignore[arg-type]
+        out.append([s.handle(event, at) for at, event in steps])
+    for (at, event), mine, full in zip(steps, *out, strict=True):
+        assert mine == full, f"{event} at {at}: {mine}, planning in full {full}"
+    return out[0]
+
+
+THREE_GPUS = {"gpu_memory_gb": {0: 80.0, 1: 80.0, 2: 80.0}, "gpu_nodes": {0: "n", 1: "n", 2: "n"}}
+ONE_ADAPTER_EACH = {"B1": ModelSpec(60, max_adapters=1), "B2": ModelSpec(60, max_adapters=1), "z": ModelSpec(60),
+                    "b": ModelSpec(60), "x1": ModelSpec(1, base="B1"), "y2": ModelSpec(1, base="B2"),
+                    "ad": ModelSpec(1, base="B1", group="ad", replica=0, replicas_max=2),
+                    "ad@1": ModelSpec(1, base="B2", group="ad", replica=1, replicas_max=2)}
+# B1, B2 and z loaded; x1 idle on B1, y2 serving on B2 (each base has one adapter slot); ad's copy on B1 evicts x1
+BEFORE_AD = [(0.0, RequestArrived(1, "B1")), (0.0, LoadDone("B1", True)), (0.0, RequestArrived(2, "B2")),
+             (0.0, LoadDone("B2", True)), (0.0, RequestArrived(3, "z")), (0.0, LoadDone("z", True)),
+             (0.0, RequestFinished(1)), (0.0, RequestFinished(2)), (1.0, RequestArrived(4, "x1")),
+             (1.0, LoadDone("x1", True)), (1.5, RequestFinished(4)), (2.0, RequestArrived(5, "y2")),
+             (2.0, LoadDone("y2", True)), (10.0, RequestArrived(10, "ad"))]
+
+
+def test_a_model_falling_idle_may_change_which_copy_of_an_adapter_a_walk_started_again_brings_in() -> None:
+    # ad waits for x1 to leave B1; b, behind it, is blocked. y2 falling idle on B2 makes ad's copy there
+    # the one brought in (an engine where room can be made at once): the loads before b decide otherwise
+    out = _decides_as_planning_in_full(ONE_ADAPTER_EACH, [*BEFORE_AD, (11, RequestArrived(11, "b")),
+                                                          (12, RequestArrived(12, "b")), (13, RequestFinished(5))],
+                                       **THREE_GPUS)
+    assert StopModel("y2", StopReason.LRU, "evicted to make room for ad@1") in out[-1]
+
+
+def test_a_model_falling_idle_may_change_which_copy_of_an_adapter_a_kept_decision_brings_in() -> None:
+    out = _decides_as_planning_in_full(ONE_ADAPTER_EACH, [*BEFORE_AD, (11, RequestArrived(11, "ad")),
+                                                          (12, RequestArrived(12, "ad")), (13, RequestFinished(5))],
+                                       **THREE_GPUS)
+    assert StopModel("y2", StopReason.LRU, "evicted to make room for ad@1") in out[-1]
+
+
+@pytest.mark.parametrize("last", [RequestArrived(12, "A1"), RequestArrived(13, "d")])
+def test_a_drain_that_step_7_starts_is_read_by_the_next_pass_of_step_4(last: Event) -> None:
+    # A1 is blocked behind busy a0 (its base B has one adapter slot), c queued behind it; an operator's
+    # unload drains B, which admits no new adapter request: A1 waits for the drain, c goes in
+    models = {"B": ModelSpec(60, max_adapters=1), "a0": ModelSpec(1, base="B"), "A1": ModelSpec(1, base="B"),
+              "c": ModelSpec(60), "d": ModelSpec(10)}
+    out = _decides_as_planning_in_full(models, [
+        (0, RequestArrived(1, "B")), (0, LoadDone("B", True)), (0, RequestFinished(1)), (1, RequestArrived(2, "a0")),
+        (1, LoadDone("a0", True)), (10, RequestArrived(10, "A1")), (11, RequestArrived(11, "c")),
+        (12, AdminUnload("B")), (13, last)], gpu_memory_gb={0: 80.0, 1: 80.0}, gpu_nodes={0: "n", 1: "n"})
+    assert StartLoad("c", (1,)) in out[-1]
+
+
+PROTECTED = {"x": ModelSpec(60), "B": ModelSpec(60), "a1": ModelSpec(1, base="B"),
+             "a2": ModelSpec(1, base="B", priority=1)}
+ONE_GPU_KEPT = {"gpu_memory_gb": {0: 80.0}, "gpu_nodes": {0: "n"}, "keep_idle": 60.0, "max_wait": 1000.0,
+                "load_timeout": 2000.0}
+
+
+def test_a_load_found_blocked_for_one_adapter_is_planned_again_for_another_that_comes_first() -> None:
+    # x in steady use, protected; B waits for a1's waiters (steady: x protected to 18.5), then for a2's
+    # (higher priority, a lone request: x protected one of its loads after it, to 14)
+    out = _decides_as_planning_in_full(PROTECTED, [
+        (-2, RequestArrived(1, "x")), (0, LoadDone("x", True)), (0.5, RequestFinished(1)),
+        (5, RequestArrived(2, "x")), (5.5, RequestFinished(2)), (10, RequestArrived(3, "x")),
+        (10.5, RequestFinished(3)), (11, RequestArrived(10, "a1")), (11.5, RequestArrived(11, "a1")),
+        (12, RequestArrived(12, "a2")), (14, Tick())], **ONE_GPU_KEPT)
+    assert out[-1][0] == StopModel("x", StopReason.LRU, "evicted to make room for B")
+
+
+def test_a_load_found_blocked_reads_the_steadiness_of_its_waiter_now_first() -> None:
+    # B, found blocked for a2's waiters, waits for a1's once a2's are cancelled; a1 turning occasional
+    # (x protected against it only to 17.1) lets B evict x at once
+    steps: list[tuple[float, Event]] = [
+        (0, RequestArrived(1, "a1")), (1, LoadDone("B", True)), (1.1, LoadDone("a1", True)),  # (a 0.1 s load)
+        (1.2, RequestFinished(1)), (1.3, AdminUnload("B")), (1.4, StopDone("B")),
+        (2, RequestArrived(2, "x")), (4, LoadDone("x", True)), (4.5, RequestFinished(2)),
+        (9, RequestArrived(3, "x")), (9.5, RequestFinished(3)), (14, RequestArrived(4, "x")),
+        (14.5, RequestFinished(4)), (15.0, RequestArrived(20, "a2")), (15.05, RequestArrived(21, "a2"))]
+    steps += [(round(15.1 + 0.1 * i, 2), RequestArrived(30 + i, "a1")) for i in range(11)]  # a1 steady
+    steps += [(16.2, RequestCancelled(20)), (16.2, RequestCancelled(21)), (19, RequestArrived(50, "a1"))]
+    out = _decides_as_planning_in_full(PROTECTED, steps, **ONE_GPU_KEPT)
+    assert StopModel("x", StopReason.LRU, "evicted to make room for B") in out[-1]
 
 
 def test_a_load_waiting_next_to_a_reservation_starts_at_once_when_that_load_leaves() -> None:

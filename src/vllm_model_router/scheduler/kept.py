@@ -19,6 +19,8 @@ class KeptWalk(Shortcuts):
     """Step 4's walk, and what it keeps of the last pass."""
 
     _front: Kept | None = None  # the last pass's walk (``_plan_in_order``)
+    _read_serving = False  # this pass chose a unit by which models serve (``Planner._room_by_eviction``): it
+    # keeps no decision, so no walk starts again from one (``_resume``)
 
     def _plan_in_order(self, p: Pass, firsts: list[Waiter],
                        load_target: Callable[[Group, Waiter], ModelRecord | None],
@@ -55,9 +57,11 @@ class KeptWalk(Shortcuts):
         """Step 4's walk when only models falling idle (requests finished) changed since the last one, which
         stopped at a load found blocked (``Planner._plan_loads``): the loads before it are waiting in their
         rooms, which read what models hold, not whether they serve, so they would be reserved the same way
-        again; the walk starts again at the blocked load, with the pass as it was just before it. False when
-        the last walk did not stop so. (The loads it passes over keep the stamp of the walk that checked
-        them: the next walk reads every touch since.)"""
+        again, provided what each is brought in for does not depend on it either (``_load_target``: a pass
+        that chose a copy of an adapter by which models serve keeps no decision, ``Planner._plan_loads``).
+        The walk starts again at the blocked load, with the pass as it was just before it. False when the
+        last walk did not stop so. (The loads it passes over keep the stamp of the walk that checked them:
+        the next walk reads every touch since.)"""
         kept = self._front
         r = kept.resume if kept is not None else None
         if kept is None or r is None or kept.budget is not self.budget or kept.rules != self._rules_gen:
@@ -65,8 +69,9 @@ class KeptWalk(Shortcuts):
         p.reserved = {domain: usage.copy() for domain, usage in r.reserved.items()}
         p.rooms = dict(r.rooms)
         p.room_pending = r.room_pending
+        # (no load from the blocked one on is kept: none was in the last walk's rooms)
         self._walk_from(p, firsts, r.at, load_target, plan_one, kept.waits, {}, -1, set(), kept.stamp, list(kept.waits),
-                   set(r.planned))
+                        set(r.planned))
         return True
 
     def _walk_from(self, p: Pass, firsts: list[Waiter], start: int,

@@ -38,7 +38,7 @@ class Step4:
 
     key: tuple[object, ...]  # what it read but the waiting loads, and which models were idle (None: not read)
     order: tuple[tuple[str, int], ...]  # the waiting loads the walk read (model, oldest waiter)
-    stopped: bool  # the walk stopped at the last of them, blocked (the loads after it were not read)
+    unread_after: bool  # the walk stopped at the last of them, blocked: the loads after it were not read
     until: float  # a waiter's fairness bound or a hot model's cooling: the decision may change then
     blocked_since: float | None
     cooling: tuple[float, ...]

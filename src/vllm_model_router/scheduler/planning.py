@@ -108,9 +108,11 @@ class Planner(KeptWalk):
         (the models' states, the first waiter of each model, the budgets, and, if it read the eviction
         candidates, which models are idle), the same decision stands without planning again: with
         hundreds of GPUs, most events (a request granted or finished on a resident model) change none of it.
-        When only which models are idle changed, only the load the walk stopped at, blocked, and those after
-        it are planned again (``KeptWalk._resume``)."""
+        When only which models are idle changed, the walk starts again at the load it stopped at, blocked
+        (``KeptWalk._resume``). A pass that chose a copy of an adapter by which models serve keeps no
+        decision (``_room_by_eviction``); a drain step 7 starts or lifts counts as an event."""
         # only a model that is out (or asleep) can be brought in for its waiters (``_load_target``)
+        self._read_serving = False
         wanting: Sequence[Container[str]] = [self._index.names_in(s) for s in WANTS_IN]
         if self._replicated:
             wanting = [_Wanting(self)]
@@ -118,10 +120,9 @@ class Planner(KeptWalk):
         key: tuple[object, ...] = (self._plan_gen, self._index.version, self.budget)
         order = tuple([(w.model, w.seq) for w in firsts])
         memo = self._step4
-        # (the loads after the one the walk stopped at, blocked, were not read: they may have changed)
         same = memo is not None and p.now < memo.until and memo.key[:-1] == key \
-            and (order[:len(memo.order)] if memo.stopped else order) == memo.order
-        if same and memo is not None and memo.key[-1] in (None, self._idle_gen):
+            and (order[:len(memo.order)] if memo.unread_after else order) == memo.order
+        if same and memo is not None and memo.key[-1] in (None, self._idle_gen):  # ("is not None": for mypy)
             p.room_pending, p.blocked_since = True, memo.blocked_since
             p.cooling.extend(memo.cooling)
             return
@@ -132,11 +133,11 @@ class Planner(KeptWalk):
         self._step4 = None
         self._rooms = p.rooms  # (a load not planned this pass, or started, keeps no room)
         if p.room_pending and len(p.out) == emitted and not p.drain and not self._draining \
-                and (front := self._front) is not None:
+                and not self._read_serving and (front := self._front) is not None:
             until = min([*p.cooling, p.blocked_since + self.config.max_wait if p.blocked_since is not None
                          else math.inf])
-            self._step4 = Step4((*key, self._idle_gen if p.read_candidates else None),
-                                order if front.stopped is None else order[:front.stopped + 1],
+            read = order if front.stopped is None else order[:front.stopped + 1]  # (up to the blocked load)
+            self._step4 = Step4((*key, self._idle_gen if p.read_candidates else None), read,
                                 front.stopped is not None, until, p.blocked_since, tuple(p.cooling))
 
     def _wants_in(self, g: Group) -> ModelRecord | None:
@@ -163,7 +164,10 @@ class Planner(KeptWalk):
 
     def _room_by_eviction(self, u: ModelRecord) -> bool:
         """An adapter's base has an idle adapter that could make room for it (asked only when no base of
-        its model has a free slot: an engine where room can be made at once beats one that must drain)."""
+        its model has a free slot: an engine where room can be made at once beats one that must drain).
+        Which unit comes in then depends on which models serve: step 4 keeps no decision that read it."""
+        if u.base is not None:
+            self._read_serving = True
         return u.base is None or next(iter(self._candidates(u.base, u)), None) is not None
 
     def _slot_free(self, u: ModelRecord) -> bool:
@@ -389,7 +393,9 @@ class Planner(KeptWalk):
         # step sets a drain: the ones to settle are those it set last time and those it sets now
         for name in self._draining | p.drain.keys():
             m = self._models[name]
-            m.drain_seq = p.drain.get(name) if m.state is State.LOADED else None
+            seq = p.drain.get(name) if m.state is State.LOADED else None
+            self._plan_gen += seq != m.drain_seq  # (who it admits changed: step 4 read it, ``base.admits``)
+            m.drain_seq = seq
         self._draining = {name for name in p.drain if self._models[name].state is State.LOADED}
 
     # (9) ------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ class Blocked:
     each cools down, and its options then. While only GPUs of some options have been touched since (or have
     a hot model that cooled down), only those can have changed."""
 
-    model: str  # the model of its oldest waiter (``Residency._steadiness_changed``)
+    model: str  # the model of its oldest waiter, the newcomer protected models are held against (``Hot``)
     stamp: int
     budget: Budget
     gen: int
@@ -326,7 +326,8 @@ class Shortcuts(Placement):
         finding no longer applies)."""
         b = self._blocked.get(target.name)
         if b is None or p.now >= b.until or b.budget is not self.budget or budget is not self.budget \
-                or b.gen != self._rules_gen or target.base is not None or not budget.gpu_memory_gb or not all(options):
+                or b.model != first.model or b.gen != self._rules_gen or target.base is not None \
+                or not budget.gpu_memory_gb or not all(options):
             return False
         if self._count_binds(target, reserved, budget):
             return False  # the count may bind: options are not independent of one another
