@@ -19,8 +19,6 @@ class KeptWalk(Shortcuts):
     """Step 4's walk, and what it keeps of the last pass."""
 
     _front: Kept | None = None  # the last pass's walk (``_plan_in_order``)
-    _read_serving = False  # this pass chose a unit by which models serve (``Planner._room_by_eviction``): it
-    # keeps no decision, so no walk starts again from one (``_resume``)
 
     def _plan_in_order(self, p: Pass, firsts: list[Waiter],
                        load_target: Callable[[Group, Waiter], ModelRecord | None],
@@ -75,9 +73,9 @@ class KeptWalk(Shortcuts):
         return True
 
     def _walk_from(self, p: Pass, firsts: list[Waiter], start: int,
-              load_target: Callable[[Group, Waiter], ModelRecord | None],
-              plan_one: Callable[[Pass, ModelRecord, Waiter], bool], old: list[Waits], where: dict[str, int],
-              since: int, touched: set[int], began: int, waits: list[Waits], planned: set[str]) -> None:
+                   load_target: Callable[[Group, Waiter], ModelRecord | None],
+                   plan_one: Callable[[Pass, ModelRecord, Waiter], bool], old: list[Waits], where: dict[str, int],
+                   since: int, touched: set[int], began: int, waits: list[Waits], planned: set[str]) -> None:
         """``_plan_in_order`` from ``firsts[start]`` on, with the loads before it in ``waits`` and ``planned``
         (``old``, ``where``, ``since``, ``touched``: what may be kept, see there; ``began``: the stamp the
         loads kept in the end were checked from)."""
@@ -111,9 +109,9 @@ class KeptWalk(Shortcuts):
                 plain = not p.cooling and not p.read_candidates and p.blocked_since is None and not p.drain
                 pending = p.room_pending
                 if not plan_one(p, target, first):
-                    if plain:  # (a blocked load reserves nothing: the pass is as it was before it)
-                        resume = Resume(at, {domain: usage.copy() for domain, usage in p.reserved.items()},
-                                        dict(p.rooms), frozenset(planned - {target.name}), pending)
+                    if plain:  # (a blocked load reserves nothing: the pass is as it was before it; nothing
+                        # changes its reservations once step 4 is over, and ``_resume`` copies them)
+                        resume = Resume(at, p.reserved, p.rooms, frozenset(planned - {target.name}), pending)
                     stopped = at
                     break
                 if (now := self._waiting_in(p, target, first)) is not None:

@@ -40,6 +40,7 @@ class Planner(KeptWalk):
     """The planning pass, one method per step."""
 
     _step4: Step4 | None = None  # step 4's last decision, while it stands (``_plan_loads``)
+    _read_serving = False  # this pass chose a unit by which models serve (``_room_by_eviction``): it keeps none
 
     def _pump(self, now: float, out: list[Effect]) -> None:
         p = Pass(now, out)
@@ -136,8 +137,8 @@ class Planner(KeptWalk):
                 and not self._read_serving and (front := self._front) is not None:
             until = min([*p.cooling, p.blocked_since + self.config.max_wait if p.blocked_since is not None
                          else math.inf])
-            read = order if front.stopped is None else order[:front.stopped + 1]  # (up to the blocked load)
-            self._step4 = Step4((*key, self._idle_gen if p.read_candidates else None), read,
+            self._step4 = Step4((*key, self._idle_gen if p.read_candidates else None),  # (read: to the blocked load)
+                                order if front.stopped is None else order[:front.stopped + 1],
                                 front.stopped is not None, until, p.blocked_since, tuple(p.cooling))
 
     def _wants_in(self, g: Group) -> ModelRecord | None:
@@ -166,8 +167,7 @@ class Planner(KeptWalk):
         """An adapter's base has an idle adapter that could make room for it (asked only when no base of
         its model has a free slot: an engine where room can be made at once beats one that must drain).
         Which unit comes in then depends on which models serve: step 4 keeps no decision that read it."""
-        if u.base is not None:
-            self._read_serving = True
+        self._read_serving |= u.base is not None
         return u.base is None or next(iter(self._candidates(u.base, u)), None) is not None
 
     def _slot_free(self, u: ModelRecord) -> bool:
