@@ -84,6 +84,7 @@ class CheckedIndexes(Scheduler):
         assert {m.name for m in index.timed()} == {m.name for m in scan.timed()}, f"{where}: timed"
         for s in State:
             assert {m.name for m in index.in_state(s)} == {m.name for m in scan.in_state(s)}, f"{where}: {s}"
+            assert {m.name for m in index.units_in(s)} == {m.name for m in scan.units_in(s)}, f"{where}: units {s}"
         waiting = self._waiting
         self.scan_waiting._all = dict(waiting._all)
         reference = self.scan_waiting

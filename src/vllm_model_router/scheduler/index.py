@@ -96,6 +96,7 @@ class ModelIndex:
 
     def __init__(self) -> None:
         self._by_state: dict[State, dict[str, ModelRecord]] = {s: {} for s in State}
+        self._units: dict[State, dict[str, ModelRecord]] = {s: {} for s in State}  # units of replicated models
         self._holders: dict[str | None, dict[str, ModelRecord]] = {None: {}}
         self._holders_sorted: dict[str | None, list[ModelRecord]] = {}  # cached table order; dropped on change
         self._holder_counts: dict[tuple[str | None, State], int] = {}  # (domain, state) -> how many hold
@@ -134,6 +135,7 @@ class ModelIndex:
         """``m`` is about to change state: forget where it is now (``moved`` files it again)."""
         self._unfree(m)
         del self._by_state[m.state][m.name]
+        self._units[m.state].pop(m.name, None)
         if m.base is not None:
             self._adapter_counts[m.base, m.state] -= 1
         if holds_capacity(m):
@@ -190,6 +192,8 @@ class ModelIndex:
     def _enter(self, m: ModelRecord) -> None:
         self._records[m.name] = m
         self._by_state[m.state][m.name] = m
+        if m.spec.group is not None:
+            self._units[m.state][m.name] = m
         if m.base is not None:
             self._adapter_counts[m.base, m.state] = self._adapter_counts.get((m.base, m.state), 0) + 1
         if holds_capacity(m):
@@ -341,6 +345,11 @@ class ModelIndex:
         """The names of the models in ``state``: a live view."""
         return self._by_state[state].keys()
 
+    def units_in(self, state: State) -> list[ModelRecord]:
+        """The units of replicated models (``spec.group``) in ``state``, in no particular order: what step 4r
+        reads, in proportion to the replicated models rather than to everything loaded."""
+        return list(self._units[state].values())
+
     def timed(self) -> list[ModelRecord]:
         """The models with an idle clock (``has_idle_clock``) that are loaded or asleep, in no particular
         order."""
@@ -429,6 +438,9 @@ class ScanningIndex(ModelIndex):
 
     def holders_gb(self, domain: str | None, states: Collection[State]) -> float:
         return sum(m.memory_gb for m in self.holders(domain) if m.state in states)
+
+    def units_in(self, state: State) -> list[ModelRecord]:
+        return [m for m in self._table.values() if m.state is state and m.spec.group is not None]
 
     def timed(self) -> list[ModelRecord]:
         return [m for m in self._table.values() if has_idle_clock(m) and m.state in TIMED]

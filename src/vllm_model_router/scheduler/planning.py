@@ -308,12 +308,12 @@ class Planner(KeptWalk):
     def _may_want_more(self) -> list[Group]:
         """The replicated models that may want another replica: those with a loaded one (saturation) and
         those that keep some (their floor), in table order. The others want none: looking at these only
-        keeps the step's cost in proportion to what is loaded, not to the number of models (with several
-        engines, every adapter is a replicated model)."""
+        keeps the step's cost in proportion to the replicated models loaded, not to the number of models
+        (with several engines, every adapter is a replicated model) nor to everything loaded (a cluster
+        has a thousand models up, and the step is read on every pass that plans no load)."""
         groups = {g.name: g for g in self._kept}
-        for name in self._index.names_in(State.LOADED):
-            m = self._models[name]
-            if m.spec.group is not None and not m.spec.external:
+        for m in self._index.units_in(State.LOADED):
+            if not m.spec.external:
                 groups.setdefault(m.group, self._groups[m.group])
         return sorted(groups.values(), key=lambda g: g.members[0].order)
 
