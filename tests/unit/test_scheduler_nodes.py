@@ -771,6 +771,30 @@ def test_one_victim_is_a_plan_only_where_it_is_the_first_that_frees_memory() -> 
     assert r.step(StopDone("c")) == [StartLoad("x", (1,))] == full.step(StopDone("c"))
 
 
+def test_one_victim_reads_every_gpu_once_it_has_read_as_many_models_as_gpus() -> None:
+    # x (70 GB) fits on none of four GPUs. The one-victim walk checks a GPU only when it reaches a model
+    # there, until it has read four models; then every GPU. d (70, alone on GPU 2) is the first model that
+    # makes room alone, read fifth. GPU 1 is watched from the second read on (h is busy, c would do), so a
+    # walk that checked only the GPUs of the models it read would pass d over and take c
+    specs = {"a": ModelSpec(40), "h": ModelSpec(10), "b": ModelSpec(40), "e": ModelSpec(40), "d": ModelSpec(70),
+             "c": ModelSpec(70), "f": ModelSpec(40), "x": ModelSpec(70)}
+    gpus, nodes = {g: 80.0 for g in range(4)}, {g: "n" for g in range(4)}
+    fast = Run(specs, max_resident=20, gpu_memory_gb=gpus, gpu_nodes=nodes)
+    full = Run(specs, max_resident=20, gpu_memory_gb=gpus, gpu_nodes=nodes)
+    full.s = ReadsEveryOption(full.s.config)
+    order = (("a", 0), ("h", 1), ("b", 0), ("e", 3), ("d", 2), ("c", 1), ("f", 3))  # least recently used first
+    for r in (fast, full):
+        for name, g in order:
+            r.step(ModelFound(name, (g,)), at=0)
+        for i, (name, _) in enumerate(order):
+            r.step(RequestArrived(i, name), at=1 + i)
+            if name != "h":  # (h stays busy: it cannot go, and does not keep c from being a plan alone)
+                r.step(RequestFinished(i), at=1.5 + i)
+    evict = [StopModel("d", StopReason.LRU, "evicted to make room for x")]
+    assert fast.step(RequestArrived(9, "x"), at=10) == evict == full.step(RequestArrived(9, "x"), at=10)
+    assert fast.step(StopDone("d")) == [StartLoad("x", (2,))] == full.step(StopDone("d"))
+
+
 def _both(models: dict[str, ModelSpec], max_resident: int) -> tuple[Run, Run]:
     """The scheduler and the plain reference on two 80 GB GPUs of one node, no idle protection."""
     gpus, nodes = {0: 80.0, 1: 80.0}, {0: "n", 1: "n"}

@@ -187,13 +187,14 @@ class Shortcuts(Placement):
         each, wide = self._index.freeable_each()
         watched: dict[int, tuple[int, ...]] = {}  # GPU -> the watched option it is in
         lacks: dict[tuple[int, ...], set[int]] = {}  # a watched option's GPUs without room for the target
-        if fits_nowhere and options is self._layout()[0]:  # every GPU, and it fits on none (``FreeOrder``):
-            get = used.get                                  # only GPUs with models to evict are read
-            watched = {g: (g,) for g, sizes in each.items()
-                       if sizes and g in caps and sizes[-1] >= get(g, 0.0) + need - caps[g] - 1e-6}
-        else:  # (plain loops: a hundred options or more, read for every load that evicts)
+        get = used.get
+        # every GPU, and it fits on none (``FreeOrder``): a GPU is watched if its largest model to evict would
+        # do, checked only once the walk reaches a model on it (the first victim is usually found long
+        # before every GPU is reached), and for all of them only if the walk reads as many models as GPUs
+        lazy: set[int] | None = set() if fits_nowhere and options is self._layout()[0] else None
+        if lazy is None:  # (plain loops: a hundred options or more, read for every load that evicts)
             seen: set[int] = set()
-            get, cap = used.get, caps.get
+            cap = caps.get
             for p in options:
                 if not seen.isdisjoint(p):
                     return None  # options share a GPU
@@ -209,10 +210,12 @@ class Shortcuts(Placement):
                 else:
                     watched.update(dict.fromkeys(p, p))
                     lacks[p] = set(lack)
-        if not watched:
+        if not watched and lazy is None:
             return None
         index, domain = self._index, target.base
-        on = tuple(sorted(watched)) if 8 * len(watched) <= len(caps) and index.fewer_on(domain, watched) else None
+        on = tuple(sorted(watched)) if lazy is None and 8 * len(watched) <= len(caps) \
+            and index.fewer_on(domain, watched) else None
+        left = len(caps)  # models the walk reads before every GPU is checked
         # a candidate read on a watched option that does not complete it ends that option's chance only if it
         # is one ``_candidates`` yields (not busy, not hot): asked only once one completes a plan there
         pending: dict[tuple[int, ...], list[ModelRecord]] = {}
@@ -225,6 +228,18 @@ class Shortcuts(Placement):
 
         for state in (State.LOADED, State.SLEEPING):
             for m in index.lru(domain, state) if on is None else index.lru_on(domain, state, on):
+                if lazy is not None:
+                    left -= 1
+                    for g in m.placed if left else each:
+                        if g not in lazy:
+                            lazy.add(g)
+                            sizes = each.get(g)
+                            if sizes and g in caps and sizes[-1] >= get(g, 0.0) + need - caps[g] - 1e-6:
+                                watched[g] = (g,)
+                    if not left:
+                        lazy = None
+                        if not watched:
+                            return None
                 if not m.placed or watched.keys().isdisjoint(m.placed) or m.pinned or m is target:
                     continue
                 o = index.counted(m) or occupant(m)
@@ -261,7 +276,7 @@ class Shortcuts(Placement):
                 for opt in (*done, *short):  # a victim before it there, or two needed: not one
                     for g in opt:
                         watched.pop(g, None)
-                if not watched:
+                if not watched and lazy is None:
                     return None
         return None
 
