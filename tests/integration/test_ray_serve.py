@@ -15,6 +15,7 @@ import pytest
 
 from tests.harness import engine, free_port, launch_router
 from tests.harness.ray_cluster import RayCluster, ray_cluster
+from tests.harness.waiting import wait_until
 from vllm_model_router.gpu.probe import GIB
 from vllm_model_router.http.metrics import families
 
@@ -150,3 +151,29 @@ async def test_a_request_in_hand_when_its_node_is_lost_is_answered_from_another_
     reply = await slow  # nothing of it had come back: it is planned again, on the node that is left
     assert reply.status == 200, reply.body
     assert (await r.model("a"))["node"] not in (None, where)
+
+
+async def test_a_router_up_before_any_gpu_node_refuses_at_once_and_serves_once_one_joins(
+    cluster: RayCluster, start_router: StartRouter, marker: str
+) -> None:
+    # the head has no GPU (as on KubeRay, where the router may come up before the GPU workers): no place for
+    # a model yet. A clear 503 at once, not an internal error from placing it "anywhere" on no node.
+    r = await start_router(
+        {"a": engine(memory_gb=60)}, capacity={"max_resident": 10},
+        cluster={"backend": "ray", "address": cluster.cluster.address, "namespace": f"t-{marker[:8]}",
+                 "gpu_memory_gb": 80})
+    refused = await r.chat("a")
+    assert refused.status == 503 and "no node of the cluster has a GPU" in refused.error["message"], refused.body
+    assert refused.elapsed < 5
+    assert "load_failed" not in [e["kind"] for e in await r.events()]  # nothing was started, nothing failed
+    assert (await r.get("/admin/models")).json()["nodes"] == []  # a cluster, with no GPU node: said so
+    assert "router_nodes 0.0" in (await r.get("/metrics")).body.decode()
+    node = cluster.add_node(num_gpus=1)
+    await wait_until(lambda: _nodes_seen(r), 30, "the new node seen by the router")
+    reply = await r.chat("a")
+    assert reply.status == 200, reply.body
+    assert (await r.model("a"))["node"] == cluster.node_id(node)
+
+
+async def _nodes_seen(r: Any) -> bool:
+    return bool((await r.get("/admin/models")).json()["nodes"])

@@ -120,6 +120,33 @@ def test_a_model_whose_resources_no_node_offers_is_refused_at_once_and_placed_wh
     assert r.step(RequestArrived(2, "h100")) == [StartLoad("h100", (2,))]
 
 
+def test_a_cluster_with_no_gpu_node_refuses_loads_at_once_and_places_them_when_a_node_joins() -> None:
+    # the router came up before any GPU node joined (a KubeRay head whose workers are still starting), or
+    # every node was lost: no GPU exists, so nothing can be placed. Not "place it nowhere in particular",
+    # as on a machine without GPUs: that start had no node to go to.
+    r = Run({"x": ModelSpec(40), "tp": ModelSpec(40, gpu_count=2)}, max_resident=10, gpu_memory_gb={},
+            gpu_nodes={})
+    assert r.step(RequestArrived(1, "x")) == [Reject(
+        1, "x", 503, "Failed to load model x: no node of the cluster has a GPU now (none has joined yet, or "
+        "every one was lost)")]
+    assert [type(e) for e in r.step(RequestArrived(2, "tp"))] == [Reject]
+    assert r.step(Capacity(((0, 80.0), (1, 80.0)), ((0, "a"), (1, "a")))) == []
+    assert r.step(RequestArrived(3, "tp")) == [StartLoad("tp", (0, 1))]
+    assert r.step(RequestArrived(4, "x")) == [StartLoad("x", (0,))]
+
+
+def test_every_node_lost_fails_the_waiting_loads_at_once() -> None:
+    r = cluster(x=ModelSpec(60), y=ModelSpec(60), z=ModelSpec(60), w=ModelSpec(60), v=ModelSpec(60))
+    for i, name in enumerate("xyzw"):
+        r.step(RequestArrived(i, name))
+        r.step(LoadDone(name, True))  # every GPU busy
+    assert r.step(RequestArrived(9, "v")) == []  # waits for room
+    out = r.step(Capacity((), ()))
+    assert Reject(9, "v", 503, "Failed to load model v: no node of the cluster has a GPU now (none has joined "
+                               "yet, or every one was lost)") in out
+    assert not [e for e in out if isinstance(e, StartLoad)]
+
+
 def test_a_tensor_parallel_model_that_needs_resources_evicts_only_on_nodes_that_offer_them() -> None:
     r = Run({"x": ModelSpec(60), "y": ModelSpec(60), "z": ModelSpec(60), "w": ModelSpec(60),
              "tp": ModelSpec(60, gpu_count=2, needs=frozenset({"fast"}))}, max_resident=10,

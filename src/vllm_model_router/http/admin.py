@@ -146,7 +146,8 @@ async def admin_models(request: web.Request) -> web.Response:
             "memory_accounting": "measured per GPU (NVML)" if runtime.gpus.measured else "declarations only",
         },
         "gpus": runtime.gpus.view(),
-        **({"nodes": nodes} if (nodes := runtime.nodes()) else {}),  # cluster.backend ray
+        # cluster.backend ray: the nodes with GPUs, alive or lost (none yet is news too: no GPU to place on)
+        **({"nodes": nodes} if (nodes := runtime.nodes()) or cfg.cluster.backend != "local" else {}),
     }))
 
 

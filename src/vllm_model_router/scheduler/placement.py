@@ -15,9 +15,12 @@ class Placement(Residency):
         """Where ``m`` may go: its fixed GPUs, any one GPU, ``gpu_count`` GPUs of one node (on each node
         the ones with the most memory free: a tensor-parallel model wants them all to have its share), or
         (no GPUs known, or an adapter) nowhere in particular. On a cluster, only nodes that offer what it
-        ``needs`` (none: it cannot be placed)."""
-        if m.base is not None or not self.budget.gpu_memory_gb:
+        ``needs`` (none: it cannot be placed), and a cluster with no GPU at all (no node has joined yet, or
+        every one was lost) has no place for anything: not "anywhere", as a machine without GPUs."""
+        if m.base is not None:
             return [()]
+        if not self.budget.gpu_memory_gb:
+            return [] if self.config.gpu_nodes is not None else [()]  # a cluster's GPUs: none
         if m.spec.gpus:
             return [m.spec.gpus]
         k = m.spec.gpu_count
@@ -68,6 +71,8 @@ class Placement(Residency):
 
     def _unplaceable(self, m: ModelRecord) -> str:
         """Why ``m`` has no option (``_options`` is empty): what no node has."""
+        if not self.budget.gpu_memory_gb:
+            return "no node of the cluster has a GPU now (none has joined yet, or every one was lost)"
         if m.spec.needs and not self._layout(m.spec.needs)[1]:
             return f"needs a node with the resources {', '.join(sorted(m.spec.needs))}; no node has them"
         return f"needs {m.spec.gpu_count} GPUs on one machine; no machine has that many"

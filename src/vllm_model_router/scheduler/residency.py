@@ -49,7 +49,7 @@ class SchedulerConfig:
     load_timeout: float
     max_wait: float
     gpu_memory_gb: Mapping[int, float] | None = None  # per-GPU budgets when GPUs are known
-    gpu_nodes: Mapping[int, str] | None = None  # which node (machine) each GPU is on; None: all on one
+    gpu_nodes: Mapping[int, str] | None = None  # the node each GPU is on (even empty: a cluster); None: one machine
     node_resources: Mapping[str, Collection[str]] | None = None  # what each node offers (``ModelSpec.needs``)
     host_memory_gb: float | None = None  # what level-1 sleepers' weights may take in host RAM
     host_overflow: str = "stop"  # host budget full: "stop" the oldest level-1 sleeper, or sleep at "level2"
