@@ -104,6 +104,21 @@ async def test_models_are_placed_per_gpu_and_started_there(start_router: StartRo
     assert gpus[0]["reserved_gb"] == 45 and gpus[1]["reserved_gb"] == 70
 
 
+async def test_capacity_memory_gb_is_each_gpus_budget_and_models_on_two_gpus_both_stay(
+    start_router: StartRouter, marker: str
+) -> None:
+    # 50 GB on each of two GPUs with a budget of 70 each: both fit, and both stay (read as one pool of 70,
+    # the idle one was stopped after every load, a swap per request)
+    r = await start_router({"a": gpu_model(50), "b": gpu_model(50)}, probe=SimProbe(marker),
+                           capacity={"max_resident": 4, "memory_gb": 70})
+    for name in ("a", "b", "a", "b"):
+        assert (await r.chat(name)).status == 200
+    views = await r.models()
+    assert {n: (v["state"], v["gpus"], v["loads"]) for n, v in views.items()} == {
+        "a": ("loaded", [0], 1), "b": ("loaded", [1], 1)}
+    assert "over_capacity" not in [e.get("data", {}).get("reason") for e in await r.events()]
+
+
 async def test_memory_held_by_others_is_named_instead_of_crashing_the_engine(
     start_router: StartRouter, marker: str
 ) -> None:

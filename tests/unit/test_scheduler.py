@@ -366,6 +366,26 @@ def test_step3_adapters_loaded_out_of_band_are_counted_and_trimmed_to_budget() -
     assert {v.name: v.out_of_band for v in r.s.view()} == {"base": 0, "other": 0, "x": 0, "y": 1, "z": 1}
 
 
+def test_step3_models_found_over_the_memory_pool_are_trimmed_to_it() -> None:
+    r = Run({"a": ModelSpec(40), "b": ModelSpec(40)}, max_resident=10, memory_gb=70)
+    assert r.step(ModelFound("a"), at=1) == []
+    assert r.step(ModelFound("b"), at=2) == [StopModel("a", OVER_CAPACITY, "over capacity (loaded outside the router)")]
+
+
+def test_step3_with_gpus_capacity_memory_gb_is_each_gpus_budget_not_a_pool_to_trim_to() -> None:
+    # capacity.memory_gb is each GPU's budget once GPUs are known: 40 GB on each of two GPUs of 70 is within
+    # it. Read as a pool (80 > 70), step 3 stopped the idle one after every load, and the next request for
+    # it stopped the other: a swap per request on a machine with room for both.
+    r = Run({"a": ModelSpec(40), "b": ModelSpec(40)}, max_resident=10, memory_gb=70,
+            gpu_memory_gb={0: 70.0, 1: 70.0})
+    assert r.step(RequestArrived(1, "a"), at=1) == [StartLoad("a", (0,))]
+    r.step(LoadDone("a", True))
+    r.step(RequestFinished(1), at=2)
+    assert r.step(RequestArrived(2, "b"), at=3) == [StartLoad("b", (1,))]
+    assert r.step(LoadDone("b", True), at=4) == [Grant(2, "b")]
+    assert r.step(RequestArrived(3, "a"), at=5) == [Grant(3, "a")]
+
+
 def test_step0_endpoint_mode_external_engine_is_never_managed() -> None:
     models = {"@engine": ModelSpec(external=True, max_adapters=1), "x": ModelSpec(base="@engine"),
               "y": ModelSpec(base="@engine")}

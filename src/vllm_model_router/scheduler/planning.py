@@ -19,10 +19,9 @@ from vllm_model_router.scheduler.records import Group, ModelRecord, Waiter
 from vllm_model_router.scheduler.residency import TIMED_OUT
 from vllm_model_router.scheduler.states import HOLDS_CAPACITY, RESIDENT, STARTING, WANTS_IN, State, StopReason
 
-AWAKE = RESIDENT - {State.UNLOADING}
+AWAKE = RESIDENT - {State.UNLOADING}  # what step 3 counts against a budget: resident, not on its way out
 RETRY_FAILED_S = 30.0
 """A replica whose load failed is not started again for saturation (or to be kept) before this long."""
-"""What step 3 counts against a budget: resident and not already on its way out."""
 
 
 class _Wanting:
@@ -79,16 +78,17 @@ class Planner(KeptWalk):
     # (3) ------------------------------------------------------------------------------------------
     def _trim(self, p: Pass) -> None:
         """A domain over its budget (models loaded behind the router's back) stops idle members, least
-        recently used first, until it fits again."""
+        recently used first, until it fits again (its memory: the pool's; with GPUs, each has its own)."""
         for domain in [None, *(m.name for m in self._index.bases() if m.state is State.LOADED)]:
             budget = self._budget(domain)
+            pool = None if budget.gpu_memory_gb else budget.memory_gb
             if self._index.count_holders(domain, AWAKE) <= budget.max_resident and (
-                    budget.memory_gb is None or self._index.holders_gb(domain, AWAKE) <= budget.memory_gb + 1e-9):
+                    pool is None or self._index.holders_gb(domain, AWAKE) <= pool + 1e-9):
                 continue  # within its count and its memory: nothing to trim
             members = [m for m in self._index.holders(domain) if m.state in AWAKE]
             over = len(members) - budget.max_resident
-            if budget.memory_gb is not None:
-                over = max(over, 1 if sum(m.memory_gb for m in members) > budget.memory_gb + 1e-9 else 0)
+            if pool is not None:
+                over = max(over, 1 if sum(m.memory_gb for m in members) > pool + 1e-9 else 0)
             if over > 0:
                 idle = self._lru(m for m in members if m.state is State.LOADED and not m.pinned and not self._busy(m))
                 for victim in idle[:over]:
