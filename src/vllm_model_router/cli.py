@@ -46,7 +46,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from vllm_model_router.gpu.memory import check_fit, gpu_budgets, resolve_needs
     from vllm_model_router.gpu.probe import NvmlProbe
 
-    probe = NvmlProbe.create()
+    # with the ray backend the models go on the nodes' GPUs, not this machine's (which may have one of its own)
+    probe = NvmlProbe.create() if not cfg.cluster.ray else None
     devices = probe.devices() if probe is not None else []
     needs = resolve_needs(cfg, devices)
     problems = check_fit(cfg, devices, needs)
@@ -61,7 +62,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print("# memory per model (per GPU it is placed on):")
     for name, need in needs.items():
         print(f"#   {name}: {need.gb:.1f} GB from {need.source}")
-    if budgets:
+    if cfg.cluster.ray:
+        from vllm_model_router.gpu.ray_nodes import gpu_budget
+
+        print(f"# Ray cluster: each GPU of its nodes has a budget of {gpu_budget(cfg):.1f} GB; the nodes and "
+              f"their GPUs are read when the router joins the cluster")
+    elif budgets:
         print("# GPU budgets: " + ", ".join(f"GPU {g} {gb:.1f} GB" for g, gb in budgets.items()))
     else:
         print("# no NVIDIA GPU detected: memory is accounted from declarations only")

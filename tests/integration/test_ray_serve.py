@@ -177,3 +177,22 @@ async def test_a_router_up_before_any_gpu_node_refuses_at_once_and_serves_once_o
 
 async def _nodes_seen(r: Any) -> bool:
     return bool((await r.get("/admin/models")).json()["nodes"])
+
+
+async def test_capacity_memory_gb_is_each_gpus_budget_on_the_cluster_as_on_one_machine(
+    cluster: RayCluster, start_router: StartRouter, marker: str
+) -> None:
+    # 80 GB GPUs, of which the operator lets the models reserve 50 (headroom for something else): two models
+    # of 30 GB do not share one GPU, though 60 GB would fit the GPU itself
+    node = cluster.add_node(num_gpus=1)
+    r = await start_router(
+        {"a": engine(memory_gb=30), "b": engine(memory_gb=30)}, capacity={"max_resident": 10, "memory_gb": 50},
+        cluster={"backend": "ray", "address": cluster.cluster.address, "namespace": f"t-{marker[:8]}",
+                 "gpu_memory_gb": 80})
+    assert (await r.chat("a")).status == 200
+    assert (await r.chat("b")).status == 200
+    assert (await r.model("a"))["state"] != "loaded"  # evicted to make room for b
+    b = await r.model("b")
+    assert b["ray_resources"]["GPU"] == 0.375  # what Ray reserves is a share of the GPU itself: 30 of 80
+    (view,) = (await r.get("/admin/models")).json()["nodes"]
+    assert view["node"] == cluster.node_id(node) and view["gpu_memory_gb"] == 50

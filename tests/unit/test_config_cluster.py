@@ -193,3 +193,22 @@ def test_reading_a_ray_config_never_imports_ray() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+def test_check_config_does_not_hold_a_cluster_config_to_the_gpus_of_the_machine_it_runs_on(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # run on a node of the cluster, often one with a GPU of its own: the models go on the nodes' GPUs, whose
+    # budget is cluster.gpu_memory_gb (capacity.memory_gb where lower), not on this machine's
+    from vllm_model_router.gpu import probe
+
+    monkeypatch.setattr(probe.NvmlProbe, "create", classmethod(lambda cls: probe.FakeProbe([24.0])))
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump({"cluster": RAY, "capacity": {"memory_gb": 70},
+                                    "models": {"tp": {"cmd": CMD, "memory_gb": 36, "gpu_count": 2}}}))
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "# Ray cluster: each GPU of its nodes has a budget of 70.0 GB" in out
+    assert "Fake GPU" not in out and "GPU 0" not in out
+    # the fit it can check without the cluster: a model beyond a GPU's budget is refused as before
+    path.write_text(yaml.safe_dump({"cluster": RAY, "models": {"big": {"cmd": CMD, "memory_gb": 90}}}))
+    assert main(["check-config", str(path)]) == 1

@@ -43,9 +43,8 @@ class Cluster(Section):
         DEFAULT_NAMESPACE, description="The Ray namespace the router's actors are named in.")
     gpu_memory_gb: Annotated[float | None, Number(0, positive=True)] = Field(
         None, description="Memory of each GPU of the cluster's nodes (Ray counts GPUs, not their memory): "
-        "the per-GPU budget (x capacity.memory_fraction, unless capacity.memory_gb is set) and the base of "
-        "--gpu-memory-utilization. Required with backend ray unless capacity.memory_gb and every started "
-        "model's memory_gb are set.")
+        "each GPU's budget (capacity.memory_gb where lower), and what a model's share of a GPU reserved from "
+        "Ray is a fraction of. Required with backend ray, as is every started model's memory_gb.")
 
     @property
     def ray(self) -> bool:

@@ -4,7 +4,8 @@
   token authentication, the router's environment needs ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` (or
   ``RAY_AUTH_TOKEN_PATH``), which Ray reads itself.
 - The cluster's nodes are the scheduler's GPUs (gpu/ray_nodes.py): every alive node's GPUs, each with
-  ``cluster.gpu_memory_gb``, with the node each one is on, so a unit's GPUs are always on one machine,
+  ``cluster.gpu_memory_gb`` (or ``capacity.memory_gb`` where lower) for the models, with the node each
+  one is on, so a unit's GPUs are always on one machine,
   and each node's resource names, so a model that asks for ``resources`` goes only where they are.
 - The units run in Ray actors (drivers/ray_engine.py) on the node the scheduler chose; a unit that uses
   one GPU only in part reserves that fraction from Ray (its ``memory_gb`` of the GPU's), so several small
@@ -30,7 +31,7 @@ from typing import Any
 from vllm_model_router.config import ConfigError, ModelConfig, RouterConfig
 from vllm_model_router.config.cluster import RAY_UNIT
 from vllm_model_router.drivers.ray_engine import Placement, RayEngineDriver
-from vllm_model_router.gpu.ray_nodes import Change, RayNodes, import_ray, node_views
+from vllm_model_router.gpu.ray_nodes import Change, RayNodes, gpu_budget, import_ray, node_views
 from vllm_model_router.runtime.base import Pump
 from vllm_model_router.scheduler import ModelFound
 from vllm_model_router.state.lifecycle import EventKind, EventLog
@@ -60,8 +61,8 @@ class RayCluster:
                          logging_level=logging.WARNING)
         except Exception as e:  # no Ray installed, no cluster there, a token refused: one line, exit 1
             raise ConfigError([f"cluster.address: cannot join the Ray cluster at {cluster.address}: {e}"]) from e
-        gpu_gb = cluster.gpu_memory_gb or 1.0  # required with this backend (config/rules.py)
-        self.nodes = RayNodes(gpu_gb)
+        self._gpu_gb = gpu_gb = cluster.gpu_memory_gb or 1.0  # required with this backend (config/rules.py)
+        self.nodes = RayNodes(gpu_budget(config))  # what the models may reserve on each GPU
         self.change: Change = self.nodes.snapshot()  # at startup, before the event loop serves anything
         self._units: Mapping[str, ModelConfig] = {u: m for u, m in config.units().items() if not m.is_adapter}
         self.driver = RayEngineDriver(self._units, self.where, namespace=cluster.namespace)
@@ -79,10 +80,10 @@ class RayCluster:
         """The node and local GPUs of a placement; a fraction of the GPU when a unit uses one only in part."""
         node, local = self.nodes.local_gpus(gpus)
         model = self._units[unit]
-        need = model.memory_gb
+        need, size = model.memory_gb, self._gpu_gb  # Ray's share is of the GPU itself, not of the budget
         if model.sleep_level:
-            return Placement(node, local, asleep_share(model, len(local), self.nodes.gpu_memory_gb))
-        share = need / self.nodes.gpu_memory_gb if len(local) == 1 and 0 < need < self.nodes.gpu_memory_gb else None
+            return Placement(node, local, asleep_share(model, len(local), size))
+        share = need / size if len(local) == 1 and 0 < need < size else None
         return Placement(node, local, None if share is None else round(share, 4))
 
     async def start(self, pump: Pump, events: EventLog) -> None:
