@@ -157,7 +157,7 @@ def micro() -> None:
     from multidict import CIMultiDict, CIMultiDictProxy
 
     from vllm_model_router.http.affinity import body_prefix_key, prefix_key
-    from vllm_model_router.http.proxy import downstream_headers, upstream_headers
+    from vllm_model_router.http.headers import downstream_headers, upstream_headers
     from vllm_model_router.http.request_body import json_model, parse_json
     from vllm_model_router.state.store import Store
 

@@ -7,13 +7,19 @@ takes its engines with it while the next request is re-planned onto the node tha
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.harness import engine, free_port, launch_router
+from tests.harness import MARKER_VAR, engine, free_port, launch_router, processes
+from tests.harness.models import FAKE_ENGINE, chat_body
 from tests.harness.ray_cluster import RayCluster, ray_cluster
 from tests.harness.waiting import wait_until
 from vllm_model_router.gpu.probe import GIB
@@ -196,3 +202,47 @@ async def test_capacity_memory_gb_is_each_gpus_budget_on_the_cluster_as_on_one_m
     assert b["ray_resources"]["GPU"] == 0.375  # what Ray reserves is a share of the GPU itself: 30 of 80
     (view,) = (await r.get("/admin/models")).json()["nodes"]
     assert view["node"] == cluster.node_id(node) and view["gpu_memory_gb"] == 50
+
+
+async def test_requests_in_the_hands_of_a_vanished_node_are_cut_loose_when_it_is_lost(
+    cluster: RayCluster, start_router: StartRouter, marker: str
+) -> None:
+    # a machine that vanishes sends no FIN or RST and answers nothing: the router's connections to its engine
+    # never break. Here the engine outlives its actor (a shell between them takes the actor's death signal)
+    # and is stopped (SIGSTOP), so its sockets stay open and silent as a dead host's would. Once the router
+    # hears the node is lost, a request that had nothing back yet is planned again on the other node, and a
+    # stream ends with an error event, both at once (without that, both waited for ever: a stream has no
+    # read timeout, a plain request first_byte_timeout, 600 s)
+    nodes = [cluster.add_node(num_gpus=1), cluster.add_node(num_gpus=1)]
+    cmd = ["sh", "-c", shlex.join(FAKE_ENGINE) + " & wait"]
+    frozen: list[int] = []
+    try:
+        r = await start_router(
+            {"a": {"cmd": cmd, "stop_timeout": 1, "memory_gb": 60}}, capacity={"max_resident": 10},
+            cluster={"backend": "ray", "address": cluster.cluster.address, "namespace": f"t-{marker[:8]}",
+                     "gpu_memory_gb": 80})
+        assert (await r.chat("a")).status == 200
+        where = (await r.model("a"))["node"]
+        stream = asyncio.create_task(r.stream(chat_body("a", stream=True, fake={"chunks": 3, "chunk_delay": 3})))
+        plain = asyncio.create_task(r.chat("a", fake={"delay": 3.0}))
+        await wait_until(lambda: _in_flight(r, 2), 10, "both requests in the engine's hands")
+        frozen = [p.pid for p in processes(**{MARKER_VAR: marker})]  # the engine (and its shell)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        lost_at = time.monotonic()
+        cluster.remove_node(next(n for n in nodes if cluster.node_id(n) == where))
+        reply = await asyncio.wait_for(plain, 30)
+        assert reply.status == 200, reply.body
+        assert time.monotonic() - lost_at < 15
+        assert (await r.model("a"))["node"] not in (None, where)  # answered from the other node
+        s = await asyncio.wait_for(stream, 30)
+        last = s.events[-1].json()
+        assert s.status == 200 and last["error"]["type"] == "upstream_error" and "is gone" in last["error"]["message"]
+    finally:
+        for pid in frozen:  # the engine left on the lost node: ours, by its marker
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def _in_flight(r: Any, count: int) -> bool:
+    return bool((await r.model("a"))["in_flight"] >= count)

@@ -21,12 +21,13 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
-from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from vllm_model_router.config import ENGINE
 from vllm_model_router.errors import BadGateway, BadRequest, GatewayTimeout, NotFound, RequestTimeout, RouterError
 from vllm_model_router.http.affinity import body_prefix_key
+from vllm_model_router.http.cut import Cut, Unreachable
+from vllm_model_router.http.headers import downstream_headers, upstream_headers
 from vllm_model_router.http.request_body import is_multipart, json_model, json_payload, parse_form_model
 from vllm_model_router.routes import MULTIPART_ROUTES, OTHER, RouteTable
 from vllm_model_router.runtime.pump import Runtime, shutting_down
@@ -34,38 +35,7 @@ from vllm_model_router.scheduler.events import split_unit
 
 log = logging.getLogger("vllm_model_router.proxy")
 
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer", "Trailers",
-        "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
-    )
-)
-# Client credentials are for the router; they are not sent to model servers.
-NOT_FORWARDED = HOP_BY_HOP | {"authorization", "x-api-key"}
-# aiohttp decodes a compressed request body (the router must read its JSON): it is forwarded decoded
-DECODED = frozenset({"content-encoding"})
-_DROPPED = NOT_FORWARDED | DECODED
-_DROPPED_FORWARD_AUTH = HOP_BY_HOP | DECODED
 CUT_OFF_S = 2.0  # how long requests cut off at shutdown get to write their last words
-
-
-def upstream_headers(headers: CIMultiDictProxy[str], forward_auth: bool = False) -> CIMultiDict[str]:
-    """The client's end-to-end headers; its key (Authorization, x-api-key) only with ``forward_auth``."""
-    dropped = _DROPPED_FORWARD_AUTH if forward_auth else _DROPPED
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in headers.items():
-        if k.lower() not in dropped:
-            out.add(k, v)
-    return out
-
-
-def downstream_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in headers.items():
-        if k.lower() not in HOP_BY_HOP:
-            out.add(k, v)
-    return out
 
 
 class RequestObserver(Protocol):
@@ -239,7 +209,7 @@ class Proxy:
                 # the engine no longer has an adapter the router thought loaded: reload it once and retry
                 self.runtime.adapters.mark_gone(unit, e.message)
                 retried = True
-            except _Unreachable as e:
+            except Unreachable as e:
                 # one of several engines failed before answering: the request (nothing of it sent back yet)
                 # is tried once more, on another engine; an engine that refused the connection is down
                 adapters = self.runtime.adapters
@@ -285,19 +255,36 @@ class Proxy:
         query = request.rel_url.raw_query_string
         url = base + self.routes.upstream(route)  # never the client's spelling of the path
         target = URL(f"{url}?{query}" if query else url, encoded=True)
+        # the unit's server may exit (its node lost) while this is in its hands, and a vanished machine's
+        # connection never breaks: the request is then cut loose at once (``Cut``)
+        cut = Cut(asyncio.current_task())
+        unwatch = self.runtime.watch_exit(model, cut.fire)
+        try:
+            return await self._exchange(request, target, headers, body, model, base, route, deadline, may_vanish, cut)
+        finally:
+            unwatch()
+
+    async def _exchange(self, request: web.Request, target: URL, headers: Any, body: bytes, model: str, base: str,
+                        route: str, deadline: float | None, may_vanish: bool, cut: Cut) -> web.StreamResponse:
+        limits = self.config.limits
         try:
             async with asyncio.timeout_at(deadline):
                 # a redirect is the engine's answer to relay, not a path for the router to follow
                 upstream = await self.session.request(request.method, target, data=body, headers=headers,
                                                       allow_redirects=False)
+        except asyncio.CancelledError:
+            if not cut.caught():
+                raise
+            raise cut.unreachable(self._server(model, base)) from None
         except aiohttp.ServerTimeoutError as e:
             raise GatewayTimeout(f"connecting to {self._server(model, base)} timed out after "
                                  f"{limits.upstream_connect_timeout:g}s (limits.upstream_connect_timeout)") from e
         except TimeoutError as e:
             raise self._no_first_byte(model, base) from e
         except (aiohttp.ClientError, OSError) as e:  # before the answer's head: nothing sent to the client
-            raise _Unreachable(f"cannot reach {self._server(model, base)}: {e}",
+            raise Unreachable(f"cannot reach {self._server(model, base)}: {e}",
                                connect=isinstance(e, aiohttp.ClientConnectorError)) from e
+        cut.upstream = upstream
         try:
             ctype = upstream.headers.get("Content-Type", "")
             if upstream.status == 404 and ctype.startswith("application/json"):
@@ -311,9 +298,11 @@ class Proxy:
                 try:
                     data = await upstream.read()
                 except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                    if cut.reason is not None:  # nothing sent back yet: planned again
+                        raise cut.unreachable(self._server(model, base)) from e
                     raise BadGateway(f"lost the connection to {self._server(model, base)}: {e}") from e
                 return web.Response(status=upstream.status, body=data, headers=downstream_headers(upstream.headers))
-            return await self._stream(request, upstream, model, ctype, deadline)
+            return await self._stream(request, upstream, model, ctype, deadline, cut)
         finally:
             upstream.release()
 
@@ -324,7 +313,7 @@ class Proxy:
 
     async def _stream(
         self, request: web.Request, upstream: aiohttp.ClientResponse, model: str, ctype: str,
-        deadline: float | None = None,
+        deadline: float | None = None, cut: Cut | None = None,
     ) -> web.StreamResponse:
         # the first chunk is awaited before the client's response begins: a model that sends its head but
         # nothing else still gets a clean 504 (or 502), not a stream that never says anything
@@ -334,6 +323,8 @@ class Proxy:
         except TimeoutError as e:
             raise self._no_first_byte(model, None) from e
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+            if cut is not None and cut.reason is not None:  # nothing sent back yet: planned again
+                raise cut.unreachable(self._server(model, None)) from e
             raise BadGateway(f"lost the connection to {self._server(model, None)}: {e}") from e
         resp = web.StreamResponse(status=upstream.status, headers=downstream_headers(upstream.headers))
         await resp.prepare(request)
@@ -354,7 +345,8 @@ class Proxy:
                 raise  # our own client went away: nothing to tell anyone
             log.warning("upstream of %s failed mid-stream: %r", model, e)
             if "text/event-stream" in ctype:
-                err: RouterError = BadGateway(f"{self._server(model, None)} closed the stream: {e}")
+                gone = f"is gone ({cut.reason})" if cut is not None and cut.reason is not None else "closed the stream"
+                err: RouterError = BadGateway(f"{self._server(model, None)} {gone}: {e}")
                 await resp.write(b"data: " + err.json_bytes() + b"\n\n")
         except asyncio.CancelledError:
             if not self._was_cut(asyncio.current_task()):
@@ -366,16 +358,6 @@ class Proxy:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await resp.write_eof()
         return resp
-
-
-class _Unreachable(BadGateway):
-    """The upstream failed before the head of its answer: nothing was sent back to the client yet, so the
-    request may be tried on another engine. ``connect``: no connection could be made at all (the engine is
-    down); otherwise one broke (a stale pooled connection, an engine that died while working on it)."""
-
-    def __init__(self, message: str, connect: bool) -> None:
-        super().__init__(message)
-        self.connect = connect
 
 
 class _Vanished(Exception):

@@ -143,6 +143,7 @@ class Runtime:
         self._busy = False
         self._timer: asyncio.TimerHandle | None = None
         self._watchers: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._exit_watch: dict[str, set[Callable[[str], None]]] = {}  # unit -> requests in its server's hands
         self._closing = False
         self.started_wall = time.time()
         # the cluster's nodes with GPUs (cluster.backend ray: node, address, GPUs); none on one machine
@@ -337,9 +338,23 @@ class Runtime:
                 raise TypeError(f"unknown effect {effect!r}")
 
     def model_exited(self, model: str, reason: str) -> None:
-        """A model's server went away by itself (the driver reaped what was left of it)."""
+        """A model's server went away by itself (the driver reaped what was left of it): the requests in its
+        hands are cut loose (``watch_exit``), then the scheduler hears it."""
         self.events.emit(EventKind.EXITED, model, reason)
+        for fire in list(self._exit_watch.pop(model, ())):
+            fire(reason)
         self.submit(ModelExited(model, reason))
+
+    def watch_exit(self, unit: str, fire: Callable[[str], None]) -> Callable[[], None]:
+        """Have ``fire(reason)`` called if ``unit``'s server exits before the returned function is called."""
+        watching = self._exit_watch.setdefault(unit, set())
+        watching.add(fire)
+
+        def done() -> None:
+            watching.discard(fire)
+            if not watching and self._exit_watch.get(unit) is watching:
+                del self._exit_watch[unit]
+        return done
 
     # ----------------------------------------------------------- shutdown
     def stop_accepting(self) -> None:

@@ -1,0 +1,55 @@
+"""A request whose upstream failed before anything was sent back (``Unreachable``: it may be planned
+again), and one cut loose because its server is gone (``Cut``)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+
+from vllm_model_router.errors import BadGateway
+
+
+class Unreachable(BadGateway):
+    """The upstream failed before the head of its answer: nothing was sent back to the client yet, so the
+    request may be tried on another engine. ``connect``: no connection could be made at all (the engine is
+    down); otherwise one broke (a stale pooled connection, an engine that died while working on it)."""
+
+    def __init__(self, message: str, connect: bool) -> None:
+        super().__init__(message)
+        self.connect = connect
+
+
+class Cut:
+    """A request in the hands of a unit's server, cut loose when the router hears that server is gone (its
+    engine exited, its node was lost): before the answer's head its task is cancelled (and the request
+    planned again: nothing was sent back); after, the upstream response is closed, so that the read in
+    progress fails at once (a stream then ends with an error event) instead of waiting on a connection to a
+    machine that vanished, which nothing would ever break."""
+
+    __slots__ = ("reason", "task", "upstream")
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.task = task
+        self.upstream: aiohttp.ClientResponse | None = None
+        self.reason: str | None = None
+
+    def fire(self, reason: str) -> None:
+        if self.reason is not None:
+            return
+        self.reason = reason
+        if self.upstream is not None:
+            self.upstream.close()
+        elif self.task is not None:
+            self.task.cancel()
+
+    def caught(self) -> bool:
+        """The cancellation just caught is this one's (not the client leaving): take it back."""
+        if self.reason is None or self.upstream is not None or self.task is None or not self.task.cancelling():
+            return False
+        self.task.uncancel()
+        return True
+
+    def unreachable(self, server: str) -> Unreachable:
+        return Unreachable(f"{server} is gone: {(self.reason or '').splitlines()[0]}", connect=False)
