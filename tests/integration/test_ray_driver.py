@@ -13,6 +13,7 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -115,6 +116,7 @@ async def test_a_unit_runs_on_its_node_with_its_gpus_reserved_and_a_stop_release
         assert driver.pids("chat@1") == []  # another machine's process: not in the router's table
         [pid] = engines(marker)
         assert info["remote_pid"] == pid
+        log_file = Path(os.readlink(f"/proc/{pid}/fd/1"))  # its output, in a directory of the actor's
         assert (environ(pid) or {}).get("CUDA_VISIBLE_DEVICES") == "1"  # the node's GPU it was placed on
         assert actors(marker) == ["chat@1"]
         await wait_until(lambda: free_gpus(node) == GPUS_PER_NODE - 1, 10, "Ray to count the GPU as taken")
@@ -128,6 +130,7 @@ async def test_a_unit_runs_on_its_node_with_its_gpus_reserved_and_a_stop_release
         assert actors(marker) == []  # the name is released when stop returns
         assert not alive(pid)
         assert driver.logs("chat@1", 1) == ["--- stopped"]
+        assert not log_file.parent.exists()  # a unit's log directory on the node goes with it (one per start)
         await wait_until(lambda: free_gpus(node) == GPUS_PER_NODE, 10, "Ray to count the GPU as free")
     finally:
         await driver.close()

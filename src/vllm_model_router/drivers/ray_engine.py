@@ -184,6 +184,8 @@ class RayEngineDriver:
                 await asyncio.wait_for(_awaited(unit.actor.stop.remote(force)), timeout)
             with contextlib.suppress(RayError, TimeoutError):
                 await self._fetch_lines(unit)
+            with contextlib.suppress(RayError, TimeoutError):  # its log directory on the node goes too
+                await asyncio.wait_for(_awaited(unit.actor.close.remote()), CALL_TIMEOUT_S)
         with contextlib.suppress(RayError, ValueError):
             await asyncio.to_thread(ray.kill, unit.actor, no_restart=True)
         if not await self._released(unit):
