@@ -87,3 +87,17 @@ def test_a_sleeper_reserves_from_ray_what_it_holds_asleep(gpus: int, sleeping_gb
     entry = {**sleeper(), "sleeping_memory_gb": sleeping_gb}
     model = build_config({"models": {"m": entry}}, env={}).models["m"]
     assert asleep_share(model, gpus, 80) == share
+
+
+def test_the_shares_of_models_that_fit_one_gpu_never_add_up_to_more_than_it_in_rays_books() -> None:
+    import_ray()
+    from vllm_model_router.runtime.cluster import gpu_share
+
+    halves = [x / 2 for x in range(1, 160)]  # 0.5 to 79.5 GB of an 80 GB GPU
+    for a in halves:
+        assert gpu_share(a, 80) <= a / 80
+        for b in halves:
+            if a + b <= 80:
+                assert gpu_share(a, 80) + gpu_share(b, 80) <= 1.0 + 1e-12, (a, b)
+    assert gpu_share(5.5, 80) + gpu_share(74.5, 80) <= 1.0  # 0.0688 + 0.9313 when rounded to the nearest
+    assert gpu_share(36, 80) == 0.45 and gpu_share(0.001, 80) == 0.0001

@@ -40,13 +40,21 @@ log = logging.getLogger("vllm_model_router.cluster")
 NODE_POLL_S = 2.0
 
 
+def gpu_share(memory_gb: float, gpu_memory_gb: float) -> float:
+    """``memory_gb`` of a GPU of ``gpu_memory_gb`` as the fraction Ray reserves: rounded down to Ray's unit
+    (0.0001), never up, so that the shares of models the router fits on one GPU never add up to more than
+    the GPU in Ray's books (rounded to the nearest, 5.5 and 74.5 GB of 80 made 1.0001: Ray refused the
+    second), and at least that unit, so that it still needs a node with GPUs."""
+    return max(RAY_UNIT, round(math.floor(memory_gb / gpu_memory_gb / RAY_UNIT + 1e-6) * RAY_UNIT, 4))
+
+
 def asleep_share(model: ModelConfig, gpus: int, gpu_memory_gb: float) -> float:
     """What a unit of a model that sleeps reserves from Ray: the GPUs' worth of its residue when asleep
     (on each of its GPUs), never more than the router counts for it, and at least Ray's smallest amount so
     that it still needs a node with GPUs. Ray takes a fraction only below one GPU: above, whole GPUs."""
-    share = gpus * min(model.sleeping_memory_gb, model.memory_gb) / gpu_memory_gb
-    whole = math.floor(share + 1e-9)
-    return float(whole) if whole >= 1 else max(RAY_UNIT, round(math.floor(share / RAY_UNIT + 1e-6) * RAY_UNIT, 4))
+    held = gpus * min(model.sleeping_memory_gb, model.memory_gb)
+    whole = math.floor(held / gpu_memory_gb + 1e-9)
+    return float(whole) if whole >= 1 else gpu_share(held, gpu_memory_gb)
 
 
 class RayCluster:
@@ -83,8 +91,7 @@ class RayCluster:
         need, size = model.memory_gb, self._gpu_gb  # Ray's share is of the GPU itself, not of the budget
         if model.sleep_level:
             return Placement(node, local, asleep_share(model, len(local), size))
-        share = need / size if len(local) == 1 and 0 < need < size else None
-        return Placement(node, local, None if share is None else round(share, 4))
+        return Placement(node, local, gpu_share(need, size) if len(local) == 1 and 0 < need < size else None)
 
     async def start(self, pump: Pump, events: EventLog) -> None:
         """Adopt what a previous router left running, then watch the nodes."""
