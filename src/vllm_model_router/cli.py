@@ -63,9 +63,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for name, need in needs.items():
         print(f"#   {name}: {need.gb:.1f} GB from {need.source}")
     if cfg.cluster.ray:
-        from vllm_model_router.gpu.ray_nodes import gpu_budget
+        from vllm_model_router.gpu.memory import cluster_gpu_budget
 
-        print(f"# Ray cluster: each GPU of its nodes has a budget of {gpu_budget(cfg):.1f} GB; the nodes and "
+        print(f"# Ray cluster: each GPU of its nodes has a budget of {cluster_gpu_budget(cfg):.1f} GB; the nodes and "
               f"their GPUs are read when the router joins the cluster")
     elif budgets:
         print("# GPU budgets: " + ", ".join(f"GPU {g} {gb:.1f} GB" for g, gb in budgets.items()))

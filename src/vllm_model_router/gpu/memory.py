@@ -25,6 +25,11 @@ class MemoryNeed:
 def model_need(m: ModelConfig, config: RouterConfig, devices: list[GpuMemory]) -> MemoryNeed:
     if m.is_adapter:
         return MemoryNeed(0.0, f"adapter: shares the memory of {m.base or 'the engine'}")
+    if config.cluster.ray and m.gpu_count > 1 and not m.sleep_level:
+        # Ray reserves an actor's GPUs whole above one: nothing else can go beside it there in Ray's books,
+        # so nothing does in the router's (placed there, it would wait out the placement timeout and fail)
+        return MemoryNeed(cluster_gpu_budget(config), f"its {m.gpu_count} GPUs whole: Ray reserves a unit of "
+                                                      f"several GPUs whole (memory_gb {m.memory_gb:g} declared)")
     if m.memory_gb > 0:
         return MemoryNeed(m.memory_gb, "memory_gb (declared)")
     util = m.gpu_memory_utilization
@@ -70,6 +75,14 @@ def weights_need(m: ModelConfig, need: MemoryNeed) -> MemoryNeed:
         if size:
             return MemoryNeed(size / 1024**3, f"size of the weight files in {path}")
     return MemoryNeed(need.gb, "not known: assumed as large as its GPU memory need")
+
+
+def cluster_gpu_budget(config: RouterConfig) -> float:
+    """What the models may reserve on each GPU of the cluster: ``cluster.gpu_memory_gb`` (Ray counts GPUs, not
+    their memory), or ``capacity.memory_gb`` where it is lower, as on one machine, where it is each GPU's
+    budget once GPUs are known."""
+    size = config.cluster.gpu_memory_gb or 1.0  # required with this backend (config/rules.py)
+    return min(size, config.memory_gb) if config.memory_gb is not None else size
 
 
 def resolve_needs(config: RouterConfig, devices: list[GpuMemory]) -> dict[str, MemoryNeed]:

@@ -8,7 +8,7 @@ that left are never handed to another, so a unit placed on GPU 5 can never silen
 machine's GPU 5 after a node comes and goes. A node that comes back under the same Ray node id gets its
 old ids back.
 
-Ray counts GPUs, not memory: each GPU's budget is the configured ``gpu_memory_gb`` (``gpu_budget``: or
+Ray counts GPUs, not memory: each GPU's budget is the configured ``gpu_memory_gb`` (``cluster_gpu_budget``: or
 ``capacity.memory_gb`` where lower).
 
 Each node's resource names (those Ray reports with a positive amount: ``GPU``, ``accelerator_type:H100``,
@@ -31,18 +31,9 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from vllm_model_router.config import RouterConfig
 from vllm_model_router.scheduler import Capacity, ModelView
 
 LOST_LISTED = 16  # lost nodes still shown (the latest): replaced pods are new nodes, and would pile up
-
-
-def gpu_budget(config: RouterConfig) -> float:
-    """What the models may reserve on each GPU of the cluster: ``cluster.gpu_memory_gb`` (Ray counts GPUs, not
-    their memory), or ``capacity.memory_gb`` where it is lower, as on one machine, where it is each GPU's
-    budget once GPUs are known."""
-    size = config.cluster.gpu_memory_gb or 1.0  # required with this backend (config/rules.py)
-    return min(size, config.memory_gb) if config.memory_gb is not None else size
 
 
 class RayUnavailable(RuntimeError):

@@ -31,7 +31,8 @@ from typing import Any
 from vllm_model_router.config import ConfigError, ModelConfig, RouterConfig
 from vllm_model_router.config.cluster import RAY_UNIT
 from vllm_model_router.drivers.ray_engine import Placement, RayEngineDriver
-from vllm_model_router.gpu.ray_nodes import Change, RayNodes, gpu_budget, import_ray, node_views
+from vllm_model_router.gpu.memory import cluster_gpu_budget
+from vllm_model_router.gpu.ray_nodes import Change, RayNodes, import_ray, node_views
 from vllm_model_router.runtime.base import Pump
 from vllm_model_router.scheduler import ModelFound
 from vllm_model_router.state.lifecycle import EventKind, EventLog
@@ -70,7 +71,7 @@ class RayCluster:
         except Exception as e:  # no Ray installed, no cluster there, a token refused: one line, exit 1
             raise ConfigError([f"cluster.address: cannot join the Ray cluster at {cluster.address}: {e}"]) from e
         self._gpu_gb = gpu_gb = cluster.gpu_memory_gb or 1.0  # required with this backend (config/rules.py)
-        self.nodes = RayNodes(gpu_budget(config))  # what the models may reserve on each GPU
+        self.nodes = RayNodes(cluster_gpu_budget(config))  # what the models may reserve on each GPU
         self.change: Change = self.nodes.snapshot()  # at startup, before the event loop serves anything
         self._units: Mapping[str, ModelConfig] = {u: m for u, m in config.units().items() if not m.is_adapter}
         self.driver = RayEngineDriver(self._units, self.where, namespace=cluster.namespace)
