@@ -56,3 +56,29 @@ def test_a_yaml_error_in_auth_is_reported_without_quoting_the_file(tmp_path: Pat
            "(while parsing a block mapping started at line 3)" in out, out
     assert len(out.splitlines()) <= 3, out
 
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # nothing listens there once it is closed
+
+
+@pytest.mark.parametrize(("resources", "said"), [
+    ({}, "cluster.address: cannot join the Ray cluster at 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port}"),
+    ({"neuron_cores": 0.5}, "models.a.resources: Ray refuses them: neuron_cores resource quantity must be whole"),
+], ids=["nothing-at-the-address", "resources-ray-refuses"])
+def test_serve_on_a_ray_cluster_it_cannot_use_says_why_at_once_and_exits_1(
+        tmp_path: Path, marker: str, resources: dict[str, float], said: str) -> None:
+    # Ray itself retries an address where nothing answers for ever, printing only its own warnings; and it
+    # refuses some resources only when the actor is made, which the router heard as a taken name
+    pytest.importorskip("ray")
+    port = _closed_port()
+    data: dict[str, Any] = router_data({"a": engine(memory_gb=10, resources=resources)}, marker, state_dir=False)
+    data["cluster"] = {"backend": "ray", "address": f"127.0.0.1:{port}", "gpu_memory_gb": 80}
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    result = router_cli("serve", "--config", str(config), timeout=60)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert said.format(port=port) in out and "Traceback" not in out, out

@@ -38,6 +38,7 @@ from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from vllm_model_router.config import ModelConfig
+from vllm_model_router.config.cluster import RAY_UNIT
 from vllm_model_router.drivers import sleep_mode
 from vllm_model_router.drivers.base import ExitCallback, LoadError
 from vllm_model_router.drivers.process import LOG_LINES
@@ -358,8 +359,18 @@ class RayEngineDriver:
 
 # --------------------------------------------------------------------------------------- Ray calls
 def _create_actor(options: dict[str, Any], unit: str, config: ModelConfig) -> Any:
-    """Register the named actor (a call to Ray's control store: blocking)."""
-    return _ENGINE_ACTOR.options(**options).remote(unit, config)
+    """Register the named actor (a call to Ray's control store: blocking). Options Ray refuses raise
+    ``LoadError`` (a ``ValueError`` there is the name being taken)."""
+    try:
+        actor_class = _ENGINE_ACTOR.options(**options)
+    except ValueError as e:
+        raise LoadError(f"Ray refuses the options of its actor: {e}") from e
+    return actor_class.remote(unit, config)
+
+
+def check_options(resources: dict[str, float]) -> None:
+    """Raise ``ValueError`` when Ray would refuse an actor that asks for ``resources`` (no cluster needed)."""
+    _ENGINE_ACTOR.options(num_cpus=0, num_gpus=RAY_UNIT, resources=resources)
 
 
 def _actor_named(name: str, namespace: str) -> Any:

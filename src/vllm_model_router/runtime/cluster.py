@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import socket
 from collections.abc import Collection, Mapping
 from typing import Any
 
 from vllm_model_router.config import ConfigError, ModelConfig, RouterConfig
 from vllm_model_router.config.cluster import RAY_UNIT
-from vllm_model_router.drivers.ray_engine import Placement, RayEngineDriver
+from vllm_model_router.drivers.ray_engine import Placement, RayEngineDriver, check_options
 from vllm_model_router.gpu.memory import cluster_gpu_budget
 from vllm_model_router.gpu.ray_nodes import Change, RayNodes, import_ray, node_views
 from vllm_model_router.runtime.base import Pump
@@ -58,22 +59,53 @@ def asleep_share(model: ModelConfig, gpus: int, gpu_memory_gb: float) -> float:
     return float(whole) if whole >= 1 else gpu_share(held, gpu_memory_gb)
 
 
+def reachable(address: str, timeout: float = 5.0) -> None:
+    """Raise OSError when nothing accepts a connection at a ``host:port`` address (``ray://host:port`` too);
+    ``auto`` and an address without a port are Ray's to find."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise OSError(f"nothing answers at {host}:{port} ({e.strerror or e})") from e
+
+
+def refused_resources(models: Mapping[str, ModelConfig]) -> list[str]:
+    """The models whose ``resources`` Ray would refuse (an accelerator's amount it does not take, e.g.
+    ``neuron_cores: 0.5``), as config problems. Ray checks the options of an actor without a cluster."""
+    problems = []
+    for name, m in models.items():
+        if m.resources:
+            try:
+                check_options(dict(m.resources))
+            except ValueError as e:
+                problems.append(f"models.{name}.resources: Ray refuses them: {e}")
+    return problems
+
+
 class RayCluster:
     """The connection, the nodes as GPUs, the driver that runs the units there, and the watch on nodes."""
 
     def __init__(self, config: RouterConfig) -> None:
         cluster = config.cluster
+        self._units: Mapping[str, ModelConfig] = {u: m for u, m in config.units().items() if not m.is_adapter}
         try:
             ray = import_ray()
             if not ray.is_initialized():
+                refused = refused_resources(config.models)  # before a load finds out, after a placement wait
+                if refused:
+                    raise ConfigError(refused)
+                reachable(cluster.address)  # Ray would retry an address nothing answers at, silently, for ever
                 ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=False,
                          logging_level=logging.WARNING)
+        except ConfigError:
+            raise
         except Exception as e:  # no Ray installed, no cluster there, a token refused: one line, exit 1
             raise ConfigError([f"cluster.address: cannot join the Ray cluster at {cluster.address}: {e}"]) from e
         self._gpu_gb = gpu_gb = cluster.gpu_memory_gb or 1.0  # required with this backend (config/rules.py)
         self.nodes = RayNodes(cluster_gpu_budget(config))  # what the models may reserve on each GPU
         self.change: Change = self.nodes.snapshot()  # at startup, before the event loop serves anything
-        self._units: Mapping[str, ModelConfig] = {u: m for u, m in config.units().items() if not m.is_adapter}
         self.driver = RayEngineDriver(self._units, self.where, namespace=cluster.namespace)
         self._pump: Pump | None = None
         self._events: EventLog | None = None
