@@ -222,6 +222,38 @@ async def test_a_restarted_router_adopts_the_running_engine(nodes: Nodes) -> Non
         await assert_no_processes_left(marker)
 
 
+class NotAnEngine:
+    """Another program's actor in the router's namespace."""
+
+    def ping(self) -> str:
+        return "pong"
+
+
+async def test_a_restarted_router_stops_the_engines_it_has_no_config_for(nodes: Nodes) -> None:
+    # the config lost chat's second replica and the model old: their engines, left running, held GPUs that
+    # Ray counted taken and the new router counted free (its loads there waited out the placement timeout)
+    marker = uuid.uuid4().hex
+    node = nodes.ids[1]
+    before = {"chat": engine(replicas=2), "old": engine()}
+    first = driver_for(before, marker, {"chat@1": Placement(node, (0,), 0.25), "old": Placement(node, (0,), 0.25)})
+    second = driver_for({"chat": engine()}, marker, {})
+    try:
+        await first.start("chat@1")
+        await first.start("old")
+        assert len(engines(marker)) == 2
+        foreign = ray.remote(NotAnEngine).options(name="theirs", namespace=marker, lifetime="detached",
+                                                   num_cpus=0).remote()
+        assert await asyncio.wrap_future(foreign.ping.remote().future()) == "pong"
+        assert await second.adopt() == {}
+        assert actors(marker) == ["theirs"]  # another program's actor is left alone
+        await wait_until(lambda: not engines(marker), 10, "the engines it has no config for to stop")
+        ray.kill(foreign)
+    finally:
+        await first.close()
+        await second.close()
+        await assert_no_processes_left(marker)
+
+
 async def test_a_unit_sleeps_and_wakes_in_its_actor_and_a_sleeping_one_is_not_adopted(nodes: Nodes) -> None:
     """Sleep mode is spoken to the engine on its node: the actor and its engine stay. An engine found asleep
     after a router restart is stopped (nothing would wake it; requests sent to it would be refused)."""

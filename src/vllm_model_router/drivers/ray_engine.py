@@ -50,6 +50,7 @@ LOG_POLL_S = 1.0  # how often a running unit's new output lines are fetched
 CALL_TIMEOUT_S = 5.0  # a quick question to an actor (its status, its new lines)
 STOP_GRACE_S = 10.0  # beyond the unit's stop_timeout, for the actor's stop to answer
 GONE_TIMEOUT_S = 15.0  # for a killed actor's name (and its resources) to be released
+UNKNOWN_STOP_S = 30.0  # the stop_timeout of an engine whose unit the config no longer has
 _ENGINE_ACTOR = ray.remote(EngineActor)
 
 
@@ -180,7 +181,8 @@ class RayEngineDriver:
             if task is not asyncio.current_task():
                 task.cancel()
         if unit.placed is not None:
-            timeout = self._models[unit.name].stop_timeout + STOP_GRACE_S if unit.name in self._models else None
+            cfg = self._models.get(unit.name)
+            timeout = (cfg.stop_timeout if cfg is not None else UNKNOWN_STOP_S) + STOP_GRACE_S
             with contextlib.suppress(RayError, TimeoutError):
                 await asyncio.wait_for(_awaited(unit.actor.stop.remote(force)), timeout)
             with contextlib.suppress(RayError, TimeoutError):
@@ -250,18 +252,21 @@ class RayEngineDriver:
         """Take over the engines a previous router left running: every unit of this driver that has a live
         actor in ``namespace`` (this driver's by default) whose engine answers. An actor of one of its units
         that does not answer, or has no engine serving, is killed: nothing else would release its GPUs and
-        its name. Actors of names this driver does not know are left alone. Returns unit -> endpoint."""
+        its name. An engine actor of a unit the config no longer has (a model removed, a replica beyond its
+        count) is stopped too: its GPUs would stay taken in Ray's books and free in the router's. Other
+        programs' actors are left alone. Returns unit -> endpoint."""
         if not ray.is_initialized():
             raise LoadError("not connected to a Ray cluster")
         ns = namespace or self._namespace
         adopted: dict[str, str] = {}
         for name in await asyncio.to_thread(_named_actors, ns):
-            if name not in self._models or name in self._units:
-                if name not in self._models:
-                    log.warning("Ray actor %r in namespace %r is not a configured unit: left alone", name, ns)
+            if name in self._units:
                 continue
             actor = await asyncio.to_thread(_actor_named, name, ns)
             if actor is None:
+                continue
+            if name not in self._models:
+                await self._stop_unconfigured(_Unit(name, actor, ns, Placement("")))
                 continue
             unit = _Unit(name, actor, ns, Placement(""))
             try:
@@ -289,6 +294,17 @@ class RayEngineDriver:
             adopted[name] = str(status["endpoint"])
             log.info("Model %s adopted: %s on node %s", name, adopted[name], unit.placement.node_id)
         return adopted
+
+    async def _stop_unconfigured(self, unit: _Unit) -> None:
+        """An actor of a name the config does not have: stopped if it is an engine's (it answers as one)."""
+        if not callable(getattr(unit.actor, "wait_exit", None)):  # not an EngineActor: another program's
+            log.warning("Ray actor %r in namespace %r is not the router's: left alone", unit.name, unit.namespace)
+            return
+        with contextlib.suppress(RayError, TimeoutError):
+            unit.placed = await asyncio.wait_for(_awaited(unit.actor.status.remote()), CALL_TIMEOUT_S)
+        log.warning("Ray actor %r in namespace %r runs an engine of no configured unit (a model removed, or a "
+                    "replica beyond its count): stopping it", unit.name, unit.namespace)
+        await self._teardown(unit)
 
     async def alive(self, model: str) -> bool:
         """Whether the unit's actor still answers with its engine serving (a request's connection to it
