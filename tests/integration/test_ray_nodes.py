@@ -7,17 +7,20 @@ on loopback: a CPU-only head and two nodes of two GPUs, one of which leaves and 
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from tests.harness.ray_cluster import RayCluster, ray_cluster
-from tests.harness.waiting import wait_until_sync
+from tests.harness.waiting import wait_until, wait_until_sync
 from vllm_model_router.gpu.ray_nodes import LOST_LISTED, Change, RayNodes, RayUnavailable, node_views
 from vllm_model_router.scheduler import Capacity, ModelView, State
 
@@ -277,3 +280,40 @@ def test_nodes_leaving_and_joining_a_real_cluster(cluster: RayCluster) -> None:
     assert set(joined.budgets) == b_gpus | {4, 5}
     assert r.local_gpus((5,)) == (c_id, (1,))
     assert r.local_gpus(sorted(a_gpus)) == (a_id, (0, 1))  # the old placement still names the old machine
+
+
+async def test_a_unit_whose_actor_died_is_reported_after_a_look_at_the_nodes_off_the_event_loop() -> None:
+    # the look can take long (Ray's control store busy, or gone): requests must go on meanwhile
+    pytest.importorskip("ray")
+    from vllm_model_router.runtime.cluster import RayCluster as Backend
+
+    looks: list[str] = []
+    reported: list[tuple[str, str, int]] = []
+    nodes = RayNodes(GB)
+
+    def slow_look() -> Change:
+        looks.append(threading.current_thread().name)
+        time.sleep(0.3)
+        return nodes.read([])
+
+    nodes.snapshot = slow_look  # type: ignore[method-assign]
+    backend = Backend.__new__(Backend)  # its side of a unit's exit only: no cluster to join
+    backend.nodes, backend._reporting, backend._events = nodes, set(), None
+    backend._pump = SimpleNamespace(model_exited=lambda unit, reason: reported.append((unit, reason, len(looks))))
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticking = asyncio.create_task(tick())
+    backend._exited("a", "its Ray actor on node n died")
+    backend._exited("b", "engine on node n: exited with status 1")  # its actor lives: no look needed
+    assert reported == [("b", "engine on node n: exited with status 1", 0)] and ticks == 0
+    await wait_until(lambda: len(reported) == 2, 5, "the unit whose actor died to be reported")
+    ticking.cancel()
+    assert reported[1] == ("a", "its Ray actor on node n died", 1)  # after the look
+    assert looks == [looks[0]] and looks[0] != threading.main_thread().name
+    assert ticks >= 10  # the event loop went on while the look took 0.3 s

@@ -40,6 +40,7 @@ from vllm_model_router.state.lifecycle import EventKind, EventLog
 
 log = logging.getLogger("vllm_model_router.cluster")
 NODE_POLL_S = 2.0
+EXIT_LOOK_S = 5.0  # how long a unit's exit waits for the nodes to be read before it is reported anyway
 
 
 def gpu_share(memory_gb: float, gpu_memory_gb: float) -> float:
@@ -110,6 +111,7 @@ class RayCluster:
         self._pump: Pump | None = None
         self._events: EventLog | None = None
         self._task: asyncio.Task[None] | None = None
+        self._reporting: set[asyncio.Task[None]] = set()  # units gone, reported once the nodes are read
         log.info("Ray cluster at %s: %d nodes with GPUs, %d GPUs of %.0f GB", cluster.address,
                  len(set(self.change.nodes.values())), len(self.change.budgets), gpu_gb)
 
@@ -141,16 +143,25 @@ class RayCluster:
         self._task = asyncio.get_running_loop().create_task(self._watch(), name="ray-nodes")
 
     def _exited(self, unit: str, reason: str) -> None:
-        """A unit's engine or actor is gone. When its node may be gone too, the nodes are read again first,
-        so that the scheduler re-plans the unit's requests on the GPUs that are still there."""
+        """A unit's engine or actor is gone. When its node may be gone too, the nodes are read again first
+        (off the event loop: Ray's control store may be slow to answer, or not at all, while requests go
+        on), so that the scheduler re-plans the unit's requests on the GPUs that are still there."""
         if self._pump is None:
             return
-        if "actor" in reason.lower():  # the actor died (its node lost, or it crashed): look at the nodes
-            try:
-                self.note(self.nodes.snapshot())
-            except Exception as e:  # the next regular look will tell
-                log.warning("Cannot read the Ray cluster's nodes: %r", e)
-        self._pump.model_exited(unit, reason)
+        if "actor" not in reason.lower():
+            self._pump.model_exited(unit, reason)
+            return
+        task = asyncio.get_running_loop().create_task(self._after_actor_death(unit, reason))
+        self._reporting.add(task)
+        task.add_done_callback(self._reporting.discard)
+
+    async def _after_actor_death(self, unit: str, reason: str) -> None:
+        try:
+            self.note(await asyncio.wait_for(self.nodes.poll(), EXIT_LOOK_S))
+        except Exception as e:  # the next regular look will tell
+            log.warning("Cannot read the Ray cluster's nodes: %r", e)
+        if self._pump is not None:
+            self._pump.model_exited(unit, reason)
 
     def _local_of(self, unit: str) -> tuple[int, ...]:
         return tuple(self.driver.placement_of(unit).gpus)
