@@ -282,11 +282,22 @@ def test_nodes_leaving_and_joining_a_real_cluster(cluster: RayCluster) -> None:
     assert r.local_gpus(sorted(a_gpus)) == (a_id, (0, 1))  # the old placement still names the old machine
 
 
+def _backend(nodes: RayNodes, reported: list[tuple[str, str, int]], looks: list[str]) -> Any:
+    """The Ray backend's side of a unit's exit, with no cluster to join: its pump records what it is told."""
+    from vllm_model_router.runtime.cluster import RayCluster as Backend
+    from vllm_model_router.state.lifecycle import EventLog
+
+    backend = Backend.__new__(Backend)
+    backend.nodes, backend._reporting, backend._looking, backend._events = nodes, set(), asyncio.Lock(), EventLog()
+    backend._pump = SimpleNamespace(
+        model_exited=lambda unit, reason: reported.append((unit, reason, len(looks))),
+        submit=lambda event: reported.append(("capacity", repr(event), len(looks))))
+    return backend
+
+
 async def test_a_unit_whose_actor_died_is_reported_after_a_look_at_the_nodes_off_the_event_loop() -> None:
     # the look can take long (Ray's control store busy, or gone): requests must go on meanwhile
     pytest.importorskip("ray")
-    from vllm_model_router.runtime.cluster import RayCluster as Backend
-
     looks: list[str] = []
     reported: list[tuple[str, str, int]] = []
     nodes = RayNodes(GB)
@@ -297,9 +308,7 @@ async def test_a_unit_whose_actor_died_is_reported_after_a_look_at_the_nodes_off
         return nodes.read([])
 
     nodes.snapshot = slow_look  # type: ignore[method-assign]
-    backend = Backend.__new__(Backend)  # its side of a unit's exit only: no cluster to join
-    backend.nodes, backend._reporting, backend._events = nodes, set(), None
-    backend._pump = SimpleNamespace(model_exited=lambda unit, reason: reported.append((unit, reason, len(looks))))
+    backend = _backend(nodes, reported, looks)
     ticks = 0
 
     async def tick() -> None:
@@ -317,3 +326,31 @@ async def test_a_unit_whose_actor_died_is_reported_after_a_look_at_the_nodes_off
     assert reported[1] == ("a", "its Ray actor on node n died", 1)  # after the look
     assert looks == [looks[0]] and looks[0] != threading.main_thread().name
     assert ticks >= 10  # the event loop went on while the look took 0.3 s
+
+
+async def test_a_look_that_outlasts_the_wait_for_it_is_still_noted_when_it_comes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the unit's exit is reported without it, but what the look found (node n lost) must reach the
+    # scheduler: dropped, the next look would find nothing new, and n's GPUs would stay on the books
+    pytest.importorskip("ray")
+    from vllm_model_router.runtime import cluster
+
+    monkeypatch.setattr(cluster, "EXIT_LOOK_S", 0.1)
+    looks: list[str] = []
+    reported: list[tuple[str, str, int]] = []
+    nodes = RayNodes(GB)
+    nodes.read([{"NodeID": "n", "Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": {"GPU": 1.0}}])
+
+    def slow_look() -> Change:
+        looks.append("look")
+        time.sleep(0.6)
+        return nodes.read([])  # n is gone
+
+    nodes.snapshot = slow_look  # type: ignore[method-assign]
+    backend = _backend(nodes, reported, looks)
+    backend._exited("a", "its Ray actor on node n died")
+    await wait_until(lambda: reported, 5, "the exit to be reported")
+    assert reported == [("a", "its Ray actor on node n died", 1)]  # before the look answered
+    await wait_until(lambda: len(reported) == 2, 5, "what the look found to be noted")
+    assert reported[1][0] == "capacity" and "gpu_memory_gb=()" in reported[1][1]
+    assert [e.kind.value for e in backend._events.recent()] == ["node_lost"]

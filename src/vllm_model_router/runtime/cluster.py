@@ -111,7 +111,8 @@ class RayCluster:
         self._pump: Pump | None = None
         self._events: EventLog | None = None
         self._task: asyncio.Task[None] | None = None
-        self._reporting: set[asyncio.Task[None]] = set()  # units gone, reported once the nodes are read
+        self._reporting: set[asyncio.Future[None]] = set()  # units gone, reported once the nodes are read
+        self._looking = asyncio.Lock()  # one look at the nodes at a time (``_look``)
         log.info("Ray cluster at %s: %d nodes with GPUs, %d GPUs of %.0f GB", cluster.address,
                  len(set(self.change.nodes.values())), len(self.change.budgets), gpu_gb)
 
@@ -156,12 +157,27 @@ class RayCluster:
         task.add_done_callback(self._reporting.discard)
 
     async def _after_actor_death(self, unit: str, reason: str) -> None:
-        try:
-            self.note(await asyncio.wait_for(self.nodes.poll(), EXIT_LOOK_S))
-        except Exception as e:  # the next regular look will tell
-            log.warning("Cannot read the Ray cluster's nodes: %r", e)
+        # the look goes on if it outlasts the wait: what it found is still noted, when it comes (each look
+        # is compared with the one before it, so one whose answer were dropped would hide a lost node)
+        look = asyncio.ensure_future(self._look())
+        await asyncio.wait({look}, timeout=EXIT_LOOK_S)
+        if not look.done():
+            self._reporting.add(look)
+            look.add_done_callback(self._reporting.discard)
         if self._pump is not None:
             self._pump.model_exited(unit, reason)
+
+    async def _look(self) -> None:
+        """Read the nodes and note what changed: one look at a time, each noted in the order they ran."""
+        async with self._looking:
+            try:
+                change = await self.nodes.poll()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the head may be unreachable a while: the next look tries again
+                log.warning("Cannot read the Ray cluster's nodes: %r", e)
+                return
+            self.note(change)
 
     def _local_of(self, unit: str) -> tuple[int, ...]:
         return tuple(self.driver.placement_of(unit).gpus)
@@ -169,14 +185,7 @@ class RayCluster:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(NODE_POLL_S)
-            try:
-                change = await self.nodes.poll()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # the head may be unreachable a while: try again
-                log.warning("Cannot read the Ray cluster's nodes: %r", e)
-                continue
-            self.note(change)
+            await self._look()
 
     def note(self, change: Change) -> None:
         """Tell the scheduler about nodes that joined or left, or whose GPUs or resources changed."""
@@ -201,3 +210,5 @@ class RayCluster:
         """Stop watching the nodes (the runtime's close stops the engines through the driver)."""
         if self._task is not None:
             self._task.cancel()
+        for task in list(self._reporting):
+            task.cancel()
