@@ -386,6 +386,19 @@ def test_step3_with_gpus_capacity_memory_gb_is_each_gpus_budget_not_a_pool_to_tr
     assert r.step(RequestArrived(3, "a"), at=5) == [Grant(3, "a")]
 
 
+def test_step3_models_found_over_a_gpus_budget_are_trimmed_on_that_gpu() -> None:
+    # found running behind the router's back (adopted after a restart with a smaller budget): 80 GB on a GPU
+    # of 70 is over, and the least recently used idle model there goes; the other GPU is not touched
+    r = Run({"a": ModelSpec(40), "b": ModelSpec(40), "c": ModelSpec(40)}, max_resident=10, memory_gb=70,
+            gpu_memory_gb={0: 70.0, 1: 70.0})
+    assert r.step(ModelFound("c", (1,)), at=1) == []
+    assert r.step(ModelFound("a", (0,)), at=2) == []
+    assert r.step(ModelFound("b", (0,)), at=3) == [
+        StopModel("a", OVER_CAPACITY, "over capacity (loaded outside the router)")]
+    assert r.step(StopDone("a"), at=4) == []
+    assert {v.name: v.state for v in r.s.view()} == {"a": State.UNLOADED, "b": State.LOADED, "c": State.LOADED}
+
+
 def test_step0_endpoint_mode_external_engine_is_never_managed() -> None:
     models = {"@engine": ModelSpec(external=True, max_adapters=1), "x": ModelSpec(base="@engine"),
               "y": ModelSpec(base="@engine")}

@@ -193,6 +193,7 @@ class Scheduler(Planner):
                     if base is None:
                         m.placed = gpus  # before the move: the index counts its memory on these GPUs
                     self._set_state(m, State.LOADED, now)
+                    self._trim_gpus(gpus, now, out)
             case ModelAdded(model, spec):
                 if model not in self._models:
                     self._add(model, spec, now)
@@ -226,6 +227,21 @@ class Scheduler(Planner):
                 self._timer = None  # always re-arm: a timer may fire a hair before its deadline
             case _:
                 raise TypeError(f"unknown event {event!r}")
+
+    def _trim_gpus(self, gpus: tuple[int, ...], now: float, out: list[Effect]) -> None:
+        """Step 3 on GPUs (step 3 itself trims the one pool): a model found running there behind the router's
+        back may put a GPU over its budget (the nominal one: others' memory is not ours to trim for); the
+        idle models there are stopped, least recently used first, until it fits again."""
+        budgets = self._nominal.gpu_memory_gb
+        for g in gpus:
+            if g not in budgets:
+                continue
+            for victim in list(self._index.lru_on(None, State.LOADED, (g,))):
+                if self._index.usage_on(None, (g,), None, True).gpu_gb.get(g, 0.0) <= budgets[g] + 1e-9:
+                    break
+                if not victim.pinned and not self._busy(victim):
+                    self._stop(victim, StopReason.OVER_CAPACITY, "over capacity (loaded outside the router)", now,
+                               out)
 
     def _rebudget(self) -> None:
         """The GPUs' budgets: the nominal ones (the config's, or the cluster's) less what others hold."""
