@@ -259,6 +259,7 @@ class RayEngineDriver:
             raise LoadError("not connected to a Ray cluster")
         ns = namespace or self._namespace
         adopted: dict[str, str] = {}
+        unconfigured: list[_Unit] = []
         for name in await asyncio.to_thread(_named_actors, ns):
             if name in self._units:
                 continue
@@ -266,7 +267,7 @@ class RayEngineDriver:
             if actor is None:
                 continue
             if name not in self._models:
-                await self._stop_unconfigured(_Unit(name, actor, ns, Placement("")))
+                unconfigured.append(_Unit(name, actor, ns, Placement("")))
                 continue
             unit = _Unit(name, actor, ns, Placement(""))
             try:
@@ -293,6 +294,7 @@ class RayEngineDriver:
             self._serving(unit, status)
             adopted[name] = str(status["endpoint"])
             log.info("Model %s adopted: %s on node %s", name, adopted[name], unit.placement.node_id)
+        await asyncio.gather(*(self._stop_unconfigured(u) for u in unconfigured))  # each may take its stop_timeout
         return adopted
 
     async def _stop_unconfigured(self, unit: _Unit) -> None:
