@@ -26,30 +26,38 @@ class Cut:
     engine exited, its node was lost): before the answer's head its task is cancelled (and the request
     planned again: nothing was sent back); after, the upstream response is closed, so that the read in
     progress fails at once (a stream then ends with an error event) instead of waiting on a connection to a
-    machine that vanished, which nothing would ever break."""
+    machine that vanished, which nothing would ever break. The task's cancellations are counted from the
+    start, as ``asyncio.timeout`` does: one that comes with the cut's (the client leaving, a shutdown
+    cutting requests off) stays a cancellation, and the request is not sent anywhere again."""
 
-    __slots__ = ("reason", "task", "upstream")
+    __slots__ = ("_before", "cancelled", "reason", "task", "upstream")
 
     def __init__(self, task: asyncio.Task[Any] | None) -> None:
         self.task = task
         self.upstream: aiohttp.ClientResponse | None = None
         self.reason: str | None = None
+        self.cancelled = False  # the cut cancelled the task
+        self._before = task.cancelling() if task is not None else 0
 
     def fire(self, reason: str) -> None:
         if self.reason is not None:
             return
         self.reason = reason
         if self.upstream is not None:
-            self.upstream.close()
-        elif self.task is not None:
+            if not self.upstream.content.is_eof():  # all of it here already: nothing waits on the server
+                self.upstream.close()
+        elif self.task is not None and not self.task.done():
             self.task.cancel()
+            self.cancelled = True
 
     def caught(self) -> bool:
-        """The cancellation just caught is this one's (not the client leaving): take it back."""
-        if self.reason is None or self.upstream is not None or self.task is None or not self.task.cancelling():
+        """The cancellation just caught is the cut's alone (the request is then planned again): the cut's
+        is taken back; with another's beside it, that one stands."""
+        if not self.cancelled or self.task is None:
             return False
-        self.task.uncancel()
-        return True
+        self.cancelled = False
+        others = self.task.uncancel() - self._before
+        return others == 0
 
     def unreachable(self, server: str) -> Unreachable:
         return Unreachable(f"{server} is gone: {(self.reason or '').splitlines()[0]}", connect=False)

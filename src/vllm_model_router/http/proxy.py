@@ -202,8 +202,8 @@ class Proxy:
             try:
                 unit = self.runtime.unit_of(lease)  # the replica (or engine) it was granted on
                 base = self.runtime.driver.endpoint(unit)
-                if base is None:
-                    raise BadGateway(f"model {unit} has no running server")
+                if base is None:  # (stopped while granted: on a cluster, gone with its node before it is said)
+                    raise Unreachable(f"model {unit} has no running server", connect=False)
                 return await self._forward(request, base, route, unit, raw, may_vanish=not retried)
             except _Vanished as e:
                 # the engine no longer has an adapter the router thought loaded: reload it once and retry
@@ -288,23 +288,26 @@ class Proxy:
         try:
             ctype = upstream.headers.get("Content-Type", "")
             if upstream.status == 404 and ctype.startswith("application/json"):
-                body404 = await upstream.read()
+                body404 = await self._body(upstream, cut, model, base)
                 if _is_fastapi_not_found(body404):
                     raise NotFound(f"model {model} does not serve {route}", code="endpoint_not_supported")
                 if may_vanish and self.runtime.adapters.is_adapter(model) and b"does not exist" in body404:
                     raise _Vanished(body404.decode("utf-8", "replace"))
                 return web.Response(status=404, body=body404, headers=downstream_headers(upstream.headers))
             if "text/event-stream" not in ctype and upstream.headers.get("Content-Length") is not None:
-                try:
-                    data = await upstream.read()
-                except (TimeoutError, aiohttp.ClientError, OSError) as e:
-                    if cut.reason is not None:  # nothing sent back yet: planned again
-                        raise cut.unreachable(self._server(model, base)) from e
-                    raise BadGateway(f"lost the connection to {self._server(model, base)}: {e}") from e
+                data = await self._body(upstream, cut, model, base)
                 return web.Response(status=upstream.status, body=data, headers=downstream_headers(upstream.headers))
             return await self._stream(request, upstream, model, ctype, deadline, cut)
         finally:
             upstream.release()
+
+    async def _body(self, upstream: aiohttp.ClientResponse, cut: Cut, model: str, base: str) -> bytes:
+        try:
+            return await upstream.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            if cut.reason is not None:  # nothing sent back yet: planned again
+                raise cut.unreachable(self._server(model, base)) from e
+            raise BadGateway(f"lost the connection to {self._server(model, base)}: {e}") from e
 
     def _no_first_byte(self, model: str, base: str | None) -> GatewayTimeout:
         limit = self.config.limits.first_byte_timeout or 0
@@ -345,7 +348,8 @@ class Proxy:
                 raise  # our own client went away: nothing to tell anyone
             log.warning("upstream of %s failed mid-stream: %r", model, e)
             if "text/event-stream" in ctype:
-                gone = f"is gone ({cut.reason})" if cut is not None and cut.reason is not None else "closed the stream"
+                why = cut.reason.splitlines()[0] if cut is not None and cut.reason else ""
+                gone = f"is gone ({why})" if why else "closed the stream"
                 err: RouterError = BadGateway(f"{self._server(model, None)} {gone}: {e}")
                 await resp.write(b"data: " + err.json_bytes() + b"\n\n")
         except asyncio.CancelledError:
