@@ -289,6 +289,7 @@ def _backend(nodes: RayNodes, reported: list[tuple[str, str, int]], looks: list[
 
     backend = Backend.__new__(Backend)
     backend.nodes, backend._reporting, backend._looking, backend._events = nodes, set(), asyncio.Lock(), EventLog()
+    backend._next_look = None
     backend._pump = SimpleNamespace(
         model_exited=lambda unit, reason: reported.append((unit, reason, len(looks))),
         submit=lambda event: reported.append(("capacity", repr(event), len(looks))))
@@ -354,3 +355,24 @@ async def test_a_look_that_outlasts_the_wait_for_it_is_still_noted_when_it_comes
     await wait_until(lambda: len(reported) == 2, 5, "what the look found to be noted")
     assert reported[1][0] == "capacity" and "gpu_memory_gb=()" in reported[1][1]
     assert [e.kind.value for e in backend._events.recent()] == ["node_lost"]
+
+
+async def test_the_units_of_a_lost_node_share_one_look() -> None:
+    # eight units die with their node: each must not wait for its own look behind the others' (0.3 s each)
+    pytest.importorskip("ray")
+    looks: list[str] = []
+    reported: list[tuple[str, str, int]] = []
+    nodes = RayNodes(GB)
+
+    def slow_look() -> Change:
+        looks.append("look")
+        time.sleep(0.3)
+        return nodes.read([])
+
+    nodes.snapshot = slow_look  # type: ignore[method-assign]
+    backend = _backend(nodes, reported, looks)
+    started = time.monotonic()
+    for i in range(8):
+        backend._exited(f"u{i}", "its Ray actor on node n died")
+    await wait_until(lambda: len(reported) == 8, 5, "every unit to be reported")
+    assert len(looks) == 1 and time.monotonic() - started < 1.5

@@ -294,7 +294,9 @@ class RayEngineDriver:
             self._serving(unit, status)
             adopted[name] = str(status["endpoint"])
             log.info("Model %s adopted: %s on node %s", name, adopted[name], unit.placement.node_id)
-        await asyncio.gather(*(self._stop_unconfigured(u) for u in unconfigured))  # each may take its stop_timeout
+        for failed in await asyncio.gather(*(self._stop_unconfigured(u) for u in unconfigured), return_exceptions=True):
+            if isinstance(failed, Exception):  # (each stop may take its stop_timeout: side by side)
+                log.warning("Cannot stop an engine of no configured unit: %r", failed)
         return adopted
 
     async def _stop_unconfigured(self, unit: _Unit) -> None:
@@ -304,8 +306,7 @@ class RayEngineDriver:
             return
         with contextlib.suppress(RayError, TimeoutError):
             unit.placed = await asyncio.wait_for(_awaited(unit.actor.status.remote()), CALL_TIMEOUT_S)
-        log.warning("Ray actor %r in namespace %r runs an engine of no configured unit (a model removed, or a "
-                    "replica beyond its count): stopping it", unit.name, unit.namespace)
+        log.warning("Ray actor %s/%s runs an engine of no configured unit: stopping it", unit.namespace, unit.name)
         await self._teardown(unit)
 
     async def alive(self, model: str) -> bool:

@@ -113,6 +113,7 @@ class RayCluster:
         self._task: asyncio.Task[None] | None = None
         self._reporting: set[asyncio.Future[None]] = set()  # units gone, reported once the nodes are read
         self._looking = asyncio.Lock()  # one look at the nodes at a time (``_look``)
+        self._next_look: asyncio.Future[None] | None = None  # one that has not begun yet (``_look_soon``)
         log.info("Ray cluster at %s: %d nodes with GPUs, %d GPUs of %.0f GB", cluster.address,
                  len(set(self.change.nodes.values())), len(self.change.budgets), gpu_gb)
 
@@ -159,25 +160,29 @@ class RayCluster:
     async def _after_actor_death(self, unit: str, reason: str) -> None:
         # the look goes on if it outlasts the wait: what it found is still noted, when it comes (each look
         # is compared with the one before it, so one whose answer were dropped would hide a lost node)
-        look = asyncio.ensure_future(self._look())
-        await asyncio.wait({look}, timeout=EXIT_LOOK_S)
-        if not look.done():
-            self._reporting.add(look)
-            look.add_done_callback(self._reporting.discard)
+        await asyncio.wait({self._look_soon()}, timeout=EXIT_LOOK_S)
         if self._pump is not None:
             self._pump.model_exited(unit, reason)
+
+    def _look_soon(self) -> asyncio.Future[None]:
+        """A look at the nodes that starts from now on: the one waiting for its turn, shared (the units of a
+        lost node die together: one look serves them all), or a new one."""
+        if self._next_look is None:
+            look = self._next_look = asyncio.ensure_future(self._look())
+            self._reporting.add(look)
+            look.add_done_callback(self._reporting.discard)
+        return self._next_look
 
     async def _look(self) -> None:
         """Read the nodes and note what changed: one look at a time, each noted in the order they ran."""
         async with self._looking:
+            self._next_look = None  # this one has begun: who asks from now on needs the next
             try:
-                change = await self.nodes.poll()
+                self.note(await self.nodes.poll())
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the head may be unreachable a while: the next look tries again
                 log.warning("Cannot read the Ray cluster's nodes: %r", e)
-                return
-            self.note(change)
 
     def _local_of(self, unit: str) -> tuple[int, ...]:
         return tuple(self.driver.placement_of(unit).gpus)
@@ -185,7 +190,7 @@ class RayCluster:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(NODE_POLL_S)
-            await self._look()
+            await asyncio.shield(self._look_soon())  # (shared: a stop cancels it through ``_reporting``)
 
     def note(self, change: Change) -> None:
         """Tell the scheduler about nodes that joined or left, or whose GPUs or resources changed."""
