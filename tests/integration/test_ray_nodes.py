@@ -282,34 +282,39 @@ def test_nodes_leaving_and_joining_a_real_cluster(cluster: RayCluster) -> None:
     assert r.local_gpus(sorted(a_gpus)) == (a_id, (0, 1))  # the old placement still names the old machine
 
 
-def _backend(nodes: RayNodes, reported: list[tuple[str, str, int]], looks: list[str]) -> Any:
-    """The Ray backend's side of a unit's exit, with no cluster to join: its pump records what it is told."""
+def _backend(look_s: float, alive: tuple[str, ...] = ()) -> tuple[Any, list[tuple[str, str, int]], list[str]]:
+    """The Ray backend's side of a unit's exit, with no cluster to join: each look at the nodes takes
+    ``look_s`` and finds none alive (``alive``: those seen before it), and its pump records what it is told.
+    Returns it, what it reported ((unit, reason, looks made by then), or ("capacity", the event, ...)), and
+    the threads its looks ran in."""
     from vllm_model_router.runtime.cluster import RayCluster as Backend
     from vllm_model_router.state.lifecycle import EventLog
 
+    pytest.importorskip("ray")
+    looks: list[str] = []
+    reported: list[tuple[str, str, int]] = []
+    nodes = RayNodes(GB)
+    nodes.read([{"NodeID": n, "Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": {"GPU": 1.0}}
+                for n in alive])
+
+    def slow_look() -> Change:
+        looks.append(threading.current_thread().name)
+        time.sleep(look_s)
+        return nodes.read([])
+
+    nodes.snapshot = slow_look  # type: ignore[method-assign]
     backend = Backend.__new__(Backend)
     backend.nodes, backend._reporting, backend._looking, backend._events = nodes, set(), asyncio.Lock(), EventLog()
     backend._next_look = None
     backend._pump = SimpleNamespace(
         model_exited=lambda unit, reason: reported.append((unit, reason, len(looks))),
         submit=lambda event: reported.append(("capacity", repr(event), len(looks))))
-    return backend
+    return backend, reported, looks
 
 
 async def test_a_unit_whose_actor_died_is_reported_after_a_look_at_the_nodes_off_the_event_loop() -> None:
     # the look can take long (Ray's control store busy, or gone): requests must go on meanwhile
-    pytest.importorskip("ray")
-    looks: list[str] = []
-    reported: list[tuple[str, str, int]] = []
-    nodes = RayNodes(GB)
-
-    def slow_look() -> Change:
-        looks.append(threading.current_thread().name)
-        time.sleep(0.3)
-        return nodes.read([])
-
-    nodes.snapshot = slow_look  # type: ignore[method-assign]
-    backend = _backend(nodes, reported, looks)
+    backend, reported, looks = _backend(0.3)
     ticks = 0
 
     async def tick() -> None:
@@ -333,22 +338,10 @@ async def test_a_look_that_outlasts_the_wait_for_it_is_still_noted_when_it_comes
         monkeypatch: pytest.MonkeyPatch) -> None:
     # the unit's exit is reported without it, but what the look found (node n lost) must reach the
     # scheduler: dropped, the next look would find nothing new, and n's GPUs would stay on the books
-    pytest.importorskip("ray")
+    backend, reported, _ = _backend(0.6, alive=("n",))
     from vllm_model_router.runtime import cluster
 
     monkeypatch.setattr(cluster, "EXIT_LOOK_S", 0.1)
-    looks: list[str] = []
-    reported: list[tuple[str, str, int]] = []
-    nodes = RayNodes(GB)
-    nodes.read([{"NodeID": "n", "Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": {"GPU": 1.0}}])
-
-    def slow_look() -> Change:
-        looks.append("look")
-        time.sleep(0.6)
-        return nodes.read([])  # n is gone
-
-    nodes.snapshot = slow_look  # type: ignore[method-assign]
-    backend = _backend(nodes, reported, looks)
     backend._exited("a", "its Ray actor on node n died")
     await wait_until(lambda: reported, 5, "the exit to be reported")
     assert reported == [("a", "its Ray actor on node n died", 1)]  # before the look answered
@@ -359,18 +352,7 @@ async def test_a_look_that_outlasts_the_wait_for_it_is_still_noted_when_it_comes
 
 async def test_the_units_of_a_lost_node_share_one_look() -> None:
     # eight units die with their node: each must not wait for its own look behind the others' (0.3 s each)
-    pytest.importorskip("ray")
-    looks: list[str] = []
-    reported: list[tuple[str, str, int]] = []
-    nodes = RayNodes(GB)
-
-    def slow_look() -> Change:
-        looks.append("look")
-        time.sleep(0.3)
-        return nodes.read([])
-
-    nodes.snapshot = slow_look  # type: ignore[method-assign]
-    backend = _backend(nodes, reported, looks)
+    backend, reported, looks = _backend(0.3)
     started = time.monotonic()
     for i in range(8):
         backend._exited(f"u{i}", "its Ray actor on node n died")

@@ -61,3 +61,9 @@ async def test_a_cancellation_of_someone_elses_is_not_taken() -> None:
         await task
     assert cut.reason is None
     cut.fire("late: the request is over")  # after the end: nothing to cut
+
+
+def test_a_cut_with_no_reason_to_give_still_says_what_is_gone() -> None:
+    cut = Cut(None)
+    cut.fire("")
+    assert cut.unreachable("model a's server").message == "model a's server is gone: "

@@ -59,5 +59,17 @@ class Cut:
         others = self.task.uncancel() - self._before
         return others == 0
 
+    @property
+    def why(self) -> str:
+        """The first line of why the server is gone ("" while it is not)."""
+        return (self.reason or "").partition("\n")[0]
+
     def unreachable(self, server: str) -> Unreachable:
-        return Unreachable(f"{server} is gone: {(self.reason or '').splitlines()[0]}", connect=False)
+        return Unreachable(f"{server} is gone: {self.why}", connect=False)
+
+    def lost(self, server: str, error: BaseException) -> BadGateway:
+        """What a read that failed before anything was sent back is: cut loose (planned again), or a broken
+        connection."""
+        if self.reason is not None:
+            return self.unreachable(server)
+        return BadGateway(f"lost the connection to {server}: {error}")

@@ -305,9 +305,7 @@ class Proxy:
         try:
             return await upstream.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
-            if cut.reason is not None:  # nothing sent back yet: planned again
-                raise cut.unreachable(self._server(model, base)) from e
-            raise BadGateway(f"lost the connection to {self._server(model, base)}: {e}") from e
+            raise cut.lost(self._server(model, base), e) from e
 
     def _no_first_byte(self, model: str, base: str | None) -> GatewayTimeout:
         limit = self.config.limits.first_byte_timeout or 0
@@ -316,7 +314,7 @@ class Proxy:
 
     async def _stream(
         self, request: web.Request, upstream: aiohttp.ClientResponse, model: str, ctype: str,
-        deadline: float | None = None, cut: Cut | None = None,
+        deadline: float | None, cut: Cut,
     ) -> web.StreamResponse:
         # the first chunk is awaited before the client's response begins: a model that sends its head but
         # nothing else still gets a clean 504 (or 502), not a stream that never says anything
@@ -326,9 +324,7 @@ class Proxy:
         except TimeoutError as e:
             raise self._no_first_byte(model, None) from e
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
-            if cut is not None and cut.reason is not None:  # nothing sent back yet: planned again
-                raise cut.unreachable(self._server(model, None)) from e
-            raise BadGateway(f"lost the connection to {self._server(model, None)}: {e}") from e
+            raise cut.lost(self._server(model, None), e) from e
         resp = web.StreamResponse(status=upstream.status, headers=downstream_headers(upstream.headers))
         await resp.prepare(request)
         track = _TRACK.get()
@@ -348,8 +344,7 @@ class Proxy:
                 raise  # our own client went away: nothing to tell anyone
             log.warning("upstream of %s failed mid-stream: %r", model, e)
             if "text/event-stream" in ctype:
-                why = cut.reason.splitlines()[0] if cut is not None and cut.reason else ""
-                gone = f"is gone ({why})" if why else "closed the stream"
+                gone = f"is gone ({cut.why})" if cut.reason is not None else "closed the stream"
                 err: RouterError = BadGateway(f"{self._server(model, None)} {gone}: {e}")
                 await resp.write(b"data: " + err.json_bytes() + b"\n\n")
         except asyncio.CancelledError:

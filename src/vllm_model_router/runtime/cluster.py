@@ -111,7 +111,7 @@ class RayCluster:
         self._pump: Pump | None = None
         self._events: EventLog | None = None
         self._task: asyncio.Task[None] | None = None
-        self._reporting: set[asyncio.Future[None]] = set()  # units gone, reported once the nodes are read
+        self._reporting: set[asyncio.Future[None]] = set()  # reports of units gone, and looks: held till done
         self._looking = asyncio.Lock()  # one look at the nodes at a time (``_look``)
         self._next_look: asyncio.Future[None] | None = None  # one that has not begun yet (``_look_soon``)
         log.info("Ray cluster at %s: %d nodes with GPUs, %d GPUs of %.0f GB", cluster.address,
@@ -153,9 +153,7 @@ class RayCluster:
         if "actor" not in reason.lower():
             self._pump.model_exited(unit, reason)
             return
-        task = asyncio.get_running_loop().create_task(self._after_actor_death(unit, reason))
-        self._reporting.add(task)
-        task.add_done_callback(self._reporting.discard)
+        self._keep(asyncio.ensure_future(self._after_actor_death(unit, reason)))
 
     async def _after_actor_death(self, unit: str, reason: str) -> None:
         # the look goes on if it outlasts the wait: what it found is still noted, when it comes (each look
@@ -168,10 +166,14 @@ class RayCluster:
         """A look at the nodes that starts from now on: the one waiting for its turn, shared (the units of a
         lost node die together: one look serves them all), or a new one."""
         if self._next_look is None:
-            look = self._next_look = asyncio.ensure_future(self._look())
-            self._reporting.add(look)
-            look.add_done_callback(self._reporting.discard)
+            self._next_look = self._keep(asyncio.ensure_future(self._look()))
         return self._next_look
+
+    def _keep(self, task: asyncio.Future[None]) -> asyncio.Future[None]:
+        """Hold on to ``task`` until it is done (a stop cancels it)."""
+        self._reporting.add(task)
+        task.add_done_callback(self._reporting.discard)
+        return task
 
     async def _look(self) -> None:
         """Read the nodes and note what changed: one look at a time, each noted in the order they ran."""
